@@ -1,0 +1,190 @@
+"""Fold assignment: made once per run, checked by every stage.
+
+`folds.parquet` holds one row per train image (`id`, `label`, `fold`) and, in
+its parquet metadata, K, the seed, the classes in order and a sha256 over the
+ids, labels and folds. Every base model and the meta level use these folds, so
+no OOF prediction ever comes from a model that saw its row.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .atomic import atomic_path
+from .errors import StackerError
+
+META_KEY = b"stacker"
+
+
+@dataclass(frozen=True)
+class Folds:
+    """The fold assignment of a run.
+
+    Attributes:
+        table: one row per train image: `id` (str), `label` (str), `fold` (int in [0, k)).
+        k: number of folds.
+        seed: seed the assignment was drawn with (None for folds brought from elsewhere).
+        classes: class names in the order every prediction table uses.
+        sha256: digest of ids, labels and folds; prediction tables record it.
+    """
+
+    table: pd.DataFrame
+    k: int
+    seed: int | None
+    classes: tuple[str, ...]
+    sha256: str
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.table["id"].to_numpy()
+
+    @property
+    def fold(self) -> np.ndarray:
+        return self.table["fold"].to_numpy()
+
+    @property
+    def y(self) -> np.ndarray:
+        """(N,) integer class index of each row, in `classes` order."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        return self.table["label"].map(index).to_numpy(dtype=np.int64)
+
+    def train_rows(self, fold: int) -> np.ndarray:
+        return np.flatnonzero(self.fold != fold)
+
+    def valid_rows(self, fold: int) -> np.ndarray:
+        return np.flatnonzero(self.fold == fold)
+
+
+def folds_digest(ids, labels, folds) -> str:
+    h = hashlib.sha256()
+    for i, y, f in zip(ids, labels, folds):
+        h.update(f"{i}\t{y}\t{int(f)}\n".encode())
+    return h.hexdigest()
+
+
+def make_folds(ids, labels, k: int = 5, seed: int = 42, classes=None) -> Folds:
+    """Stratified K-fold assignment, reproducible from the seed.
+
+    Each class's rows are shuffled and dealt to the folds in turn, starting each
+    class where the previous one stopped, so fold sizes differ by at most one.
+
+    Args:
+        ids: unique row ids.
+        labels: class label of each row (compared as strings).
+        k: number of folds, at least 2.
+        seed: seed of the shuffle.
+        classes: class order; default sorted labels.
+
+    Raises:
+        StackerError: duplicate ids, k < 2, or a class with fewer than k rows.
+    """
+    ids = np.asarray([str(i) for i in ids], dtype=object)
+    labels = np.asarray([str(y) for y in labels], dtype=object)
+    if not isinstance(k, (int, np.integer)) or k < 2:
+        raise StackerError(f"folds: k must be an integer of at least 2, got {k!r}")
+    _check_unique(ids, "train ids")
+    classes = tuple(sorted(set(labels))) if classes is None else tuple(str(c) for c in classes)
+    counts = pd.Series(labels).value_counts()
+    small = counts[counts < k]
+    if len(small):
+        worst = small.idxmin()
+        raise StackerError(
+            f"folds: class {worst!r} has {int(small.min())} images, fewer than k={k}; "
+            f"every class needs at least one image per fold (k <= {int(counts.min())} would work)")
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(ids), dtype=np.int64)
+    start = 0
+    for c in classes:
+        rows = np.flatnonzero(labels == c)
+        rows = rows[rng.permutation(len(rows))]
+        fold[rows] = (start + np.arange(len(rows))) % k
+        start = (start + len(rows)) % k
+    table = pd.DataFrame({"id": ids, "label": labels, "fold": fold})
+    return Folds(table, int(k), seed, classes, folds_digest(ids, labels, fold))
+
+
+def folds_from_table(table: pd.DataFrame, source: str, classes=None) -> Folds:
+    """Folds brought from another tool: a table with `id`, `label`, `fold`."""
+    missing = [c for c in ("id", "label", "fold") if c not in table.columns]
+    if missing:
+        raise StackerError(f"{source}: missing column(s) {missing}; a folds table has id, label, fold")
+    ids = table["id"].astype(str).to_numpy(dtype=object)
+    labels = table["label"].astype(str).to_numpy(dtype=object)
+    _check_unique(ids, source)
+    fold = pd.to_numeric(table["fold"], errors="coerce")
+    bad = fold.isna() | (fold != fold.round())
+    if bad.any():
+        raise StackerError(f"{source}: fold must be an integer; first bad ids {_first(ids[bad.to_numpy()])}")
+    fold = fold.to_numpy(dtype=np.int64)
+    k = int(fold.max()) + 1
+    if fold.min() < 0 or set(np.unique(fold)) != set(range(k)):
+        raise StackerError(f"{source}: folds must be 0..K-1 with every fold used, got {sorted(set(fold))}")
+    classes = tuple(sorted(set(labels))) if classes is None else tuple(classes)
+    out = pd.DataFrame({"id": ids, "label": labels, "fold": fold})
+    return Folds(out, k, None, classes, folds_digest(ids, labels, fold))
+
+
+def write_folds(path: str | os.PathLike, folds: Folds) -> None:
+    meta = {"k": folds.k, "seed": folds.seed, "classes": list(folds.classes), "sha256": folds.sha256}
+    table = pa.Table.from_pandas(folds.table, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def load_folds(path: str | os.PathLike) -> Folds:
+    """Read a folds file (ours: parquet with metadata; anyone's: CSV or parquet with id, label, fold).
+
+    Our own files are verified against their recorded sha256, so a hand-edited
+    file cannot silently change which model saw which row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StackerError(f"{path}: folds file not found (run train-base first, or pass --folds)")
+    if path.suffix == ".csv":
+        return folds_from_table(_read_csv(path), str(path))
+    try:
+        pf = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise StackerError(f"{path}: not a readable parquet file ({e})") from None
+    raw = (pf.schema.metadata or {}).get(META_KEY)
+    meta = json.loads(raw) if raw else {}
+    folds = folds_from_table(pf.to_pandas(), str(path), classes=meta.get("classes"))
+    if meta:
+        if folds.sha256 != meta["sha256"]:
+            raise StackerError(f"{path}: ids, labels or folds were changed after the file was made "
+                               "(sha256 differs from the one recorded); make folds again with --force")
+        if folds.k != meta["k"]:
+            raise StackerError(f"{path}: has {folds.k} folds but records k={meta['k']}")
+        unknown = set(folds.table["label"]) - set(folds.classes)
+        if unknown:
+            raise StackerError(f"{path}: labels {sorted(unknown)} are not among the recorded classes")
+        folds = Folds(folds.table, folds.k, meta.get("seed"), folds.classes, folds.sha256)
+    return folds
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise StackerError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def _check_unique(ids: np.ndarray, source: str) -> None:
+    dup = pd.Series(ids).duplicated()
+    if dup.any():
+        raise StackerError(f"{source}: duplicate ids, first {_first(ids[dup.to_numpy()])}")
+
+
+def _first(values, n: int = 5) -> str:
+    values = list(values)
+    more = f" (+{len(values) - n} more)" if len(values) > n else ""
+    return ", ".join(repr(str(v)) for v in values[:n]) + more

@@ -1,0 +1,177 @@
+"""Prediction tables: the contract between the base models and the meta level.
+
+OOF table:  `id`, `fold`, one probability column per class (classes' order from
+            folds.parquet); one row per train id, exactly once; `fold` equal to
+            folds.parquet's; finite; each row in [0, 1] and summing to 1 within 1e-4.
+Test table: `id`, one column per class, same rules, one row per test id.
+
+Parquet metadata (key `stacker`) carries the model name, the folds' sha256, the
+TTA settings and the toolkit version. CSV or parquet tables written by other
+tools in this layout are first-class inputs; they simply have no metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .atomic import atomic_path
+from .errors import StackerError
+from .folds import META_KEY, Folds, _first
+
+SUM_TOL = 1e-4
+
+
+@dataclass
+class PredictionTable:
+    """A validated prediction table.
+
+    Attributes:
+        ids: (N,) row ids as str.
+        proba: (N, C) float64 probabilities in the classes' order.
+        classes: class names, the column order of `proba`.
+        fold: (N,) fold of each row for OOF tables, None for test tables.
+        meta: the writer's metadata (model, folds_sha256, tta, version), {} for foreign files.
+        source: the file it came from, for error messages.
+    """
+
+    ids: np.ndarray
+    proba: np.ndarray
+    classes: tuple[str, ...]
+    fold: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+    source: str = "<memory>"
+
+    def to_frame(self) -> pd.DataFrame:
+        cols = {"id": self.ids}
+        if self.fold is not None:
+            cols["fold"] = self.fold
+        df = pd.DataFrame(cols)
+        return pd.concat([df, pd.DataFrame(self.proba, columns=list(self.classes))], axis=1)
+
+
+def write_table(path: str | os.PathLike, table: PredictionTable) -> None:
+    """Write a prediction table as parquet (atomically), with its metadata."""
+    df = table.to_frame()
+    pa_table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = {**(pa_table.schema.metadata or {}), META_KEY: json.dumps(table.meta).encode()}
+    with atomic_path(path) as tmp:
+        pq.write_table(pa_table.replace_schema_metadata(meta), tmp)
+
+
+def read_table(path: str | os.PathLike, classes, kind: str) -> PredictionTable:
+    """Read an OOF (`kind="oof"`) or test (`kind="test"`) table from parquet or CSV.
+
+    Checks the columns and the per-row rules; the id and fold checks against a
+    run need `validate_oof` / `validate_test`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StackerError(f"{path}: prediction table not found")
+    meta = {}
+    try:
+        if path.suffix == ".csv":
+            df = pd.read_csv(path, dtype={"id": str})
+        else:
+            pf = pq.read_table(path)
+            raw = (pf.schema.metadata or {}).get(META_KEY)
+            meta = json.loads(raw) if raw else {}
+            df = pf.to_pandas()
+    except StackerError:
+        raise
+    except Exception as e:
+        raise StackerError(f"{path}: not a readable {path.suffix.lstrip('.') or 'table'} file ({e})") from None
+    return table_from_frame(df, classes, kind, str(path), meta)
+
+
+def table_from_frame(df: pd.DataFrame, classes, kind: str, source: str, meta=None) -> PredictionTable:
+    classes = tuple(str(c) for c in classes)
+    df = df.rename(columns=str)
+    key = ["id", "fold"] if kind == "oof" else ["id"]
+    need = key + list(classes)
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise StackerError(f"{source}: missing column(s) {missing}; a {kind} table has {key} and one column per class")
+    extra = [c for c in df.columns if c not in need]
+    if extra:
+        raise StackerError(f"{source}: unexpected column(s) {extra}; classes are {list(classes)}")
+    ids = df["id"].astype(str).to_numpy(dtype=object)
+    proba = df[list(classes)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    fold = None
+    if kind == "oof":
+        f = pd.to_numeric(df["fold"], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(f) | (f != np.round(f))
+        if bad.any():
+            raise StackerError(f"{source}: fold must be an integer; first bad ids {_first(ids[bad])}")
+        fold = f.astype(np.int64)
+    table = PredictionTable(ids, proba, classes, fold, dict(meta or {}), source)
+    check_rows(table)
+    return table
+
+
+def check_rows(table: PredictionTable) -> None:
+    """Unique ids, finite probabilities in [0, 1], rows summing to 1 within 1e-4."""
+    src, ids, p = table.source, table.ids, table.proba
+    dup = pd.Series(ids).duplicated().to_numpy()
+    if dup.any():
+        raise StackerError(f"{src}: duplicate ids, first {_first(ids[dup])}")
+    bad = ~np.isfinite(p).all(axis=1)
+    if bad.any():
+        raise StackerError(f"{src}: probabilities must be finite numbers; first bad ids {_first(ids[bad])}")
+    bad = ((p < 0) | (p > 1)).any(axis=1)
+    if bad.any():
+        raise StackerError(f"{src}: probabilities must lie in [0, 1]; first bad ids {_first(ids[bad])}")
+    bad = np.abs(p.sum(axis=1) - 1) > SUM_TOL
+    if bad.any():
+        raise StackerError(f"{src}: each row must sum to 1 within {SUM_TOL}; first bad ids {_first(ids[bad])}")
+
+
+def validate_oof(table: PredictionTable, folds: Folds) -> PredictionTable:
+    """Check an OOF table against the run's folds; return it in folds row order.
+
+    Raises:
+        StackerError: another fold assignment, missing, extra or duplicate ids,
+            a fold that differs from folds.parquet, or classes in another order.
+    """
+    src = table.source
+    sha = table.meta.get("folds_sha256")
+    if sha is not None and sha != folds.sha256:
+        raise StackerError(f"{src}: was made on another fold assignment (folds sha256 {sha[:12]} != "
+                           f"{folds.sha256[:12]}); stacking across fold assignments leaks labels")
+    if tuple(table.classes) != tuple(folds.classes):
+        raise StackerError(f"{src}: classes {list(table.classes)} differ from the folds' {list(folds.classes)}")
+    order = _align(table.ids, folds.ids, src, "train")
+    fold = table.fold[order]
+    bad = fold != folds.fold
+    if bad.any():
+        raise StackerError(f"{src}: fold differs from folds.parquet (another fold assignment leaks labels); "
+                           f"first bad ids {_first(folds.ids[bad])}")
+    return PredictionTable(folds.ids, table.proba[order], folds.classes, fold, table.meta, src)
+
+
+def validate_test(table: PredictionTable, ids, classes) -> PredictionTable:
+    """Check a test table against the expected test ids; return it in that order."""
+    src = table.source
+    if tuple(table.classes) != tuple(classes):
+        raise StackerError(f"{src}: classes {list(table.classes)} differ from {list(classes)}")
+    ids = np.asarray([str(i) for i in ids], dtype=object)
+    order = _align(table.ids, ids, src, "test")
+    return PredictionTable(ids, table.proba[order], tuple(classes), None, table.meta, src)
+
+
+def _align(have: np.ndarray, want: np.ndarray, src: str, what: str) -> np.ndarray:
+    """Indices into `have` that put it in `want`'s order; every id exactly once."""
+    pos = pd.Index(have)
+    missing = want[~pd.Index(want).isin(pos)]
+    if len(missing):
+        raise StackerError(f"{src}: {len(missing)} {what} id(s) missing, first {_first(missing)}")
+    extra = have[~pos.isin(want)]
+    if len(extra):
+        raise StackerError(f"{src}: {len(extra)} id(s) that are not {what} ids, first {_first(extra)}")
+    return pos.get_indexer(want)
