@@ -54,7 +54,7 @@ class Folds:
     def y(self) -> np.ndarray:
         """(N,) integer class index of each row, in `classes` order."""
         index = {c: i for i, c in enumerate(self.classes)}
-        return self.table["label"].map(index).to_numpy(dtype=np.int64)
+        return self.table["label"].map(index).to_numpy(dtype=np.int64, copy=True)
 
     def train_rows(self, fold: int) -> np.ndarray:
         return np.flatnonzero(self.fold != fold)

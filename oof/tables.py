@@ -139,6 +139,7 @@ def validate_oof(table: PredictionTable, folds: Folds) -> PredictionTable:
         StackerError: another fold assignment, missing, extra or duplicate ids,
             a fold that differs from folds.parquet, or classes in another order.
     """
+    check_rows(table)
     src = table.source
     sha = table.meta.get("folds_sha256")
     if sha is not None and sha != folds.sha256:
@@ -157,6 +158,7 @@ def validate_oof(table: PredictionTable, folds: Folds) -> PredictionTable:
 
 def validate_test(table: PredictionTable, ids, classes) -> PredictionTable:
     """Check a test table against the expected test ids; return it in that order."""
+    check_rows(table)
     src = table.source
     if tuple(table.classes) != tuple(classes):
         raise StackerError(f"{src}: classes {list(table.classes)} differ from {list(classes)}")

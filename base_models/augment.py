@@ -1,0 +1,138 @@
+"""Batch augmentation and TTA views as tensor ops on the model's device.
+
+Images arrive as a uint8 batch gathered from the cache, (B, H, W, 3). Every
+geometric change (random resized crop, flip, rotation) is folded into one
+affine matrix per sample and applied with a single `grid_sample`, so each
+image is interpolated once per step, whatever the output size (fastai's batch
+transforms and airbench's `batch_crop`/`batch_flip_lr` are the models).
+
+TTA is a short list of fixed views, each a pure description (flip, zoom,
+offset) rendered by the same warp: the plain view is the whole image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Train-time augmentation, fastai's `aug_transforms` defaults where they exist.
+
+    Attributes:
+        min_scale: smallest crop area fraction of RandomResizedCrop (fastai's Paddy notebooks: 0.75).
+        ratio: crop aspect-ratio range relative to the image.
+        flip: random horizontal flip.
+        max_rotate: largest rotation in degrees (fastai: 10).
+        max_lighting: brightness and contrast change (fastai: 0.2).
+    """
+
+    min_scale: float = 0.75
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    max_rotate: float = 10.0
+    max_lighting: float = 0.2
+
+
+@dataclass(frozen=True)
+class View:
+    """One deterministic TTA view: mirror, zoom (crop side fraction) and crop centre in [-1, 1]."""
+
+    flip: bool = False
+    zoom: float = 1.0
+    cx: float = 0.0
+    cy: float = 0.0
+
+
+PLAIN = View()
+# Crops for TTA: whole image, then 85% side crops at the centre and the corners.
+_TTA_CROPS = [(1.0, 0, 0), (0.85, 0, 0), (0.85, -1, -1), (0.85, 1, 1), (0.85, -1, 1), (0.85, 1, -1)]
+
+
+def tta_views(n: int) -> list[View]:
+    """The n augmented TTA views: alternately mirrored, walking through the crops.
+
+    View 0 is the mirrored whole image; views 1, 2 the centre crop plain and
+    mirrored; then the corner crops.
+    """
+    views = []
+    for k in range(n):
+        zoom, cx, cy = _TTA_CROPS[((k + 1) // 2) % len(_TTA_CROPS)]
+        views.append(View(flip=k % 2 == 0, zoom=zoom, cx=cx, cy=cy))
+    return views
+
+
+def view_theta(view: View, batch: int, device) -> torch.Tensor:
+    """(B, 2, 3) affine matrices of a fixed view."""
+    margin = 1.0 - view.zoom
+    theta = torch.tensor([[view.zoom * (-1.0 if view.flip else 1.0), 0.0, view.cx * margin],
+                          [0.0, view.zoom, view.cy * margin]], device=device)
+    return theta.expand(batch, 2, 3)
+
+
+def random_theta(batch: int, cfg: AugmentConfig, generator: torch.Generator, device) -> torch.Tensor:
+    """(B, 2, 3) random resized crop + flip + rotation, one draw per sample.
+
+    Sampled on the CPU generator so a seed gives the same augmentation on any device.
+    """
+    u = torch.rand(batch, 6, generator=generator, dtype=torch.float64)
+    area = cfg.min_scale + (1.0 - cfg.min_scale) * u[:, 0]
+    log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    # Crop side fractions (of the output grid's [-1, 1] span); clipped to stay inside the image.
+    sw = torch.sqrt(area * ratio).clamp(max=1.0)
+    sh = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (1.0 - sw) * (2 * u[:, 2] - 1)
+    cy = (1.0 - sh) * (2 * u[:, 3] - 1)
+    sign = torch.where((u[:, 4] < 0.5) & cfg.flip, -1.0, 1.0)
+    angle = math.radians(cfg.max_rotate) * (2 * u[:, 5] - 1)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([
+        torch.stack([sw * sign * cos, -sh * sin, cx], 1),
+        torch.stack([sw * sign * sin, sh * cos, cy], 1),
+    ], 1)  # (B, 2, 3)
+    return theta.to(device=device, dtype=torch.float32)
+
+
+def warp(images: torch.Tensor, theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Render uint8 (B, H, W, 3) through affine `theta` to float (B, 3, h, w) in [0, 1].
+
+    Points outside the image are filled by reflection, as fastai's default pad mode.
+    """
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
+    grid = F.affine_grid(theta, [x.shape[0], 3, *size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def random_lighting(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample brightness shift and contrast factor on (B, 3, h, w) in [0, 1]."""
+    if cfg.max_lighting <= 0:
+        return x
+    u = torch.rand(x.shape[0], 2, generator=generator).to(x.device)
+    brightness = cfg.max_lighting * (2 * u[:, 0] - 1) / 2
+    contrast = torch.exp(math.log1p(cfg.max_lighting) * (2 * u[:, 1] - 1))
+    b, c = brightness.view(-1, 1, 1, 1), contrast.view(-1, 1, 1, 1)
+    return ((x - 0.5) * c + 0.5 + b).clamp_(0.0, 1.0)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Standardise with the model's own mean and std (from its timm config)."""
+    m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def train_batch(images: torch.Tensor, size, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """A training batch: uint8 (B, H, W, 3) -> augmented float (B, 3, h, w) in [0, 1]."""
+    theta = random_theta(images.shape[0], cfg, generator, images.device)
+    return random_lighting(warp(images, theta, size), cfg, generator)
+
+
+def view_batch(images: torch.Tensor, size, view: View = PLAIN) -> torch.Tensor:
+    """A prediction batch of one fixed view: uint8 (B, H, W, 3) -> float (B, 3, h, w)."""
+    if view == PLAIN and tuple(images.shape[1:3]) == tuple(size):
+        return images.permute(0, 3, 1, 2).float().div_(255.0)  # no resampling needed
+    return warp(images, view_theta(view, images.shape[0], images.device), size)

@@ -1,0 +1,79 @@
+"""Prediction with test-time augmentation: each fold model on its held-out rows and the test set."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from .augment import PLAIN, View, normalize, view_batch
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain float32 elsewhere (CPU bf16 is slow and changes results)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_views(model: torch.nn.Module, images: torch.Tensor, rows: np.ndarray, size, views: list[View],
+                  norm, batch_size: int) -> np.ndarray:
+    """Class probabilities of each view.
+
+    Args:
+        model: a trained model (put in eval mode here).
+        images: the cache, uint8 (N, H, W, 3), on the model's device.
+        rows: indices into `images` to predict.
+        size: (h, w) the model sees.
+        views: fixed views to render, PLAIN first by convention.
+        norm: (mean, std) of the model.
+        batch_size: images per forward pass.
+
+    Returns:
+        (V, len(rows), C) float64 softmax probabilities.
+    """
+    model.eval()
+    device = images.device
+    out = []
+    for start in range(0, len(rows), batch_size):
+        idx = torch.as_tensor(rows[start:start + batch_size], device=device)
+        batch = images[idx]  # (B, H, W, 3) uint8
+        per_view = []
+        for view in views:
+            x = normalize(view_batch(batch, size, view), *norm)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                logits = model(x)
+            per_view.append(torch.softmax(logits.float(), dim=1))
+        out.append(torch.stack(per_view).cpu())  # (V, B, C)
+    if not out:
+        return np.zeros((len(views), 0, 0))
+    return torch.cat(out, dim=1).double().numpy()
+
+
+def combine_tta(plain: np.ndarray, augmented: np.ndarray, combine: str, beta: float) -> np.ndarray:
+    """Combine the plain view (N, C) with augmented views (V, N, C).
+
+    `lerp` is fastai's `Learner.tta` default: the mean of the augmented views moved
+    a fraction beta back towards the plain view; `mean` weighs all views equally.
+    """
+    if augmented.shape[0] == 0:
+        return plain
+    if combine == "lerp":
+        p = (1.0 - beta) * augmented.mean(axis=0) + beta * plain
+    else:
+        p = (plain + augmented.sum(axis=0)) / (augmented.shape[0] + 1)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def accuracy(proba: np.ndarray, y: np.ndarray) -> float:
+    return float((proba.argmax(axis=1) == y).mean()) if len(y) else float("nan")
+
+
+def log_loss(proba: np.ndarray, y: np.ndarray, eps: float = 1e-15) -> float:
+    if not len(y):
+        return float("nan")
+    p = np.clip(proba[np.arange(len(y)), y], eps, 1.0)
+    return float(-np.log(p).mean())
