@@ -7,16 +7,16 @@ its own files, so jobs run one after another here, one per local GPU with
 """
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from joblib import Parallel, delayed
 
 from oof import (Folds, PredictionTable, RunPaths, StackerError, load_folds, make_folds, validate_oof,
-                 validate_test, write_folds, write_json, write_table, __version__)
-from oof.folds import _first
+                 read_json, validate_test, write_folds, write_json, write_table, __version__)
 
 from .augment import PLAIN, tta_views
 from .cache import ImageCache, build_cache, load_cache
@@ -72,6 +72,9 @@ def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, force: boo
     """Train every (model, fold) job not yet finished (all of them with `force`)."""
     jobs = [Job(s, k) for s in specs for k in range(folds.k)]
     todo = [j for j in jobs if force or not is_trained(paths, j.model.name, j.fold)]
+    for j in jobs:
+        if j not in todo:
+            _check_same_recipe(paths, j)
     log(f"train-base: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run")
     if force:
         for j in todo:
@@ -85,6 +88,17 @@ def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, force: boo
         if device not in loaded:  # the cache is loaded once per device, shared by the jobs
             loaded = {device: _train_tensors(paths, folds, device)}
         train_fold(job.model, job.fold, *loaded[device], folds, paths, log)
+
+
+def _check_same_recipe(paths: RunPaths, job: Job) -> None:
+    """A finished job is only skipped when it was trained the way the config says now."""
+    done = read_json(paths.history(job.model.name, job.fold))
+    now = json.loads(json.dumps(asdict(job.model.train)))
+    if done["arch"] != job.model.arch or done["train"] != now:
+        changed = sorted(k for k in now if done["train"].get(k) != now[k]) or ["arch"]
+        raise StackerError(f"{paths.history(job.model.name, job.fold)}: {job.model.name} fold {job.fold} was "
+                           f"trained with other settings ({', '.join(changed)}); give the model a new name, "
+                           "or pass --force to train it again")
 
 
 def _run_job(paths: RunPaths, job: Job, folds: Folds, slot: int, log) -> None:

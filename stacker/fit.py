@@ -1,0 +1,77 @@
+"""fit-stack on a run directory: read the tables, run the guard, write `<run>/stack/`.
+
+    <run>/stack/decision.json      scores, intervals, choice, reason, config, models, folds sha256
+    <run>/stack/combiner.json      the chosen combiner's learned state (weights, coefficients)
+    <run>/stack/combiner.lgbm.txt  its LightGBM booster in text format, when it has one
+    <run>/stack/leaderboard.csv    the leaderboard as a table
+    <run>/stack/report.txt         the leaderboard as printed
+    <run>/stack/test.parquet       the stack's test probabilities (a contract test table)
+
+Every file is written atomically and decision.json last, so a crash never leaves
+a decision that the other files do not back.
+"""
+from __future__ import annotations
+
+import os
+
+from oof import RunPaths, StackerError, atomic_path, check_model_name, write_json, write_table, write_text
+
+from .config import StackConfig
+from .inputs import discover_models, load_run_folds, read_run_tables
+from .report import format_report, leaderboard_frame
+from .stack_guard import StackGuard
+
+BOOSTER_FILE = "combiner.lgbm.txt"
+
+
+def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, models: list[str] | None = None,
+              force: bool = False, log=print) -> dict:
+    """Fit the guarded stack of a run and write `<run>/stack/`.
+
+    Args:
+        run_dir: the run directory (folds.parquet or folds.csv, preds/<model>/oof and test tables).
+        config: meta-level options; default `StackConfig()`.
+        models: models to stack; default every folder under preds/ with an OOF table.
+        force: replace an existing stack/decision.json.
+        log: callable for progress and the leaderboard (None is silent).
+
+    Returns:
+        The decision, as written to decision.json.
+
+    Raises:
+        StackerError: an existing decision without force, no models, or a table breaking the contract.
+    """
+    config = config or StackConfig()
+    log = log or (lambda *a: None)
+    paths = RunPaths(run_dir)
+    if paths.decision.exists() and not force:
+        raise StackerError(f"{paths.decision}: already exists; pass --force to fit the stack again")
+    folds = load_run_folds(paths)
+    models = [check_model_name(m) for m in models] if models else discover_models(paths)
+    if not models:
+        raise StackerError(f"{paths.root / 'preds'}: no model has an oof.parquet or oof.csv to stack")
+    oof_tables, test_tables, fold_tables = read_run_tables(paths, models, folds,
+                                                           per_fold=config.test_features == "per_fold")
+    guard = StackGuard(config, log).fit(oof_tables, folds)
+    test = guard.predict_table(test_tables, fold_tables)
+    write_stack(paths, guard, test)
+    log(format_report(guard.decision_, guard.timings_))
+    return guard.decision_
+
+
+def write_stack(paths: RunPaths, guard: StackGuard, test) -> None:
+    """Write every stack/ file of a fitted guard; decision.json last."""
+    stack = paths.stack
+    state = guard.state()
+    booster = guard.combiner_.booster_text()
+    if booster is not None:
+        write_text(stack / BOOSTER_FILE, booster)
+        state["booster"] = BOOSTER_FILE
+    elif (stack / BOOSTER_FILE).exists():
+        (stack / BOOSTER_FILE).unlink()  # a previous decision's booster would mislead
+    write_json(stack / "combiner.json", state)
+    write_table(stack / "test.parquet", test)
+    with atomic_path(stack / "leaderboard.csv") as tmp:
+        leaderboard_frame(guard.decision_).to_csv(tmp, index=False)
+    write_text(stack / "report.txt", format_report(guard.decision_, guard.timings_))
+    write_json(paths.decision, guard.decision_)

@@ -1,0 +1,114 @@
+"""The meta level's inputs: prediction tables of a run (or of any tool), checked.
+
+`oof.read_table` / `validate_oof` / `validate_test` already refuse another fold
+assignment and duplicate, missing or extra ids. Here: the run-directory layout
+with CSV fallbacks (tables and folds brought from other tools), test tables that
+must share their ids, and the leak check.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from oof import (Folds, PredictionTable, RunPaths, StackerError, check_model_name, load_folds, read_table,
+                 table_from_frame, validate_oof, validate_test)
+
+# Leak check. A row counts as "sure" when the model gives its true class >= 0.99.
+# A model is suspicious when >= 95% of its OOF rows are sure while the median of
+# the other models is at least 30 points lower: a model that saw its OOF rows in
+# training memorises them; honest models that strong come in groups, so the
+# median of the others is near it and nothing is flagged.
+LEAK_PROBA = 0.99
+LEAK_SHARE = 0.95
+LEAK_GAP = 0.30
+
+
+def load_run_folds(paths: RunPaths) -> Folds:
+    """`<run>/folds.parquet`, or `<run>/folds.csv` (id, label, fold) brought from another tool."""
+    csv = paths.root / "folds.csv"
+    return load_folds(paths.folds if paths.folds.is_file() or not csv.is_file() else csv)
+
+
+def table_file(path: Path) -> Path:
+    """`path` (parquet) if it exists, else its `.csv` sibling if that exists, else `path`."""
+    csv = path.with_suffix(".csv")
+    return csv if not path.is_file() and csv.is_file() else path
+
+
+def discover_models(paths: RunPaths) -> list[str]:
+    """Every folder under `<run>/preds/` holding `oof.parquet` or `oof.csv`, sorted."""
+    preds = paths.root / "preds"
+    if not preds.is_dir():
+        return []
+    return sorted(p.name for p in preds.iterdir()
+                  if (p / "oof.parquet").is_file() or (p / "oof.csv").is_file())
+
+
+def read_run_tables(paths: RunPaths, models: list[str], folds: Folds, per_fold: bool):
+    """Read and validate each model's OOF and test tables (and per-fold test tables).
+
+    Returns:
+        (oof, test, fold_tests): {model: table}, {model: table} aligned on the
+        first model's test ids, and a list of K such dicts (empty unless per_fold).
+    """
+    oof = {m: validate_oof(read_table(table_file(paths.oof(m)), folds.classes, "oof"), folds) for m in models}
+    test = align_test_tables({m: read_table(table_file(paths.test(m)), folds.classes, "test") for m in models})
+    fold_tests = []
+    ids = next(iter(test.values())).ids
+    for k in range(folds.k if per_fold else 0):
+        tables = {m: read_table(table_file(paths.test_fold(m, k)), folds.classes, "test") for m in models}
+        fold_tests.append({m: validate_test(t, ids, folds.classes) for m, t in tables.items()})
+    return oof, test, fold_tests
+
+
+def as_oof_tables(tables: Mapping, folds: Folds) -> dict[str, PredictionTable]:
+    """Tables or DataFrames (`id`, `fold`, one column per class) -> validated, in folds row order."""
+    if not tables:
+        raise StackerError("fit-stack: no models to stack (no OOF tables given)")
+    return {check_model_name(m): validate_oof(_as_table(t, m, folds.classes, "oof"), folds)
+            for m, t in tables.items()}
+
+
+def align_test_tables(tables: Mapping, classes=None) -> dict[str, PredictionTable]:
+    """Test tables of every model, in the first model's id order; any id difference is an error."""
+    if not tables:
+        raise StackerError("fit-stack: no test tables given")
+    out = {m: _as_table(t, m, classes, "test") for m, t in tables.items()}
+    first = next(iter(out.values()))
+    classes = first.classes if classes is None else tuple(classes)
+    return {m: validate_test(t, first.ids, classes) for m, t in out.items()}
+
+
+def _as_table(table, model: str, classes, kind: str) -> PredictionTable:
+    if isinstance(table, PredictionTable):
+        return table
+    if isinstance(table, pd.DataFrame):
+        if classes is None:
+            classes = [c for c in table.columns if c not in ("id", "fold")]
+        return table_from_frame(table, classes, kind, f"<{model} {kind} table>")
+    raise StackerError(f"{model}: expected a PredictionTable or a DataFrame, got {type(table).__name__}")
+
+
+def meta_features(tables: Mapping[str, PredictionTable]) -> np.ndarray:
+    """(N, M, C) probabilities of M models, from tables already in one row order."""
+    return np.stack([t.proba for t in tables.values()], axis=1)
+
+
+def sure_share(y: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """(M,) share of rows where each model gives the true class >= LEAK_PROBA; X is (N, M, C)."""
+    return (X[np.arange(len(y)), :, y] >= LEAK_PROBA).mean(axis=0)
+
+
+def suspicious_models(y: np.ndarray, X: np.ndarray, models: list[str]) -> dict[str, str]:
+    """{model: reason} for models whose OOF looks leaked (see LEAK_* above)."""
+    share = sure_share(y, X)
+    out = {}
+    for m, name in enumerate(models):
+        others = np.delete(share, m)
+        if len(others) and share[m] >= LEAK_SHARE and np.median(others) <= share[m] - LEAK_GAP:
+            out[name] = (f"{share[m]:.1%} of OOF rows give the true class >= {LEAK_PROBA} while the other "
+                         f"models' median is {np.median(others):.1%}: trained on its own OOF rows?")
+    return out

@@ -1,0 +1,56 @@
+"""The leaderboard of a decision: one table for the terminal, report.txt and leaderboard.csv."""
+from __future__ import annotations
+
+import pandas as pd
+
+
+def leaderboard_frame(decision: dict) -> pd.DataFrame:
+    """One row per base model, per candidate, and the nested estimate."""
+    rows = []
+    for name, m in decision["models"].items():
+        rows.append({"kind": "model", "name": name, "score": m["score"], "log_loss": m["log_loss"],
+                     "status": m["status"], "sure_share": m["sure_share"]})
+    for name, c in decision["candidates"].items():
+        rows.append({"kind": "candidate", "name": name, "score": c["score"], "log_loss": c["log_loss"],
+                     "low": c["interval"][0], "high": c["interval"][1], "gain": c["gain"],
+                     "gain_low": c["gain_interval"][0], "gain_high": c["gain_interval"][1],
+                     "win_probability": c["win_probability"], "admissible": c["admissible"],
+                     "chosen": name == decision["chosen"]})
+    nested = decision.get("nested")
+    if nested:
+        rows.append({"kind": "nested", "name": decision["chosen"], "score": nested["score"],
+                     "log_loss": nested["log_loss"],
+                     "status": " ".join(f["chosen"] for f in nested["folds"])})
+    columns = ["kind", "name", "score", "log_loss", "low", "high", "gain", "gain_low", "gain_high",
+               "win_probability", "admissible", "chosen", "status", "sure_share"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def format_report(decision: dict, timings: dict | None = None) -> str:
+    """The leaderboard as text: models, candidates (chosen marked *), the choice, the nested estimate."""
+    metric = decision["metric"]
+    conf = decision["config"]["confidence"]
+    lines = [f"{'model':<28}{metric:>12}{'log_loss':>10}{'sure rows':>11}  status"]
+    for name, m in decision["models"].items():
+        lines.append(f"  {name:<26}{m['score']:>12.4f}{m['log_loss']:>10.4f}{m['sure_share']:>11.1%}  {m['status']}")
+    lines += ["", f"{'candidate (meta-level OOF)':<28}{metric:>12}{f'{conf:.0%} interval':>22}"
+                  f"{'gain vs mean':>14}{'win p':>8}{'log_loss':>10}{'fit s':>8}"]
+    for name, c in decision["candidates"].items():
+        mark = "*" if name == decision["chosen"] else " "
+        win = "-" if c["win_probability"] is None else f"{c['win_probability']:.3f}"
+        interval = f"[{c['interval'][0]:.4f}, {c['interval'][1]:.4f}]"
+        seconds = "" if timings is None else f"{timings.get(name, 0):8.1f}"
+        lines.append(f"{mark} {name:<26}{c['score']:>12.4f}{interval:>22}{c['gain']:>+14.4f}{win:>8}"
+                     f"{c['log_loss']:>10.4f}{seconds}")
+    lines += ["", f"chosen: {decision['chosen']}: {decision['reason']}"]
+    if decision["excluded"]:
+        lines.append(f"excluded as suspicious: {', '.join(decision['excluded'])}")
+    nested = decision.get("nested")
+    if nested:
+        choices = ", ".join(f["chosen"] for f in nested["folds"])
+        lines.append(f"nested estimate of what submit uses: {metric} {nested['score']:.4f}, "
+                     f"log_loss {nested['log_loss']:.4f} (outer folds chose: {choices})")
+    else:
+        lines.append("nested estimate: off ({}); the chosen score above is optimistic".format(
+            decision.get("nested_note", "stack.nested is false")))
+    return "\n".join(lines) + "\n"

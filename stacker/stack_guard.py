@@ -1,0 +1,138 @@
+"""StackGuard: the guarded stack as a notebook-friendly estimator.
+
+    guard = StackGuard(StackConfig(metric="accuracy")).fit({"convnext": oof_a, "vit": oof_b}, folds)
+    guard.decision_["chosen"], guard.decision_["reason"]
+    proba = guard.predict_proba({"convnext": test_a, "vit": test_b})  # (N_test, C)
+
+Tables are `oof.PredictionTable`s or DataFrames in the contract's layout (`id`,
+`fold` for OOF, one column per class); `folds` is an `oof.Folds`
+(`oof.load_folds("folds.csv")` reads one made by any tool).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+import oof
+from oof import Folds, PredictionTable, StackerError, check_rows, validate_test
+
+from .combiners import make_combiner, normalise_rows
+from .config import StackConfig
+from .guard import fit_seed, run_guard
+from .inputs import align_test_tables, as_oof_tables, meta_features, sure_share, suspicious_models
+from .metrics import Metric, log_loss
+
+
+class StackGuard:
+    """Score every candidate out of fold, choose one with the guard, fit it on all OOF rows.
+
+    Args:
+        config: meta-level options; default `StackConfig()`.
+        log: callable for progress lines and warnings (print by default; None is silent).
+
+    Attributes (after fit):
+        decision_: the JSON-able decision: scores, intervals, choice, reason, nested estimate.
+        models_: the models used, in input order (suspicious ones excluded).
+        classes_: class names, the column order of `predict_proba`.
+        combiner_: the chosen candidate, fitted on every OOF row.
+        oof_: {candidate: (N, C)} meta-level out-of-fold probabilities.
+        timings_: {candidate: seconds} of its meta-level fits.
+    """
+
+    def __init__(self, config: StackConfig | None = None, log=print):
+        self.config = config
+        self.log = log
+
+    def fit(self, oof_tables: Mapping, folds: Folds) -> "StackGuard":
+        config = self.config or StackConfig()
+        log = self.log or (lambda *a: None)
+        tables = as_oof_tables(oof_tables, folds)
+        names, y = list(tables), folds.y
+        X = meta_features(tables)  # (N, M, C)
+        suspicious = suspicious_models(y, X, names)
+        excluded = {} if config.allow_suspicious else suspicious
+        for name, why in suspicious.items():
+            action = "kept (allow_suspicious)" if config.allow_suspicious else "excluded; pass --allow-suspicious to keep it"
+            log(f"warning: model {name!r} looks leaked: {why} -> {action}")
+        self.models_ = [m for m in names if m not in excluded]
+        self.classes_ = tuple(folds.classes)
+        X_used = X[:, [names.index(m) for m in self.models_]]
+        metric = Metric(config.metric, len(self.classes_))
+        log(f"fit-stack: {len(self.models_)} models, {len(self.classes_)} classes, {len(y)} rows, "
+            f"{folds.k} folds; metric {config.metric}")
+        decision, self.oof_, self.timings_ = run_guard(
+            X_used, y, folds.fold, config, metric, self.models_, self.classes_, log)
+        self.combiner_ = make_combiner(decision["chosen"], config, metric, fit_seed(config.seed, ()),
+                                       self.models_, self.classes_).fit(X_used, y)
+        self.decision_ = {
+            "version": oof.__version__, "metric": config.metric, "chosen": decision["chosen"],
+            "reason": decision["reason"], "best": decision["best"],
+            "rows": len(y), "k": folds.k, "classes": list(self.classes_), "folds_sha256": folds.sha256,
+            "models": _model_scores(y, X, names, metric, suspicious, excluded),
+            "used": list(self.models_), "excluded": excluded,
+            "candidates": decision["candidates"], "nested": decision["nested"],
+            "test_features": config.test_features, "config": config.to_dict(),
+        }
+        if "nested_note" in decision:
+            self.decision_["nested_note"] = decision["nested_note"]
+        return self
+
+    def state(self) -> dict:
+        """The chosen combiner's learned state as JSON-able values (no pickle)."""
+        return {"candidate": self.decision_["chosen"], "models": list(self.models_),
+                "classes": list(self.classes_), **self.combiner_.state()}
+
+    def predict_proba(self, test_tables: Mapping) -> np.ndarray:
+        """(N_test, C) probabilities of the chosen combiner on one set of test tables.
+
+        Rows follow the first table's ids; models the guard excluded may be present and are ignored.
+        """
+        return self._predict(self._test_tables(test_tables))
+
+    def predict_table(self, test_tables: Mapping, fold_tables: Sequence[Mapping] = ()) -> PredictionTable:
+        """The stack's test predictions as a contract test table, per `config.test_features`.
+
+        Args:
+            test_tables: {model: test table}, the mean over each model's fold models.
+            fold_tables: per fold k, {model: that fold model's test table}; needed for "per_fold".
+        """
+        config = self.config or StackConfig()
+        tables = self._test_tables(test_tables)
+        ids = next(iter(tables.values())).ids
+        if config.test_features == "per_fold":
+            if not fold_tables:
+                raise StackerError("stack.test_features: 'per_fold' needs each fold model's test table "
+                                   "(preds/<model>/test_fold<k>.parquet)")
+            proba = np.mean([self._predict(self._test_tables(t, ids)) for t in fold_tables], axis=0)
+        else:
+            proba = self._predict(tables)
+        meta = {"model": "stack", "candidate": self.decision_["chosen"], "models": list(self.models_),
+                "folds_sha256": self.decision_["folds_sha256"], "test_features": config.test_features,
+                "version": oof.__version__}
+        table = PredictionTable(ids, normalise_rows(proba), self.classes_, None, meta, "<stack test>")
+        check_rows(table)
+        return table
+
+    def _test_tables(self, tables: Mapping, ids=None) -> dict[str, PredictionTable]:
+        missing = [m for m in self.models_ if m not in tables]
+        if missing:
+            raise StackerError(f"test tables: no table for model(s) {missing}; the stack uses {self.models_}")
+        aligned = align_test_tables({m: tables[m] for m in self.models_}, self.classes_)
+        if ids is not None:  # per-fold tables follow the main test tables' row order
+            aligned = {m: validate_test(t, ids, self.classes_) for m, t in aligned.items()}
+        return aligned
+
+    def _predict(self, tables: dict[str, PredictionTable]) -> np.ndarray:
+        return self.combiner_.predict_proba(meta_features(tables))
+
+
+def _model_scores(y, X, names, metric: Metric, suspicious: dict, excluded: dict) -> dict:
+    """Each base model's own OOF metric and log-loss, and its leak-check figure."""
+    share = sure_share(y, X)
+    out = {}
+    for m, name in enumerate(names):
+        status = "excluded" if name in excluded else "suspicious, kept" if name in suspicious else "used"
+        out[name] = {"score": metric.score(y, X[:, m]), "log_loss": log_loss(y, X[:, m]),
+                     "sure_share": float(share[m]), "status": status}
+    return out

@@ -1,0 +1,16 @@
+"""Shared fixtures: offline, seeded, small, CPU."""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the hub: test_* models are randomly initialised
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """The demo's digits dataset (Kaggle folder layout, 16 px PNGs), written once per session."""
+    from base_models.demo_data import write_digits_dataset
+
+    return write_digits_dataset(tmp_path_factory.mktemp("digits") / "data", size=16)
