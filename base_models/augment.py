@@ -50,6 +50,7 @@ class View:
 PLAIN = View()
 # Crops for TTA: whole image, then 85% side crops at the centre and the corners.
 _TTA_CROPS = [(1.0, 0, 0), (0.85, 0, 0), (0.85, -1, -1), (0.85, 1, 1), (0.85, -1, 1), (0.85, 1, -1)]
+MAX_TTA_VIEWS = 2 * len(_TTA_CROPS) - 1  # every crop plain and mirrored, less the plain view itself
 
 
 def tta_views(n: int) -> list[View]:
@@ -58,6 +59,8 @@ def tta_views(n: int) -> list[View]:
     View 0 is the mirrored whole image; views 1, 2 the centre crop plain and
     mirrored; then the corner crops.
     """
+    if n > MAX_TTA_VIEWS:
+        raise ValueError(f"at most {MAX_TTA_VIEWS} distinct TTA views, asked for {n}")
     views = []
     for k in range(n):
         zoom, cx, cy = _TTA_CROPS[((k + 1) // 2) % len(_TTA_CROPS)]

@@ -73,6 +73,9 @@ def build_cache(cache_dir, split: str, ids, paths, size, resize: str, workers: i
              "size": [int(s) for s in size], "resize": resize}
     if index_file.is_file() and data_file.is_file() and read_json(index_file) == index:
         return load_cache(cache_dir, split)
+    # The old index goes first: a rebuild that stops halfway must not leave an index
+    # that vouches for data it did not describe.
+    index_file.unlink(missing_ok=True)
     n, (h, w) = len(index["ids"]), index["size"]
     workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()

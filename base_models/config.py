@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 
 from oof import StackerError, build_config, check_model_name
 
-from .augment import AugmentConfig
+from .augment import MAX_TTA_VIEWS, AugmentConfig
 
 TTA_COMBINE = ("lerp", "mean")
 DEVICES = ("auto", "cpu", "cuda")
@@ -86,8 +86,8 @@ class TTAConfig:
     def __post_init__(self):
         if self.size is not None:
             self.size = as_size(self.size, "tta.size")
-        if not isinstance(self.n, int) or self.n < 0:
-            raise StackerError(f"tta.n: must be an integer >= 0, got {self.n!r}")
+        if not isinstance(self.n, int) or not 0 <= self.n <= MAX_TTA_VIEWS:
+            raise StackerError(f"tta.n: must be an integer in [0, {MAX_TTA_VIEWS}] (distinct views), got {self.n!r}")
         if self.combine not in TTA_COMBINE:
             raise StackerError(f"tta.combine: {self.combine!r} is not one of {list(TTA_COMBINE)}")
         if not 0 <= self.beta <= 1:

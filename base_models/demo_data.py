@@ -16,20 +16,29 @@ from PIL import Image
 from oof import atomic_path, write_text
 
 
-def write_digits_dataset(out: str | Path, size: int = 32, test_fraction: float = 0.2, seed: int = 0) -> Path:
-    """Write the digits dataset under `out`; returns `out`. Skips work already done."""
+def write_digits_dataset(out: str | Path, size: int = 32, test_fraction: float = 0.2, seed: int = 0,
+                         n_images: int | None = None) -> Path:
+    """Write the digits dataset under `out`; returns `out`. Skips work already done.
+
+    Args:
+        out: dataset folder.
+        size: side of the upscaled square images.
+        test_fraction: share of the images held out as the test set.
+        seed: seed of the train/test split.
+        n_images: only the first n images (tests use a few hundred).
+    """
     from sklearn.datasets import load_digits  # ships with scikit-learn, no network
 
     out = Path(out)
     if (out / "sample_submission.csv").is_file():
         return out
     digits = load_digits()
-    n = len(digits.target)
+    n = len(digits.target) if n_images is None else min(n_images, len(digits.target))
     rng = np.random.default_rng(seed)
     is_test = np.zeros(n, dtype=bool)
     is_test[rng.permutation(n)[: int(round(n * test_fraction))]] = True
     ids = [f"{i:05d}.png" for i in range(n)]
-    labels = [str(t) for t in digits.target]
+    labels = [str(t) for t in digits.target[:n]]
     for i in range(n):
         pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)  # (8, 8), 0..16 -> 0..255
         img = Image.fromarray(pixels, "L").resize((size, size), Image.BICUBIC)

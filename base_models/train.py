@@ -69,9 +69,9 @@ def train_fold(spec: ModelSpec, fold: int, images: torch.Tensor, y: torch.Tensor
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "valid_loss": log_loss(proba, y_valid),
                         "error_rate": 1.0 - accuracy(proba, y_valid), "lr": scheduler.get_last_lr()[0],
                         "seconds": time.perf_counter() - t0})
-        log(_progress_line(spec.name, fold, cfg.epochs, history[-1]))
         if epoch + 1 < cfg.epochs:
             _save_checkpoint(paths.checkpoint(spec.name, fold), model, optimizer, scheduler, generator, history)
+        log(_progress_line(spec.name, fold, cfg.epochs, history[-1]))
     _save_result(paths, spec, fold, model, history)
     return history
 

@@ -92,13 +92,17 @@ def make_folds(ids, labels, k: int = 5, seed: int = 42, classes=None) -> Folds:
         raise StackerError(f"folds: k must be an integer of at least 2, got {k!r}")
     _check_unique(ids, "train ids")
     classes = tuple(sorted(set(labels))) if classes is None else tuple(str(c) for c in classes)
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise StackerError(f"folds: labels {unknown} are not among the classes {list(classes)}")
     counts = pd.Series(labels).value_counts()
     small = counts[counts < k]
     if len(small):
-        worst = small.idxmin()
-        raise StackerError(
-            f"folds: class {worst!r} has {int(small.min())} images, fewer than k={k}; "
-            f"every class needs at least one image per fold (k <= {int(counts.min())} would work)")
+        worst, fewest = small.idxmin(), int(small.min())
+        fix = (f"k <= {fewest} would work" if fewest >= 2 else
+               "a class needs at least 2 images for any K-fold: add images or drop the class")
+        raise StackerError(f"folds: class {worst!r} has {fewest} images, fewer than k={k}; "
+                           f"every class needs at least one image per fold ({fix})")
     rng = np.random.default_rng(seed)
     fold = np.empty(len(ids), dtype=np.int64)
     start = 0
@@ -124,9 +128,12 @@ def folds_from_table(table: pd.DataFrame, source: str, classes=None) -> Folds:
     if bad.any():
         raise StackerError(f"{source}: fold must be an integer; first bad ids {_first(ids[bad.to_numpy()])}")
     fold = fold.to_numpy(dtype=np.int64)
-    k = int(fold.max()) + 1
-    if fold.min() < 0 or set(np.unique(fold)) != set(range(k)):
-        raise StackerError(f"{source}: folds must be 0..K-1 with every fold used, got {sorted(set(fold))}")
+    used = sorted(int(f) for f in np.unique(fold))
+    k = used[-1] + 1 if used else 0
+    if used != list(range(k)):
+        raise StackerError(f"{source}: folds must be 0..K-1 with every fold used, got {used}")
+    if k < 2:
+        raise StackerError(f"{source}: needs at least 2 folds, got {k}")
     classes = tuple(sorted(set(labels))) if classes is None else tuple(classes)
     out = pd.DataFrame({"id": ids, "label": labels, "fold": fold})
     return Folds(out, k, None, classes, folds_digest(ids, labels, fold))

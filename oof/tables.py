@@ -77,7 +77,7 @@ def read_table(path: str | os.PathLike, classes, kind: str) -> PredictionTable:
     meta = {}
     try:
         if path.suffix == ".csv":
-            df = pd.read_csv(path, dtype={"id": str})
+            df = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
         else:
             pf = pq.read_table(path)
             raw = (pf.schema.metadata or {}).get(META_KEY)

@@ -4,6 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from base_models.config import TTAConfig
+from oof import StackerError
+
 from base_models.augment import (PLAIN, AugmentConfig, View, normalize, train_batch, tta_views, view_batch,
                                  view_theta, warp)
 
@@ -67,12 +70,13 @@ def test_tta_views_are_distinct_and_never_plain(n):
         assert views[0] == View(flip=True)  # the mirrored whole image comes first
 
 
-@pytest.mark.xfail(strict=True, reason="bug: tta_views cycles through 6 crops x 2 flips, so n=12 yields PLAIN "
-                                       "(counted again as an augmented view) and n>=13 repeats views")
 @pytest.mark.parametrize("n", [12, 13])
-def test_tta_views_beyond_eleven(n):
-    views = tta_views(n)
-    assert PLAIN not in views and len(set(views)) == n
+def test_tta_views_beyond_eleven_are_refused(n):
+    # 6 crops x 2 flips hold 11 views besides the plain one: more would repeat a view
+    with pytest.raises(ValueError, match=f"at most 11 distinct TTA views, asked for {n}"):
+        tta_views(n)
+    with pytest.raises(StackerError, match=r"tta.n: must be an integer in \[0, 11\]"):
+        TTAConfig(n=n)
 
 
 def test_tta_views_render_differently(images):

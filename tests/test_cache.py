@@ -158,9 +158,6 @@ def _interrupt_after_data(message):
         raise _Interrupt
 
 
-@pytest.mark.xfail(strict=True, reason="bug: build_cache replaces <split>.u8 before rewriting <split>.json and "
-                                       "never removes the old index, so an interrupted rebuild pairs the old "
-                                       "index with new data and later loads/builds trust it")
 def test_interrupted_rebuild_is_never_trusted(tmp_path, small):
     ids, paths = small
     cache_dir = tmp_path / "cache"
@@ -173,8 +170,6 @@ def test_interrupted_rebuild_is_never_trusted(tmp_path, small):
         np.testing.assert_array_equal(cache.images[i], decode(p, SIZE, "squish"))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a failed rebuild keeps the previous build's <split>.json, so "
-                                       "load_cache still serves a cache made for other inputs")
 def test_failed_rebuild_leaves_no_index(tmp_path, small):
     ids, paths = small
     cache_dir = tmp_path / "cache"

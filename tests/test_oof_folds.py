@@ -79,16 +79,12 @@ def test_make_folds_errors(ids, labels, k, match):
         make_folds(ids, labels, k=k, seed=0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with a one-image class make_folds suggests 'k <= 1 would work', "
-                                       "but k must be at least 2")
 def test_one_image_class_message_does_not_suggest_k_below_2():
     with pytest.raises(StackerError, match=r"class 'y' has 1 images, fewer than k=2") as e:
         make_folds(["a", "b", "c", "d"], ["x", "x", "x", "y"], k=2, seed=0)
     assert "k <= 1" not in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: make_folds leaves rows whose label is not in `classes` with "
-                                       "uninitialised folds (np.empty) instead of raising")
 def test_make_folds_refuses_label_outside_given_classes():
     with pytest.raises(StackerError, match=r"'z'"):
         make_folds(list("abcdef"), list("xxyyzz"), k=2, seed=0, classes=["x", "y"])
@@ -178,8 +174,6 @@ def test_bad_foreign_folds(tmp_path, csv, match):
         load_folds(path)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: folds_from_table formats the folds found with numpy reprs "
-                                       "('got [np.int64(0), np.int64(2)]') instead of plain integers")
 def test_fold_gap_message_lists_plain_integers(tmp_path):
     path = tmp_path / "gap.csv"
     path.write_text("id,label,fold\n1,a,0\n2,b,2\n3,a,2\n")
@@ -187,8 +181,6 @@ def test_fold_gap_message_lists_plain_integers(tmp_path):
         load_folds(path)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: folds_from_table accepts a single fold (k=1): every row is "
-                                       "validation in fold 0 and no model has training rows")
 def test_foreign_folds_with_one_fold_are_refused(tmp_path):
     path = tmp_path / "one.csv"
     path.write_text("id,label,fold\n1,a,0\n2,b,0\n3,a,0\n")

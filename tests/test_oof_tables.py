@@ -61,8 +61,6 @@ def test_csv_round_trip_keeps_string_ids(tmp_path):
 
 
 
-@pytest.mark.xfail(strict=True, reason="bug: read_table reads CSV ids with pandas' default NA parsing, so ids "
-                                       "'NA' and 'null' both become 'nan' (folds CSVs use keep_default_na=False)")
 def test_csv_ids_that_look_like_missing_values_stay_ids(tmp_path):
     path = tmp_path / "test.csv"
     path.write_text("id,a,b\nNA,0.5,0.5\nnull,0.2,0.8\n")
