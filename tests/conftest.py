@@ -14,3 +14,11 @@ def digits_dir(tmp_path_factory):
     from base_models.demo_data import write_digits_dataset
 
     return write_digits_dataset(tmp_path_factory.mktemp("digits") / "data", size=16)
+
+
+@pytest.fixture(scope="session")
+def small_digits_dir(tmp_path_factory):
+    """400 digits (320 train, 80 test) at 16 px: enough to train a test_* model in a second."""
+    from base_models.demo_data import write_digits_dataset
+
+    return write_digits_dataset(tmp_path_factory.mktemp("small_digits") / "data", size=16, n_images=400)

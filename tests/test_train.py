@@ -1,0 +1,109 @@
+"""Training jobs: one-cycle schedule, saved results, resume after interruption, skipping finished work."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from base_models.config import TrainConfig, model_specs
+from base_models.dataset import DataConfig
+from base_models.config import FoldsConfig
+from base_models.jobs import prepare_run, train_base
+from base_models.train import one_cycle, read_history
+from oof import RunPaths, StackerError
+
+TINY = {"size": 16, "epochs": 2, "batch_size": 32, "lr": 3e-3}
+
+
+@pytest.fixture
+def run(tmp_path, small_digits_dir):
+    paths = RunPaths(tmp_path / "run")
+    _, folds = prepare_run(paths, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=3), (16, 16), log=lambda s: None)
+    return paths, folds
+
+
+def specs(**train):
+    return model_specs([{"arch": "test_resnet"}], {**TINY, **train})
+
+
+@pytest.mark.parametrize("step, expected", [
+    (0, 1e-2 / 25),                                      # starts at lr / div
+    (12, None),                                          # cosine warm-up: checked by formula
+    (24, 1e-2),                                          # peaks at lr after pct_start of the steps
+    (60, None),                                          # cosine decay: checked by formula
+    (99, 1e-2 / 25 / 1e5),                               # ends at lr / div / div_final
+])
+def test_one_cycle_follows_warmup_then_cosine(step, expected):
+    cfg = TrainConfig(lr=1e-2, pct_start=0.25, div=25, div_final=1e5)
+    opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=cfg.lr)
+    # torch's OneCycleLR puts the peak at step pct_start * total - 1 and the end at total - 1
+    sched = one_cycle(opt, cfg, total_steps=100)
+    for _ in range(step):
+        opt.step()
+        sched.step()
+    lr = opt.param_groups[0]["lr"]
+    if expected is None:  # cosine between the phase ends: lr/div -> lr over 0..24, lr -> lr/div/div_final after
+        start, end, t = ((cfg.lr / cfg.div, cfg.lr, step / 24) if step <= 24 else
+                         (cfg.lr, cfg.lr / cfg.div / cfg.div_final, (step - 24) / (99 - 24)))
+        expected = end + (start - end) * (1 + math.cos(math.pi * t)) / 2
+    assert lr == pytest.approx(expected, rel=1e-6)
+
+
+def test_train_saves_last_epoch_weights_and_history(run):
+    paths, folds = run
+    spec = specs()
+    train_base(paths, spec, folds, log=lambda s: None)
+    for k in range(folds.k):
+        history = read_history(paths, "test_resnet", k)
+        assert [h["epoch"] for h in history] == [1, 2]
+        assert all(np.isfinite(h["train_loss"]) and 0 <= h["error_rate"] <= 1 for h in history)
+        weights = load_file(paths.weights("test_resnet", k))
+        assert weights and all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+        assert not paths.checkpoint("test_resnet", k).exists()  # removed once the job finished
+
+
+def test_interrupted_job_resumes_to_identical_weights(tmp_path, run, small_digits_dir):
+    paths, folds = run
+    train_base(paths, specs(), folds, log=lambda s: None)
+    reference = load_file(paths.weights("test_resnet", 0))
+
+    other = RunPaths(tmp_path / "interrupted")
+    _, folds2 = prepare_run(other, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=3), (16, 16),
+                            log=lambda s: None)
+
+    def stop_after_first_epoch(line):
+        if "epoch  1/2" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_base(other, specs(), folds2, log=stop_after_first_epoch)
+    assert other.checkpoint("test_resnet", 0).is_file()
+    assert not other.weights("test_resnet", 0).exists()
+    lines = []
+    train_base(other, specs(), folds2, log=lines.append)
+    assert not any("fold 0 epoch  1/2" in s for s in lines)  # epoch 1 was not trained again
+    resumed = load_file(other.weights("test_resnet", 0))
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_finished_jobs_are_skipped_and_force_retrains(run):
+    paths, folds = run
+    train_base(paths, specs(epochs=1), folds, log=lambda s: None)
+    stamp = paths.weights("test_resnet", 0).stat().st_mtime_ns
+    lines = []
+    train_base(paths, specs(epochs=1), folds, log=lines.append)
+    assert "3 already done, 0 to run" in lines[0]
+    assert paths.weights("test_resnet", 0).stat().st_mtime_ns == stamp
+    train_base(paths, specs(epochs=1), folds, force=True, log=lambda s: None)
+    assert paths.weights("test_resnet", 0).stat().st_mtime_ns != stamp
+
+
+def test_changed_recipe_of_a_finished_model_is_refused(run):
+    paths, folds = run
+    train_base(paths, specs(epochs=1), folds, log=lambda s: None)
+    with pytest.raises(StackerError, match=r"test_resnet fold 0 was trained with other settings \(lr\)"):
+        train_base(paths, specs(epochs=1, lr=1e-3), folds, log=lambda s: None)
