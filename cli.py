@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from oof import RunPaths, StackerError, build_config, write_text
+from oof import RunPaths, StackerError, build_config, write_json, write_text
 
 SECTIONS = ("run_dir", "data", "folds", "train", "models", "tta", "stack")
 # Named flags and the config key each one overrides; their argparse default is
@@ -188,9 +188,11 @@ def cmd_demo(args, log=print) -> int:
                         ("fit-stack", cmd_fit_stack), ("submit", cmd_submit)):
         log(f"\n== stacker {name} --config {config}")
         stage(stage_args, log)
-    accuracy = demo_test_accuracy(out)
+    accuracy, seconds = demo_test_accuracy(out), time.perf_counter() - t0
+    write_json(out / "demo_result.json", {"test_accuracy": accuracy, "seconds": seconds,
+                                          "submission": str(out / "run" / "submission.csv")})
     log(f"\ndemo: test accuracy of {out / 'run' / 'submission.csv'} against the kept labels: {accuracy:.4f} "
-        f"({time.perf_counter() - t0:.0f}s in all)")
+        f"({seconds:.0f}s in all; saved in {out / 'demo_result.json'})")
     return 0
 
 

@@ -1,0 +1,120 @@
+"""The command line end to end, in real subprocesses: stages, reruns, and one-line errors."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+STAGES = ("train-base", "predict-oof", "fit-stack", "submit", "demo")
+
+
+def stacker(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def write_config(path, data_root, run, **sections):
+    cfg = {"run_dir": str(run), "data": {"root": str(data_root)}, "folds": {"k": 3},
+           "train": {"size": 16, "epochs": 3, "batch_size": 32, "lr": 1e-2},
+           "models": [{"arch": "test_resnet"}, {"arch": "test_efficientnet"}], "tta": {"n": 2},
+           "stack": {"n_bootstrap": 200}}
+    for key, value in sections.items():
+        cfg[key] = value
+        if value is None:
+            del cfg[key]
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, small_digits_dir):
+    """All four stages run once through the CLI; each stage's result kept for the tests."""
+    root = tmp_path_factory.mktemp("cli")
+    config = write_config(root / "run.yaml", small_digits_dir, root / "run")
+    results = {"train-base": stacker("train-base", "--config", config)}
+    for stage in ("predict-oof", "fit-stack", "submit"):
+        results[stage] = stacker(stage, "--run", root / "run")
+    return root, config, results
+
+
+@pytest.mark.parametrize("stage", ["train-base", "predict-oof", "fit-stack", "submit"])
+def test_each_stage_succeeds(pipeline, stage):
+    _, _, results = pipeline
+    assert results[stage].returncode == 0, results[stage].stderr
+
+
+def test_pipeline_writes_the_run_directory_and_a_valid_submission(pipeline, small_digits_dir):
+    root, _, results = pipeline
+    run = root / "run"
+    for path in ("run.yaml", "folds.parquet", "cache/train.u8", "models/test_resnet/fold2.safetensors",
+                 "preds/test_efficientnet/oof.parquet", "preds/test_efficientnet/test_fold0.parquet",
+                 "stack/decision.json", "submission.csv"):
+        assert (run / path).is_file(), path
+    sample = pd.read_csv(small_digits_dir / "sample_submission.csv", dtype=str)
+    sub = pd.read_csv(run / "submission.csv", dtype=str)
+    assert list(sub.columns) == list(sample.columns)
+    assert list(sub["image_id"]) == list(sample["image_id"])
+    truth = pd.read_csv(small_digits_dir / "test_labels.csv", dtype=str)
+    assert (sub["label"] == truth.set_index("image_id").loc[sub["image_id"], "label"].to_numpy()).mean() > 0.4
+    assert "OOF accuracy" in results["predict-oof"].stdout
+
+
+def test_rerun_skips_finished_work_and_overwrite_needs_force(pipeline):
+    root, config, _ = pipeline
+    again = stacker("train-base", "--config", config)
+    assert again.returncode == 0 and "6 already done, 0 to run" in again.stdout
+    again = stacker("predict-oof", "--run", root / "run")
+    assert again.returncode == 0 and "already predicted" in again.stdout
+    again = stacker("submit", "--run", root / "run")
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert stacker("submit", "--run", root / "run", "--force").returncode == 0
+
+
+def test_fit_stack_and_submit_never_import_torch(pipeline):
+    root, _, _ = pipeline
+    code = ("import sys, cli; rc = cli.main(['fit-stack', '--run', sys.argv[1], '--force']); "
+            "rc |= cli.main(['submit', '--run', sys.argv[1], '--force']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, str(root / "run")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("change, args, message", [
+    ({"run_dir": None}, [], "no run directory: pass --run DIR"),
+    ({"colour": "blue"}, [], r"config: unknown section\(s\) \['colour'\]"),
+    ({"train": {"size": 16, "epoks": 3}}, [], r"models\[0\]: unknown key\(s\) \['epoks'\]"),
+    ({"data": {"root": "/nonexistent/data"}}, [], "data.root: folder /nonexistent/data not found"),
+    ({"tta": {"n": 40}}, [], r"tta.n: must be an integer in \[0, 11\]"),
+    ({"models": [{"arch": "no_such_net"}]}, [], "model arch 'no_such_net': not a timm model"),
+    ({}, ["--set", "train.epochs"], "--set 'train.epochs': expected KEY=VALUE"),
+    ({}, ["--set", "folds.k=1"], "folds.k: must be an integer >= 2, got 1"),
+])
+def test_user_errors_are_one_line_and_exit_2(tmp_path, small_digits_dir, change, args, message):
+    config = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run", **change)
+    out = stacker("train-base", "--config", config, *args)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("stacker: error: ")
+    assert re.search(message, last), last
+
+
+def test_bad_yaml_and_missing_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    out = stacker("train-base", "--config", bad)
+    assert out.returncode == 2 and f"{bad}: not valid YAML" in out.stderr
+    out = stacker("predict-oof", "--config", tmp_path / "missing.yaml")
+    assert out.returncode == 2 and "missing.yaml: config file not found" in out.stderr
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_help_for_every_stage(stage):
+    out = stacker(stage, "--help")
+    assert out.returncode == 0 and "usage: stacker" in out.stdout
