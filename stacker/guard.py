@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -42,18 +43,13 @@ def held_out_keys(k: int, nested: bool) -> list[tuple[int, ...]]:
     return singles + (list(itertools.combinations(range(k), 2)) if nested else [])
 
 
-def held_out_predictions(X, y, fold, name, keys, config: StackConfig, metric: Metric, models=(), classes=()):
-    """{key: (n_key, C)} predictions of candidate `name` for the rows of folds `key`.
-
-    Each is fitted on the rows of every other fold; X is (N, M, C), fold (N,).
-    """
-    out = {}
-    for key in keys:
-        held = np.isin(fold, key)
-        combiner = make_combiner(name, config, metric, fit_seed(config.seed, key), models, classes)
-        combiner.fit(X[~held], y[~held])
-        out[key] = combiner.predict_proba(X[held])
-    return out
+def fit_held_out(X, y, fold, name, key, config: StackConfig, metric: Metric, models=(), classes=()):
+    """Fit candidate `name` on every fold but `key`; return ((n_key, C) predictions for folds `key`, seconds)."""
+    start = time.perf_counter()
+    held = np.isin(fold, key)
+    combiner = make_combiner(name, config, metric, fit_seed(config.seed, key), models, classes)
+    combiner.fit(X[~held], y[~held])
+    return combiner.predict_proba(X[held]), time.perf_counter() - start
 
 
 def assemble(preds: dict, fold: np.ndarray, outer: int | None = None) -> np.ndarray:
@@ -150,19 +146,30 @@ def nested_estimate(y, fold, preds: dict, metric: Metric, config: StackConfig) -
 def run_guard(X, y, fold, config: StackConfig, metric: Metric, models=(), classes=(), log=print):
     """Meta-level OOF for every candidate, the decision, and the nested estimate.
 
+    Fits run in `config.threads` threads, each single-threaded (LightGBM and
+    BLAS): many small fits scale better across fits than within one, and on a
+    busy CPU OpenMP's spinning threads and BLAS's fight each other. Every fit has
+    its own seed (`fit_seed`), so the order in which threads finish changes nothing.
+
     Returns:
         (decision, oof, timings): `decide`'s dict plus "nested" (None when off or
-        K < 3: inner folds need two folds to train on); {candidate: (N, C)}; {candidate: s}.
+        K < 3: inner folds need two folds to train on); {candidate: (N, C)};
+        {candidate: seconds summed over its fits}.
     """
     k = int(fold.max()) + 1
     nested = config.nested and k >= 3
     keys = held_out_keys(k, nested)
-    preds, timings = {}, {}
-    for name in config.candidates:
-        start = time.perf_counter()
-        preds[name] = held_out_predictions(X, y, fold, name, keys, config, metric, models, classes)
-        timings[name] = time.perf_counter() - start
-        log(f"  {name:<20} {len(keys):>3} fits  {timings[name]:6.1f} s")
+    tasks = [(name, key) for name in reversed(config.candidates) for key in keys]  # slowest first
+    with ThreadPoolExecutor(config.threads) as pool:
+        futures = [pool.submit(fit_held_out, X, y, fold, name, key, config, metric, models, classes)
+                   for name, key in tasks]
+        done = [f.result() for f in futures]
+    preds = {name: {} for name in config.candidates}
+    timings = dict.fromkeys(config.candidates, 0.0)
+    for (name, key), (proba, seconds) in zip(tasks, done):
+        preds[name][key] = proba
+        timings[name] += seconds
+    log("  " + ", ".join(f"{n} {timings[n]:.1f} s" for n in config.candidates) + f" ({len(keys)} fits each)")
     oof = {name: assemble(p, fold) for name, p in preds.items()}
     decision = decide(y, oof, metric, config, seed=[config.seed, 7])
     decision["nested"] = nested_estimate(y, fold, preds, metric, config) if nested else None

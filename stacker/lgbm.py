@@ -29,7 +29,7 @@ def lgbm_params(config: StackConfig, seed: int) -> dict:
         "bagging_freq": 1 if config.lgbm_bagging_fraction < 1 else 0,
         "lambda_l2": config.lgbm_lambda_l2,
         "max_bin": config.lgbm_max_bin,
-        "num_threads": config.threads,
+        "num_threads": 1,  # fits run in parallel threads instead (guard.run_guard)
         "seed": int(seed),
         "deterministic": True,
         "force_col_wise": True,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 import oof
 from oof import Folds, PredictionTable, StackerError, check_rows, validate_test
@@ -53,7 +54,7 @@ class StackGuard:
         suspicious = suspicious_models(y, X, names)
         excluded = {} if config.allow_suspicious else suspicious
         for name, why in suspicious.items():
-            action = "kept (allow_suspicious)" if config.allow_suspicious else "excluded; pass --allow-suspicious to keep it"
+            action = "kept (allow_suspicious)" if config.allow_suspicious else "excluded; set stack.allow_suspicious: true to keep it"
             log(f"warning: model {name!r} looks leaked: {why} -> {action}")
         self.models_ = [m for m in names if m not in excluded]
         self.classes_ = tuple(folds.classes)
@@ -61,10 +62,11 @@ class StackGuard:
         metric = Metric(config.metric, len(self.classes_))
         log(f"fit-stack: {len(self.models_)} models, {len(self.classes_)} classes, {len(y)} rows, "
             f"{folds.k} folds; metric {config.metric}")
-        decision, self.oof_, self.timings_ = run_guard(
-            X_used, y, folds.fold, config, metric, self.models_, self.classes_, log)
-        self.combiner_ = make_combiner(decision["chosen"], config, metric, fit_seed(config.seed, ()),
-                                       self.models_, self.classes_).fit(X_used, y)
+        with threadpool_limits(limits=1, user_api="blas"):  # parallel fits, not parallel BLAS
+            decision, self.oof_, self.timings_ = run_guard(
+                X_used, y, folds.fold, config, metric, self.models_, self.classes_, log)
+            self.combiner_ = make_combiner(decision["chosen"], config, metric, fit_seed(config.seed, ()),
+                                           self.models_, self.classes_).fit(X_used, y)
         self.decision_ = {
             "version": oof.__version__, "metric": config.metric, "chosen": decision["chosen"],
             "reason": decision["reason"], "best": decision["best"],
