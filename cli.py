@@ -116,7 +116,8 @@ def save_run_config(paths: RunPaths, data, folds, specs, tta, stack_section) -> 
     previous = _read_yaml(paths.config).get("models", []) if paths.config.is_file() else []
     models = {m["name"]: m for m in previous}
     for s in specs:
-        models[s.name] = {"name": s.name, "arch": s.arch, "pretrained": s.pretrained, **_plain(asdict(s.train))}
+        models[s.name] = {"name": s.name, "arch": s.arch, "pretrained": s.pretrained,
+                          "model_kwargs": s.model_kwargs, **_plain(asdict(s.train))}
     resolved = {"run_dir": str(paths.root), "data": _plain(asdict(data)), "folds": asdict(folds),
                 "models": list(models.values()), "tta": _plain(asdict(tta)), "stack": stack_section or {}}
     write_text(paths.config, yaml.safe_dump(resolved, sort_keys=False))
@@ -131,9 +132,9 @@ def cmd_train_base(args, log=print) -> int:
     cfg = load_config(args)
     paths = run_paths(cfg)
     data, folds_cfg, specs, tta = base_configs(cfg)
-    _, folds = prepare_run(paths, data, folds_cfg, cache_size(specs, tta), args.force, log)
+    _, folds = prepare_run(paths, data, folds_cfg, cache_size(specs), args.force, log)
     save_run_config(paths, data, folds_cfg, specs, tta, cfg.get("stack"))
-    train_base(paths, specs, folds, args.force, args.parallel, log)
+    train_base(paths, specs, folds, data.extra_targets, args.force, args.parallel, log)
     return 0
 
 
@@ -143,10 +144,10 @@ def cmd_predict_oof(args, log=print) -> int:
 
     cfg = load_config(args)
     paths = run_paths(cfg)
-    _, _, specs, tta = base_configs(cfg)
+    data, _, specs, tta = base_configs(cfg)
     if args.models:
         specs = [s for s in specs if s.name in args.models]
-    predict_oof(paths, specs, load_folds(paths.folds), tta, args.force, log)
+    predict_oof(paths, specs, load_folds(paths.folds), tta, data.extra_targets, args.force, log)
     return 0
 
 

@@ -23,19 +23,92 @@ def as_size(value, key: str) -> tuple[int, int]:
     return size
 
 
+KEEP = ("last", "best")
+KEEP_METRICS = ("valid_loss", "error_rate")
+SAMPLING_BUILTIN = ("uniform", "class_balanced")
+
+
+@dataclass
+class Phase:
+    """One progressive-resizing phase: its own one-cycle at its own size, same model.
+
+    Attributes:
+        size: image size of the phase, int or [H, W].
+        epochs: epochs of the phase.
+        lr_factor: the phase's peak learning rate is lr * lr_factor.
+    """
+
+    size: tuple[int, int]
+    epochs: int
+    lr_factor: float = 1.0
+
+    def __post_init__(self):
+        self.size = as_size(self.size, "train.phases[].size")
+        _positive(self, "train.phases[]", ("epochs",))
+        if not isinstance(self.lr_factor, (int, float)) or self.lr_factor < 0:
+            raise StackerError(f"train.phases[].lr_factor: must be a number >= 0, got {self.lr_factor!r}")
+
+
+@dataclass
+class SamplingConfig:
+    """Which training rows an epoch draws (fastai's WeightedDL).
+
+    Attributes:
+        weights: `uniform` (each row once per epoch, the default), `class_balanced`
+            (a row weighs its class count ** -power), or the name of a weight
+            column of the train CSV. Non-uniform epochs draw with replacement, as
+            many rows as the training fold has; validation and OOF rows are never
+            reweighted.
+        power: p of class_balanced: 0 is uniform, 1 fully balanced.
+    """
+
+    weights: str = "uniform"
+    power: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.weights, str) or not self.weights:
+            raise StackerError(f"train.sampling.weights: uniform, class_balanced or a CSV column, got {self.weights!r}")
+        if not isinstance(self.power, (int, float)) or self.power < 0:
+            raise StackerError(f"train.sampling.power: must be a number >= 0, got {self.power!r}")
+
+
 @dataclass
 class TrainConfig:
     """How one (model, fold) job trains; the `train:` section, overridable per model.
 
+    With a `pretrained` file the job is a fine-tune, as fastai's `fine_tune`:
+    `freeze_epochs` of the new heads alone (one-cycle, pct_start 0.99), then
+    everything, the backbone at lr / lr_mult. From scratch there is nothing to
+    freeze and one learning rate for all.
+
     Attributes:
-        size: training image size, int or [H, W].
-        epochs: epochs of one-cycle training. The last epoch is kept: early
-            stopping fights a one-cycle schedule, whose best weights come at its end.
-        batch_size: images per step.
-        lr: peak learning rate of the one-cycle schedule (AdamW).
+        size: training image size, int or [H, W] (one phase of `epochs`).
+        epochs: epochs of one-cycle training (one phase of `size`).
+        phases: progressive resizing, e.g. [{size: 128, epochs: 6}, {size: [256, 192], epochs: 3}];
+            replaces size/epochs. The same model continues through the phases, each
+            with its own one-cycle.
+        predict_size: size for validation-free prediction (TTA); default the last phase's
+            size. Larger than the training size often helps (train/test resolution discrepancy).
+        batch_size: images per step (per micro-step with accum_steps).
+        accum_steps: gradient accumulation: optimizer steps every accum_steps batches.
+        lr: peak learning rate (of the heads, when fine-tuning).
+        lr_mult: the backbone's peak is lr / lr_mult when fine-tuning (fastai's slice(lr/100, lr)).
+        freeze_epochs: epochs training only the new heads before unfreezing (fine-tune only).
         weight_decay: AdamW's decoupled weight decay (fastai's default 0.01).
-        pct_start: fraction of steps warming up (fastai's default 0.25).
-        div: the schedule starts at lr / div; div_final: it ends at lr / div / div_final.
+        pct_start: fraction of a phase's steps warming up (fastai's default 0.25).
+        div: a phase starts at lr / div; div_final: it ends at lr / div / div_final.
+        label_smoothing: cross-entropy label smoothing.
+        clip_grad: max gradient norm, None for no clipping.
+        keep: `last` (default) or `best`. Keep the last: a one-cycle schedule's best
+            weights come at its end, and picking the best epoch on the validation
+            fold makes that fold's OOF predictions optimistic, which the stack then trusts.
+        keep_metric: the metric `keep: best` minimises, valid_loss or error_rate.
+        ema_decay: keep an exponential moving average of the weights (timm's ModelEmaV3)
+            and save it instead of the raw weights; None turns it off.
+        mixup_alpha, cutmix_alpha: timm's Mixup/CutMix on the main target; 0 turns off.
+        sampling: see `SamplingConfig`.
+        target_weights: loss weight of each extra target (default 1 each).
+        compile: torch.compile the model on CUDA (ignored, with a note, on CPU).
         seed: seed of weights init, sampling and augmentation; a fold's seed is seed + fold.
         device: auto (CUDA when present), cpu or cuda.
         augment: batch augmentation, see `AugmentConfig`.
@@ -43,25 +116,74 @@ class TrainConfig:
 
     size: tuple[int, int] = (224, 224)
     epochs: int = 12
+    phases: list[Phase] | None = None
+    predict_size: tuple[int, int] | None = None
     batch_size: int = 64
+    accum_steps: int = 1
     lr: float = 2e-3
+    lr_mult: float = 100.0
+    freeze_epochs: int = 1
     weight_decay: float = 0.01
     pct_start: float = 0.25
     div: float = 25.0
     div_final: float = 1e5
+    label_smoothing: float = 0.0
+    clip_grad: float | None = None
+    keep: str = "last"
+    keep_metric: str = "valid_loss"
+    ema_decay: float | None = None
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    target_weights: dict[str, float] = field(default_factory=dict)
+    compile: bool = False
     seed: int = 42
     device: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
         self.size = as_size(self.size, "train.size")
+        if self.phases:
+            self.phases = [p if isinstance(p, Phase) else build_config(Phase, p, f"train.phases[{i}]")
+                           for i, p in enumerate(self.phases)]
+            self.size, self.epochs = self.phases[-1].size, sum(p.epochs for p in self.phases)
+        else:
+            self.phases = None
+        if self.predict_size is not None:
+            self.predict_size = as_size(self.predict_size, "train.predict_size")
         if isinstance(self.augment, dict):
             self.augment = build_config(AugmentConfig, self.augment, "train.augment")
-        _positive(self, "train", ("epochs", "batch_size", "lr", "div", "div_final"))
+        if isinstance(self.sampling, dict):
+            self.sampling = build_config(SamplingConfig, self.sampling, "train.sampling")
+        _positive(self, "train", ("epochs", "batch_size", "accum_steps", "lr", "lr_mult", "div", "div_final"))
+        self._check_ranges()
+
+    def _check_ranges(self):
         if not 0 <= self.pct_start < 1:
             raise StackerError(f"train.pct_start: must be in [0, 1), got {self.pct_start}")
+        if not 0 <= self.label_smoothing < 1:
+            raise StackerError(f"train.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not isinstance(self.freeze_epochs, int) or self.freeze_epochs < 0:
+            raise StackerError(f"train.freeze_epochs: must be an integer >= 0, got {self.freeze_epochs!r}")
+        if self.keep not in KEEP:
+            raise StackerError(f"train.keep: {self.keep!r} is not one of {list(KEEP)}")
+        if self.keep_metric not in KEEP_METRICS:
+            raise StackerError(f"train.keep_metric: {self.keep_metric!r} is not one of {list(KEEP_METRICS)}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise StackerError(f"train.ema_decay: must be in (0, 1) or null, got {self.ema_decay}")
+        if (self.mixup_alpha or self.cutmix_alpha) and self.batch_size % 2:
+            raise StackerError(f"train.batch_size: mixup/cutmix pair images, so it must be even, got {self.batch_size}")
         if self.device not in DEVICES:
             raise StackerError(f"train.device: {self.device!r} is not one of {list(DEVICES)}")
+
+    @property
+    def schedule(self) -> list[Phase]:
+        """The phases to train, one per one-cycle (a single phase without `phases`)."""
+        return self.phases or [Phase(self.size, self.epochs)]
+
+    @property
+    def prediction_size(self) -> tuple[int, int]:
+        return self.predict_size or self.schedule[-1].size
 
 
 @dataclass
@@ -73,19 +195,15 @@ class TTAConfig:
         combine: `lerp` (fastai's default: (1 - beta) * mean(augmented) + beta * plain)
             or `mean` (plain mean of all views).
         beta: weight of the plain view for `lerp`.
-        size: prediction size, default the training size.
         batch_size: images per prediction step.
     """
 
     n: int = 4
     combine: str = "lerp"
     beta: float = 0.25
-    size: tuple[int, int] | None = None
     batch_size: int = 128
 
     def __post_init__(self):
-        if self.size is not None:
-            self.size = as_size(self.size, "tta.size")
         if not isinstance(self.n, int) or not 0 <= self.n <= MAX_TTA_VIEWS:
             raise StackerError(f"tta.n: must be an integer in [0, {MAX_TTA_VIEWS}] (distinct views), got {self.n!r}")
         if self.combine not in TTA_COMBINE:
@@ -102,12 +220,14 @@ class ModelSpec:
         name: the model's name in the run (folder and feature prefix).
         arch: any timm architecture name.
         pretrained: local weights file (never downloaded); None trains from scratch.
+        model_kwargs: passed to timm.create_model (drop_path_rate, img_size, dynamic_img_size...).
         train: its training config: the `train:` section with this entry's overrides.
     """
 
     name: str
     arch: str
     pretrained: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -115,7 +235,7 @@ class ModelSpec:
 
 
 def model_specs(entries, train: dict) -> list[ModelSpec]:
-    """Build the `models:` list; keys other than name/arch/pretrained override `train:`."""
+    """Build the `models:` list; keys other than name/arch/pretrained/model_kwargs override `train:`."""
     if not entries:
         raise StackerError("models: the config lists no models")
     specs = []
@@ -123,11 +243,12 @@ def model_specs(entries, train: dict) -> list[ModelSpec]:
         entry = {"arch": entry} if isinstance(entry, str) else dict(entry)
         if "arch" not in entry:
             raise StackerError(f"models[{i}]: needs an `arch` (a timm model name)")
-        own = {k: entry.pop(k) for k in ("name", "arch", "pretrained") if k in entry}
+        own = {k: entry.pop(k) for k in ("name", "arch", "pretrained", "model_kwargs") if k in entry}
         own.setdefault("name", own["arch"].split(".")[0])
         merged = {**train, **entry}
-        if "augment" in train and "augment" in entry:
-            merged["augment"] = {**train["augment"], **entry["augment"]}
+        for nested in ("augment", "sampling"):
+            if nested in train and nested in entry:
+                merged[nested] = {**train[nested], **entry[nested]}
         specs.append(ModelSpec(**own, train=build_config(TrainConfig, merged, f"models[{i}]")))
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -162,4 +283,4 @@ class FoldsConfig:
             raise StackerError(f"folds.k: must be an integer >= 2, got {self.k!r}")
 
 
-__all__ = ["AugmentConfig", "FoldsConfig", "ModelSpec", "TTAConfig", "TrainConfig", "as_size", "model_specs", "replace"]
+__all__ = ["AugmentConfig", "FoldsConfig", "ModelSpec", "Phase", "SamplingConfig", "TTAConfig", "TrainConfig", "as_size", "model_specs", "replace"]

@@ -61,6 +61,8 @@ class DataConfig:
         if self.resize not in RESIZE_MODES:
             raise StackerError(f"data.resize: {self.resize!r} is not one of {list(RESIZE_MODES)}")
         self.extra_targets = list(self.extra_targets or [])
+        if self.extra_targets and not self.train_csv:
+            raise StackerError("data.extra_targets: extra targets are columns of a train CSV; set data.train_csv")
 
     def path(self, name: str | None) -> Path | None:
         return None if name is None else Path(self.root) / name
@@ -71,7 +73,7 @@ class DatasetSpec:
     """The resolved dataset.
 
     Attributes:
-        train: one row per train image: `id`, `path`, `label` and each extra target.
+        train: one row per train image: `id`, `path`, `label` and the CSV's other columns.
         test: one row per test image in submission order: `id`, `path`.
         classes: sorted class names of the main target.
     """
@@ -144,8 +146,9 @@ def _train_from_csv(cfg: DataConfig) -> pd.DataFrame:
     else:
         paths = [_locate(image_root, i, y) for i, y in zip(df[id_col], df[cfg.label_column])]
     out = pd.DataFrame({"id": df[id_col].to_numpy(), "path": paths, "label": df[cfg.label_column].to_numpy()})
-    for t in cfg.extra_targets:
-        out[t] = df[t].to_numpy()
+    for col in df.columns:  # extra targets, weight columns, metadata: kept for later stages
+        if col not in (id_col, cfg.label_column, cfg.path_column) and col not in out.columns:
+            out[col] = df[col].to_numpy()
     return out
 
 

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+import pandas as pd
 import torch
 from joblib import Parallel, delayed
 
-from oof import (Folds, PredictionTable, RunPaths, StackerError, load_folds, make_folds, validate_oof,
-                 read_json, validate_test, write_folds, write_json, write_table, __version__)
+from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, atomic_path, load_folds,
+                 make_folds, read_json, validate_oof, validate_test, write_folds, write_json, write_table)
 
 from .augment import PLAIN, tta_views
 from .cache import ImageCache, build_cache, load_cache
 from .config import FoldsConfig, ModelSpec, TTAConfig
 from .dataset import DataConfig, DatasetSpec, resolve_dataset
-from .models import model_norm, resolve_device
+from .models import check_sizes, model_norm, resolve_device
 from .predict import accuracy, combine_tta, log_loss, predict_views
-from .train import is_trained, load_fold_model, train_fold
+from .train import Target, build_model, is_trained, load_fold_model, train_fold
 
 
 @dataclass
@@ -33,9 +34,9 @@ class Job:
     fold: int
 
 
-def cache_size(specs: list[ModelSpec], tta: TTAConfig) -> tuple[int, int]:
-    """The one cache size every job can use: the largest height and width asked for."""
-    sizes = [s.train.size for s in specs] + ([tta.size] if tta.size else [])
+def cache_size(specs: list[ModelSpec]) -> tuple[int, int]:
+    """The one cache size every job can use: the largest height and width any phase or prediction asks for."""
+    sizes = [p.size for s in specs for p in s.train.schedule] + [s.train.prediction_size for s in specs]
     return max(h for h, _ in sizes), max(w for _, w in sizes)
 
 
@@ -45,6 +46,9 @@ def prepare_run(paths: RunPaths, data: DataConfig, folds_cfg: FoldsConfig, size,
     spec = resolve_dataset(data)
     log(f"dataset: {len(spec.train)} train images in {len(spec.classes)} classes, {len(spec.test)} test images")
     folds = _folds_for(paths, spec, folds_cfg, force, log)
+    columns = spec.train.drop(columns=["path", "label"])
+    with atomic_path(paths.targets) as tmp:
+        columns.to_parquet(tmp, index=False)
     workers = data.decode_workers
     build_cache(paths.cache, "train", spec.train["id"], spec.train["path"], size, data.resize, workers,
                 data.check_all_images, log)
@@ -67,8 +71,58 @@ def _folds_for(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig, force: bool
     return made
 
 
-def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, force: bool = False, parallel: int = 1,
-               log=print) -> None:
+def load_targets(paths: RunPaths, folds: Folds, extra: list[str]) -> list[Target]:
+    """The main target from the folds, then each extra target column, rows in folds order."""
+    targets = [Target(None, folds.classes, folds.y)]
+    if not extra:
+        return targets
+    table = _train_columns(paths, folds)
+    for name in extra:
+        if name not in table.columns:
+            raise StackerError(f"{paths.targets}: no column {name!r} (data.extra_targets); rerun train-base")
+        values = table[name].astype(str)
+        classes = tuple(sorted(values.unique()))
+        targets.append(Target(name, classes, values.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)))
+    return targets
+
+
+def load_row_weights(paths: RunPaths, folds: Folds, spec: ModelSpec) -> np.ndarray | None:
+    """The sampling weight column a model names, checked: numbers, finite, >= 0, some > 0."""
+    column = spec.train.sampling.weights
+    if column in ("uniform", "class_balanced"):
+        return None
+    table = _train_columns(paths, folds)
+    if column not in table.columns:
+        raise StackerError(f"{spec.name}: train.sampling.weights {column!r} is neither uniform, class_balanced "
+                           f"nor a train CSV column ({sorted(table.columns.drop('id'))})")
+    w = pd.to_numeric(table[column], errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any() or not (w > 0).any():
+        first = table["id"].to_numpy()[bad][:5].tolist() if bad.any() else "all zero"
+        raise StackerError(f"{paths.targets}: weight column {column!r} must hold finite numbers >= 0, "
+                           f"not all zero; first bad ids {first}")
+    return w
+
+
+def _train_columns(paths: RunPaths, folds: Folds) -> pd.DataFrame:
+    table = pd.read_parquet(paths.targets).astype({"id": str}).set_index("id", drop=False)
+    return table.loc[folds.ids].reset_index(drop=True)
+
+
+def check_models(specs: list[ModelSpec], targets: list[Target], log=print) -> None:
+    """Build each model once on the CPU (loading its pretrained file) and try every size it will see.
+
+    Runs before any training, so a bad weights file or a size a ViT cannot take
+    fails in seconds instead of after the first fold.
+    """
+    for spec in specs:
+        model = build_model(spec, targets)
+        sizes = [p.size for p in spec.train.schedule] + [spec.train.prediction_size]
+        check_sizes(model, sizes, spec.name)
+
+
+def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, extra_targets=(), force: bool = False,
+               parallel: int = 1, log=print) -> None:
     """Train every (model, fold) job not yet finished (all of them with `force`)."""
     jobs = [Job(s, k) for s in specs for k in range(folds.k)]
     todo = [j for j in jobs if force or not is_trained(paths, j.model.name, j.fold)]
@@ -76,18 +130,24 @@ def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, force: boo
         if j not in todo:
             _check_same_recipe(paths, j)
     log(f"train-base: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run")
+    if not todo:
+        return
+    targets = load_targets(paths, folds, list(extra_targets))
+    check_models([s for s in specs if any(j.model is s for j in todo)], targets, log)
     if force:
         for j in todo:
             paths.checkpoint(j.model.name, j.fold).unlink(missing_ok=True)
     if parallel > 1:
-        Parallel(n_jobs=parallel)(delayed(_run_job)(paths, j, folds, i % parallel, log) for i, j in enumerate(todo))
+        Parallel(n_jobs=parallel)(delayed(_run_job)(paths, j, folds, targets, i % parallel, log)
+                                  for i, j in enumerate(todo))
         return
     loaded = {}
     for job in todo:
         device = resolve_device(job.model.train.device)
         if device not in loaded:  # the cache is loaded once per device, shared by the jobs
-            loaded = {device: _train_tensors(paths, folds, device)}
-        train_fold(job.model, job.fold, *loaded[device], folds, paths, log)
+            loaded = {device: _train_images(paths, folds, device)}
+        train_fold(job.model, job.fold, loaded[device], targets, folds, paths,
+                   load_row_weights(paths, folds, job.model), log)
 
 
 def _check_same_recipe(paths: RunPaths, job: Job) -> None:
@@ -101,18 +161,18 @@ def _check_same_recipe(paths: RunPaths, job: Job) -> None:
                            "or pass --force to train it again")
 
 
-def _run_job(paths: RunPaths, job: Job, folds: Folds, slot: int, log) -> None:
+def _run_job(paths: RunPaths, job: Job, folds: Folds, targets, slot: int, log) -> None:
     device = resolve_device(job.model.train.device)
     if device.type == "cuda":
         device = torch.device("cuda", slot % torch.cuda.device_count())
-    train_fold(job.model, job.fold, *_train_tensors(paths, folds, device), folds, paths, log)
+    train_fold(job.model, job.fold, _train_images(paths, folds, device), targets, folds, paths,
+               load_row_weights(paths, folds, job.model), log)
 
 
-def _train_tensors(paths: RunPaths, folds: Folds, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _train_images(paths: RunPaths, folds: Folds, device) -> torch.Tensor:
     cache = load_cache(paths.cache, "train")
     _check_cache_rows(cache, folds.ids, paths)
-    images = cache.to_tensor(device)  # (N, H, W, 3) uint8
-    return images, torch.as_tensor(folds.y, device=device)
+    return cache.to_tensor(device)  # (N, H, W, 3) uint8
 
 
 def _check_cache_rows(cache: ImageCache, ids: np.ndarray, paths: RunPaths) -> None:
@@ -120,15 +180,16 @@ def _check_cache_rows(cache: ImageCache, ids: np.ndarray, paths: RunPaths) -> No
         raise StackerError(f"{paths.cache}: the image cache does not match {paths.folds}; rerun train-base")
 
 
-def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAConfig, force: bool = False,
-                log=print) -> dict[str, dict]:
+def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAConfig, extra_targets=(),
+                force: bool = False, log=print) -> dict[str, dict]:
     """Predict each model's OOF rows and the test set with TTA; write the tables.
 
     Returns:
-        Per model: OOF accuracy and log-loss with and without TTA.
+        Per model: OOF accuracy and log-loss with and without TTA (main target).
     """
     train, test = load_cache(paths.cache, "train"), load_cache(paths.cache, "test")
     _check_cache_rows(train, folds.ids, paths)
+    targets = load_targets(paths, folds, list(extra_targets))
     metrics = {}
     for spec in specs:
         if paths.oof(spec.name).is_file() and paths.test(spec.name).is_file() and not force:
@@ -137,48 +198,52 @@ def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAC
         missing = [k for k in range(folds.k) if not is_trained(paths, spec.name, k)]
         if missing:
             raise StackerError(f"{spec.name}: folds {missing} are not trained yet; run train-base first")
-        metrics[spec.name] = _predict_model(paths, spec, folds, tta, train, test, log)
+        metrics[spec.name] = _predict_model(paths, spec, folds, targets, tta, train, test, log)
     return metrics
 
 
-def _predict_model(paths, spec, folds, tta, train: ImageCache, test: ImageCache, log) -> dict:
+def _predict_model(paths, spec, folds: Folds, targets, tta, train: ImageCache, test: ImageCache, log) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(spec.train.device)
-    size = tta.size or spec.train.size
-    views = [PLAIN, *tta_views(tta.n)]
+    size, views = spec.train.prediction_size, [PLAIN, *tta_views(tta.n)]
     train_images, test_images = train.to_tensor(device), test.to_tensor(device)
-    n, c = len(folds.ids), len(folds.classes)
-    oof_plain, oof_tta = np.zeros((n, c)), np.zeros((n, c))
-    test_folds = []
+    n, n_test = len(folds.ids), len(test.ids)
+    plain = [np.zeros((n, len(t.classes))) for t in targets]  # per target (N, C_t): the main one for metrics
+    oof = [np.zeros((n, len(t.classes))) for t in targets]
+    test_sum = [np.zeros((n_test, len(t.classes))) for t in targets]
     meta = {"model": spec.name, "arch": spec.arch, "folds_sha256": folds.sha256, "version": __version__,
             "tta": {"n": tta.n, "combine": tta.combine, "beta": tta.beta, "size": list(size)}}
     for k in range(folds.k):
-        model = load_fold_model(paths, spec, k, c, device)
-        norm = model_norm(model)
-        rows = folds.valid_rows(k)
-        p = predict_views(model, train_images, rows, size, views, norm, tta.batch_size)  # (V, n_k, C)
-        oof_plain[rows], oof_tta[rows] = p[0], combine_tta(p[0], p[1:], tta.combine, tta.beta)
-        p = predict_views(model, test_images, np.arange(len(test.ids)), size, views, norm, tta.batch_size)
-        test_folds.append(combine_tta(p[0], p[1:], tta.combine, tta.beta) if len(test.ids) else np.zeros((0, c)))
-        write_table(paths.test_fold(spec.name, k),
-                    _checked_test(PredictionTable(test.ids, test_folds[-1], folds.classes, None, {**meta, "fold": k}),
-                                  test.ids))
-        log(f"  {spec.name} fold {k}: {len(rows)} OOF rows, {len(test.ids)} test rows")
-    oof = validate_oof(PredictionTable(folds.ids, oof_tta, folds.classes, folds.fold, meta), folds)
-    write_table(paths.oof(spec.name), oof)
-    mean = np.mean(test_folds, axis=0) if len(test.ids) else np.zeros((0, c))
-    write_table(paths.test(spec.name), _checked_test(PredictionTable(test.ids, mean, folds.classes, None, meta),
-                                                     test.ids))
-    y = folds.y
-    result = {"accuracy": accuracy(oof_tta, y), "log_loss": log_loss(oof_tta, y),
-              "accuracy_no_tta": accuracy(oof_plain, y), "log_loss_no_tta": log_loss(oof_plain, y),
+        model = load_fold_model(paths, spec, k, targets, device)
+        norm, rows = model_norm(model), folds.valid_rows(k)
+        for t, p in enumerate(predict_views(model, train_images, rows, size, views, norm, tta.batch_size)):
+            plain[t][rows], oof[t][rows] = p[0], combine_tta(p[0], p[1:], tta.combine, tta.beta)
+        test_preds = predict_views(model, test_images, np.arange(n_test), size, views, norm, tta.batch_size)
+        for t, target in enumerate(targets):
+            p = combine_tta(test_preds[t][0], test_preds[t][1:], tta.combine, tta.beta) if n_test else test_sum[t]
+            test_sum[t] += p
+            _write_test(paths.test_fold(spec.name, k, target.name), p, test.ids, target, {**meta, "fold": k})
+        log(f"  {spec.name} fold {k}: {len(rows)} OOF rows, {n_test} test rows")
+    for t, target in enumerate(targets):
+        fold_view = replace(folds, classes=target.classes,
+                            table=folds.table.assign(label=[target.classes[i] for i in target.y]))
+        write_table(paths.oof(spec.name, target.name),
+                    validate_oof(PredictionTable(folds.ids, oof[t], target.classes, folds.fold, meta), fold_view))
+        _write_test(paths.test(spec.name, target.name), test_sum[t] / folds.k, test.ids, target, meta)
+    return _report(paths, spec, folds.y, plain[0], oof[0], t0, log)
+
+
+def _write_test(path, proba, ids, target: Target, meta) -> None:
+    proba = proba.reshape(len(ids), len(target.classes))
+    table = PredictionTable(ids, proba, target.classes, None, meta, str(path))
+    write_table(path, validate_test(table, ids, target.classes))
+
+
+def _report(paths, spec, y, plain, oof, t0, log) -> dict:
+    result = {"accuracy": accuracy(oof, y), "log_loss": log_loss(oof, y),
+              "accuracy_no_tta": accuracy(plain, y), "log_loss_no_tta": log_loss(plain, y),
               "seconds": time.perf_counter() - t0}
     write_json(paths.preds_dir(spec.name) / "metrics.json", result)
     log(f"predict-oof: {spec.name}  OOF accuracy {result['accuracy_no_tta']:.4f} -> {result['accuracy']:.4f} "
         f"with TTA, log-loss {result['log_loss_no_tta']:.4f} -> {result['log_loss']:.4f}")
     return result
-
-
-def _checked_test(table: PredictionTable, ids) -> PredictionTable:
-    table.proba = table.proba.reshape(len(ids), len(table.classes))
-    return validate_test(table, ids, table.classes)

@@ -6,7 +6,8 @@ import contextlib
 import numpy as np
 import torch
 
-from .augment import PLAIN, View, normalize, view_batch
+from .augment import View, normalize, view_batch
+from .models import logits_list
 
 
 def autocast(device: torch.device):
@@ -18,8 +19,8 @@ def autocast(device: torch.device):
 
 @torch.no_grad()
 def predict_views(model: torch.nn.Module, images: torch.Tensor, rows: np.ndarray, size, views: list[View],
-                  norm, batch_size: int) -> np.ndarray:
-    """Class probabilities of each view.
+                  norm, batch_size: int) -> list[np.ndarray]:
+    """Class probabilities of each view, for every target the model has.
 
     Args:
         model: a trained model (put in eval mode here).
@@ -31,11 +32,11 @@ def predict_views(model: torch.nn.Module, images: torch.Tensor, rows: np.ndarray
         batch_size: images per forward pass.
 
     Returns:
-        (V, len(rows), C) float64 softmax probabilities.
+        One array per target (main first): (V, len(rows), C_t) float64 softmax probabilities.
     """
     model.eval()
     device = images.device
-    out = []
+    out = []  # per batch: per target (V, B, C_t)
     for start in range(0, len(rows), batch_size):
         idx = torch.as_tensor(rows[start:start + batch_size], device=device)
         batch = images[idx]  # (B, H, W, 3) uint8
@@ -45,12 +46,11 @@ def predict_views(model: torch.nn.Module, images: torch.Tensor, rows: np.ndarray
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
-                logits = model(x)
-            per_view.append(torch.softmax(logits.float(), dim=1))
-        out.append(torch.stack(per_view).cpu())  # (V, B, C)
+                per_view.append([torch.softmax(z.float(), dim=1) for z in logits_list(model, x)])
+        out.append([torch.stack(t).cpu() for t in zip(*per_view)])
     if not out:
-        return np.zeros((len(views), 0, 0))
-    return torch.cat(out, dim=1).double().numpy()
+        return [np.zeros((len(views), 0, 0))]
+    return [torch.cat(t, dim=1).double().numpy() for t in zip(*out)]
 
 
 def combine_tta(plain: np.ndarray, augmented: np.ndarray, combine: str, beta: float) -> np.ndarray:

@@ -1,29 +1,74 @@
-"""Training one (model, fold) job: AdamW with a one-cycle schedule on cached images.
+"""Training one (model, fold) job on cached images: fastai's recipe with timm's pieces.
 
-The job reads the image cache and the folds, trains on the other K-1 folds and
-writes only its own files under `<run>/models/<model>/`:
+The job trains on every fold but its own and writes only its own files under
+`<run>/models/<model>/`:
 
-    fold<k>.safetensors       final weights (the last epoch)
-    fold<k>.history.json      per-epoch train loss, valid loss, error rate, lr, seconds
+    fold<k>.safetensors       final weights (the last epoch unless keep: best)
+    fold<k>.history.json      per-epoch phase, size, train/valid loss, error rate, lr, seconds
     fold<k>.checkpoint.pt     end-of-epoch state for resume; removed when the job finishes
+
+The schedule is a list of segments, each one AdamW + one-cycle: a frozen
+segment training the new heads alone when fine-tuning pretrained weights, then
+one segment per progressive-resizing phase. The model carries over between
+segments; nothing is reinitialised.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
+from timm.data import Mixup
+from timm.utils import ModelEmaV3
 
 from oof import Folds, RunPaths, atomic_path, read_json, write_json
 
 from .augment import PLAIN, normalize, train_batch
-from .config import ModelSpec, TrainConfig
-from .models import create_model, model_norm
+from .config import ModelSpec, SamplingConfig, TrainConfig
+from .models import backbone_parameters, create_model, head_parameters, logits_list, model_norm
 from .predict import accuracy, autocast, log_loss, predict_views
+
+
+@dataclass(frozen=True)
+class Target:
+    """A label the model learns: the main target first, then the extra ones.
+
+    Attributes:
+        name: None for the main target, else the CSV column.
+        classes: class names in output order.
+        y: (N,) class index of each train row, in folds order.
+    """
+
+    name: str | None
+    classes: tuple[str, ...]
+    y: np.ndarray
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One one-cycle of the schedule."""
+
+    size: tuple[int, int]
+    epochs: int
+    lr: float
+    frozen: bool
+    pct_start: float
+    phase: int  # progressive-resizing phase (the frozen segment counts as phase 0's)
+
+
+def segments(cfg: TrainConfig, fine_tune: bool) -> list[Segment]:
+    """The schedule: [frozen heads-only segment] + one segment per phase."""
+    phases = cfg.schedule
+    out = []
+    if fine_tune and cfg.freeze_epochs:
+        # fastai's fine_tune: the frozen epochs warm up over almost all their steps
+        out.append(Segment(phases[0].size, cfg.freeze_epochs, cfg.lr, True, 0.99, 0))
+    out += [Segment(p.size, p.epochs, cfg.lr * p.lr_factor, False, cfg.pct_start, i) for i, p in enumerate(phases)]
+    return out
 
 
 def is_trained(paths: RunPaths, model: str, fold: int) -> bool:
@@ -31,120 +76,261 @@ def is_trained(paths: RunPaths, model: str, fold: int) -> bool:
     return paths.history(model, fold).is_file() and paths.weights(model, fold).is_file()
 
 
-def train_fold(spec: ModelSpec, fold: int, images: torch.Tensor, y: torch.Tensor, folds: Folds,
-               paths: RunPaths, log=print) -> list[dict]:
-    """Train `spec` on every fold but `fold`; validate on `fold`; save the last epoch.
+def build_model(spec: ModelSpec, targets: list[Target], pretrained: bool = True) -> torch.nn.Module:
+    return create_model(spec.arch, len(targets[0].classes), spec.pretrained if pretrained else None,
+                        [len(t.classes) for t in targets[1:]], spec.model_kwargs)
+
+
+def train_fold(spec: ModelSpec, fold: int, images: torch.Tensor, targets: list[Target], folds: Folds,
+               paths: RunPaths, row_weights: np.ndarray | None = None, log=print) -> list[dict]:
+    """Train `spec` on every fold but `fold`, validate on `fold`, save the kept weights.
 
     Args:
         spec: the model and its training config.
         fold: held-out fold.
         images: the train cache, uint8 (N, H, W, 3), on the device to train on.
-        y: (N,) int64 class index per row, on the same device.
-        folds: the run's folds (rows in cache order).
+        targets: main target first, then extra targets; rows in folds order.
+        folds: the run's folds.
         paths: the run directory.
+        row_weights: (N,) sampling weight column, when `sampling.weights` names one.
 
     Returns:
         The per-epoch history.
     """
-    cfg = spec.train
-    device = images.device
+    cfg, device = spec.train, images.device
     torch.manual_seed(cfg.seed + fold)
-    model = create_model(spec.arch, len(folds.classes), spec.pretrained).to(device)
+    np.random.seed(cfg.seed + fold)  # timm's Mixup draws from numpy's global generator
+    model = build_model(spec, targets).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    norm = model_norm(model)
-    train_rows, valid_rows = folds.train_rows(fold), folds.valid_rows(fold)
-    steps_per_epoch = max(len(train_rows) // cfg.batch_size, 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = one_cycle(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    forward = _compiled(model, cfg, device, log)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    loss_weights = [1.0] + [cfg.target_weights.get(t.name, 1.0) for t in targets[1:]]
+    job = _Job(spec, fold, images, [torch.as_tensor(t.y, device=device) for t in targets], loss_weights, folds,
+               model_norm(model), _mixup(cfg, targets))
+    train_rows = folds.train_rows(fold)
+    sample_w = sampling_weights(cfg.sampling, targets[0].y[train_rows],
+                                None if row_weights is None else row_weights[train_rows])
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + fold)
-    history = _resume(paths.checkpoint(spec.name, fold), model, optimizer, scheduler, generator)
-    for epoch in range(len(history), cfg.epochs):
-        t0 = time.perf_counter()
-        order = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
-        train_loss = _train_epoch(model, images, y, order, steps_per_epoch, cfg, norm, optimizer, scheduler,
-                                  generator)
-        proba = predict_views(model, images, valid_rows, cfg.size, [PLAIN], norm, cfg.batch_size)[0]
-        y_valid = folds.y[valid_rows]
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "valid_loss": log_loss(proba, y_valid),
-                        "error_rate": 1.0 - accuracy(proba, y_valid), "lr": scheduler.get_last_lr()[0],
-                        "seconds": time.perf_counter() - t0})
-        if epoch + 1 < cfg.epochs:
-            _save_checkpoint(paths.checkpoint(spec.name, fold), model, optimizer, scheduler, generator, history)
-        log(_progress_line(spec.name, fold, cfg.epochs, history[-1]))
-    _save_result(paths, spec, fold, model, history)
+    state = _load_checkpoint(paths.checkpoint(spec.name, fold))
+    history, best = _restore(state, model, ema, generator)
+    steps = max(len(train_rows) // (cfg.batch_size * cfg.accum_steps), 1)
+    schedule = segments(cfg, spec.pretrained is not None)
+    total, first = sum(seg.epochs for seg in schedule), 0
+    for s, seg in enumerate(schedule):
+        last = first + seg.epochs
+        if len(history) < last:
+            optimizer, scheduler = _segment_optimizer(model, cfg, seg, spec.pretrained is not None, steps)
+            if state is not None and state["segment"] == s:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            for epoch in range(len(history), last):
+                t0 = time.perf_counter()
+                order = train_rows[epoch_order(len(train_rows), sample_w, generator)]
+                loss, seen = _train_epoch(job, forward, ema, order, steps, seg.size, optimizer, scheduler, generator)
+                record = _evaluate(job, ema.module if ema else model, seg, epoch, loss, seen, scheduler, t0)
+                history.append(record)
+                best = _track_best(best, record, ema.module if ema else model, cfg)
+                if len(history) < total:
+                    _save_checkpoint(paths.checkpoint(spec.name, fold), s, model, ema, optimizer, scheduler,
+                                     generator, history, best)
+                log(_progress_line(spec.name, fold, total, record))
+        first = last
+    _save_result(paths, spec, fold, ema.module if ema else model, history, best)
     return history
 
 
-def one_cycle(optimizer, cfg: TrainConfig, total_steps: int):
-    """fastai's fit_one_cycle: linear-cosine warm-up to lr over pct_start, cosine decay after.
+@dataclass
+class _Job:
+    spec: ModelSpec
+    fold: int
+    images: torch.Tensor
+    ys: list[torch.Tensor]  # (N,) class index per target, on the device
+    loss_weights: list[float]
+    folds: Folds
+    norm: tuple
+    mixup: Mixup | None
+
+
+def _compiled(model, cfg: TrainConfig, device, log):
+    if not cfg.compile:
+        return model
+    if device.type != "cuda":
+        log("  note: train.compile is ignored on CPU (torch.compile pays off on CUDA)")
+        return model
+    return torch.compile(model)
+
+
+def _mixup(cfg: TrainConfig, targets: list[Target]) -> Mixup | None:
+    if not (cfg.mixup_alpha or cfg.cutmix_alpha):
+        return None
+    from oof import StackerError
+
+    if len(targets) > 1:
+        raise StackerError("train.mixup_alpha/cutmix_alpha: not supported with extra targets "
+                           "(the extra labels would need the same mixing)")
+    return Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+                 label_smoothing=cfg.label_smoothing, num_classes=len(targets[0].classes))
+
+
+def sampling_weights(cfg: SamplingConfig, y_train: np.ndarray, column: np.ndarray | None) -> np.ndarray | None:
+    """Per training row sampling weight; None for uniform epochs (each row once).
+
+    class_balanced: a row weighs (its class count in the training rows) ** -power.
+    """
+    if cfg.weights == "uniform":
+        return None
+    if cfg.weights == "class_balanced":
+        counts = np.bincount(y_train)
+        return counts[y_train].astype(np.float64) ** -cfg.power
+    return np.asarray(column, dtype=np.float64)
+
+
+def epoch_order(n: int, weights: np.ndarray | None, generator: torch.Generator) -> np.ndarray:
+    """Indices into the training rows for one epoch of n draws.
+
+    Uniform: a permutation. Weighted: n draws with replacement, as fastai's WeightedDL.
+    """
+    if weights is None:
+        return torch.randperm(n, generator=generator).numpy()
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    return torch.multinomial(w, n, replacement=True, generator=generator).numpy()
+
+
+def one_cycle(optimizer, max_lr, total_steps: int, pct_start: float, div: float, div_final: float):
+    """fastai's fit_one_cycle: cosine warm-up to max_lr over pct_start, cosine decay after.
 
     Momentum (AdamW's beta1) cycles 0.95 -> 0.85 -> 0.95, as in fastai.
     """
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.pct_start, anneal_strategy="cos",
-        div_factor=cfg.div, final_div_factor=cfg.div_final, base_momentum=0.85, max_momentum=0.95)
+        optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, anneal_strategy="cos",
+        div_factor=div, final_div_factor=div_final, base_momentum=0.85, max_momentum=0.95)
 
 
-def _train_epoch(model, images, y, order, steps, cfg, norm, optimizer, scheduler, generator) -> float:
-    model.train()
-    device = images.device
-    total = torch.zeros((), device=device)
+def _segment_optimizer(model, cfg: TrainConfig, seg: Segment, fine_tune: bool, steps: int):
+    """AdamW over what the segment trains, with its one-cycle; frozen weights get no gradient."""
+    head, body = head_parameters(model), backbone_parameters(model)
+    for p in body:
+        p.requires_grad_(not seg.frozen)
+    if seg.frozen:
+        groups, peaks = [{"params": head}], [seg.lr]
+    else:
+        body_lr = seg.lr / cfg.lr_mult if fine_tune else seg.lr
+        groups, peaks = [{"params": body}, {"params": head}], [body_lr, seg.lr]
+    optimizer = torch.optim.AdamW(groups, lr=seg.lr, weight_decay=cfg.weight_decay)
+    return optimizer, one_cycle(optimizer, peaks, steps * seg.epochs, seg.pct_start, cfg.div, cfg.div_final)
+
+
+def _train_epoch(job: _Job, forward, ema, order, steps, size, optimizer, scheduler, generator):
+    """One epoch; returns the mean train loss and the (h, w) the model was fed."""
+    cfg, device = job.spec.train, job.images.device
+    forward.train()
+    total, micro = torch.zeros((), device=device), steps * cfg.accum_steps
+    seen = None
     # The last partial batch is dropped (as fastai does when shuffling): every step
     # has the same shape, and BatchNorm never sees a batch of one.
-    for step in range(steps):
-        idx = torch.as_tensor(order[step * cfg.batch_size:(step + 1) * cfg.batch_size], device=device)
-        x = normalize(train_batch(images[idx], cfg.size, cfg.augment, generator), *norm)  # (B, 3, h, w)
+    for i in range(micro):
+        idx = torch.as_tensor(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], device=device)
+        x = normalize(train_batch(job.images[idx], size, cfg.augment, generator), *job.norm)  # (B, 3, h, w)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
+        seen = tuple(x.shape[-2:])
         with autocast(device):
-            loss = F.cross_entropy(model(x).float(), y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+            loss = _loss(forward, x, [y[idx] for y in job.ys], job.loss_weights, cfg, job.mixup)
+        (loss / cfg.accum_steps).backward()
+        if (i + 1) % cfg.accum_steps == 0:
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(forward.parameters(), cfg.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.update(forward)
         total += loss.detach()
-    return float(total) / steps
+    return float(total) / micro, seen
 
 
-def _progress_line(name: str, fold: int, epochs: int, h: dict) -> str:
-    return (f"  {name} fold {fold} epoch {h['epoch']:>2}/{epochs}  train_loss {h['train_loss']:.4f}  "
-            f"valid_loss {h['valid_loss']:.4f}  error_rate {h['error_rate']:.4f}  {h['seconds']:.1f}s")
+def _loss(model, x, ys, weights, cfg: TrainConfig, mixup) -> torch.Tensor:
+    if mixup is not None:
+        x, soft = mixup(x, ys[0])  # soft targets (B, C), label smoothing included
+        logits = logits_list(model, x)[0].float()
+        return -(soft * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    logits = logits_list(model, x)
+    return sum(w * F.cross_entropy(z.float(), y, label_smoothing=cfg.label_smoothing)
+               for w, z, y in zip(weights, logits, ys))
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, history) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+def _evaluate(job: _Job, model, seg: Segment, epoch, train_loss, seen, scheduler, t0) -> dict:
+    valid_rows = job.folds.valid_rows(job.fold)
+    proba = predict_views(model, job.images, valid_rows, seg.size, [PLAIN], job.norm, job.spec.train.batch_size)[0][0]
+    y_valid = job.folds.y[valid_rows]
+    return {"epoch": epoch + 1, "phase": seg.phase, "frozen": seg.frozen, "size": list(seen),
+            "train_loss": train_loss, "valid_loss": log_loss(proba, y_valid),
+            "error_rate": 1.0 - accuracy(proba, y_valid), "lr": scheduler.get_last_lr()[-1],
+            "seconds": time.perf_counter() - t0}
+
+
+def _track_best(best: dict | None, record: dict, model, cfg: TrainConfig) -> dict | None:
+    if cfg.keep != "best":
+        return None
+    value = record[cfg.keep_metric]
+    if best is None or value < best["value"]:
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return {"epoch": record["epoch"], "value": value, "state": state}
+    return best
+
+
+def _progress_line(name: str, fold: int, total: int, h: dict) -> str:
+    tag = " frozen" if h["frozen"] else ""
+    return (f"  {name} fold {fold} epoch {h['epoch']:>2}/{total}  {h['size'][0]}x{h['size'][1]}{tag}  "
+            f"train_loss {h['train_loss']:.4f}  valid_loss {h['valid_loss']:.4f}  "
+            f"error_rate {h['error_rate']:.4f}  {h['seconds']:.1f}s")
+
+
+def _save_checkpoint(path: Path, segment: int, model, ema, optimizer, scheduler, generator, history, best) -> None:
+    state = {"segment": segment, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-             "cpu_rng": torch.get_rng_state(), "history": history}
+             "cpu_rng": torch.get_rng_state(), "history": history,
+             "ema": ema.module.state_dict() if ema else None, "best": best}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _resume(path: Path, model, optimizer, scheduler, generator) -> list[dict]:
-    """Load an interrupted job's last finished epoch; an empty history when there is none."""
+def _load_checkpoint(path: Path) -> dict | None:
     if not path.is_file():
-        return []
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _restore(state, model, ema, generator) -> tuple[list[dict], dict | None]:
+    """Put an interrupted job back at its last finished epoch; ([], None) when there is none."""
+    if state is None:
+        return [], None
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and state["ema"] is not None:
+        ema.module.load_state_dict(state["ema"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["cpu_rng"])
-    return list(state["history"])
+    return list(state["history"]), state["best"]
 
 
-def _save_result(paths: RunPaths, spec: ModelSpec, fold: int, model, history) -> None:
+def _save_result(paths: RunPaths, spec: ModelSpec, fold: int, model, history, best) -> None:
+    kept = history[-1]["epoch"]
+    if best is not None:
+        model.load_state_dict(best["state"])
+        kept = best["epoch"]
     with atomic_path(paths.weights(spec.name, fold)) as tmp:
         save_model(model, str(tmp))
-    record = {"model": spec.name, "arch": spec.arch, "fold": fold, "train": asdict(spec.train),
+    record = {"model": spec.name, "arch": spec.arch, "fold": fold, "pretrained": spec.pretrained,
+              "model_kwargs": spec.model_kwargs, "train": asdict(spec.train), "kept_epoch": kept,
               "epochs": history}
     write_json(paths.history(spec.name, fold), record)
     paths.checkpoint(spec.name, fold).unlink(missing_ok=True)
 
 
-def load_fold_model(paths: RunPaths, spec: ModelSpec, fold: int, num_classes: int, device) -> torch.nn.Module:
-    """A trained fold model, weights from safetensors (no pickle)."""
-    model = create_model(spec.arch, num_classes)
+def load_fold_model(paths: RunPaths, spec: ModelSpec, fold: int, targets: list[Target], device) -> torch.nn.Module:
+    """A trained fold model, weights from safetensors (no pickle, no pretrained file needed)."""
+    model = build_model(spec, targets, pretrained=False)
     load_model(model, str(paths.weights(spec.name, fold)))
     model = model.to(device)
     if device.type == "cuda":

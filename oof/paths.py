@@ -2,6 +2,7 @@
 
     <run>/run.yaml                      resolved config
     <run>/folds.parquet                 id, label, fold (+ K, seed, classes, sha256)
+    <run>/targets.parquet               id + the train CSV's other columns (extra targets, weights)
     <run>/cache/                        decoded uint8 images + index
     <run>/models/<model>/fold<k>.*      weights, history, resume checkpoint
     <run>/preds/<model>/oof.parquet     OOF probabilities
@@ -45,6 +46,11 @@ class RunPaths:
     @property
     def folds(self) -> Path:
         return self.root / "folds.parquet"
+
+    @property
+    def targets(self) -> Path:
+        """Extra train columns (extra targets, weight columns) by id, beside folds.parquet."""
+        return self.root / "targets.parquet"
 
     @property
     def cache(self) -> Path:

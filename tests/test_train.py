@@ -40,7 +40,7 @@ def test_one_cycle_follows_warmup_then_cosine(step, expected):
     cfg = TrainConfig(lr=1e-2, pct_start=0.25, div=25, div_final=1e5)
     opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=cfg.lr)
     # torch's OneCycleLR puts the peak at step pct_start * total - 1 and the end at total - 1
-    sched = one_cycle(opt, cfg, total_steps=100)
+    sched = one_cycle(opt, cfg.lr, 100, cfg.pct_start, cfg.div, cfg.div_final)
     for _ in range(step):
         opt.step()
         sched.step()
