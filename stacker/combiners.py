@@ -152,13 +152,14 @@ class LogRegLogits(Combiner):
     """Multinomial logistic regression (L2, lbfgs) on every model's centred log-probabilities.
 
     C x (M*C) weights: with many models this can fit OOF noise, which the guard
-    measures; `c` is the inverse regularisation strength.
+    measures. `alpha` is the L2 strength per row (scikit-learn's C = 1 / (alpha * N)),
+    so the same value means the same prior on 400 rows and on 10,000.
     """
 
     name = "logreg"
 
-    def __init__(self, c: float = 0.1, max_iter: int = 300):
-        self.c = c
+    def __init__(self, alpha: float = 0.1, max_iter: int = 300):
+        self.alpha = alpha
         self.max_iter = max_iter
 
     def fit(self, X, y):
@@ -167,7 +168,7 @@ class LogRegLogits(Combiner):
 
         super().fit(X, y)
         self.n_classes_ = X.shape[2]
-        self.model_ = LogisticRegression(C=self.c, max_iter=self.max_iter, tol=1e-4)
+        self.model_ = LogisticRegression(C=1.0 / (self.alpha * len(y)), max_iter=self.max_iter, tol=1e-4)
         with warnings.catch_warnings():
             # A capped lbfgs is regularisation too; the guard scores what it gives.
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -207,7 +208,7 @@ def make_combiner(name: str, config: StackConfig, metric: Metric, seed: int,
     if name == "ensemble_selection":
         return EnsembleSelection(config.es_steps, config.es_init)
     if name == "logreg":
-        return LogRegLogits(config.logreg_c, config.logreg_max_iter)
+        return LogRegLogits(config.logreg_alpha, config.logreg_max_iter)
     if name == "lgbm_wide":
         return LGBMWide(config, seed, models, classes)
     if name == "lgbm_class_shared":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -146,10 +145,11 @@ def nested_estimate(y, fold, preds: dict, metric: Metric, config: StackConfig) -
 def run_guard(X, y, fold, config: StackConfig, metric: Metric, models=(), classes=(), log=print):
     """Meta-level OOF for every candidate, the decision, and the nested estimate.
 
-    Fits run in `config.threads` threads, each single-threaded (LightGBM and
-    BLAS): many small fits scale better across fits than within one, and on a
-    busy CPU OpenMP's spinning threads and BLAS's fight each other. Every fit has
-    its own seed (`fit_seed`), so the order in which threads finish changes nothing.
+    Fits run one after another: LightGBM is not safe to train and predict in
+    several Python threads at once (seen here: std::bad_alloc and a segfault
+    when one thread built a Dataset while another predicted), so the parallelism
+    is OpenMP's inside each booster (`config.n_jobs`). Every fit has its own
+    seed (`fit_seed`), so its result does not depend on the order of work.
 
     Returns:
         (decision, oof, timings): `decide`'s dict plus "nested" (None when off or
@@ -159,17 +159,13 @@ def run_guard(X, y, fold, config: StackConfig, metric: Metric, models=(), classe
     k = int(fold.max()) + 1
     nested = config.nested and k >= 3
     keys = held_out_keys(k, nested)
-    tasks = [(name, key) for name in reversed(config.candidates) for key in keys]  # slowest first
-    with ThreadPoolExecutor(config.threads) as pool:
-        futures = [pool.submit(fit_held_out, X, y, fold, name, key, config, metric, models, classes)
-                   for name, key in tasks]
-        done = [f.result() for f in futures]
     preds = {name: {} for name in config.candidates}
     timings = dict.fromkeys(config.candidates, 0.0)
-    for (name, key), (proba, seconds) in zip(tasks, done):
-        preds[name][key] = proba
-        timings[name] += seconds
-    log("  " + ", ".join(f"{n} {timings[n]:.1f} s" for n in config.candidates) + f" ({len(keys)} fits each)")
+    for name in config.candidates:
+        for key in keys:
+            preds[name][key], seconds = fit_held_out(X, y, fold, name, key, config, metric, models, classes)
+            timings[name] += seconds
+        log(f"  {name:<20} {len(keys):>3} fits {timings[name]:7.1f} s")
     oof = {name: assemble(p, fold) for name, p in preds.items()}
     decision = decide(y, oof, metric, config, seed=[config.seed, 7])
     decision["nested"] = nested_estimate(y, fold, preds, metric, config) if nested else None

@@ -62,7 +62,9 @@ class StackGuard:
         metric = Metric(config.metric, len(self.classes_))
         log(f"fit-stack: {len(self.models_)} models, {len(self.classes_)} classes, {len(y)} rows, "
             f"{folds.k} folds; metric {config.metric}")
-        with threadpool_limits(limits=1, user_api="blas"):  # parallel fits, not parallel BLAS
+        # One BLAS thread: OpenBLAS threads spinning after a logistic-regression fit
+        # slowed the next LightGBM fit's OpenMP threads 3x on the 2-core bench machine.
+        with threadpool_limits(limits=1, user_api="blas"):
             decision, self.oof_, self.timings_ = run_guard(
                 X_used, y, folds.fold, config, metric, self.models_, self.classes_, log)
             self.combiner_ = make_combiner(decision["chosen"], config, metric, fit_seed(config.seed, ()),
