@@ -212,5 +212,5 @@ def make_combiner(name: str, config: StackConfig, metric: Metric, seed: int,
     if name == "lgbm_wide":
         return LGBMWide(config, seed, models, classes)
     if name == "lgbm_class_shared":
-        return LGBMClassShared(config, seed, models)
+        return LGBMClassShared(config, seed, models, classes)
     raise ValueError(f"unknown candidate {name!r}")  # the config validated the vocabulary

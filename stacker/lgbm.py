@@ -72,10 +72,10 @@ def train_booster(params: dict, X, y, config: StackConfig, seed: int,
     return booster
 
 
-class LGBMWide(Combiner):
-    """Multiclass booster over M*C features `<model>:<class>` (each model's probability of each class)."""
+class _Booster(Combiner):
+    """A LightGBM meta-model; subclasses give the objective, the feature rows and the target."""
 
-    name = "lgbm_wide"
+    features = ""  # what a feature row holds, for the saved state
 
     def __init__(self, config: StackConfig, seed: int = 0, models=(), classes=()):
         self.config = config
@@ -86,23 +86,46 @@ class LGBMWide(Combiner):
     def fit(self, X, y):
         super().fit(X, y)
         n, m, c = X.shape
-        params = {**lgbm_params(self.config, self.seed), "objective": "multiclass", "num_class": c}
-        names = [f"{a}:{b}" for a in self.models for b in self.classes] or None
-        self.booster_ = train_booster(params, X.reshape(n, m * c), y, self.config, self.seed, names=names)
+        params = {**lgbm_params(self.config, self.seed), **self._objective(m, c)}
+        rows = self._rows(X)  # len(rows) // n feature rows per image, kept together by the inner split
+        self.booster_ = train_booster(params, rows, self._target(y, c), self.config, self.seed,
+                                      groups=len(rows) // n, names=self._names())
         self.best_iteration_ = self.booster_.best_iteration or self.booster_.current_iteration()
         return self
 
-    def predict_proba(self, X):
-        return self.booster_.predict(X.reshape(len(X), -1), num_iteration=self.best_iteration_)
+    def _score(self, X) -> np.ndarray:
+        return self.booster_.predict(self._rows(X), num_iteration=self.best_iteration_)
 
     def state(self):
-        return {"best_iteration": self.best_iteration_, "features": "probability, model-major: m*C + c"}
+        return {"best_iteration": self.best_iteration_, "features": self.features}
 
     def booster_text(self):
         return self.booster_.model_to_string(num_iteration=self.best_iteration_)
 
 
-class LGBMClassShared(Combiner):
+class LGBMWide(_Booster):
+    """Multiclass booster over M*C features `<model>:<class>` (each model's probability of each class)."""
+
+    name = "lgbm_wide"
+    features = "probability of model m for class c at column m*C + c"
+
+    def _objective(self, m, c):
+        return {"objective": "multiclass", "num_class": c}
+
+    def _rows(self, X):
+        return X.reshape(len(X), -1)  # (N, M*C)
+
+    def _target(self, y, c):
+        return y
+
+    def _names(self):
+        return [f"{a}:{b}" for a in self.models for b in self.classes] or None
+
+    def predict_proba(self, X):
+        return self._score(X)
+
+
+class LGBMClassShared(_Booster):
     """One binary booster over (row, class) pairs, then renormalised over classes per row.
 
     A pair's features are each model's probability of that class (M features,
@@ -113,32 +136,22 @@ class LGBMClassShared(Combiner):
     """
 
     name = "lgbm_class_shared"
+    features = "probability of model m for the pair's class at column m"
 
-    def __init__(self, config: StackConfig, seed: int = 0, models=()):
-        self.config = config
-        self.seed = seed
-        self.models = models
+    def _objective(self, m, c):
+        return {"objective": "binary", "monotone_constraints": [1] * m}
 
-    def fit(self, X, y):
-        super().fit(X, y)
-        n, m, c = X.shape
-        params = {**lgbm_params(self.config, self.seed), "objective": "binary",
-                  "monotone_constraints": [1] * m}
-        target = (np.arange(c)[None, :] == y[:, None]).ravel().astype(np.float64)  # (N*C,)
-        self.booster_ = train_booster(params, _pairs(X), target, self.config, self.seed,
-                                      groups=c, names=list(self.models) or None)
-        self.best_iteration_ = self.booster_.best_iteration or self.booster_.current_iteration()
-        return self
+    def _rows(self, X):
+        return _pairs(X)  # (N*C, M)
+
+    def _target(self, y, c):
+        return (np.arange(c)[None, :] == y[:, None]).ravel().astype(np.float64)  # (N*C,)
+
+    def _names(self):
+        return list(self.models) or None
 
     def predict_proba(self, X):
-        score = self.booster_.predict(_pairs(X), num_iteration=self.best_iteration_)
-        return normalise_rows(score.reshape(len(X), -1))  # (N, C)
-
-    def state(self):
-        return {"best_iteration": self.best_iteration_, "features": "each model's probability of the pair's class"}
-
-    def booster_text(self):
-        return self.booster_.model_to_string(num_iteration=self.best_iteration_)
+        return normalise_rows(self._score(X).reshape(len(X), -1))  # (N, C)
 
 
 def _pairs(X: np.ndarray) -> np.ndarray:

@@ -52,10 +52,7 @@ class StackGuard:
         names, y = list(tables), folds.y
         X = meta_features(tables)  # (N, M, C)
         suspicious = suspicious_models(y, X, names)
-        excluded = {} if config.allow_suspicious else suspicious
-        for name, why in suspicious.items():
-            action = "kept (allow_suspicious)" if config.allow_suspicious else "excluded; set stack.allow_suspicious: true to keep it"
-            log(f"warning: model {name!r} looks leaked: {why} -> {action}")
+        excluded = _exclude(suspicious, config.allow_suspicious, log)
         self.models_ = [m for m in names if m not in excluded]
         self.classes_ = tuple(folds.classes)
         X_used = X[:, [names.index(m) for m in self.models_]]
@@ -129,6 +126,14 @@ class StackGuard:
 
     def _predict(self, tables: dict[str, PredictionTable]) -> np.ndarray:
         return self.combiner_.predict_proba(meta_features(tables))
+
+
+def _exclude(suspicious: dict, allow: bool, log) -> dict:
+    """{model: reason} of the models to leave out, each announced with a warning."""
+    for name, why in suspicious.items():
+        action = "kept (allow_suspicious)" if allow else "excluded; set stack.allow_suspicious: true to keep it"
+        log(f"warning: model {name!r} looks leaked: {why} -> {action}")
+    return {} if allow else dict(suspicious)
 
 
 def _model_scores(y, X, names, metric: Metric, suspicious: dict, excluded: dict) -> dict:

@@ -132,7 +132,8 @@ def _duplicate_oof_row(paths, folds):
     (_duplicate_oof_row, {}, r"weak/oof\.csv: duplicate ids, first 'r"),
     (None, {"models": ["strong", "absent"]}, r"absent/oof\.parquet: prediction table not found"),
     (None, {"models": ["bad name!"]}, r"model name 'bad name!' is not allowed"),
-    (None, {"config": fast_config(test_features="per_fold")}, r"middle/test_fold0\.parquet: prediction table not found"),
+    (None, {"config": fast_config(test_features="per_fold")},
+     r"middle/test_fold0\.parquet: prediction table not found"),
 ])
 def test_fit_stack_input_errors(run, breakage, kwargs, message):
     root, folds, _ = run
@@ -162,8 +163,8 @@ def test_per_fold_test_features_read_each_fold_models_table(run):
             write_table(paths.test_fold(m, k), PredictionTable(np.array(test_ids, dtype=object), proba, folds.classes))
     decision = fit_stack(root, fast_config(candidates=["mean"], test_features="per_fold"), log=None)
     stack_test = read_table(paths.stack / "test.parquet", folds.classes, "test")
-    fold_tables = [[read_table(paths.test_fold(m, k), folds.classes, "test").proba for m in ("middle", "strong", "weak")]
-                   for k in range(folds.k)]
+    fold_tables = [[read_table(paths.test_fold(m, k), folds.classes, "test").proba
+                    for m in ("middle", "strong", "weak")] for k in range(folds.k)]
     np.testing.assert_allclose(stack_test.proba, np.mean(fold_tables, axis=(0, 1)), atol=1e-12)
     assert decision["test_features"] == "per_fold"
 
