@@ -75,6 +75,7 @@ def main(argv=None) -> float:
     parser.add_argument("--models", type=int, default=35)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--n-jobs", type=int, default=StackConfig.n_jobs, help="stack.n_jobs")
+    parser.add_argument("--metric", default=StackConfig.metric, help="stack.metric")
     parser.add_argument("--keep", type=Path, help="write the run here instead of a temporary directory")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,9 +84,10 @@ def main(argv=None) -> float:
         make_run(root, args.rows, args.models, args.classes)
         made = time.perf_counter() - start
         start = time.perf_counter()
-        decision = fit_stack(root, StackConfig(n_jobs=args.n_jobs), force=True)
+        decision = fit_stack(root, StackConfig(metric=args.metric, n_jobs=args.n_jobs), force=True)
         seconds = time.perf_counter() - start
-    print(f"bench: {args.rows} rows x {args.models} models x {args.classes} classes; tables written in "
+    print(f"bench: {args.rows} rows x {args.models} models x {args.classes} classes, metric {args.metric}; "
+          f"tables written in "
           f"{made:.1f} s; fit_stack (full guard, nested) {seconds:.1f} s; chosen {decision['chosen']}")
     return seconds
 

@@ -6,10 +6,13 @@ as a metric is `neg_log_loss`); `log_loss` itself is reported as a loss.
 The bootstrap resamples rows once and scores every candidate on the same
 resamples (paired), as row-count weights: (B, N) counts, one row per resample.
 Accuracy and log-loss are means over rows, so a resample's score is one matrix
-product; label metrics (balanced accuracy, F1, ...) depend on the confusion
-matrix only, so each resample scores the C*C confusion cells with their counts
-as sample weights; other probability metrics (ROC AUC, ...) score all rows per
-resample and are the slow case (seconds per candidate at 10,000 rows).
+product. Label metrics depend on the confusion matrix only: the (B, C, C)
+confusion matrices of all resamples are one sparse product, and the common ones
+(balanced accuracy, MCC, F1 / precision / recall / Jaccard with macro, micro,
+weighted or binary averaging) are computed from them in numpy, checked against
+scikit-learn in the tests; other label metrics call scikit-learn once per
+resample on the C*C cells (about 1 ms each). Other probability metrics (ROC
+AUC, ...) score all rows per resample: the slow case, seconds per candidate.
 """
 from __future__ import annotations
 
@@ -98,28 +101,33 @@ class Metric:
                 rows = np.stack([self.rows(y, p) for p in probas], axis=1)  # (N, K)
                 return (counts @ rows.astype(np.float32)).astype(np.float64) / len(y)
             if self.uses_labels:
-                return np.stack([self._bootstrap_cells(y, p, counts) for p in probas], axis=1)
+                return np.stack([self._bootstrap_labels(y, p.argmax(axis=1), counts) for p in probas], axis=1)
             return np.array([[self._call(y, p, w) for p in probas] for w in counts])
 
-    def _bootstrap_cells(self, y, proba, counts) -> np.ndarray:
-        # Label metrics depend on (true, predicted) pairs only: score the confusion cells.
+    def _bootstrap_labels(self, y, pred, counts) -> np.ndarray:
+        """(B,) scores of predicted labels (N,) from each resample's confusion cells."""
         c = self.n_classes
-        cell = y * c + proba.argmax(axis=1)  # (N,)
-        cells, index = np.unique(cell, return_inverse=True)
+        cells, index = np.unique(y * c + pred, return_inverse=True)  # the (true, predicted) pairs seen
         onehot = sparse.csr_matrix((np.ones(len(y)), (np.arange(len(y)), index)), shape=(len(y), len(cells)))
-        weights = np.asarray(counts @ onehot)  # (B, n_cells)
-        true, pred = cells // c, np.eye(c)[cells % c]
-        return np.array([self._call(true, pred, w) for w in weights])
+        weights = np.asarray(counts @ onehot, dtype=np.float64)  # (B, n_cells) rows per pair per resample
+        if self.name in CONFUSION_METRICS:
+            confusion = np.zeros((len(counts), c * c))
+            confusion[:, cells] = weights
+            return confusion_score(self.name, confusion.reshape(-1, c, c))
+        true, onehot_pred = cells // c, np.eye(c)[cells % c]
+        return np.array([self._call(true, onehot_pred, w) for w in weights])
 
     def _call(self, y, proba, sample_weight=None) -> float:
         estimator = _Predictions(proba)
         estimator.classes_ = np.arange(self.n_classes)
         rows = np.arange(len(y))[:, None]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if sample_weight is None:
-                return float(self._scorer(estimator, rows, y))
-            return float(self._scorer(estimator, rows, y, sample_weight=sample_weight))
+        kwargs = {} if sample_weight is None else {"sample_weight": sample_weight}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return float(self._scorer(estimator, rows, y, **kwargs))
+        except ValueError as e:  # e.g. a class that no row of a fold or resample holds
+            raise StackerError(f"stack.metric: {self.name!r} failed on {len(y)} rows ({e})") from None
 
     def _probe(self) -> bool:
         # Score a tiny C-class example once, to learn whether the scorer reads labels.
@@ -136,6 +144,41 @@ class Metric:
         except Exception as e:  # scikit-learn raises many types for an unfit metric
             raise StackerError(f"stack.metric: {self.name!r} cannot score {c}-class predictions ({e})") from None
         return getattr(estimator, "response_", "label") == "label"
+
+
+CONFUSION_METRICS = ("balanced_accuracy", "matthews_corrcoef") + tuple(
+    f"{family}{average}" for family in ("f1", "precision", "recall", "jaccard")
+    for average in ("", "_macro", "_micro", "_weighted"))
+
+
+def confusion_score(name: str, confusion: np.ndarray) -> np.ndarray:
+    """(B,) scikit-learn's `name` from (B, C, C) confusion matrices (rows true, columns predicted).
+
+    As scikit-learn: averages run over the labels present in y_true or y_pred of
+    each resample, a zero division counts 0, plain "f1" etc. score class 1 of two.
+    """
+    tp = np.diagonal(confusion, axis1=1, axis2=2)  # (B, C)
+    true, pred = confusion.sum(axis=2), confusion.sum(axis=1)  # (B, C) rows of each true / predicted class
+    n = true.sum(axis=1)  # (B,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if name == "balanced_accuracy":
+            return np.nanmean(np.where(true > 0, tp / true, np.nan), axis=1)
+        if name == "matthews_corrcoef":
+            cov_tp = tp.sum(axis=1) * n - (true * pred).sum(axis=1)
+            denominator = np.sqrt((n ** 2 - (pred ** 2).sum(axis=1)) * (n ** 2 - (true ** 2).sum(axis=1)))
+            return np.where(denominator > 0, cov_tp / denominator, 0.0)
+        family, _, average = name.partition("_")
+        if average == "micro":  # single-label multiclass: micro precision = recall = F1 = accuracy
+            hits = tp.sum(axis=1)
+            return hits / (2 * n - hits) if family == "jaccard" else hits / n
+        denominator = {"precision": pred, "recall": true, "f1": (true + pred) / 2, "jaccard": true + pred - tp}[family]
+        per_class = np.where(denominator > 0, tp / denominator, 0.0)  # (B, C)
+    if average == "":
+        return per_class[:, 1]
+    if average == "weighted":
+        return (per_class * true).sum(axis=1) / n
+    present = (true + pred) > 0
+    return (per_class * present).sum(axis=1) / present.sum(axis=1)
 
 
 def bootstrap_counts(n_rows: int, n_bootstrap: int, seed) -> np.ndarray:

@@ -1,12 +1,14 @@
 """Candidates and scores: shapes, known answers, the bootstrap against a direct resample."""
+import warnings
+
 import numpy as np
 import pytest
-from sklearn.metrics import balanced_accuracy_score, f1_score
+from sklearn.metrics import get_scorer
 
 from stack_fixtures import fast_config, noisy_copy, pure_noise
 from stacker import CANDIDATES, EnsembleSelection, Metric, ensemble_selection, make_combiner
 from stacker.lgbm import feature_names
-from stacker.metrics import bootstrap_counts, log_loss
+from stacker.metrics import CONFUSION_METRICS, _Predictions, bootstrap_counts
 
 C = 10
 
@@ -72,25 +74,36 @@ def test_lgbm_feature_names_are_made_safe():
     assert feature_names(["a:b", "a_b"]) == ["f0_a_b", "f1_a_b"]
 
 
-@pytest.mark.parametrize("name, direct", [
-    ("accuracy", lambda y, p: (p.argmax(1) == y).mean()),
-    ("neg_log_loss", lambda y, p: -log_loss(y, p)),
-    ("balanced_accuracy", lambda y, p: balanced_accuracy_score(y, p.argmax(1))),
-    ("f1_macro", lambda y, p: f1_score(y, p.argmax(1), average="macro")),
-])
-def test_bootstrap_scores_equal_scores_of_the_resampled_rows(name, direct):
+BINARY = ("f1", "precision", "recall", "jaccard")  # average="binary": two classes only
+
+
+@pytest.mark.parametrize("name, n_classes", [
+    (name, n) for n in (2, 6) for name in ("accuracy", "neg_log_loss", "top_k_accuracy", *CONFUSION_METRICS)
+    if n == 2 or name not in BINARY])
+def test_bootstrap_scores_equal_scikit_learn_on_the_resampled_rows(name, n_classes):
     rng = np.random.default_rng(1)
-    y = rng.integers(0, C, 400)
-    probas = [noisy_copy(y, C, 0.7, rng), pure_noise(400, C, rng)]
-    metric = Metric(name, C)
-    counts = bootstrap_counts(len(y), 100, seed=3)
+    y = rng.integers(0, n_classes, 300)
+    if n_classes > 2 and name in CONFUSION_METRICS:
+        y[y == n_classes - 1] = 0  # a class no row holds: averages must run over present labels
+    probas = [noisy_copy(y, n_classes, 0.7, rng), pure_noise(300, n_classes, rng)]
+    metric = Metric(name, n_classes)
+    counts = bootstrap_counts(len(y), 40, seed=3)
     boot = metric.bootstrap(y, probas, counts)  # (B, 2)
-    assert boot.shape == (100, 2)
-    assert metric.score(y, probas[0]) == pytest.approx(direct(y, probas[0]))
-    for b in (0, 57):
+    assert boot.shape == (40, 2)
+    for b in (0, 17, 39):
         rows = np.repeat(np.arange(len(y)), counts[b].astype(int))
-        assert boot[b, 0] == pytest.approx(direct(y[rows], probas[0][rows]), abs=1e-6)
-        assert boot[b, 1] == pytest.approx(direct(y[rows], probas[1][rows]), abs=1e-6)
+        for k, proba in enumerate(probas):
+            direct = sklearn_score(name, y[rows], proba[rows], n_classes)
+            assert boot[b, k] == pytest.approx(direct, abs=1e-6), (name, b, k)
+
+
+def sklearn_score(name, y, proba, n_classes):
+    """scikit-learn's own scorer on plain rows, the reference for Metric."""
+    estimator = _Predictions(proba)
+    estimator.classes_ = np.arange(n_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_scorer(name)(estimator, np.arange(len(y))[:, None], y)
 
 
 def test_bootstrap_counts_are_seeded_resamples():
