@@ -13,7 +13,7 @@ The models are noisy, correlated, roughly calibrated predictors of the truth,
 like CNNs trained on the same images: every model sees the same evidence (a
 true-class signal scaled by a row difficulty, plus confusions all models share),
 blurred by a noise shared within an architecture family of five models and by
-its own noise, and sharpened by its own factor; single models score 0.82-0.89
+its own noise, and sharpened by its own factor; single models score 0.81-0.88
 accuracy, their mean 0.91. Test tables average five fold models, as
 predict-oof writes them.
 """
