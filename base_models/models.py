@@ -52,22 +52,28 @@ def create_model(arch: str, num_classes: int, pretrained: str | None = None, ext
             tensors do not fit the architecture.
     """
     kwargs = dict(model_kwargs or {})
+    model = _timm_create(arch, num_classes, kwargs)
     if pretrained is not None:
+        check_pretrained_file(model, pretrained, arch)
         # source "" keeps timm's default order, in which a given file comes before any hub id
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained), "source": ""})
+        overlay = {"file": str(pretrained), "source": ""}
+        try:
+            model = timm.create_model(arch, num_classes=num_classes, pretrained=True,
+                                      pretrained_cfg_overlay=overlay, **kwargs)
+        except Exception as e:  # checked above, so only an unusual file gets here
+            raise StackerError(f"{pretrained}: does not fit {arch} ({str(e).splitlines()[0]})") from None
+    return TargetHeads(model, list(extra_classes)) if extra_classes else model
+
+
+def _timm_create(arch: str, num_classes: int, kwargs: dict) -> torch.nn.Module:
     try:
-        model = timm.create_model(arch, num_classes=num_classes, **kwargs)
+        return timm.create_model(arch, num_classes=num_classes, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise StackerError(f"model arch {arch!r}: not a timm model (timm.list_models() lists them)") from None
-        if pretrained is not None:
-            raise StackerError(f"{pretrained}: does not fit {arch} ({str(e).splitlines()[0]})") from None
         raise
     except TypeError as e:
         raise StackerError(f"model {arch!r}: bad model_kwargs ({e})") from None
-    if pretrained is not None:
-        check_pretrained_file(model, pretrained, arch)
-    return TargetHeads(model, list(extra_classes)) if extra_classes else model
 
 
 def check_pretrained_file(model: torch.nn.Module, path, arch: str) -> None:
