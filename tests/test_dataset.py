@@ -97,7 +97,7 @@ def test_csv_layout_paddy_label_folders_and_extra_targets(tmp_path):
                                    "101.jpg,normal,KarnatakaPonni,60\n102.jpg,blast,ADT45,50\n")
     spec = resolve_dataset(DataConfig(root=str(tmp_path), train_csv="train.csv", extra_targets=["variety"]))
     t = spec.train
-    assert list(t.columns) == ["id", "path", "label", "variety"]
+    assert list(t.columns) == ["id", "path", "label", "variety", "age"]  # other columns kept (weights, metadata)
     assert list(t["variety"]) == ["ADT45", "KarnatakaPonni", "ADT45"]
     assert [Path(p) for p in t["path"]] == [tmp_path / "train_images" / y / i for i, y in zip(t["id"], t["label"])]
 
