@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from oof import StackerError
-from oof.folds import _first
+from oof import preview
 
 from .images import RESIZE_MODES
 
@@ -112,7 +112,7 @@ def _train_from_folders(cfg: DataConfig) -> pd.DataFrame:
     dup = df["id"].duplicated(keep=False)
     if dup.any():
         raise StackerError(f"{folder}: the same file name in several label folders: "
-                           f"{_first(df.loc[dup, 'path'])}; ids are file names and must be unique")
+                           f"{preview(df.loc[dup, 'path'])}; ids are file names and must be unique")
     return df
 
 
@@ -136,10 +136,10 @@ def _train_from_csv(cfg: DataConfig) -> pd.DataFrame:
     for col in (id_col, cfg.label_column, *cfg.extra_targets):
         empty = df[col].str.strip() == ""
         if empty.any():
-            raise StackerError(f"{csv}: empty {col!r} in row(s) {_first(df.index[empty] + 2)} (line numbers)")
+            raise StackerError(f"{csv}: empty {col!r} in row(s) {preview(df.index[empty] + 2)} (line numbers)")
     dup = df[id_col].duplicated()
     if dup.any():
-        raise StackerError(f"{csv}: duplicate ids in column {id_col!r}, first {_first(df.loc[dup, id_col])}")
+        raise StackerError(f"{csv}: duplicate ids in column {id_col!r}, first {preview(df.loc[dup, id_col])}")
     image_root = cfg.path(cfg.train_dir)
     if cfg.path_column:
         paths = [image_root / p for p in df[cfg.path_column]]
@@ -168,7 +168,7 @@ def _test_table(cfg: DataConfig) -> pd.DataFrame:
         ids = df[df.columns[0]]
         dup = ids.duplicated()
         if dup.any():
-            raise StackerError(f"{sample}: duplicate ids, first {_first(ids[dup])}")
+            raise StackerError(f"{sample}: duplicate ids, first {preview(ids[dup])}")
         ids = list(ids)
     elif folder.is_dir():
         ids = [p.name for p in _image_files(folder)]
@@ -180,7 +180,7 @@ def _test_table(cfg: DataConfig) -> pd.DataFrame:
 def _check_files_exist(paths: pd.Series) -> None:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        raise StackerError(f"{len(missing)} image file(s) not found, first {_first(missing)}")
+        raise StackerError(f"{len(missing)} image file(s) not found, first {preview(missing)}")
 
 
 def _read_csv(path: Path) -> pd.DataFrame:

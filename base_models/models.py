@@ -15,7 +15,7 @@ from timm.data import resolve_data_config
 from timm.models import load_state_dict
 
 from oof import StackerError
-from oof.folds import _first
+from oof import preview
 
 
 class TargetHeads(torch.nn.Module):
@@ -94,8 +94,8 @@ def check_pretrained_file(model: torch.nn.Module, path, arch: str) -> None:
     missing = [k for k in want if k not in state]
     wrong = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k])]
     if missing or wrong:
-        detail = f"{len(missing)} tensors missing, first {_first(missing)}" if missing else \
-                 f"{len(wrong)} tensors of another shape, first {_first(wrong)}"
+        detail = f"{len(missing)} tensors missing, first {preview(missing)}" if missing else \
+                 f"{len(wrong)} tensors of another shape, first {preview(wrong)}"
         raise StackerError(f"{path}: does not fit {arch}: {detail}")
 
 

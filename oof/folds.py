@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path
-from .errors import StackerError
+from .errors import StackerError, preview
 
 META_KEY = b"stacker"
 
@@ -126,7 +126,7 @@ def folds_from_table(table: pd.DataFrame, source: str, classes=None) -> Folds:
     fold = pd.to_numeric(table["fold"], errors="coerce")
     bad = fold.isna() | (fold != fold.round())
     if bad.any():
-        raise StackerError(f"{source}: fold must be an integer; first bad ids {_first(ids[bad.to_numpy()])}")
+        raise StackerError(f"{source}: fold must be an integer; first bad ids {preview(ids[bad.to_numpy()])}")
     fold = fold.to_numpy(dtype=np.int64)
     used = sorted(int(f) for f in np.unique(fold))
     k = used[-1] + 1 if used else 0
@@ -188,10 +188,4 @@ def _read_csv(path: Path) -> pd.DataFrame:
 def _check_unique(ids: np.ndarray, source: str) -> None:
     dup = pd.Series(ids).duplicated()
     if dup.any():
-        raise StackerError(f"{source}: duplicate ids, first {_first(ids[dup.to_numpy()])}")
-
-
-def _first(values, n: int = 5) -> str:
-    values = list(values)
-    more = f" (+{len(values) - n} more)" if len(values) > n else ""
-    return ", ".join(repr(str(v)) for v in values[:n]) + more
+        raise StackerError(f"{source}: duplicate ids, first {preview(ids[dup.to_numpy()])}")

@@ -93,11 +93,12 @@ class RunPaths:
         return self.preds_dir(model) / f"test_fold{fold}{_suffix(target)}.parquet"
 
     def predicted_models(self) -> list[str]:
-        """Models with an OOF table under preds/, sorted by name."""
+        """Models with an OOF table (parquet, or CSV from another tool) under preds/, sorted by name."""
         preds = self.root / "preds"
         if not preds.is_dir():
             return []
-        return sorted(p.name for p in preds.iterdir() if (p / "oof.parquet").is_file())
+        return sorted(p.name for p in preds.iterdir()
+                      if (p / "oof.parquet").is_file() or (p / "oof.csv").is_file())
 
 
 def _suffix(target: str | None) -> str:

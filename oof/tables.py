@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_path
 from .errors import StackerError
-from .folds import META_KEY, Folds, _first
+from .errors import preview
+from .folds import META_KEY, Folds
 
 SUM_TOL = 1e-4
 
@@ -108,7 +109,7 @@ def table_from_frame(df: pd.DataFrame, classes, kind: str, source: str, meta=Non
         f = pd.to_numeric(df["fold"], errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(f) | (f != np.round(f))
         if bad.any():
-            raise StackerError(f"{source}: fold must be an integer; first bad ids {_first(ids[bad])}")
+            raise StackerError(f"{source}: fold must be an integer; first bad ids {preview(ids[bad])}")
         fold = f.astype(np.int64)
     table = PredictionTable(ids, proba, classes, fold, dict(meta or {}), source)
     check_rows(table)
@@ -120,16 +121,16 @@ def check_rows(table: PredictionTable) -> None:
     src, ids, p = table.source, table.ids, table.proba
     dup = pd.Series(ids).duplicated().to_numpy()
     if dup.any():
-        raise StackerError(f"{src}: duplicate ids, first {_first(ids[dup])}")
+        raise StackerError(f"{src}: duplicate ids, first {preview(ids[dup])}")
     bad = ~np.isfinite(p).all(axis=1)
     if bad.any():
-        raise StackerError(f"{src}: probabilities must be finite numbers; first bad ids {_first(ids[bad])}")
+        raise StackerError(f"{src}: probabilities must be finite numbers; first bad ids {preview(ids[bad])}")
     bad = ((p < 0) | (p > 1)).any(axis=1)
     if bad.any():
-        raise StackerError(f"{src}: probabilities must lie in [0, 1]; first bad ids {_first(ids[bad])}")
+        raise StackerError(f"{src}: probabilities must lie in [0, 1]; first bad ids {preview(ids[bad])}")
     bad = np.abs(p.sum(axis=1) - 1) > SUM_TOL
     if bad.any():
-        raise StackerError(f"{src}: each row must sum to 1 within {SUM_TOL}; first bad ids {_first(ids[bad])}")
+        raise StackerError(f"{src}: each row must sum to 1 within {SUM_TOL}; first bad ids {preview(ids[bad])}")
 
 
 def validate_oof(table: PredictionTable, folds: Folds) -> PredictionTable:
@@ -152,7 +153,7 @@ def validate_oof(table: PredictionTable, folds: Folds) -> PredictionTable:
     bad = fold != folds.fold
     if bad.any():
         raise StackerError(f"{src}: fold differs from folds.parquet (another fold assignment leaks labels); "
-                           f"first bad ids {_first(folds.ids[bad])}")
+                           f"first bad ids {preview(folds.ids[bad])}")
     return PredictionTable(folds.ids, table.proba[order], folds.classes, fold, table.meta, src)
 
 
@@ -172,8 +173,8 @@ def _align(have: np.ndarray, want: np.ndarray, src: str, what: str) -> np.ndarra
     pos = pd.Index(have)
     missing = want[~pd.Index(want).isin(pos)]
     if len(missing):
-        raise StackerError(f"{src}: {len(missing)} {what} id(s) missing, first {_first(missing)}")
+        raise StackerError(f"{src}: {len(missing)} {what} id(s) missing, first {preview(missing)}")
     extra = have[~pos.isin(want)]
     if len(extra):
-        raise StackerError(f"{src}: {len(extra)} id(s) that are not {what} ids, first {_first(extra)}")
+        raise StackerError(f"{src}: {len(extra)} id(s) that are not {what} ids, first {preview(extra)}")
     return pos.get_indexer(want)

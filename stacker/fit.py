@@ -17,7 +17,7 @@ import os
 from oof import RunPaths, StackerError, atomic_path, check_model_name, write_json, write_table, write_text
 
 from .config import StackConfig
-from .inputs import discover_models, load_run_folds, read_run_tables
+from .inputs import load_run_folds, read_run_tables
 from .report import format_report, leaderboard_frame
 from .stack_guard import StackGuard
 
@@ -47,7 +47,7 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
     if paths.decision.exists() and not force:
         raise StackerError(f"{paths.decision}: already exists; pass --force to fit the stack again")
     folds = load_run_folds(paths)
-    models = [check_model_name(m) for m in models] if models else discover_models(paths)
+    models = [check_model_name(m) for m in models] if models else paths.predicted_models()
     if not models:
         raise StackerError(f"{paths.root / 'preds'}: no model has an oof.parquet or oof.csv to stack")
     oof_tables, test_tables, fold_tables = read_run_tables(paths, models, folds,

@@ -38,15 +38,6 @@ def table_file(path: Path) -> Path:
     return csv if not path.is_file() and csv.is_file() else path
 
 
-def discover_models(paths: RunPaths) -> list[str]:
-    """Every folder under `<run>/preds/` holding `oof.parquet` or `oof.csv`, sorted."""
-    preds = paths.root / "preds"
-    if not preds.is_dir():
-        return []
-    return sorted(p.name for p in preds.iterdir()
-                  if (p / "oof.parquet").is_file() or (p / "oof.csv").is_file())
-
-
 def read_run_tables(paths: RunPaths, models: list[str], folds: Folds, per_fold: bool):
     """Read and validate each model's OOF and test tables (and per-fold test tables).
 

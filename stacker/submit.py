@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from oof import PredictionTable, RunPaths, StackerError, atomic_path, read_table
-from oof.folds import _first
+from oof import preview
 
 from .inputs import load_run_folds, table_file
 
@@ -94,15 +94,15 @@ def _sample_order(ids: np.ndarray, table: PredictionTable, sample_name: str) -> 
     """Indices into the table's rows in the sample's id order: same ids, same count, no duplicates."""
     dup = pd.Series(ids).duplicated().to_numpy()
     if dup.any():
-        raise StackerError(f"{sample_name}: duplicate ids, first {_first(ids[dup])}")
+        raise StackerError(f"{sample_name}: duplicate ids, first {preview(ids[dup])}")
     have = pd.Index(table.ids)
     missing = ids[~pd.Index(ids).isin(have)]
     if len(missing):
-        raise StackerError(f"{table.source}: lacks {len(missing)} id(s) of {sample_name}, first {_first(missing)}")
+        raise StackerError(f"{table.source}: lacks {len(missing)} id(s) of {sample_name}, first {preview(missing)}")
     extra = table.ids[~have.isin(ids)]
     if len(extra):
         raise StackerError(f"{table.source}: has {len(extra)} id(s) that {sample_name} does not, "
-                           f"first {_first(extra)}")
+                           f"first {preview(extra)}")
     return have.get_indexer(ids)
 
 
@@ -113,7 +113,7 @@ def _check_placeholders(labels: pd.Series, ids, classes: list[str], sample_name:
     unknown = (values != "") & ~numeric & ~np.isin(values, classes)
     if unknown.any():
         raise StackerError(f"{sample_name}: label {values[unknown][0]!r} is not a class (first ids "
-                           f"{_first(ids[unknown])}); classes are {classes}")
+                           f"{preview(ids[unknown])}); classes are {classes}")
     if numeric.any() and not pd.to_numeric(pd.Series(classes), errors="coerce").notna().all():
         log(f"warning: {sample_name} has numeric placeholder labels but the classes are names; "
             "writing the class names")
