@@ -27,7 +27,8 @@ SECTIONS = ("run_dir", "data", "folds", "train", "models", "tta", "stack")
 # "not given", so every default lives in the config dataclasses alone.
 FLAG_KEYS = {
     "run": "run_dir", "data_root": "data.root", "epochs": "train.epochs", "device": "train.device",
-    "k": "folds.k", "tta_n": "tta.n", "metric": "stack.metric",
+    "k": "folds.k", "tta_n": "tta.n", "metric": "stack.metric", "test_features": "stack.test_features",
+    "allow_suspicious": "stack.allow_suspicious",
 }
 
 
@@ -249,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stage("fit-stack", cmd_fit_stack, "fit and guard the meta level; write stack/decision.json")
     p.add_argument("--metric", help="stack.metric, e.g. accuracy or neg_log_loss")
+    p.add_argument("--test-features", help="stack.test_features: mean (default) or per_fold")
+    p.add_argument("--allow-suspicious", action="store_const", const=True,
+                   help="keep models whose OOF looks leaked (stack.allow_suspicious)")
     p.add_argument("--models", nargs="+", help="only these models (default: all under preds/)")
 
     p = stage("submit", cmd_submit, "write the submission CSV in sample_submission's layout")

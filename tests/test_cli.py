@@ -9,6 +9,7 @@ import sys
 import pandas as pd
 import pytest
 import yaml
+from pathlib import Path
 
 STAGES = ("train-base", "predict-oof", "fit-stack", "submit", "demo")
 
@@ -118,3 +119,16 @@ def test_bad_yaml_and_missing_config(tmp_path):
 def test_help_for_every_stage(stage):
     out = stacker(stage, "--help")
     assert out.returncode == 0 and "usage: stacker" in out.stdout
+
+
+def test_example_paddy_config_resolves():
+    """examples/paddy.yaml is read by the same code as any run.yaml (the weights file is checked at train time)."""
+    import cli
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "examples" / "paddy.yaml").read_text())
+    data, folds, (spec,), tta = cli.base_configs(cfg)
+    assert data.extra_targets == ["variety"] and folds.k == 5 and tta.n == 4
+    assert [p.size for p in spec.train.schedule] == [(128, 128), (224, 224), (256, 192)]
+    assert spec.train.epochs == 12 and spec.train.prediction_size == (256, 192)
+    assert spec.pretrained.endswith(".safetensors")
+    assert cli.stack_config(cfg).metric == "accuracy"
