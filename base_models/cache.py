@@ -40,12 +40,6 @@ class ImageCache:
     def size(self) -> tuple[int, int]:
         return tuple(self.images.shape[1:3])
 
-    def to_tensor(self, device) -> "torch.Tensor":
-        """The images as one uint8 (N, H, W, 3) tensor on `device` (read once from disk)."""
-        import torch
-
-        return torch.from_numpy(np.array(self.images)).to(device)
-
 
 def cache_files(cache_dir: Path, split: str) -> tuple[Path, Path]:
     return cache_dir / f"{split}.u8", cache_dir / f"{split}.json"

@@ -109,6 +109,8 @@ class TrainConfig:
         sampling: see `SamplingConfig`.
         target_weights: loss weight of each extra target (default 1 each).
         compile: torch.compile the model on CUDA (ignored, with a note, on CPU).
+        gpu_cache_gb: the image cache lives in GPU memory when it is at most this size,
+            else in pinned host memory with the next batch prefetched.
         seed: seed of weights init, sampling and augmentation; a fold's seed is seed + fold.
         device: auto (CUDA when present), cpu or cuda.
         augment: batch augmentation, see `AugmentConfig`.
@@ -137,6 +139,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     target_weights: dict[str, float] = field(default_factory=dict)
     compile: bool = False
+    gpu_cache_gb: float = 8.0
     seed: int = 42
     device: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -20,12 +20,16 @@ from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, at
                  make_folds, read_json, validate_oof, validate_test, write_folds, write_json, write_table)
 
 from .augment import PLAIN, tta_views
+from .batches import ImageSource
 from .cache import ImageCache, build_cache, load_cache
 from .config import FoldsConfig, ModelSpec, TTAConfig
 from .dataset import DataConfig, DatasetSpec, resolve_dataset
 from .models import check_sizes, model_norm, resolve_device
 from .predict import accuracy, combine_tta, log_loss, predict_views
 from .train import Target, build_model, is_trained, load_fold_model, train_fold
+
+
+PLACEMENT_KEYS = ("device", "compile", "gpu_cache_gb")
 
 
 @dataclass
@@ -145,7 +149,8 @@ def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, extra_targ
     for job in todo:
         device = resolve_device(job.model.train.device)
         if device not in loaded:  # the cache is loaded once per device, shared by the jobs
-            loaded = {device: _train_images(paths, folds, device)}
+            loaded = {device: _train_images(paths, folds, device, job.model.train.gpu_cache_gb)}
+            log(f"  train images: {loaded[device].shape} uint8 in {loaded[device].placement}")
         train_fold(job.model, job.fold, loaded[device], targets, folds, paths,
                    load_row_weights(paths, folds, job.model), log)
 
@@ -154,6 +159,9 @@ def _check_same_recipe(paths: RunPaths, job: Job) -> None:
     """A finished job is only skipped when it was trained the way the config says now."""
     done = read_json(paths.history(job.model.name, job.fold))
     now = json.loads(json.dumps(asdict(job.model.train)))
+    for key in PLACEMENT_KEYS:  # where and how fast a job ran does not change what it learned
+        now.pop(key, None)
+        done["train"].pop(key, None)
     if done["arch"] != job.model.arch or done["train"] != now:
         changed = sorted(k for k in now if done["train"].get(k) != now[k]) or ["arch"]
         raise StackerError(f"{paths.history(job.model.name, job.fold)}: {job.model.name} fold {job.fold} was "
@@ -165,14 +173,15 @@ def _run_job(paths: RunPaths, job: Job, folds: Folds, targets, slot: int, log) -
     device = resolve_device(job.model.train.device)
     if device.type == "cuda":
         device = torch.device("cuda", slot % torch.cuda.device_count())
-    train_fold(job.model, job.fold, _train_images(paths, folds, device), targets, folds, paths,
+    train_fold(job.model, job.fold, _train_images(paths, folds, device, job.model.train.gpu_cache_gb), targets,
+               folds, paths,
                load_row_weights(paths, folds, job.model), log)
 
 
-def _train_images(paths: RunPaths, folds: Folds, device) -> torch.Tensor:
+def _train_images(paths: RunPaths, folds: Folds, device, gpu_cache_gb: float) -> ImageSource:
     cache = load_cache(paths.cache, "train")
     _check_cache_rows(cache, folds.ids, paths)
-    return cache.to_tensor(device)  # (N, H, W, 3) uint8
+    return ImageSource(cache.images, device, gpu_cache_gb)
 
 
 def _check_cache_rows(cache: ImageCache, ids: np.ndarray, paths: RunPaths) -> None:
@@ -206,19 +215,24 @@ def _predict_model(paths, spec, folds: Folds, targets, tta, train: ImageCache, t
     t0 = time.perf_counter()
     device = resolve_device(spec.train.device)
     size, views = spec.train.prediction_size, [PLAIN, *tta_views(tta.n)]
-    train_images, test_images = train.to_tensor(device), test.to_tensor(device)
+    budget = spec.train.gpu_cache_gb
+    train_images, test_images = ImageSource(train.images, device, budget), ImageSource(test.images, device, budget)
     n, n_test = len(folds.ids), len(test.ids)
     plain = [np.zeros((n, len(t.classes))) for t in targets]  # per target (N, C_t): the main one for metrics
     oof = [np.zeros((n, len(t.classes))) for t in targets]
     test_sum = [np.zeros((n_test, len(t.classes))) for t in targets]
     meta = {"model": spec.name, "arch": spec.arch, "folds_sha256": folds.sha256, "version": __version__,
             "tta": {"n": tta.n, "combine": tta.combine, "beta": tta.beta, "size": list(size)}}
+    compiled = spec.train.compile and device.type == "cuda"
     for k in range(folds.k):
         model = load_fold_model(paths, spec, k, targets, device)
         norm, rows = model_norm(model), folds.valid_rows(k)
-        for t, p in enumerate(predict_views(model, train_images, rows, size, views, norm, tta.batch_size)):
+        forward = torch.compile(model) if compiled else model
+        for t, p in enumerate(predict_views(forward, train_images, rows, size, views, norm, tta.batch_size,
+                                            fixed_shape=compiled)):
             plain[t][rows], oof[t][rows] = p[0], combine_tta(p[0], p[1:], tta.combine, tta.beta)
-        test_preds = predict_views(model, test_images, np.arange(n_test), size, views, norm, tta.batch_size)
+        test_preds = predict_views(forward, test_images, np.arange(n_test), size, views, norm, tta.batch_size,
+                                   fixed_shape=compiled)
         for t, target in enumerate(targets):
             p = combine_tta(test_preds[t][0], test_preds[t][1:], tta.combine, tta.beta) if n_test else test_sum[t]
             test_sum[t] += p

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .augment import View, normalize, view_batch
+from .batches import ImageSource
 from .models import logits_list
 
 
@@ -18,18 +19,19 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def predict_views(model: torch.nn.Module, images: torch.Tensor, rows: np.ndarray, size, views: list[View],
-                  norm, batch_size: int) -> list[np.ndarray]:
+def predict_views(model: torch.nn.Module, images: ImageSource, rows: np.ndarray, size, views: list[View],
+                  norm, batch_size: int, fixed_shape: bool = False) -> list[np.ndarray]:
     """Class probabilities of each view, for every target the model has.
 
     Args:
         model: a trained model (put in eval mode here).
-        images: the cache, uint8 (N, H, W, 3), on the model's device.
+        images: the cache, placed on the model's device.
         rows: indices into `images` to predict.
         size: (h, w) the model sees.
         views: fixed views to render, PLAIN first by convention.
         norm: (mean, std) of the model.
         batch_size: images per forward pass.
+        fixed_shape: pad the last batch to `batch_size` (a compiled model never recompiles).
 
     Returns:
         One array per target (main first): (V, len(rows), C_t) float64 softmax probabilities.
@@ -37,16 +39,14 @@ def predict_views(model: torch.nn.Module, images: torch.Tensor, rows: np.ndarray
     model.eval()
     device = images.device
     out = []  # per batch: per target (V, B, C_t)
-    for start in range(0, len(rows), batch_size):
-        idx = torch.as_tensor(rows[start:start + batch_size], device=device)
-        batch = images[idx]  # (B, H, W, 3) uint8
+    for batch, n in images.batches(rows, batch_size, pad=fixed_shape):  # (B, H, W, 3) uint8
         per_view = []
         for view in views:
             x = normalize(view_batch(batch, size, view), *norm)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
-                per_view.append([torch.softmax(z.float(), dim=1) for z in logits_list(model, x)])
+                per_view.append([torch.softmax(z[:n].float(), dim=1) for z in logits_list(model, x)])
         out.append([torch.stack(t).cpu() for t in zip(*per_view)])
     if not out:
         return [np.zeros((len(views), 0, 0))]

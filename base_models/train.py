@@ -28,6 +28,7 @@ from timm.utils import ModelEmaV3
 from oof import Folds, RunPaths, atomic_path, read_json, write_json
 
 from .augment import PLAIN, normalize, train_batch
+from .batches import ImageSource
 from .config import ModelSpec, SamplingConfig, TrainConfig
 from .models import backbone_parameters, create_model, head_parameters, logits_list, model_norm
 from .predict import accuracy, autocast, log_loss, predict_views
@@ -81,14 +82,14 @@ def build_model(spec: ModelSpec, targets: list[Target], pretrained: bool = True)
                         [len(t.classes) for t in targets[1:]], spec.model_kwargs)
 
 
-def train_fold(spec: ModelSpec, fold: int, images: torch.Tensor, targets: list[Target], folds: Folds,
+def train_fold(spec: ModelSpec, fold: int, images: ImageSource, targets: list[Target], folds: Folds,
                paths: RunPaths, row_weights: np.ndarray | None = None, log=print) -> list[dict]:
     """Train `spec` on every fold but `fold`, validate on `fold`, save the kept weights.
 
     Args:
         spec: the model and its training config.
         fold: held-out fold.
-        images: the train cache, uint8 (N, H, W, 3), on the device to train on.
+        images: the train cache, placed for the device to train on.
         targets: main target first, then extra targets; rows in folds order.
         folds: the run's folds.
         paths: the run directory.
@@ -98,6 +99,7 @@ def train_fold(spec: ModelSpec, fold: int, images: torch.Tensor, targets: list[T
         The per-epoch history.
     """
     cfg, device = spec.train, images.device
+    clock = {"setup": time.perf_counter(), "train": 0.0, "evaluate": 0.0, "checkpoint": 0.0}
     torch.manual_seed(cfg.seed + fold)
     np.random.seed(cfg.seed + fold)  # timm's Mixup draws from numpy's global generator
     model = build_model(spec, targets).to(device)
@@ -117,6 +119,7 @@ def train_fold(spec: ModelSpec, fold: int, images: torch.Tensor, targets: list[T
     steps = max(len(train_rows) // (cfg.batch_size * cfg.accum_steps), 1)
     schedule = segments(cfg, spec.pretrained is not None)
     total, first = sum(seg.epochs for seg in schedule), 0
+    clock["setup"] = time.perf_counter() - clock["setup"]
     for s, seg in enumerate(schedule):
         last = first + seg.epochs
         if len(history) < last:
@@ -128,15 +131,21 @@ def train_fold(spec: ModelSpec, fold: int, images: torch.Tensor, targets: list[T
                 t0 = time.perf_counter()
                 order = train_rows[epoch_order(len(train_rows), sample_w, generator)]
                 loss, seen = _train_epoch(job, forward, ema, order, steps, seg.size, optimizer, scheduler, generator)
+                t1 = time.perf_counter()
                 record = _evaluate(job, ema.module if ema else model, seg, epoch, loss, seen, scheduler, t0)
+                t2 = time.perf_counter()
+                record.update(train_seconds=t1 - t0, images_per_second=len(order) / max(t1 - t0, 1e-9))
                 history.append(record)
                 best = _track_best(best, record, ema.module if ema else model, cfg)
                 if len(history) < total:
                     _save_checkpoint(paths.checkpoint(spec.name, fold), s, model, ema, optimizer, scheduler,
                                      generator, history, best)
+                clock["train"] += t1 - t0
+                clock["evaluate"] += t2 - t1
+                clock["checkpoint"] += time.perf_counter() - t2
                 log(_progress_line(spec.name, fold, total, record))
         first = last
-    _save_result(paths, spec, fold, ema.module if ema else model, history, best)
+    _save_result(paths, spec, fold, ema.module if ema else model, history, best, clock)
     return history
 
 
@@ -144,7 +153,7 @@ def train_fold(spec: ModelSpec, fold: int, images: torch.Tensor, targets: list[T
 class _Job:
     spec: ModelSpec
     fold: int
-    images: torch.Tensor
+    images: ImageSource
     ys: list[torch.Tensor]  # (N,) class index per target, on the device
     loss_weights: list[float]
     folds: Folds
@@ -228,10 +237,11 @@ def _train_epoch(job: _Job, forward, ema, order, steps, size, optimizer, schedul
     total, micro = torch.zeros((), device=device), steps * cfg.accum_steps
     seen = None
     # The last partial batch is dropped (as fastai does when shuffling): every step
-    # has the same shape, and BatchNorm never sees a batch of one.
-    for i in range(micro):
+    # has the same shape (a compiled model never recompiles), and BatchNorm never
+    # sees a batch of one.
+    for i, (batch, _) in enumerate(job.images.batches(order, cfg.batch_size, micro)):
         idx = torch.as_tensor(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], device=device)
-        x = normalize(train_batch(job.images[idx], size, cfg.augment, generator), *job.norm)  # (B, 3, h, w)
+        x = normalize(train_batch(batch, size, cfg.augment, generator), *job.norm)  # (B, 3, h, w)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         seen = tuple(x.shape[-2:])
@@ -314,16 +324,20 @@ def _restore(state, model, ema, generator) -> tuple[list[dict], dict | None]:
     return list(state["history"]), state["best"]
 
 
-def _save_result(paths: RunPaths, spec: ModelSpec, fold: int, model, history, best) -> None:
+def _save_result(paths: RunPaths, spec: ModelSpec, fold: int, model, history, best, clock: dict) -> None:
+    t0 = time.perf_counter()
     kept = history[-1]["epoch"]
     if best is not None:
         model.load_state_dict(best["state"])
         kept = best["epoch"]
     with atomic_path(paths.weights(spec.name, fold)) as tmp:
         save_model(model, str(tmp))
+    clock["save"] = time.perf_counter() - t0
+    # Seconds of this process's share of the job: the steps themselves are "train";
+    # the rest (setup, evaluation, checkpoints, saving) is the job's overhead.
     record = {"model": spec.name, "arch": spec.arch, "fold": fold, "pretrained": spec.pretrained,
               "model_kwargs": spec.model_kwargs, "train": asdict(spec.train), "kept_epoch": kept,
-              "epochs": history}
+              "seconds": clock, "epochs": history}
     write_json(paths.history(spec.name, fold), record)
     paths.checkpoint(spec.name, fold).unlink(missing_ok=True)
 
