@@ -27,6 +27,7 @@ class AugmentConfig:
         ratio: crop aspect-ratio range relative to the image.
         flip: random horizontal flip.
         max_rotate: largest rotation in degrees (fastai: 10).
+        max_zoom: largest extra zoom-in on top of the crop (fastai: 1.1).
         max_lighting: brightness and contrast change (fastai: 0.2).
     """
 
@@ -34,6 +35,7 @@ class AugmentConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     max_rotate: float = 10.0
+    max_zoom: float = 1.1
     max_lighting: float = 0.2
 
 
@@ -77,17 +79,18 @@ def view_theta(view: View, batch: int, device) -> torch.Tensor:
 
 
 def random_theta(batch: int, cfg: AugmentConfig, generator: torch.Generator, device) -> torch.Tensor:
-    """(B, 2, 3) random resized crop + flip + rotation, one draw per sample.
+    """(B, 2, 3) random resized crop + zoom + flip + rotation, one draw per sample.
 
     Sampled on the CPU generator so a seed gives the same augmentation on any device.
     """
-    u = torch.rand(batch, 6, generator=generator, dtype=torch.float64)
+    u = torch.rand(batch, 7, generator=generator, dtype=torch.float64)
     area = cfg.min_scale + (1.0 - cfg.min_scale) * u[:, 0]
     log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
     ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
     # Crop side fractions (of the output grid's [-1, 1] span); clipped to stay inside the image.
-    sw = torch.sqrt(area * ratio).clamp(max=1.0)
-    sh = torch.sqrt(area / ratio).clamp(max=1.0)
+    zoom = 1.0 + (max(cfg.max_zoom, 1.0) - 1.0) * u[:, 6]
+    sw = torch.sqrt(area * ratio).clamp(max=1.0) / zoom
+    sh = torch.sqrt(area / ratio).clamp(max=1.0) / zoom
     cx = (1.0 - sw) * (2 * u[:, 2] - 1)
     cy = (1.0 - sh) * (2 * u[:, 3] - 1)
     sign = torch.where((u[:, 4] < 0.5) & cfg.flip, -1.0, 1.0)

@@ -11,7 +11,8 @@ from base_models.augment import (PLAIN, AugmentConfig, View, normalize, train_ba
                                  view_theta, warp)
 
 H, W = 12, 10
-IDENTITY = AugmentConfig(min_scale=1.0, ratio=(1.0, 1.0), flip=False, max_rotate=0.0, max_lighting=0.0)
+IDENTITY = AugmentConfig(min_scale=1.0, ratio=(1.0, 1.0), flip=False, max_rotate=0.0, max_zoom=1.0,
+                         max_lighting=0.0)
 
 
 @pytest.fixture
@@ -111,7 +112,7 @@ def test_identity_augmentation_returns_plain_image(images):
 
 
 def test_flip_only_gives_image_or_mirror(images):
-    cfg = AugmentConfig(min_scale=1.0, ratio=(1.0, 1.0), flip=True, max_rotate=0.0, max_lighting=0.0)
+    cfg = AugmentConfig(min_scale=1.0, ratio=(1.0, 1.0), flip=True, max_rotate=0.0, max_zoom=1.0, max_lighting=0.0)
     batch = images[:1].expand(16, H, W, 3)
     out = train_batch(batch, (H, W), cfg, _gen(4))
     plain, mirror = _plain(images[:1])[0], torch.flip(_plain(images[:1])[0], dims=[2])
@@ -125,7 +126,8 @@ def test_flip_only_gives_image_or_mirror(images):
 
 
 def test_lighting_only_changes_brightness_not_geometry(images):
-    cfg = AugmentConfig(min_scale=1.0, ratio=(1.0, 1.0), flip=False, max_rotate=0.0, max_lighting=0.2)
+    cfg = AugmentConfig(min_scale=1.0, ratio=(1.0, 1.0), flip=False, max_rotate=0.0, max_zoom=1.0,
+                        max_lighting=0.2)
     out = train_batch(images, (H, W), cfg, _gen(5))
     plain = _plain(images)
     assert not torch.allclose(out, plain, atol=1e-3)
@@ -145,3 +147,14 @@ def test_normalize_uses_given_mean_and_std():
     for ch in range(3):
         torch.testing.assert_close(out[:, ch], (x[:, ch] - mean[ch]) / std[ch])
     assert torch.equal(normalize(x, (0.0,) * 3, (1.0,) * 3), x)
+
+
+def test_zoom_draws_a_scale_within_max_zoom_per_sample():
+    from dataclasses import replace
+
+    from base_models.augment import random_theta
+
+    theta = random_theta(256, replace(IDENTITY, max_zoom=2.0), _gen(3), "cpu")
+    scale = theta[:, 0, 0]
+    assert (scale <= 1.0).all() and (scale >= 0.5).all() and scale.std() > 0.1  # zoom-in by 1..2x, varied
+    assert torch.equal(theta[:, 0, 0], theta[:, 1, 1])  # square zoom, no rotation
