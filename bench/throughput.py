@@ -99,23 +99,24 @@ def make_model(args, device, compiled=False):
     return (torch.compile(model) if compiled else model), model_norm(model)
 
 
+def sgd_step(model, opt, x, y, device) -> None:
+    """One AdamW step as train-base takes it: bf16 autocast and channels_last on CUDA."""
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device):
+        loss = F.cross_entropy(model(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def train_ceiling(args, device, compiled=False) -> float:
     """Images/s of AdamW steps on one synthetic batch already on the device."""
     model, _ = make_model(args, device, compiled)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), device=device)
-
-    def step():
-        with autocast(device):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return args.batch / timed(step, args.steps, device)
+    return args.batch / timed(lambda: sgd_step(model, opt, x, y, device), args.steps, device)
 
 
 def infer_ceiling(args, device) -> float:
@@ -189,14 +190,7 @@ def torchvision_train(args, device, paths, labels) -> float:
         except StopIteration:
             batches = iter(loader)
             x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        sgd_step(model, opt, x.to(device, non_blocking=True), y.to(device, non_blocking=True), device)
 
     return args.batch / timed(step, args.steps, device)
 
