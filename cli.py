@@ -44,12 +44,12 @@ def load_config(args) -> dict:
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:
-            _set_key(cfg, key, value)
+            _override(cfg, key, value)
     for item in args.set or []:
         key, sep, text = item.partition("=")
         if not sep:
             raise StackerError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
-        _set_key(cfg, key.strip(), yaml.safe_load(text))
+        _override(cfg, key.strip(), yaml.safe_load(text))
     unknown = sorted(set(cfg) - set(SECTIONS))
     if unknown:
         raise StackerError(f"config: unknown section(s) {unknown}; known: {list(SECTIONS)}")
@@ -66,6 +66,17 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise StackerError(f"{path}: the config must be a mapping of sections")
     return cfg
+
+
+def _override(cfg: dict, dotted: str, value) -> None:
+    """Set a key from the command line. A `train.*` key also beats every model entry's own value:
+    run.yaml stores each model's resolved train keys, and a flag must still win over them."""
+    _set_key(cfg, dotted, value)
+    section, _, rest = dotted.partition(".")
+    if section == "train" and rest and isinstance(cfg.get("models"), list):
+        for entry in cfg["models"]:
+            if isinstance(entry, dict):
+                _set_key(entry, rest, value)
 
 
 def _set_key(cfg: dict, dotted: str, value) -> None:
@@ -98,12 +109,19 @@ def base_configs(cfg: dict):
     from base_models.config import FoldsConfig, TTAConfig, model_specs
     from base_models.dataset import DataConfig
 
-    data = dict(cfg.get("data") or {})
+    data = _section(cfg, "data")
     if "root" in data:
         data["root"] = str(Path(data["root"]).resolve())
     return (build_config(DataConfig, data, "data"), build_config(FoldsConfig, cfg.get("folds"), "folds"),
-            model_specs(cfg.get("models"), dict(cfg.get("train") or {})),
+            model_specs(cfg.get("models"), _section(cfg, "train")),
             build_config(TTAConfig, cfg.get("tta"), "tta"))
+
+
+def _section(cfg: dict, name: str) -> dict:
+    value = cfg.get(name) or {}
+    if not isinstance(value, dict):
+        raise StackerError(f"{name}: must be a mapping of keys to values, got {value!r}")
+    return dict(value)
 
 
 def stack_config(cfg: dict):
@@ -114,8 +132,8 @@ def stack_config(cfg: dict):
 
 def save_run_config(paths: RunPaths, data, folds, specs, tta, stack_section) -> None:
     """Write the resolved config as <run>/run.yaml; models already in the run are kept."""
-    previous = _read_yaml(paths.config).get("models", []) if paths.config.is_file() else []
-    models = {m["name"]: m for m in previous}
+    previous = _read_yaml(paths.config).get("models") if paths.config.is_file() else None
+    models = {m["name"]: m for m in previous or [] if isinstance(m, dict) and "name" in m}
     for s in specs:
         models[s.name] = {"name": s.name, "arch": s.arch, "pretrained": s.pretrained,
                           "model_kwargs": s.model_kwargs, **_plain(asdict(s.train))}

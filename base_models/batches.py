@@ -78,7 +78,7 @@ class ImageSource:
         stream = self._stream
 
         def start(s):
-            buffer = torch.empty((len(s), *self.shape[1:]), dtype=torch.uint8).pin_memory()
+            buffer = torch.empty((len(s), *self.shape[1:]), dtype=torch.uint8, pin_memory=True)
             torch.index_select(self.images, 0, torch.as_tensor(s), out=buffer)
             with torch.cuda.stream(stream):
                 return buffer.to(self.device, non_blocking=True)

@@ -154,10 +154,12 @@ class TrainConfig:
             self.phases = None
         if self.predict_size is not None:
             self.predict_size = as_size(self.predict_size, "train.predict_size")
-        if isinstance(self.augment, dict):
+        if not isinstance(self.augment, AugmentConfig):
             self.augment = build_config(AugmentConfig, self.augment, "train.augment")
-        if isinstance(self.sampling, dict):
+        if not isinstance(self.sampling, SamplingConfig):
             self.sampling = build_config(SamplingConfig, self.sampling, "train.sampling")
+        if not isinstance(self.target_weights, dict):
+            raise StackerError(f"train.target_weights: must be a mapping of target to weight, got {self.target_weights!r}")
         _positive(self, "train", ("epochs", "batch_size", "accum_steps", "lr", "lr_mult", "div", "div_final"))
         self._check_ranges()
 
@@ -178,6 +180,10 @@ class TrainConfig:
             raise StackerError(f"train.batch_size: mixup/cutmix pair images, so it must be even, got {self.batch_size}")
         if self.device not in DEVICES:
             raise StackerError(f"train.device: {self.device!r} is not one of {list(DEVICES)}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise StackerError(f"train.clip_grad: must be a positive number or null, got {self.clip_grad}")
+        if self.gpu_cache_gb < 0:
+            raise StackerError(f"train.gpu_cache_gb: must be >= 0, got {self.gpu_cache_gb}")
 
     @property
     def schedule(self) -> list[Phase]:
@@ -207,6 +213,7 @@ class TTAConfig:
     batch_size: int = 128
 
     def __post_init__(self):
+        _positive(self, "tta", ("batch_size",))
         if not isinstance(self.n, int) or not 0 <= self.n <= MAX_TTA_VIEWS:
             raise StackerError(f"tta.n: must be an integer in [0, {MAX_TTA_VIEWS}] (distinct views), got {self.n!r}")
         if self.combine not in TTA_COMBINE:
@@ -241,11 +248,19 @@ def model_specs(entries, train: dict) -> list[ModelSpec]:
     """Build the `models:` list; keys other than name/arch/pretrained/model_kwargs override `train:`."""
     if not entries:
         raise StackerError("models: the config lists no models")
+    if not isinstance(entries, list):
+        raise StackerError(f"models: must be a list of model entries, got {entries!r}")
+    if not isinstance(train, dict):
+        raise StackerError(f"train: must be a mapping of keys to values, got {train!r}")
     specs = []
     for i, entry in enumerate(entries):
+        if not isinstance(entry, (str, dict)):
+            raise StackerError(f"models[{i}]: a timm name or a mapping with `arch`, got {entry!r}")
         entry = {"arch": entry} if isinstance(entry, str) else dict(entry)
-        if "arch" not in entry:
+        if not isinstance(entry.get("arch"), str):
             raise StackerError(f"models[{i}]: needs an `arch` (a timm model name)")
+        if not isinstance(entry.get("model_kwargs", {}), dict):
+            raise StackerError(f"models[{i}].model_kwargs: must be a mapping, got {entry['model_kwargs']!r}")
         own = {k: entry.pop(k) for k in ("name", "arch", "pretrained", "model_kwargs") if k in entry}
         own.setdefault("name", own["arch"].split(".")[0])
         merged = {**train, **entry}

@@ -7,9 +7,8 @@ its own files, so jobs run one after another here, one per local GPU with
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -26,10 +25,7 @@ from .config import FoldsConfig, ModelSpec, TTAConfig
 from .dataset import DataConfig, DatasetSpec, resolve_dataset
 from .models import check_sizes, model_norm, resolve_device
 from .predict import accuracy, combine_tta, log_loss, predict_views
-from .train import Target, build_model, is_trained, load_fold_model, train_fold
-
-
-PLACEMENT_KEYS = ("device", "compile", "gpu_cache_gb")
+from .train import Target, build_model, changed_keys, is_trained, load_fold_model, recipe, train_fold
 
 
 @dataclass
@@ -141,41 +137,36 @@ def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, extra_targ
     if force:
         for j in todo:
             paths.checkpoint(j.model.name, j.fold).unlink(missing_ok=True)
-    if parallel > 1:
-        Parallel(n_jobs=parallel)(delayed(_run_job)(paths, j, folds, targets, i % parallel, log)
-                                  for i, j in enumerate(todo))
+    if parallel > 1:  # one worker loop per slot (GPU), so two jobs never share a device
+        Parallel(n_jobs=parallel)(delayed(_run_jobs)(paths, todo[slot::parallel], folds, targets, slot, log)
+                                  for slot in range(parallel))
         return
     loaded = {}
     for job in todo:
-        device = resolve_device(job.model.train.device)
-        if device not in loaded:  # the cache is loaded once per device, shared by the jobs
-            loaded = {device: _train_images(paths, folds, device, job.model.train.gpu_cache_gb)}
-            log(f"  train images: {loaded[device].shape} uint8 in {loaded[device].placement}")
-        train_fold(job.model, job.fold, loaded[device], targets, folds, paths,
+        place = (resolve_device(job.model.train.device), job.model.train.gpu_cache_gb)
+        if place not in loaded:  # the cache is placed once per device and budget, shared by the jobs
+            loaded = {place: _train_images(paths, folds, *place)}
+            log(f"  train images: {loaded[place].shape} uint8 in {loaded[place].placement}")
+        train_fold(job.model, job.fold, loaded[place], targets, folds, paths,
                    load_row_weights(paths, folds, job.model), log)
 
 
 def _check_same_recipe(paths: RunPaths, job: Job) -> None:
     """A finished job is only skipped when it was trained the way the config says now."""
-    done = read_json(paths.history(job.model.name, job.fold))
-    now = json.loads(json.dumps(asdict(job.model.train)))
-    for key in PLACEMENT_KEYS:  # where and how fast a job ran does not change what it learned
-        now.pop(key, None)
-        done["train"].pop(key, None)
-    if done["arch"] != job.model.arch or done["train"] != now:
-        changed = sorted(k for k in now if done["train"].get(k) != now[k]) or ["arch"]
+    changed = changed_keys(read_json(paths.history(job.model.name, job.fold)), recipe(job.model))
+    if changed:
         raise StackerError(f"{paths.history(job.model.name, job.fold)}: {job.model.name} fold {job.fold} was "
                            f"trained with other settings ({', '.join(changed)}); give the model a new name, "
                            "or pass --force to train it again")
 
 
-def _run_job(paths: RunPaths, job: Job, folds: Folds, targets, slot: int, log) -> None:
-    device = resolve_device(job.model.train.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", slot % torch.cuda.device_count())
-    train_fold(job.model, job.fold, _train_images(paths, folds, device, job.model.train.gpu_cache_gb), targets,
-               folds, paths,
-               load_row_weights(paths, folds, job.model), log)
+def _run_jobs(paths: RunPaths, jobs: list[Job], folds: Folds, targets, slot: int, log) -> None:
+    for job in jobs:
+        device = resolve_device(job.model.train.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", slot % torch.cuda.device_count())
+        train_fold(job.model, job.fold, _train_images(paths, folds, device, job.model.train.gpu_cache_gb),
+                   targets, folds, paths, load_row_weights(paths, folds, job.model), log)
 
 
 def _train_images(paths: RunPaths, folds: Folds, device, gpu_cache_gb: float) -> ImageSource:
@@ -201,14 +192,23 @@ def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAC
     targets = load_targets(paths, folds, list(extra_targets))
     metrics = {}
     for spec in specs:
-        if paths.oof(spec.name).is_file() and paths.test(spec.name).is_file() and not force:
-            log(f"predict-oof: {spec.name} already predicted (--force to redo)")
-            continue
         missing = [k for k in range(folds.k) if not is_trained(paths, spec.name, k)]
         if missing:
             raise StackerError(f"{spec.name}: folds {missing} are not trained yet; run train-base first")
+        if not force and _predictions_current(paths, spec.name, folds.k):
+            log(f"predict-oof: {spec.name} already predicted (--force to redo)")
+            continue
         metrics[spec.name] = _predict_model(paths, spec, folds, targets, tta, train, test, log)
     return metrics
+
+
+def _predictions_current(paths: RunPaths, model: str, k: int) -> bool:
+    """Tables exist and are newer than every fold's weights (a retrained fold makes them stale)."""
+    tables = [paths.oof(model), paths.test(model)]
+    if not all(p.is_file() for p in tables):
+        return False
+    newest_weights = max(paths.weights(model, f).stat().st_mtime_ns for f in range(k))
+    return min(p.stat().st_mtime_ns for p in tables) > newest_weights
 
 
 def _predict_model(paths, spec, folds: Folds, targets, tta, train: ImageCache, test: ImageCache, log) -> dict:

@@ -14,6 +14,7 @@ segments; nothing is reinitialised.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors.torch import load_model, save_model
 from timm.data import Mixup
 from timm.utils import ModelEmaV3
 
-from oof import Folds, RunPaths, atomic_path, read_json, write_json
+from oof import Folds, RunPaths, StackerError, atomic_path, read_json, write_json
 
 from .augment import PLAIN, normalize, train_batch
 from .batches import ImageSource
@@ -72,6 +73,24 @@ def segments(cfg: TrainConfig, fine_tune: bool) -> list[Segment]:
     return out
 
 
+# Where and how fast a job runs does not change what it learns.
+PLACEMENT_KEYS = ("device", "compile", "gpu_cache_gb")
+
+
+def recipe(spec: ModelSpec) -> dict:
+    """What decides a job's weights, as plain JSON values: a finished job or a checkpoint
+    is only reused when the config still asks for the same recipe."""
+    train = {k: v for k, v in asdict(spec.train).items() if k not in PLACEMENT_KEYS}
+    return json.loads(json.dumps({"arch": spec.arch, "pretrained": spec.pretrained,
+                                  "model_kwargs": spec.model_kwargs, "train": train}))
+
+
+def changed_keys(done: dict, now: dict) -> list[str]:
+    """Keys of `recipe` (train keys by name) that differ between two recipes."""
+    keys = [k for k in ("arch", "pretrained", "model_kwargs") if done.get(k) != now[k]]
+    return keys + sorted(k for k in now["train"] if done.get("train", {}).get(k) != now["train"][k])
+
+
 def is_trained(paths: RunPaths, model: str, fold: int) -> bool:
     # The history is written after the weights, so its presence marks a finished job.
     return paths.history(model, fold).is_file() and paths.weights(model, fold).is_file()
@@ -114,9 +133,12 @@ def train_fold(spec: ModelSpec, fold: int, images: ImageSource, targets: list[Ta
     sample_w = sampling_weights(cfg.sampling, targets[0].y[train_rows],
                                 None if row_weights is None else row_weights[train_rows])
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + fold)
-    state = _load_checkpoint(paths.checkpoint(spec.name, fold))
+    state = _load_checkpoint(paths.checkpoint(spec.name, fold), spec)
     history, best = _restore(state, model, ema, generator)
-    steps = max(len(train_rows) // (cfg.batch_size * cfg.accum_steps), 1)
+    steps = len(train_rows) // (cfg.batch_size * cfg.accum_steps)
+    if steps < 1:
+        raise StackerError(f"{spec.name} fold {fold}: {len(train_rows)} training rows are fewer than "
+                           f"batch_size*accum_steps={cfg.batch_size * cfg.accum_steps}; lower the batch size")
     schedule = segments(cfg, spec.pretrained is not None)
     total, first = sum(seg.epochs for seg in schedule), 0
     clock["setup"] = time.perf_counter() - clock["setup"]
@@ -138,8 +160,8 @@ def train_fold(spec: ModelSpec, fold: int, images: ImageSource, targets: list[Ta
                 history.append(record)
                 best = _track_best(best, record, ema.module if ema else model, cfg)
                 if len(history) < total:
-                    _save_checkpoint(paths.checkpoint(spec.name, fold), s, model, ema, optimizer, scheduler,
-                                     generator, history, best)
+                    _save_checkpoint(paths.checkpoint(spec.name, fold), spec, s, model, ema, optimizer,
+                                     scheduler, generator, history, best)
                 clock["train"] += t1 - t0
                 clock["evaluate"] += t2 - t1
                 clock["checkpoint"] += time.perf_counter() - t2
@@ -173,8 +195,6 @@ def _compiled(model, cfg: TrainConfig, device, log):
 def _mixup(cfg: TrainConfig, targets: list[Target]) -> Mixup | None:
     if not (cfg.mixup_alpha or cfg.cutmix_alpha):
         return None
-    from oof import StackerError
-
     if len(targets) > 1:
         raise StackerError("train.mixup_alpha/cutmix_alpha: not supported with extra targets "
                            "(the extra labels would need the same mixing)")
@@ -209,8 +229,14 @@ def epoch_order(n: int, weights: np.ndarray | None, generator: torch.Generator) 
 def one_cycle(optimizer, max_lr, total_steps: int, pct_start: float, div: float, div_final: float):
     """fastai's fit_one_cycle: cosine warm-up to max_lr over pct_start, cosine decay after.
 
-    Momentum (AdamW's beta1) cycles 0.95 -> 0.85 -> 0.95, as in fastai.
+    Momentum (AdamW's beta1) cycles 0.95 -> 0.85 -> 0.95, as in fastai. Each phase
+    needs at least one step (torch divides by its length), so on a tiny schedule the
+    warm-up is clamped to [2, total - 1] steps.
     """
+    if total_steps < 3:
+        raise StackerError(f"a one-cycle schedule of {total_steps} steps is too short: train more epochs "
+                           "or lower the batch size")
+    pct_start = min(max(pct_start, 2 / total_steps), (total_steps - 1) / total_steps)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, anneal_strategy="cos",
         div_factor=div, final_div_factor=div_final, base_momentum=0.85, max_momentum=0.95)
@@ -284,6 +310,7 @@ def _track_best(best: dict | None, record: dict, model, cfg: TrainConfig) -> dic
     if cfg.keep != "best":
         return None
     value = record[cfg.keep_metric]
+    value = float("inf") if np.isnan(value) else value  # a diverged epoch is never the best
     if best is None or value < best["value"]:
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return {"epoch": record["epoch"], "value": value, "state": state}
@@ -297,19 +324,28 @@ def _progress_line(name: str, fold: int, total: int, h: dict) -> str:
             f"error_rate {h['error_rate']:.4f}  {h['seconds']:.1f}s")
 
 
-def _save_checkpoint(path: Path, segment: int, model, ema, optimizer, scheduler, generator, history, best) -> None:
-    state = {"segment": segment, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-             "cpu_rng": torch.get_rng_state(), "history": history,
-             "ema": ema.module.state_dict() if ema else None, "best": best}
+def _save_checkpoint(path: Path, spec: ModelSpec, segment: int, model, ema, optimizer, scheduler, generator, history,
+                     best) -> None:
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # timm's Mixup draws from it
+    state = {"recipe": recipe(spec), "segment": segment, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+             "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "history": history, "ema": ema.module.state_dict() if ema else None, "best": best}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path: Path) -> dict | None:
+def _load_checkpoint(path: Path, spec: ModelSpec) -> dict | None:
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    changed = changed_keys(state.get("recipe", {}), recipe(spec))
+    if changed:
+        raise StackerError(f"{path}: an interrupted job of other settings ({', '.join(changed)}); restore the "
+                           "config to resume it, or pass --force to start it again")
+    return state
 
 
 def _restore(state, model, ema, generator) -> tuple[list[dict], dict | None]:
@@ -321,6 +357,10 @@ def _restore(state, model, ema, generator) -> tuple[list[dict], dict | None]:
         ema.module.load_state_dict(state["ema"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["cpu_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    keys, pos, has_gauss, cached = state["numpy_rng"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     return list(state["history"]), state["best"]
 
 

@@ -95,6 +95,10 @@ def test_fit_stack_and_submit_never_import_torch(pipeline):
     ({"models": [{"arch": "no_such_net"}]}, [], "model arch 'no_such_net': not a timm model"),
     ({}, ["--set", "train.epochs"], "--set 'train.epochs': expected KEY=VALUE"),
     ({}, ["--set", "folds.k=1"], "folds.k: must be an integer >= 2, got 1"),
+    ({"train": 5}, [], "train: must be a mapping of keys to values, got 5"),
+    ({"models": [5]}, [], r"models\[0\]: a timm name or a mapping with `arch`, got 5"),
+    ({}, ["--set", "train.epochs=1.5"], r"models\[0\].epochs: must be an integer, got 1.5"),
+    ({}, ["--set", "train.clip_grad=abc"], r"models\[0\].clip_grad: must be a number or null, got 'abc'"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, small_digits_dir, change, args, message):
     config = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run", **change)
@@ -132,3 +136,19 @@ def test_example_paddy_config_resolves():
     assert spec.train.epochs == 12 and spec.train.prediction_size == (256, 192)
     assert spec.pretrained.endswith(".safetensors")
     assert cli.stack_config(cfg).metric == "accuracy"
+
+
+def test_flags_beat_model_entries_of_a_saved_run_yaml(tmp_path):
+    """run.yaml stores each model's resolved train keys; --epochs and --set train.* must still win."""
+    import argparse
+
+    import cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.yaml").write_text(yaml.safe_dump({"run_dir": str(run), "models": [
+        {"name": "a", "arch": "test_resnet", "epochs": 1, "device": "cpu"}]}))
+    args = argparse.Namespace(config=None, run=str(run), epochs=3, set=["train.size=24"])
+    cfg = cli.load_config(args)
+    _, _, (spec,), _ = cli.base_configs(cfg)
+    assert spec.train.epochs == 3 and spec.train.size == (24, 24) and spec.train.device == "cpu"

@@ -59,3 +59,12 @@ def test_predict_needs_every_fold_trained(predicted):
     other = model_specs([{"arch": "test_convnext"}], {"size": 16, "epochs": 1})
     with pytest.raises(StackerError, match=r"test_convnext: folds \[0, 1, 2\] are not trained yet"):
         predict_oof(paths, other, folds, TTAConfig(), log=lambda s: None)
+
+
+def test_retrained_weights_make_predictions_stale(predicted):
+    paths, specs, folds, _ = predicted
+    train_base(paths, specs, folds, force=True, log=lambda s: None)
+    lines = []
+    predict_oof(paths, specs, folds, TTAConfig(n=3), log=lines.append)
+    assert not any("already predicted" in s for s in lines)  # newer weights: predicted again
+    assert any("OOF accuracy" in s for s in lines)

@@ -107,3 +107,31 @@ def test_changed_recipe_of_a_finished_model_is_refused(run):
     train_base(paths, specs(epochs=1), folds, log=lambda s: None)
     with pytest.raises(StackerError, match=r"test_resnet fold 0 was trained with other settings \(lr\)"):
         train_base(paths, specs(epochs=1, lr=1e-3), folds, log=lambda s: None)
+
+
+def test_resume_with_mixup_is_bit_identical_and_other_settings_are_refused(tmp_path, run, small_digits_dir):
+    paths, folds = run
+    mixup = specs(mixup_alpha=0.4)
+    train_base(paths, mixup, folds, log=lambda s: None)
+    reference = load_file(paths.weights("test_resnet", 0))
+    other = RunPaths(tmp_path / "interrupted")
+    _, folds2 = prepare_run(other, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=3), (16, 16),
+                            log=lambda s: None)
+
+    def stop(line):
+        if "epoch  1/2" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_base(other, mixup, folds2, log=stop)
+    with pytest.raises(StackerError, match=r"interrupted job of other settings \(lr\).*--force"):
+        train_base(other, specs(mixup_alpha=0.4, lr=1e-3), folds2, log=lambda s: None)
+    train_base(other, mixup, folds2, log=lambda s: None)  # numpy's RNG (timm's Mixup) is restored too
+    resumed = load_file(other.weights("test_resnet", 0))
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_too_few_rows_for_a_batch_is_a_clear_error(run):
+    paths, folds = run
+    with pytest.raises(StackerError, match=r"training rows are fewer than batch_size\*accum_steps=1024"):
+        train_base(paths, specs(batch_size=256, accum_steps=4), folds, log=lambda s: None)
