@@ -10,7 +10,7 @@ scikit-learn, never torch, so fit-stack and submit run anywhere.
 from .combiners import (BestSingle, Combiner, EnsembleSelection, LogitMean, LogRegLogits, Mean,
                         ensemble_selection, make_combiner)
 from .config import CANDIDATES, TEST_FEATURES, StackConfig
-from .fit import fit_stack
+from .fit import fit_stack, load_stack
 from .guard import decide, nested_estimate, run_guard
 from .lgbm import LGBMClassShared, LGBMWide
 from .metrics import Metric
@@ -21,6 +21,6 @@ from .submit import write_submission
 __all__ = [
     "CANDIDATES", "TEST_FEATURES", "BestSingle", "Combiner", "EnsembleSelection", "LGBMClassShared",
     "LGBMWide", "LogRegLogits", "LogitMean", "Mean", "Metric", "StackConfig", "StackGuard", "decide",
-    "ensemble_selection", "fit_stack", "format_report", "leaderboard_frame", "make_combiner",
+    "ensemble_selection", "fit_stack", "format_report", "leaderboard_frame", "load_stack", "make_combiner",
     "nested_estimate", "run_guard", "write_submission",
 ]

@@ -60,6 +60,10 @@ class Combiner:
     def booster_text(self) -> str | None:
         return None
 
+    def restore(self, state: dict, booster_text: str | None = None) -> "Combiner":
+        """Put back the fitted state that `state()` (and `booster_text()`) saved."""
+        return self
+
 
 class Mean(Combiner):
     """Arithmetic mean of the models' probabilities: no fitted state, the guard's floor."""
@@ -100,6 +104,10 @@ class BestSingle(Combiner):
     def state(self):
         return {"model_index": self.model_}
 
+    def restore(self, state, booster_text=None):
+        self.model_ = int(state["model_index"])
+        return self
+
 
 class EnsembleSelection(Combiner):
     """Greedy ensemble selection with replacement (Caruana et al., 2004).
@@ -131,6 +139,10 @@ class EnsembleSelection(Combiner):
 
     def state(self):
         return {"weights": self.weights_.tolist()}
+
+    def restore(self, state, booster_text=None):
+        self.weights_ = np.asarray(state["weights"], dtype=np.float64)
+        return self
 
 
 def ensemble_selection(p_true: np.ndarray, steps: int, init: int) -> np.ndarray:
@@ -182,7 +194,19 @@ class LogRegLogits(Combiner):
 
     def state(self):
         return {"classes_seen": self.model_.classes_.tolist(), "coef": self.model_.coef_.tolist(),
-                "intercept": self.model_.intercept_.tolist(), "features": "centred log-probabilities, model-major"}
+                "intercept": self.model_.intercept_.tolist(), "n_classes": self.n_classes_,
+                "features": "centred log-probabilities, model-major"}
+
+    def restore(self, state, booster_text=None):
+        from sklearn.linear_model import LogisticRegression
+
+        self.model_ = LogisticRegression()
+        self.model_.classes_ = np.asarray(state["classes_seen"])
+        self.model_.coef_ = np.asarray(state["coef"], dtype=np.float64)
+        self.model_.intercept_ = np.asarray(state["intercept"], dtype=np.float64)
+        self.model_.n_features_in_ = self.model_.coef_.shape[1]
+        self.n_classes_ = int(state["n_classes"])
+        return self
 
 
 def _flat_logits(X: np.ndarray) -> np.ndarray:

@@ -3,6 +3,8 @@
     <run>/stack/decision.json      scores, intervals, choice, reason, config, models, folds sha256
     <run>/stack/combiner.json      the chosen combiner's learned state (weights, coefficients)
     <run>/stack/combiner.lgbm.txt  its LightGBM booster in text format, when it has one
+
+`load_stack` rebuilds the fitted guard from these files.
     <run>/stack/leaderboard.csv    the leaderboard as a table
     <run>/stack/report.txt         the leaderboard as printed
     <run>/stack/test.parquet       the stack's test probabilities (a contract test table)
@@ -14,10 +16,14 @@ from __future__ import annotations
 
 import os
 
-from oof import RunPaths, StackerError, atomic_path, check_model_name, write_json, write_table, write_text
+from oof import (RunPaths, StackerError, atomic_path, build_config, check_model_name, read_json, write_json,
+                 write_table, write_text)
 
+from .combiners import make_combiner
 from .config import StackConfig
+from .guard import fit_seed
 from .inputs import load_run_folds, read_run_tables
+from .metrics import Metric
 from .report import format_report, leaderboard_frame
 from .stack_guard import StackGuard
 
@@ -75,3 +81,24 @@ def write_stack(paths: RunPaths, guard: StackGuard, test) -> None:
         leaderboard_frame(guard.decision_).to_csv(tmp, index=False)
     write_text(stack / "report.txt", format_report(guard.decision_, guard.timings_))
     write_json(paths.decision, guard.decision_)
+
+
+def load_stack(run_dir: str | os.PathLike) -> StackGuard:
+    """The fitted guard of a run, rebuilt from `<run>/stack/` (JSON and LightGBM text, no pickle).
+
+    Its `predict_proba` / `predict_table` apply the chosen combiner to new test tables
+    in a process that never saw the OOF rows, e.g. a Kaggle notebook.
+    """
+    paths = RunPaths(run_dir)
+    if not paths.decision.is_file():
+        raise StackerError(f"{paths.decision}: no fitted stack; run fit-stack first")
+    decision = read_json(paths.decision)
+    state = read_json(paths.stack / "combiner.json")
+    booster = (paths.stack / state["booster"]).read_text(encoding="utf-8") if "booster" in state else None
+    config = build_config(StackConfig, decision["config"], f"{paths.decision}: config")
+    guard = StackGuard(config)
+    guard.decision_, guard.models_, guard.classes_ = decision, list(state["models"]), tuple(state["classes"])
+    metric = Metric(config.metric, len(guard.classes_))
+    guard.combiner_ = make_combiner(state["candidate"], config, metric, fit_seed(config.seed, ()), guard.models_,
+                                    guard.classes_).restore(state, booster)
+    return guard

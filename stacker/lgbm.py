@@ -102,6 +102,11 @@ class _Booster(Combiner):
     def booster_text(self):
         return self.booster_.model_to_string(num_iteration=self.best_iteration_)
 
+    def restore(self, state, booster_text=None):
+        self.booster_ = lgb.Booster(model_str=booster_text)
+        self.best_iteration_ = int(state["best_iteration"])
+        return self
+
 
 class LGBMWide(_Booster):
     """Multiclass booster over M*C features `<model>:<class>` (each model's probability of each class)."""

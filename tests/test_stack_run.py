@@ -249,3 +249,35 @@ def test_submission_refuses_to_overwrite_and_needs_a_stack(stacked, tmp_path):
     (RunPaths(root).stack / "test.parquet").unlink()
     with pytest.raises(StackerError, match=r"stack/test\.parquet: not found; run fit-stack first"):
         write_submission(root, sample, force=True, log=None)
+
+
+@pytest.mark.parametrize("candidate, data", [
+    ("best_single", "strong_and_noise"), ("ensemble_selection", "strong_and_noise"),
+    ("logreg", "specialists"), ("lgbm_wide", "specialists"), ("lgbm_class_shared", "specialists")])
+def test_load_stack_rebuilds_the_chosen_combiner_from_its_files(tmp_path, candidate, data):
+    from stack_fixtures import noisy_copy, pure_noise
+    from stacker import load_stack
+
+    rng = np.random.default_rng(1)
+    folds = make_run_folds(600, 4, seed=0)
+    y_test = rng.integers(0, 4, 40)
+    if data == "specialists":  # the mean fails where a learned combiner does not
+        oof = {m: specialists(folds.y, rng, k, n_classes=4) for m, k in (("a", [0, 1]), ("b", [2, 3]))}
+        test = {m: specialists(y_test, rng, k, n_classes=4) for m, k in (("a", [0, 1]), ("b", [2, 3]))}
+    else:  # one strong model and two noise models: the mean is diluted, a pick is not
+        oof = {"a": noisy_copy(folds.y, 4, 0.95, rng), "b": pure_noise(600, 4, rng), "c": pure_noise(600, 4, rng)}
+        test = {"a": noisy_copy(y_test, 4, 0.95, rng), "b": pure_noise(40, 4, rng), "c": pure_noise(40, 4, rng)}
+    root = write_run(tmp_path / "run", folds, oof, test, [f"t{i}" for i in range(40)])
+    fit_stack(root, fast_config(candidates=["mean", candidate], lgbm_max_rounds=10), log=None)
+    guard = load_stack(root)
+    assert guard.decision_["chosen"] == candidate
+    tables = {m: read_table(RunPaths(root).test(m), folds.classes, "test") for m in oof}
+    expected = read_table(RunPaths(root).stack / "test.parquet", folds.classes, "test").proba
+    np.testing.assert_allclose(guard.predict_table(tables).proba, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_load_stack_needs_a_fitted_stack(tmp_path):
+    from stacker import load_stack
+
+    with pytest.raises(StackerError, match=r"decision.json: no fitted stack; run fit-stack first"):
+        load_stack(tmp_path)
