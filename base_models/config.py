@@ -159,7 +159,8 @@ class TrainConfig:
         if not isinstance(self.sampling, SamplingConfig):
             self.sampling = build_config(SamplingConfig, self.sampling, "train.sampling")
         if not isinstance(self.target_weights, dict):
-            raise StackerError(f"train.target_weights: must be a mapping of target to weight, got {self.target_weights!r}")
+            raise StackerError("train.target_weights: must be a mapping of target to weight, "
+                               f"got {self.target_weights!r}")
         _positive(self, "train", ("epochs", "batch_size", "accum_steps", "lr", "lr_mult", "div", "div_final"))
         self._check_ranges()
 
@@ -301,4 +302,5 @@ class FoldsConfig:
             raise StackerError(f"folds.k: must be an integer >= 2, got {self.k!r}")
 
 
-__all__ = ["AugmentConfig", "FoldsConfig", "ModelSpec", "Phase", "SamplingConfig", "TTAConfig", "TrainConfig", "as_size", "model_specs", "replace"]
+__all__ = ["AugmentConfig", "FoldsConfig", "ModelSpec", "Phase", "SamplingConfig", "TTAConfig", "TrainConfig",
+           "as_size", "model_specs", "replace"]

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from oof import StackerError
-from oof import preview
+from oof import StackerError, preview
 
 from .images import RESIZE_MODES
 

@@ -82,7 +82,8 @@ def load_targets(paths: RunPaths, folds: Folds, extra: list[str]) -> list[Target
             raise StackerError(f"{paths.targets}: no column {name!r} (data.extra_targets); rerun train-base")
         values = table[name].astype(str)
         classes = tuple(sorted(values.unique()))
-        targets.append(Target(name, classes, values.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64, copy=True)))
+        index = {c: i for i, c in enumerate(classes)}
+        targets.append(Target(name, classes, values.map(index).to_numpy(np.int64, copy=True)))
     return targets
 
 

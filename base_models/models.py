@@ -14,8 +14,7 @@ import torch
 from timm.data import resolve_data_config
 from timm.models import load_state_dict
 
-from oof import StackerError
-from oof import preview
+from oof import StackerError, preview
 
 
 class TargetHeads(torch.nn.Module):

@@ -155,8 +155,10 @@ def stacker_tta(args, device, cache) -> float:
     source = ImageSource(cache.images, device)
     rows = np.arange(len(cache.ids))
     views = [PLAIN, *tta_views(args.tta)]
-    run = lambda: predict_views(model, source, rows[:args.batch * args.steps], (args.size, args.size), views,
-                                norm, args.batch)
+
+    def run():
+        predict_views(model, source, rows[:args.batch * args.steps], (args.size, args.size), views, norm, args.batch)
+
     return args.batch * args.steps / timed(run, 1, device, warmup=1)
 
 

@@ -22,8 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path
-from .errors import StackerError
-from .errors import preview
+from .errors import StackerError, preview
 from .folds import META_KEY, Folds
 
 SUM_TOL = 1e-4

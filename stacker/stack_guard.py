@@ -131,7 +131,8 @@ class StackGuard:
 def _exclude(suspicious: dict, allow: bool, log) -> dict:
     """{model: reason} of the models to leave out, each announced with a warning."""
     for name, why in suspicious.items():
-        action = "kept (allow_suspicious)" if allow else "excluded; pass --allow-suspicious (stack.allow_suspicious: true) to keep it"
+        action = ("kept (allow_suspicious)" if allow else
+                  "excluded; pass --allow-suspicious (stack.allow_suspicious: true) to keep it")
         log(f"warning: model {name!r} looks leaked: {why} -> {action}")
     return {} if allow else dict(suspicious)
 

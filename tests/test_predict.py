@@ -8,7 +8,7 @@ from base_models.config import FoldsConfig, TTAConfig, model_specs
 from base_models.dataset import DataConfig
 from base_models.jobs import predict_oof, prepare_run, train_base
 from base_models.predict import combine_tta
-from oof import RunPaths, StackerError, load_folds, read_table, validate_oof, validate_test
+from oof import RunPaths, StackerError, read_table, validate_oof
 
 
 def test_combine_tta_lerp_is_fastai_default():

@@ -21,7 +21,8 @@ TINY = {"size": 16, "epochs": 2, "batch_size": 32, "lr": 3e-3}
 @pytest.fixture
 def run(tmp_path, small_digits_dir):
     paths = RunPaths(tmp_path / "run")
-    _, folds = prepare_run(paths, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=3), (16, 16), log=lambda s: None)
+    _, folds = prepare_run(paths, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=3), (16, 16),
+                           log=lambda s: None)
     return paths, folds
 
 
