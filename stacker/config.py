@@ -28,6 +28,9 @@ TEST_FEATURES = ("mean", "per_fold")
 # scikit-learn scorers that score regressions: meaningless on class labels.
 _REGRESSION_SCORERS = ("r2", "explained_variance", "neg_max_error", "d2_absolute_error_score",
                        "neg_mean_", "neg_median_", "neg_root_mean_")
+# scikit-learn's clustering scorers: label permutations score the same, so a class prediction is not judged.
+_CLUSTERING_SCORERS = ("rand_score", "mutual_info_score", "v_measure_score", "homogeneity_score",
+                       "completeness_score", "fowlkes_mallows_score")
 
 
 @dataclass
@@ -182,3 +185,6 @@ def _check_metric(metric: str) -> None:
                            "(e.g. accuracy, neg_log_loss, balanced_accuracy, f1_macro)")
     if metric.startswith(_REGRESSION_SCORERS):
         raise StackerError(f"stack.metric: {metric!r} scores regressions, not class predictions")
+    if metric.endswith(_CLUSTERING_SCORERS):
+        raise StackerError(f"stack.metric: {metric!r} scores clusterings (it ignores which label is which), "
+                           "not class predictions")

@@ -68,6 +68,7 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
 def write_stack(paths: RunPaths, guard: StackGuard, test) -> None:
     """Write every stack/ file of a fitted guard; decision.json last."""
     stack = paths.stack
+    paths.decision.unlink(missing_ok=True)  # until the new one is written, no decision vouches for stack/
     state = guard.state()
     booster = guard.combiner_.booster_text()
     if booster is not None:
@@ -92,13 +93,18 @@ def load_stack(run_dir: str | os.PathLike) -> StackGuard:
     paths = RunPaths(run_dir)
     if not paths.decision.is_file():
         raise StackerError(f"{paths.decision}: no fitted stack; run fit-stack first")
-    decision = read_json(paths.decision)
-    state = read_json(paths.stack / "combiner.json")
-    booster = (paths.stack / state["booster"]).read_text(encoding="utf-8") if "booster" in state else None
-    config = build_config(StackConfig, decision["config"], f"{paths.decision}: config")
+    try:
+        decision = read_json(paths.decision)
+        state = read_json(paths.stack / "combiner.json")
+        booster = (paths.stack / state["booster"]).read_text(encoding="utf-8") if "booster" in state else None
+        config = build_config(StackConfig, decision["config"], f"{paths.decision}: config")
+        chosen, models, classes = state["candidate"], state["models"], state["classes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StackerError(f"{paths.stack}: damaged or incomplete stack files ({type(e).__name__}: {e}); "
+                           "run fit-stack --force") from None
     guard = StackGuard(config)
-    guard.decision_, guard.models_, guard.classes_ = decision, list(state["models"]), tuple(state["classes"])
+    guard.decision_, guard.models_, guard.classes_ = decision, list(models), tuple(classes)
     metric = Metric(config.metric, len(guard.classes_))
-    guard.combiner_ = make_combiner(state["candidate"], config, metric, fit_seed(config.seed, ()), guard.models_,
+    guard.combiner_ = make_combiner(chosen, config, metric, fit_seed(config.seed, ()), guard.models_,
                                     guard.classes_).restore(state, booster)
     return guard

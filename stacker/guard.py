@@ -79,7 +79,7 @@ def decide(y, probas: dict[str, np.ndarray], metric: Metric, config: StackConfig
         {"candidates": {name: scores}, "best": name, "chosen": name, "reason": str}.
     """
     names = list(probas)
-    boot = metric.bootstrap(y, [probas[n] for n in names], bootstrap_counts(len(y), config.n_bootstrap, seed))
+    boot = metric.bootstrap(y, [probas[n] for n in names], bootstrap_counts(y, config.n_bootstrap, seed))
     score = np.array([metric.score(y, probas[n]) for n in names])
     floor = names.index(FLOOR)
     tail = 100 * (1 - config.confidence) / 2

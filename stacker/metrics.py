@@ -181,12 +181,24 @@ def confusion_score(name: str, confusion: np.ndarray) -> np.ndarray:
     return (per_class * present).sum(axis=1) / present.sum(axis=1)
 
 
-def bootstrap_counts(n_rows: int, n_bootstrap: int, seed) -> np.ndarray:
-    """(B, N) float32 times each row is drawn in each of B resamples with replacement."""
+def bootstrap_counts(y: np.ndarray, n_bootstrap: int, seed) -> np.ndarray:
+    """(B, N) float32 times each row is drawn in each of B resamples, stratified by class.
+
+    Each class's rows are resampled with replacement among themselves, so every
+    resample holds every class as often as the data does: a rare class can never
+    vanish from a resample and leave a per-class metric (AUC, recall) undefined.
+    """
+    y = np.asarray(y)
+    n_rows = len(y)
     rng = np.random.default_rng(seed)
+    classes = [np.flatnonzero(y == c) for c in np.unique(y)]
     chunks = []
     for start in range(0, n_bootstrap, _BOOTSTRAP_CHUNK):
         b = min(_BOOTSTRAP_CHUNK, n_bootstrap - start)
-        draws = rng.integers(0, n_rows, size=(b, n_rows)) + n_rows * np.arange(b)[:, None]
-        chunks.append(np.bincount(draws.ravel(), minlength=b * n_rows).reshape(b, n_rows))
+        counts = np.zeros((b, n_rows), dtype=np.int64)
+        offsets = n_rows * np.arange(b)[:, None]
+        for rows in classes:
+            draws = rows[rng.integers(0, len(rows), size=(b, len(rows)))] + offsets  # (b, n_c) flat indices
+            counts += np.bincount(draws.ravel(), minlength=b * n_rows).reshape(b, n_rows)
+        chunks.append(counts)
     return np.concatenate(chunks).astype(np.float32)

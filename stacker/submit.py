@@ -83,6 +83,13 @@ def submission_frame(sample: pd.DataFrame, table: PredictionTable, sample_name: 
     classes = list(table.classes)
     if sorted(columns) == sorted(classes):
         return pd.DataFrame({id_col: ids, **{c: proba[:, classes.index(c)] for c in columns}})
+    if len(columns) == 1 and _fractional(sample[sample.columns[1]]):
+        # Kaggle's binary layout `id,target` with placeholder 0.5 asks for P(positive class).
+        if len(classes) != 2:
+            raise StackerError(f"{sample_name}: column {columns[0]!r} holds fractional placeholders (a "
+                               f"probability), but there are {len(classes)} classes, not 2")
+        log(f"submission: {sample_name} asks for a probability: writing P({classes[1]!r}) in {columns[0]!r}")
+        return pd.DataFrame({id_col: ids, columns[0]: proba[:, 1]})
     if len(columns) == 1:
         _check_placeholders(sample[sample.columns[1]], ids, classes, sample_name, log)
         return pd.DataFrame({id_col: ids, columns[0]: np.asarray(classes, dtype=object)[proba.argmax(axis=1)]})
@@ -104,6 +111,12 @@ def _sample_order(ids: np.ndarray, table: PredictionTable, sample_name: str) -> 
         raise StackerError(f"{table.source}: has {len(extra)} id(s) that {sample_name} does not, "
                            f"first {preview(extra)}")
     return have.get_indexer(ids)
+
+
+def _fractional(values: pd.Series) -> bool:
+    """Placeholders such as 0.5: numbers, at least one of them not whole."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    return bool(len(values)) and numbers.notna().all() and (numbers != numbers.round()).any()
 
 
 def _check_placeholders(labels: pd.Series, ids, classes: list[str], sample_name: str, log) -> None:

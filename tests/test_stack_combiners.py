@@ -87,7 +87,7 @@ def test_bootstrap_scores_equal_scikit_learn_on_the_resampled_rows(name, n_class
         y[y == n_classes - 1] = 0  # a class no row holds: averages must run over present labels
     probas = [noisy_copy(y, n_classes, 0.7, rng), pure_noise(300, n_classes, rng)]
     metric = Metric(name, n_classes)
-    counts = bootstrap_counts(len(y), 40, seed=3)
+    counts = bootstrap_counts(y, 40, seed=3)
     boot = metric.bootstrap(y, probas, counts)  # (B, 2)
     assert boot.shape == (40, 2)
     for b in (0, 17, 39):
@@ -106,8 +106,11 @@ def sklearn_score(name, y, proba, n_classes):
         return get_scorer(name)(estimator, np.arange(len(y))[:, None], y)
 
 
-def test_bootstrap_counts_are_seeded_resamples():
-    counts = bootstrap_counts(50, 120, seed=0)
+def test_bootstrap_counts_are_seeded_resamples_stratified_by_class():
+    y = np.repeat([0, 1, 2], [45, 4, 1])  # a rare class must never vanish from a resample
+    counts = bootstrap_counts(y, 120, seed=0)
     assert counts.shape == (120, 50) and (counts.sum(axis=1) == 50).all()
-    np.testing.assert_array_equal(counts, bootstrap_counts(50, 120, seed=0))
-    assert not np.array_equal(counts, bootstrap_counts(50, 120, seed=1))
+    for c, n in enumerate([45, 4, 1]):
+        assert (counts[:, y == c].sum(axis=1) == n).all()
+    np.testing.assert_array_equal(counts, bootstrap_counts(y, 120, seed=0))
+    assert not np.array_equal(counts, bootstrap_counts(y, 120, seed=1))

@@ -19,6 +19,7 @@ def test_candidates_are_put_in_complexity_order():
 
 @pytest.mark.parametrize("options, message", [
     ({"metric": "r2"}, r"stack\.metric: 'r2' scores regressions"),
+    ({"metric": "adjusted_rand_score"}, r"stack\.metric: 'adjusted_rand_score' scores clusterings"),
     ({"metric": "accuracyy"}, r"stack\.metric: 'accuracyy' is not a scikit-learn scorer"),
     ({"candidates": ["mean", "xgboost"]}, r"stack\.candidates: unknown candidate 'xgboost'"),
     ({"candidates": ["logreg"]}, r"stack\.candidates: must include 'mean'"),

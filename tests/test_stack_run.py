@@ -281,3 +281,27 @@ def test_load_stack_needs_a_fitted_stack(tmp_path):
 
     with pytest.raises(StackerError, match=r"decision.json: no fitted stack; run fit-stack first"):
         load_stack(tmp_path)
+
+
+def test_load_stack_names_damaged_files(stacked):
+    from stacker import load_stack
+
+    root = stacked[0]
+    (RunPaths(root).stack / "combiner.json").write_text("{ truncated")
+    with pytest.raises(StackerError, match=r"damaged or incomplete stack files \(JSONDecodeError"):
+        load_stack(root)
+
+
+def test_a_fractional_placeholder_asks_for_the_positive_class_probability(tmp_path):
+    rng = np.random.default_rng(0)
+    folds = make_run_folds(200, 2, seed=0)
+    oof = {"a": specialists(folds.y, rng, [0, 1], n_classes=2)}
+    test = {"a": specialists(np.array([0, 1, 1]), rng, [0, 1], n_classes=2)}
+    root = write_run(tmp_path / "run", folds, oof, test, ["t0", "t1", "t2"])
+    fit_stack(root, fast_config(candidates=["mean"]), log=None)
+    sample = tmp_path / "sample.csv"
+    sample.write_text("id,target\nt0,0.5\nt1,0.5\nt2,0.5\n")
+    out = write_submission(root, sample, tmp_path / "sub.csv", log=None)
+    sub = pd.read_csv(out)
+    expected = read_table(RunPaths(root).stack / "test.parquet", folds.classes, "test").proba[:, 1]
+    np.testing.assert_allclose(sub["target"].to_numpy(), expected)
