@@ -66,21 +66,25 @@ def test_train_saves_last_epoch_weights_and_history(run):
         assert not paths.checkpoint("test_resnet", k).exists()  # removed once the job finished
 
 
-def test_interrupted_job_resumes_to_identical_weights(tmp_path, run, small_digits_dir):
-    paths, folds = run
-    train_base(paths, specs(), folds, log=lambda s: None)
-    reference = load_file(paths.weights("test_resnet", 0))
-
-    other = RunPaths(tmp_path / "interrupted")
-    _, folds2 = prepare_run(other, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=3), (16, 16),
-                            log=lambda s: None)
+def interrupted_after_first_epoch(root, data_dir, spec):
+    """A fresh run of `spec` stopped (as by Ctrl-C) right after fold 0's first epoch."""
+    paths = RunPaths(root)
+    _, folds = prepare_run(paths, DataConfig(root=str(data_dir)), FoldsConfig(k=3), (16, 16), log=lambda s: None)
 
     def stop_after_first_epoch(line):
         if "epoch  1/2" in line:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_base(other, specs(), folds2, log=stop_after_first_epoch)
+        train_base(paths, spec, folds, log=stop_after_first_epoch)
+    return paths, folds
+
+
+def test_interrupted_job_resumes_to_identical_weights(tmp_path, run, small_digits_dir):
+    paths, folds = run
+    train_base(paths, specs(), folds, log=lambda s: None)
+    reference = load_file(paths.weights("test_resnet", 0))
+    other, folds2 = interrupted_after_first_epoch(tmp_path / "interrupted", small_digits_dir, specs())
     assert other.checkpoint("test_resnet", 0).is_file()
     assert not other.weights("test_resnet", 0).exists()
     lines = []
@@ -115,16 +119,7 @@ def test_resume_with_mixup_is_bit_identical_and_other_settings_are_refused(tmp_p
     mixup = specs(mixup_alpha=0.4)
     train_base(paths, mixup, folds, log=lambda s: None)
     reference = load_file(paths.weights("test_resnet", 0))
-    other = RunPaths(tmp_path / "interrupted")
-    _, folds2 = prepare_run(other, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=3), (16, 16),
-                            log=lambda s: None)
-
-    def stop(line):
-        if "epoch  1/2" in line:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_base(other, mixup, folds2, log=stop)
+    other, folds2 = interrupted_after_first_epoch(tmp_path / "interrupted", small_digits_dir, mixup)
     with pytest.raises(StackerError, match=r"interrupted job of other settings \(lr\).*--force"):
         train_base(other, specs(mixup_alpha=0.4, lr=1e-3), folds2, log=lambda s: None)
     train_base(other, mixup, folds2, log=lambda s: None)  # numpy's RNG (timm's Mixup) is restored too
