@@ -5,7 +5,7 @@ values are checked once, in `__post_init__`, with errors naming the key.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from oof import StackerError, build_config, check_model_name
 
@@ -303,4 +303,4 @@ class FoldsConfig:
 
 
 __all__ = ["AugmentConfig", "FoldsConfig", "ModelSpec", "Phase", "SamplingConfig", "TTAConfig", "TrainConfig",
-           "as_size", "model_specs", "replace"]
+           "as_size", "model_specs"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from oof import StackerError, preview
+from oof import StackerError, preview, read_csv_strings
 
 from .images import RESIZE_MODES
 
@@ -126,7 +126,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _train_from_csv(cfg: DataConfig) -> pd.DataFrame:
     csv = cfg.path(cfg.train_csv)
-    df = _read_csv(csv)
+    df = read_csv_strings(csv)
     id_col = cfg.id_column or df.columns[0]
     needed = [id_col, cfg.label_column, *cfg.extra_targets] + ([cfg.path_column] if cfg.path_column else [])
     missing = [c for c in needed if c not in df.columns]
@@ -163,7 +163,7 @@ def _test_table(cfg: DataConfig) -> pd.DataFrame:
     folder = cfg.path(cfg.test_dir)
     sample = cfg.path(cfg.sample_submission)
     if sample is not None and sample.is_file():
-        df = _read_csv(sample)
+        df = read_csv_strings(sample)
         ids = df[df.columns[0]]
         dup = ids.duplicated()
         if dup.any():
@@ -180,12 +180,3 @@ def _check_files_exist(paths: pd.Series) -> None:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise StackerError(f"{len(missing)} image file(s) not found, first {preview(missing)}")
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise StackerError(f"{path}: file not found")
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise StackerError(f"{path}: not a readable CSV file ({e})") from None

@@ -13,6 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import pandas as pd
+
+from .errors import StackerError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -50,6 +54,21 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def read_json(path: str | os.PathLike):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_csv_strings(path: str | os.PathLike):
+    """A CSV read as text: every cell a string, blanks kept as '' (ids like 'NA' stay ids).
+
+    Raises:
+        StackerError: a missing or unreadable file, named.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StackerError(f"{path}: file not found")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:  # pandas raises several types for a damaged file
+        raise StackerError(f"{path}: not a readable CSV file ({e})") from None
 
 
 def _json_default(obj):

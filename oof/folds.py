@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path
+from .atomic import atomic_path, read_csv_strings
 from .errors import StackerError, preview
 
 META_KEY = b"stacker"
@@ -157,7 +157,7 @@ def load_folds(path: str | os.PathLike) -> Folds:
     if not path.is_file():
         raise StackerError(f"{path}: folds file not found (run train-base first, or pass --folds)")
     if path.suffix == ".csv":
-        return folds_from_table(_read_csv(path), str(path))
+        return folds_from_table(read_csv_strings(path), str(path))
     try:
         pf = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a damaged file
@@ -176,13 +176,6 @@ def load_folds(path: str | os.PathLike) -> Folds:
             raise StackerError(f"{path}: labels {sorted(unknown)} are not among the recorded classes")
         folds = Folds(folds.table, folds.k, meta.get("seed"), folds.classes, folds.sha256)
     return folds
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise StackerError(f"{path}: not a readable CSV file ({e})") from None
 
 
 def _check_unique(ids: np.ndarray, source: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from oof import PredictionTable, RunPaths, StackerError, atomic_path, read_table
+from oof import PredictionTable, RunPaths, StackerError, atomic_path, read_csv_strings, read_table
 from oof import preview
 
 from .inputs import load_run_folds, table_file
@@ -65,10 +65,7 @@ def read_sample(path: Path) -> pd.DataFrame:
     """The sample submission as strings, blanks kept as ''."""
     if not path.is_file():
         raise StackerError(f"{path}: sample submission not found")
-    try:
-        sample = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:  # pandas raises several types for a damaged file
-        raise StackerError(f"{path}: not a readable CSV file ({e})") from None
+    sample = read_csv_strings(path)
     if sample.shape[1] < 2:
         raise StackerError(f"{path}: needs an id column and at least one prediction column")
     return sample
