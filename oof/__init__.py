@@ -15,6 +15,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Folds", "PredictionTable", "RunPaths", "StackerError", "__version__", "atomic_path", "build_config",
     "check_model_name", "check_rows", "folds_from_table", "load_folds", "make_folds", "preview",
-    "read_csv_strings", "read_json", "read_table", "table_from_frame", "validate_oof", "validate_test", "write_bytes", "write_folds",
-    "write_json", "write_table", "write_text",
+    "read_csv_strings", "read_json", "read_table", "table_from_frame", "validate_oof", "validate_test",
+    "write_bytes", "write_folds", "write_json", "write_table", "write_text",
 ]
