@@ -1,48 +1,117 @@
-"""Building config dataclasses from YAML mappings, shared by every package's config."""
+"""Config dataclasses: built from YAML mappings, checked against one declarative rule table each.
+
+Every config dataclass of every package declares `SECTION` (its YAML key) and
+`RULES`, a table from field name to the forms its value may take, as
+scikit-learn's `_parameter_constraints`:
+
+    RULES = {"lr": (number(0, open_low=True),), "clip_grad": (number(0, open_low=True), NULL)}
+
+and its `__post_init__` calls `check_fields(self)` once its values are in their
+final types; cross-field rules (es_init <= es_steps) follow that call. Numbers
+are finite and never booleans, so NaN, inf and `true` are refused everywhere.
+"""
 from __future__ import annotations
 
-import types
-import typing
-from dataclasses import fields
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Callable
 
 from .errors import StackerError
 
-_SCALARS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+@dataclass(frozen=True)
+class Rule:
+    """One form a value may take: a test and the words an error uses for it."""
+
+    test: Callable[[Any], bool]
+    text: str
+
+    def __call__(self, value) -> bool:
+        return bool(self.test(value))
+
+
+def _is_number(v, integer: bool) -> bool:
+    if isinstance(v, bool):
+        return False
+    if integer:
+        return isinstance(v, int)
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def number(low=None, high=None, *, integer: bool = False, open_low: bool = False,
+           open_high: bool = False) -> Rule:
+    """A finite number (an integer with `integer`) within optional bounds, closed unless `open_*`."""
+    def test(v):
+        if not _is_number(v, integer):
+            return False
+        above = low is None or (v > low if open_low else v >= low)
+        below = high is None or (v < high if open_high else v <= high)
+        return above and below
+
+    kind = "an integer" if integer else "a number"
+    if low is not None and high is not None:
+        bounds = f" in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    elif low is not None:
+        bounds = f" {'>' if open_low else '>='} {low}"
+    elif high is not None:
+        bounds = f" {'<' if open_high else '<='} {high}"
+    else:
+        bounds = ""
+    return Rule(test, kind + bounds)
+
+
+def one_of(*values) -> Rule:
+    """One of a fixed vocabulary of values."""
+    return Rule(lambda v: isinstance(v, (str, int, float, bool, type(None))) and v in values,
+                f"one of {list(values)}")
+
+
+def instance(cls: type | tuple[type, ...], text: str) -> Rule:
+    """An instance of `cls` (booleans are not integers)."""
+    return Rule(lambda v: isinstance(v, cls) and not (isinstance(v, bool) and bool not in _as_tuple(cls)), text)
+
+
+def each(rule: Rule, text: str) -> Rule:
+    """A list or tuple (not a string) whose every item passes `rule`."""
+    return Rule(lambda v: isinstance(v, (list, tuple)) and all(rule(x) for x in v), text)
+
+
+def _as_tuple(cls):
+    return cls if isinstance(cls, tuple) else (cls,)
+
+
+NULL = Rule(lambda v: v is None, "null")
+BOOL = instance(bool, "true or false")
+STRING = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
+SEED = number(0, 2**32 - 1, integer=True)  # numpy's and torch's seeds are unsigned 32-bit
+
+
+def check_fields(obj) -> None:
+    """Check every field of a config dataclass against its class's `RULES`, naming `SECTION.field`."""
+    cls = type(obj)
+    for name, allowed in cls.RULES.items():
+        value = getattr(obj, name)
+        if not any(rule(value) for rule in allowed):
+            expected = " or ".join(rule.text for rule in allowed)
+            raise StackerError(f"{cls.SECTION}.{name}: expected {expected}, got {value!r}")
 
 
 def build_config(cls, mapping, key: str):
-    """`cls(**mapping)`, naming the section when a key is unknown or a value has the wrong type.
+    """`cls(**mapping)`, naming the section when a key is unknown or a value does not fit.
 
-    Scalar fields (int, float, str, bool, or one of them or null) are type-checked
-    here; ranges and compound values are checked by the dataclass's `__post_init__`.
+    Values are checked by the dataclass itself (`check_fields` in its `__post_init__`).
     """
     if mapping is None:
         mapping = {}
     if not isinstance(mapping, dict):
         raise StackerError(f"{key}: must be a mapping of keys to values, got {mapping!r}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(mapping) - known)
+    unknown = sorted(set(map(str, mapping)) - known)
     if unknown:
         raise StackerError(f"{key}: unknown key(s) {unknown}; known: {sorted(known)}")
-    hints = typing.get_type_hints(cls)
-    for name, value in mapping.items():
-        _check_scalar(hints[name], value, f"{key}.{name}")
     try:
         return cls(**mapping)
     except (TypeError, ValueError) as e:  # a compound value of the wrong shape, caught by a comparison
+        if isinstance(e, StackerError):
+            raise
         raise StackerError(f"{key}: {e}") from None
-
-
-def _check_scalar(hint, value, key: str) -> None:
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
-        else (hint,)
-    allowed = [a for a in args if a in _SCALARS]
-    if not allowed or len(allowed) + (type(None) in args) != len(args):
-        return  # a compound type: checked by the dataclass itself
-    if value is None and type(None) in args:
-        return
-    ok = any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in allowed)
-    ok = ok or (float in allowed and isinstance(value, int) and not isinstance(value, bool))
-    if not ok:
-        expected = " or ".join(_SCALARS[t] for t in allowed) + (" or null" if type(None) in args else "")
-        raise StackerError(f"{key}: must be {expected}, got {value!r}")

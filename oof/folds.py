@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_path, read_csv_strings
 from .errors import StackerError, preview
+from .ids import check_unique
 
 META_KEY = b"stacker"
 
@@ -90,7 +91,7 @@ def make_folds(ids, labels, k: int = 5, seed: int = 42, classes=None) -> Folds:
     labels = np.asarray([str(y) for y in labels], dtype=object)
     if not isinstance(k, (int, np.integer)) or k < 2:
         raise StackerError(f"folds: k must be an integer of at least 2, got {k!r}")
-    _check_unique(ids, "train ids")
+    check_unique(ids, "train ids")
     classes = tuple(sorted(set(labels))) if classes is None else tuple(str(c) for c in classes)
     unknown = sorted(set(labels) - set(classes))
     if unknown:
@@ -122,7 +123,7 @@ def folds_from_table(table: pd.DataFrame, source: str, classes=None) -> Folds:
         raise StackerError(f"{source}: missing column(s) {missing}; a folds table has id, label, fold")
     ids = table["id"].astype(str).to_numpy(dtype=object)
     labels = table["label"].astype(str).to_numpy(dtype=object)
-    _check_unique(ids, source)
+    check_unique(ids, source)
     fold = pd.to_numeric(table["fold"], errors="coerce")
     bad = fold.isna() | (fold != fold.round())
     if bad.any():
@@ -177,8 +178,3 @@ def load_folds(path: str | os.PathLike) -> Folds:
         folds = Folds(folds.table, folds.k, meta.get("seed"), folds.classes, folds.sha256)
     return folds
 
-
-def _check_unique(ids: np.ndarray, source: str) -> None:
-    dup = pd.Series(ids).duplicated()
-    if dup.any():
-        raise StackerError(f"{source}: duplicate ids, first {preview(ids[dup.to_numpy()])}")

@@ -1,15 +1,19 @@
-"""The run directory: one place that names every file a stage reads or writes.
+"""The run directory: the one place that names every file a stage reads or writes.
 
-    <run>/run.yaml                      resolved config
-    <run>/folds.parquet                 id, label, fold (+ K, seed, classes, sha256)
-    <run>/targets.parquet               id + the train CSV's other columns (extra targets, weights)
-    <run>/cache/                        decoded uint8 images + index
-    <run>/models/<model>/fold<k>.*      weights, history, resume checkpoint
-    <run>/preds/<model>/oof.parquet     OOF probabilities
-    <run>/preds/<model>/test.parquet    test probabilities, mean over fold models
+    <run>/run.yaml                          resolved config
+    <run>/folds.parquet                     id, label, fold (+ K, seed, classes, sha256); folds.csv from other tools
+    <run>/targets.parquet                   id + the train CSV's other columns (extra targets, weights)
+    <run>/cache/<split>.u8, <split>.json    decoded uint8 images + index, split train or test
+    <run>/models/<model>/fold<k>.*          weights, history, resume checkpoint
+    <run>/preds/<model>/oof.parquet         OOF probabilities (oof.csv from other tools)
+    <run>/preds/<model>/test.parquet        test probabilities, mean over fold models (test.csv likewise)
     <run>/preds/<model>/test_fold<k>.parquet
-    <run>/stack/                        decision.json, meta-models, report
+    <run>/preds/<model>/metrics.json        OOF scores with and without TTA
+    <run>/stack/                            decision.json, the chosen candidate, leaderboard, report, test.parquet
     <run>/submission.csv
+
+No other module spells one of these names (a test checks it): a new file of
+the run gets a property here first.
 """
 from __future__ import annotations
 
@@ -20,16 +24,23 @@ from pathlib import Path
 
 from .errors import StackerError
 
-# Model names become directory names and feature-name prefixes (`<model>:<class>`).
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# Model and target names become directory names, file-name parts and feature-name prefixes.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+CACHE_SPLITS = ("train", "test")
 
 
-def check_model_name(name: str) -> str:
-    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+def check_model_name(name: str, what: str = "model name") -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
         raise StackerError(
-            f"model name {name!r} is not allowed: use letters, digits, '_', '.', '-' "
-            "(it becomes a directory name)")
+            f"{what} {name!r} is not allowed: use letters, digits, '_', '.', '-' "
+            "(it becomes part of a file name)")
     return name
+
+
+def table_file(path: Path) -> Path:
+    """`path` (parquet) if it exists, else its `.csv` sibling (a table from another tool) if that exists."""
+    csv = path.with_suffix(".csv")
+    return csv if not path.is_file() and csv.is_file() else path
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,8 @@ class RunPaths:
 
     def __init__(self, root: str | os.PathLike):
         object.__setattr__(self, "root", Path(root))
+
+    # ------------------------------------------------------------ run level
 
     @property
     def config(self) -> Path:
@@ -48,25 +61,34 @@ class RunPaths:
         return self.root / "folds.parquet"
 
     @property
+    def folds_csv(self) -> Path:
+        """Folds brought from another tool (id, label, fold), read when folds.parquet is absent."""
+        return self.root / "folds.csv"
+
+    @property
     def targets(self) -> Path:
         """Extra train columns (extra targets, weight columns) by id, beside folds.parquet."""
         return self.root / "targets.parquet"
 
     @property
+    def submission(self) -> Path:
+        return self.root / "submission.csv"
+
+    # ------------------------------------------------------------ image cache
+
+    @property
     def cache(self) -> Path:
         return self.root / "cache"
 
-    @property
-    def stack(self) -> Path:
-        return self.root / "stack"
+    def cache_data(self, split: str) -> Path:
+        """(N, H, W, 3) uint8 images of a split, raw bytes read as a memmap."""
+        return self.cache / f"{_split(split)}.u8"
 
-    @property
-    def decision(self) -> Path:
-        return self.stack / "decision.json"
+    def cache_index(self, split: str) -> Path:
+        """A split's cache index (ids, files, size, resize mode); written last, so it marks a complete cache."""
+        return self.cache / f"{_split(split)}.json"
 
-    @property
-    def submission(self) -> Path:
-        return self.root / "submission.csv"
+    # ------------------------------------------------------------ base models
 
     def model_dir(self, model: str) -> Path:
         return self.root / "models" / check_model_name(model)
@@ -80,8 +102,14 @@ class RunPaths:
     def checkpoint(self, model: str, fold: int) -> Path:
         return self.model_dir(model) / f"fold{fold}.checkpoint.pt"
 
+    # ------------------------------------------------------------ predictions
+
+    @property
+    def preds(self) -> Path:
+        return self.root / "preds"
+
     def preds_dir(self, model: str) -> Path:
-        return self.root / "preds" / check_model_name(model)
+        return self.preds / check_model_name(model)
 
     def oof(self, model: str, target: str | None = None) -> Path:
         return self.preds_dir(model) / f"oof{_suffix(target)}.parquet"
@@ -92,15 +120,56 @@ class RunPaths:
     def test_fold(self, model: str, fold: int, target: str | None = None) -> Path:
         return self.preds_dir(model) / f"test_fold{fold}{_suffix(target)}.parquet"
 
+    def predict_metrics(self, model: str) -> Path:
+        return self.preds_dir(model) / "metrics.json"
+
     def predicted_models(self) -> list[str]:
         """Models with an OOF table (parquet, or CSV from another tool) under preds/, sorted by name."""
-        preds = self.root / "preds"
-        if not preds.is_dir():
+        if not self.preds.is_dir():
             return []
-        return sorted(p.name for p in preds.iterdir()
-                      if (p / "oof.parquet").is_file() or (p / "oof.csv").is_file())
+        return sorted(p.name for p in self.preds.iterdir()
+                      if _NAME.match(p.name) and table_file(self.oof(p.name)).is_file())
+
+    # ------------------------------------------------------------ stack
+
+    @property
+    def stack(self) -> Path:
+        return self.root / "stack"
+
+    @property
+    def decision(self) -> Path:
+        return self.stack / "decision.json"
+
+    @property
+    def stack_state(self) -> Path:
+        """The chosen candidate's learned state (weights, coefficients) as JSON."""
+        return self.stack / "combiner.json"
+
+    @property
+    def stack_booster(self) -> Path:
+        """The chosen candidate's LightGBM model in text format, when it has one."""
+        return self.stack / "combiner.lgbm.txt"
+
+    @property
+    def leaderboard(self) -> Path:
+        return self.stack / "leaderboard.csv"
+
+    @property
+    def stack_report(self) -> Path:
+        return self.stack / "report.txt"
+
+    @property
+    def stack_test(self) -> Path:
+        """The stack's test probabilities, a contract test table: what submit writes out."""
+        return self.stack / "test.parquet"
 
 
 def _suffix(target: str | None) -> str:
     # The main target's tables keep the contract's plain names; extra targets sit beside them.
-    return "" if target is None else f".{target}"
+    return "" if target is None else f".{check_model_name(target, 'extra target name')}"
+
+
+def _split(split: str) -> str:
+    if split not in CACHE_SPLITS:
+        raise ValueError(f"cache split {split!r} is not one of {CACHE_SPLITS}")
+    return split

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from .atomic import atomic_path
 from .errors import StackerError, preview
 from .folds import META_KEY, Folds
+from .ids import align, check_unique
 
 SUM_TOL = 1e-4
 
@@ -118,9 +119,7 @@ def table_from_frame(df: pd.DataFrame, classes, kind: str, source: str, meta=Non
 def check_rows(table: PredictionTable) -> None:
     """Unique ids, finite probabilities in [0, 1], rows summing to 1 within 1e-4."""
     src, ids, p = table.source, table.ids, table.proba
-    dup = pd.Series(ids).duplicated().to_numpy()
-    if dup.any():
-        raise StackerError(f"{src}: duplicate ids, first {preview(ids[dup])}")
+    check_unique(ids, src)
     bad = ~np.isfinite(p).all(axis=1)
     if bad.any():
         raise StackerError(f"{src}: probabilities must be finite numbers; first bad ids {preview(ids[bad])}")
@@ -147,7 +146,7 @@ def validate_oof(table: PredictionTable, folds: Folds) -> PredictionTable:
                            f"{folds.sha256[:12]}); stacking across fold assignments leaks labels")
     if tuple(table.classes) != tuple(folds.classes):
         raise StackerError(f"{src}: classes {list(table.classes)} differ from the folds' {list(folds.classes)}")
-    order = _align(table.ids, folds.ids, src, "train")
+    order = align(table.ids, folds.ids, src, "train")
     fold = table.fold[order]
     bad = fold != folds.fold
     if bad.any():
@@ -163,17 +162,6 @@ def validate_test(table: PredictionTable, ids, classes) -> PredictionTable:
     if tuple(table.classes) != tuple(classes):
         raise StackerError(f"{src}: classes {list(table.classes)} differ from {list(classes)}")
     ids = np.asarray([str(i) for i in ids], dtype=object)
-    order = _align(table.ids, ids, src, "test")
+    order = align(table.ids, ids, src, "test")
     return PredictionTable(ids, table.proba[order], tuple(classes), None, table.meta, src)
 
-
-def _align(have: np.ndarray, want: np.ndarray, src: str, what: str) -> np.ndarray:
-    """Indices into `have` that put it in `want`'s order; every id exactly once."""
-    pos = pd.Index(have)
-    missing = want[~pd.Index(want).isin(pos)]
-    if len(missing):
-        raise StackerError(f"{src}: {len(missing)} {what} id(s) missing, first {preview(missing)}")
-    extra = have[~pos.isin(want)]
-    if len(extra):
-        raise StackerError(f"{src}: {len(extra)} id(s) that are not {what} ids, first {preview(extra)}")
-    return pos.get_indexer(want)
