@@ -17,26 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Train-time augmentation, fastai's `aug_transforms` defaults where they exist.
-
-    Attributes:
-        min_scale: smallest crop area fraction of RandomResizedCrop (fastai's Paddy notebooks: 0.75).
-        ratio: crop aspect-ratio range relative to the image.
-        flip: random horizontal flip.
-        max_rotate: largest rotation in degrees (fastai: 10).
-        max_zoom: largest extra zoom-in on top of the crop (fastai: 1.1).
-        max_lighting: brightness and contrast change (fastai: 0.2).
-    """
-
-    min_scale: float = 0.75
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
-    max_rotate: float = 10.0
-    max_zoom: float = 1.1
-    max_lighting: float = 0.2
+from .config import MAX_TTA_VIEWS, TTA_CROPS, AugmentConfig
 
 
 @dataclass(frozen=True)
@@ -50,9 +31,6 @@ class View:
 
 
 PLAIN = View()
-# Crops for TTA: whole image, then 85% side crops at the centre and the corners.
-_TTA_CROPS = [(1.0, 0, 0), (0.85, 0, 0), (0.85, -1, -1), (0.85, 1, 1), (0.85, -1, 1), (0.85, 1, -1)]
-MAX_TTA_VIEWS = 2 * len(_TTA_CROPS) - 1  # every crop plain and mirrored, less the plain view itself
 
 
 def tta_views(n: int) -> list[View]:
@@ -65,7 +43,7 @@ def tta_views(n: int) -> list[View]:
         raise ValueError(f"at most {MAX_TTA_VIEWS} distinct TTA views, asked for {n}")
     views = []
     for k in range(n):
-        zoom, cx, cy = _TTA_CROPS[((k + 1) // 2) % len(_TTA_CROPS)]
+        zoom, cx, cy = TTA_CROPS[((k + 1) // 2) % len(TTA_CROPS)]
         views.append(View(flip=k % 2 == 0, zoom=zoom, cx=cx, cy=cy))
     return views
 

@@ -1,31 +1,91 @@
 """Configuration of the base models: one dataclass per concern, defaults live here only.
 
-The CLI builds these from run.yaml (`train:`, `tta:`, `models:`) and flags;
-values are checked once, in `__post_init__`, with errors naming the key.
+Each dataclass is one YAML section (`data:`, `folds:`, `train:` and its nested
+`augment:`/`sampling:`/`phases:`, `tta:`, an entry of `models:`). Its values are
+checked once, in `__post_init__`, against its `RULES` table (`oof.check_fields`,
+errors name the key); cross-field rules follow. Nothing here imports torch, so a
+config is built and checked before any heavy import.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
-from oof import StackerError, build_config, check_model_name
+from oof import (BOOL, NULL, SEED, STRING, Rule, StackerError, build_config, check_fields, check_model_name, each,
+                 instance, number, one_of)
 
-from .augment import MAX_TTA_VIEWS, AugmentConfig
+from .images import RESIZE_MODES
 
 TTA_COMBINE = ("lerp", "mean")
 DEVICES = ("auto", "cpu", "cuda")
+KEEP = ("last", "best")
+KEEP_METRICS = ("valid_loss", "error_rate")
+SAMPLING_BUILTIN = ("uniform", "class_balanced")
+# TTA crops as (side fraction, centre x, centre y): the whole image, then 85% crops at the
+# centre and the corners. Every crop is a view plain and mirrored, less the plain view itself.
+TTA_CROPS = ((1.0, 0, 0), (0.85, 0, 0), (0.85, -1, -1), (0.85, 1, 1), (0.85, -1, 1), (0.85, 1, -1))
+MAX_TTA_VIEWS = 2 * len(TTA_CROPS) - 1
+
+POSITIVE = number(0, open_low=True)
+NON_NEGATIVE = number(0)
+FRACTION = number(0, 1, open_high=True)  # [0, 1)
+COUNT = number(1, integer=True)
+
+
+def _is_size(v) -> bool:
+    return isinstance(v, tuple) and len(v) == 2 and all(number(8, integer=True)(s) for s in v)
+
+
+SIZE = Rule(_is_size, "an integer or [height, width] of integers >= 8")
 
 
 def as_size(value, key: str) -> tuple[int, int]:
     """An image size from YAML: 224 or [H, W]."""
-    size = (value, value) if isinstance(value, int) else tuple(value)
-    if len(size) != 2 or not all(isinstance(s, int) and s >= 8 for s in size):
-        raise StackerError(f"{key}: an image size is an integer or [height, width] of integers >= 8, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    size = tuple(value) if isinstance(value, (list, tuple)) else value
+    if not _is_size(size):
+        raise StackerError(f"{key}: expected {SIZE.text}, got {value!r}")
     return size
 
 
-KEEP = ("last", "best")
-KEEP_METRICS = ("valid_loss", "error_rate")
-SAMPLING_BUILTIN = ("uniform", "class_balanced")
+@dataclass
+class AugmentConfig:
+    """Train-time augmentation, fastai's `aug_transforms` defaults where they exist.
+
+    Attributes:
+        min_scale: smallest crop area fraction of RandomResizedCrop (fastai's Paddy notebooks: 0.75).
+        ratio: crop aspect-ratio range relative to the image.
+        flip: random horizontal flip.
+        max_rotate: largest rotation in degrees (fastai: 10).
+        max_zoom: largest extra zoom-in on top of the crop (fastai: 1.1).
+        max_lighting: brightness and contrast change (fastai: 0.2).
+    """
+
+
+    SECTION: ClassVar[str] = "train.augment"
+    RULES: ClassVar[dict] = {
+        "min_scale": (number(0, 1, open_low=True),),
+        "ratio": (Rule(lambda v: isinstance(v, tuple) and len(v) == 2 and all(POSITIVE(r) for r in v)
+                       and v[0] <= v[1], "[low, high] with 0 < low <= high"),),
+        "flip": (BOOL,),
+        "max_rotate": (number(0, 180),),
+        "max_zoom": (number(1),),
+        "max_lighting": (FRACTION,),
+    }
+
+    min_scale: float = 0.75
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    max_rotate: float = 10.0
+    max_zoom: float = 1.1
+    max_lighting: float = 0.2
+
+    def __post_init__(self):
+        if isinstance(self.ratio, list):
+            self.ratio = tuple(self.ratio)
+        check_fields(self)
 
 
 @dataclass
@@ -38,15 +98,17 @@ class Phase:
         lr_factor: the phase's peak learning rate is lr * lr_factor.
     """
 
+
+    SECTION: ClassVar[str] = "train.phases[]"
+    RULES: ClassVar[dict] = {"size": (SIZE,), "epochs": (COUNT,), "lr_factor": (NON_NEGATIVE,)}
+
     size: tuple[int, int]
     epochs: int
     lr_factor: float = 1.0
 
     def __post_init__(self):
         self.size = as_size(self.size, "train.phases[].size")
-        _positive(self, "train.phases[]", ("epochs",))
-        if not isinstance(self.lr_factor, (int, float)) or self.lr_factor < 0:
-            raise StackerError(f"train.phases[].lr_factor: must be a number >= 0, got {self.lr_factor!r}")
+        check_fields(self)
 
 
 @dataclass
@@ -62,14 +124,19 @@ class SamplingConfig:
         power: p of class_balanced: 0 is uniform, 1 fully balanced.
     """
 
+
+    SECTION: ClassVar[str] = "train.sampling"
+    RULES: ClassVar[dict] = {"weights": (STRING,), "power": (NON_NEGATIVE,)}
+
     weights: str = "uniform"
     power: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.weights, str) or not self.weights:
-            raise StackerError(f"train.sampling.weights: uniform, class_balanced or a CSV column, got {self.weights!r}")
-        if not isinstance(self.power, (int, float)) or self.power < 0:
-            raise StackerError(f"train.sampling.power: must be a number >= 0, got {self.power!r}")
+        check_fields(self)
+
+
+def _is_target_weights(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and NON_NEGATIVE(w) for k, w in v.items())
 
 
 @dataclass
@@ -116,6 +183,21 @@ class TrainConfig:
         augment: batch augmentation, see `AugmentConfig`.
     """
 
+
+    SECTION: ClassVar[str] = "train"
+    RULES: ClassVar[dict] = {
+        "size": (SIZE,), "epochs": (COUNT,), "phases": (each(instance(Phase, "a phase"), "a list of phases"), NULL),
+        "predict_size": (SIZE, NULL), "batch_size": (COUNT,), "accum_steps": (COUNT,), "lr": (POSITIVE,),
+        "lr_mult": (POSITIVE,), "freeze_epochs": (number(0, integer=True),), "weight_decay": (NON_NEGATIVE,),
+        "pct_start": (FRACTION,), "div": (POSITIVE,), "div_final": (POSITIVE,), "label_smoothing": (FRACTION,),
+        "clip_grad": (POSITIVE, NULL), "keep": (one_of(*KEEP),), "keep_metric": (one_of(*KEEP_METRICS),),
+        "ema_decay": (number(0, 1, open_low=True, open_high=True), NULL), "mixup_alpha": (NON_NEGATIVE,),
+        "cutmix_alpha": (NON_NEGATIVE,), "sampling": (instance(SamplingConfig, "a sampling section"),),
+        "target_weights": (Rule(_is_target_weights, "a mapping of extra target to a weight >= 0"),),
+        "compile": (BOOL,), "gpu_cache_gb": (NON_NEGATIVE,), "seed": (SEED,), "device": (one_of(*DEVICES),),
+        "augment": (instance(AugmentConfig, "an augment section"),),
+    }
+
     size: tuple[int, int] = (224, 224)
     epochs: int = 12
     phases: list[Phase] | None = None
@@ -146,45 +228,25 @@ class TrainConfig:
 
     def __post_init__(self):
         self.size = as_size(self.size, "train.size")
-        if self.phases:
+        if self.predict_size is not None:
+            self.predict_size = as_size(self.predict_size, "train.predict_size")
+        self._build_sections()
+        check_fields(self)
+        if (self.mixup_alpha or self.cutmix_alpha) and self.batch_size % 2:
+            raise StackerError(f"train.batch_size: mixup/cutmix pair images, so it must be even, got {self.batch_size}")
+
+    def _build_sections(self):
+        """Nested YAML mappings become their dataclasses; phases replace size and epochs."""
+        if isinstance(self.phases, list) and self.phases:
             self.phases = [p if isinstance(p, Phase) else build_config(Phase, p, f"train.phases[{i}]")
                            for i, p in enumerate(self.phases)]
             self.size, self.epochs = self.phases[-1].size, sum(p.epochs for p in self.phases)
-        else:
+        elif not self.phases:
             self.phases = None
-        if self.predict_size is not None:
-            self.predict_size = as_size(self.predict_size, "train.predict_size")
-        if not isinstance(self.augment, AugmentConfig):
+        if isinstance(self.augment, dict):
             self.augment = build_config(AugmentConfig, self.augment, "train.augment")
-        if not isinstance(self.sampling, SamplingConfig):
+        if isinstance(self.sampling, dict):
             self.sampling = build_config(SamplingConfig, self.sampling, "train.sampling")
-        if not isinstance(self.target_weights, dict):
-            raise StackerError("train.target_weights: must be a mapping of target to weight, "
-                               f"got {self.target_weights!r}")
-        _positive(self, "train", ("epochs", "batch_size", "accum_steps", "lr", "lr_mult", "div", "div_final"))
-        self._check_ranges()
-
-    def _check_ranges(self):
-        if not 0 <= self.pct_start < 1:
-            raise StackerError(f"train.pct_start: must be in [0, 1), got {self.pct_start}")
-        if not 0 <= self.label_smoothing < 1:
-            raise StackerError(f"train.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
-        if not isinstance(self.freeze_epochs, int) or self.freeze_epochs < 0:
-            raise StackerError(f"train.freeze_epochs: must be an integer >= 0, got {self.freeze_epochs!r}")
-        if self.keep not in KEEP:
-            raise StackerError(f"train.keep: {self.keep!r} is not one of {list(KEEP)}")
-        if self.keep_metric not in KEEP_METRICS:
-            raise StackerError(f"train.keep_metric: {self.keep_metric!r} is not one of {list(KEEP_METRICS)}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise StackerError(f"train.ema_decay: must be in (0, 1) or null, got {self.ema_decay}")
-        if (self.mixup_alpha or self.cutmix_alpha) and self.batch_size % 2:
-            raise StackerError(f"train.batch_size: mixup/cutmix pair images, so it must be even, got {self.batch_size}")
-        if self.device not in DEVICES:
-            raise StackerError(f"train.device: {self.device!r} is not one of {list(DEVICES)}")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise StackerError(f"train.clip_grad: must be a positive number or null, got {self.clip_grad}")
-        if self.gpu_cache_gb < 0:
-            raise StackerError(f"train.gpu_cache_gb: must be >= 0, got {self.gpu_cache_gb}")
 
     @property
     def schedule(self) -> list[Phase]:
@@ -208,19 +270,92 @@ class TTAConfig:
         batch_size: images per prediction step.
     """
 
+
+    SECTION: ClassVar[str] = "tta"
+    RULES: ClassVar[dict] = {"n": (number(0, MAX_TTA_VIEWS, integer=True),), "combine": (one_of(*TTA_COMBINE),),
+                             "beta": (number(0, 1),), "batch_size": (COUNT,)}
+
     n: int = 4
     combine: str = "lerp"
     beta: float = 0.25
     batch_size: int = 128
 
     def __post_init__(self):
-        _positive(self, "tta", ("batch_size",))
-        if not isinstance(self.n, int) or not 0 <= self.n <= MAX_TTA_VIEWS:
-            raise StackerError(f"tta.n: must be an integer in [0, {MAX_TTA_VIEWS}] (distinct views), got {self.n!r}")
-        if self.combine not in TTA_COMBINE:
-            raise StackerError(f"tta.combine: {self.combine!r} is not one of {list(TTA_COMBINE)}")
-        if not 0 <= self.beta <= 1:
-            raise StackerError(f"tta.beta: must be in [0, 1], got {self.beta}")
+        check_fields(self)
+
+
+@dataclass
+class FoldsConfig:
+    """The `folds:` section: stratified K-fold drawn once per run.
+
+    Attributes:
+        k: number of folds (5, as the Paddy notebooks' cross-validation).
+        seed: seed of the assignment.
+    """
+
+
+    SECTION: ClassVar[str] = "folds"
+    RULES: ClassVar[dict] = {"k": (number(2, integer=True),), "seed": (SEED,)}
+
+    k: int = 5
+    seed: int = 42
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass
+class DataConfig:
+    """The `data:` section of run.yaml.
+
+    Attributes:
+        root: dataset folder; relative names below are under it.
+        train_dir: train image folder (label sub-folders in the folder layout).
+        test_dir: test image folder.
+        train_csv: CSV of train rows; when set the CSV layout is used.
+        id_column: id column of train_csv (default: its first column).
+        label_column: label column of train_csv.
+        path_column: column of image paths relative to train_dir, if the ids are not file names.
+        extra_targets: further label columns, trained as extra heads (Paddy's `variety`).
+        sample_submission: Kaggle's sample submission; gives test ids and order.
+        resize: how images become the cache size: squish, crop or pad (fastai's names).
+        check_all_images: decode every image before failing, and list all bad files.
+        decode_workers: processes decoding the cache (0: all cores).
+    """
+
+
+    SECTION: ClassVar[str] = "data"
+    RULES: ClassVar[dict] = {
+        "root": (STRING,), "train_dir": (STRING,), "test_dir": (STRING,), "train_csv": (STRING, NULL),
+        "id_column": (STRING, NULL), "label_column": (STRING,), "path_column": (STRING, NULL),
+        "extra_targets": (each(STRING, "a list of column names"),), "sample_submission": (STRING, NULL),
+        "resize": (one_of(*RESIZE_MODES),), "check_all_images": (BOOL,),
+        "decode_workers": (number(0, integer=True),),
+    }
+
+    root: str = "."
+    train_dir: str = "train_images"
+    test_dir: str = "test_images"
+    train_csv: str | None = None
+    id_column: str | None = None
+    label_column: str = "label"
+    path_column: str | None = None
+    extra_targets: list[str] = field(default_factory=list)
+    sample_submission: str | None = "sample_submission.csv"
+    resize: str = "squish"
+    check_all_images: bool = False
+    decode_workers: int = 0
+
+    def __post_init__(self):
+        check_fields(self)
+        self.extra_targets = list(self.extra_targets)
+        for name in self.extra_targets:  # each names files (oof.<target>.parquet)
+            check_model_name(name, "data.extra_targets: target name")
+        if self.extra_targets and not self.train_csv:
+            raise StackerError("data.extra_targets: extra targets are columns of a train CSV; set data.train_csv")
+
+    def path(self, name: str | None) -> Path | None:
+        return None if name is None else Path(self.root) / name
 
 
 @dataclass
@@ -235,6 +370,12 @@ class ModelSpec:
         train: its training config: the `train:` section with this entry's overrides.
     """
 
+
+    SECTION: ClassVar[str] = "models[]"
+    RULES: ClassVar[dict] = {"name": (STRING,), "arch": (STRING,), "pretrained": (STRING, NULL),
+                             "model_kwargs": (instance(dict, "a mapping"),),
+                             "train": (instance(TrainConfig, "a train section"),)}
+
     name: str
     arch: str
     pretrained: str | None = None
@@ -242,6 +383,7 @@ class ModelSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        check_fields(self)
         check_model_name(self.name)
 
 
@@ -268,7 +410,11 @@ def model_specs(entries, train: dict) -> list[ModelSpec]:
         for nested in ("augment", "sampling"):
             if nested in train and nested in entry:
                 merged[nested] = {**train[nested], **entry[nested]}
-        specs.append(ModelSpec(**own, train=build_config(TrainConfig, merged, f"models[{i}]")))
+        try:
+            specs.append(ModelSpec(**own, train=build_config(TrainConfig, merged, f"models[{i}]")))
+        except StackerError as e:  # name the model whose keys broke the rule
+            raise StackerError(f"models[{i}] ({own['name']}): {e}" if not str(e).startswith("models[") else str(e)) \
+                from None
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -276,31 +422,40 @@ def model_specs(entries, train: dict) -> list[ModelSpec]:
     return specs
 
 
-def _positive(obj, section: str, names) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise StackerError(f"{section}.{name}: must be a positive number, got {value!r}")
+def base_configs(cfg: dict) -> tuple[DataConfig, FoldsConfig, list[ModelSpec], TTAConfig]:
+    """The data, folds, models and tta sections of a raw config (`oof.load_config`), built and checked."""
+    data = _section(cfg, "data")
+    if isinstance(data.get("root"), str):
+        data["root"] = str(Path(data["root"]).resolve())
+    data = build_config(DataConfig, data, "data")
+    specs = model_specs(cfg.get("models"), _section(cfg, "train"))
+    for spec in specs:
+        unknown = sorted(set(spec.train.target_weights) - set(data.extra_targets))
+        if unknown:
+            raise StackerError(f"{spec.name}: train.target_weights names {unknown}, which are not "
+                               f"data.extra_targets {data.extra_targets}")
+    return (data, build_config(FoldsConfig, cfg.get("folds"), "folds"), specs,
+            build_config(TTAConfig, cfg.get("tta"), "tta"))
 
 
+def resolved_sections(data: DataConfig, folds: FoldsConfig, specs: list[ModelSpec], tta: TTAConfig) -> dict:
+    """The base-model sections as plain YAML values, for run.yaml (each model with its full train keys)."""
+    models = [{"name": s.name, "arch": s.arch, "pretrained": s.pretrained, "model_kwargs": s.model_kwargs,
+               **asdict(s.train)} for s in specs]
+    return {"data": asdict(data), "folds": asdict(folds), "models": models, "tta": asdict(tta)}
 
 
-@dataclass
-class FoldsConfig:
-    """The `folds:` section: stratified K-fold drawn once per run.
-
-    Attributes:
-        k: number of folds (5, as the Paddy notebooks' cross-validation).
-        seed: seed of the assignment.
-    """
-
-    k: int = 5
-    seed: int = 42
-
-    def __post_init__(self):
-        if not isinstance(self.k, int) or self.k < 2:
-            raise StackerError(f"folds.k: must be an integer >= 2, got {self.k!r}")
+def _section(cfg: dict, name: str) -> dict:
+    value = cfg.get(name) or {}
+    if not isinstance(value, dict):
+        raise StackerError(f"{name}: must be a mapping of keys to values, got {value!r}")
+    return dict(value)
 
 
-__all__ = ["AugmentConfig", "FoldsConfig", "ModelSpec", "Phase", "SamplingConfig", "TTAConfig", "TrainConfig",
-           "as_size", "model_specs"]
+def sample_submission_path(cfg: dict) -> Path:
+    """The sample submission a raw config's `data:` section names (submit's default)."""
+    data = build_config(DataConfig, _section(cfg, "data"), "data")
+    if "root" not in _section(cfg, "data") or data.sample_submission is None:
+        raise StackerError("submit: pass --sample-submission (the run's config names no dataset "
+                           "or no data.sample_submission)")
+    return data.path(data.sample_submission)

@@ -12,59 +12,16 @@ else from the sorted test folder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from oof import StackerError, preview, read_csv_strings
+from oof import StackerError, check_unique, preview, read_csv_strings
 
-from .images import RESIZE_MODES
+from .config import DataConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-@dataclass
-class DataConfig:
-    """The `data:` section of run.yaml.
-
-    Attributes:
-        root: dataset folder; relative names below are under it.
-        train_dir: train image folder (label sub-folders in the folder layout).
-        test_dir: test image folder.
-        train_csv: CSV of train rows; when set the CSV layout is used.
-        id_column: id column of train_csv (default: its first column).
-        label_column: label column of train_csv.
-        path_column: column of image paths relative to train_dir, if the ids are not file names.
-        extra_targets: further label columns, trained as extra heads (Paddy's `variety`).
-        sample_submission: Kaggle's sample submission; gives test ids and order.
-        resize: how images become the cache size: squish, crop or pad (fastai's names).
-        check_all_images: decode every image before failing, and list all bad files.
-        decode_workers: processes decoding the cache (0: all cores).
-    """
-
-    root: str = "."
-    train_dir: str = "train_images"
-    test_dir: str = "test_images"
-    train_csv: str | None = None
-    id_column: str | None = None
-    label_column: str = "label"
-    path_column: str | None = None
-    extra_targets: list[str] = field(default_factory=list)
-    sample_submission: str | None = "sample_submission.csv"
-    resize: str = "squish"
-    check_all_images: bool = False
-    decode_workers: int = 0
-
-    def __post_init__(self):
-        if self.resize not in RESIZE_MODES:
-            raise StackerError(f"data.resize: {self.resize!r} is not one of {list(RESIZE_MODES)}")
-        self.extra_targets = list(self.extra_targets or [])
-        if self.extra_targets and not self.train_csv:
-            raise StackerError("data.extra_targets: extra targets are columns of a train CSV; set data.train_csv")
-
-    def path(self, name: str | None) -> Path | None:
-        return None if name is None else Path(self.root) / name
 
 
 @dataclass
@@ -136,9 +93,7 @@ def _train_from_csv(cfg: DataConfig) -> pd.DataFrame:
         empty = df[col].str.strip() == ""
         if empty.any():
             raise StackerError(f"{csv}: empty {col!r} in row(s) {preview(df.index[empty] + 2)} (line numbers)")
-    dup = df[id_col].duplicated()
-    if dup.any():
-        raise StackerError(f"{csv}: duplicate ids in column {id_col!r}, first {preview(df.loc[dup, id_col])}")
+    check_unique(df[id_col], str(csv), f"ids in column {id_col!r}")
     image_root = cfg.path(cfg.train_dir)
     if cfg.path_column:
         paths = [image_root / p for p in df[cfg.path_column]]
@@ -164,11 +119,8 @@ def _test_table(cfg: DataConfig) -> pd.DataFrame:
     sample = cfg.path(cfg.sample_submission)
     if sample is not None and sample.is_file():
         df = read_csv_strings(sample)
-        ids = df[df.columns[0]]
-        dup = ids.duplicated()
-        if dup.any():
-            raise StackerError(f"{sample}: duplicate ids, first {preview(ids[dup])}")
-        ids = list(ids)
+        ids = list(df[df.columns[0]])
+        check_unique(ids, str(sample))
     elif folder.is_dir():
         ids = [p.name for p in _image_files(folder)]
     else:

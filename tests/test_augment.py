@@ -4,11 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from base_models.config import TTAConfig
-from oof import StackerError
-
-from base_models.augment import (PLAIN, AugmentConfig, View, normalize, train_batch, tta_views, view_batch,
+from base_models.augment import (PLAIN, View, normalize, train_batch, tta_views, view_batch,
                                  view_theta, warp)
+from base_models.config import AugmentConfig, TTAConfig
+from oof import StackerError
 
 H, W = 12, 10
 IDENTITY = AugmentConfig(min_scale=1.0, ratio=(1.0, 1.0), flip=False, max_rotate=0.0, max_zoom=1.0,
@@ -76,7 +75,7 @@ def test_tta_views_beyond_eleven_are_refused(n):
     # 6 crops x 2 flips hold 11 views besides the plain one: more would repeat a view
     with pytest.raises(ValueError, match=f"at most 11 distinct TTA views, asked for {n}"):
         tta_views(n)
-    with pytest.raises(StackerError, match=r"tta.n: must be an integer in \[0, 11\]"):
+    with pytest.raises(StackerError, match=r"tta\.n: expected an integer in \[0, 11\], got 1[23]"):
         TTAConfig(n=n)
 
 

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from base_models.dataset import DataConfig, resolve_dataset
+from base_models.config import DataConfig
+from base_models.dataset import resolve_dataset
 from oof import StackerError
 
 
@@ -180,7 +181,7 @@ def test_missing_root(tmp_path):
 
 @pytest.mark.parametrize("value", ["stretch", "Squish", None])
 def test_bad_resize_value(value):
-    with pytest.raises(StackerError, match=rf"data\.resize: {value!r} is not one of \['squish', 'crop', 'pad'\]"):
+    with pytest.raises(StackerError, match=rf"data\.resize: expected one of \['squish', 'crop', 'pad'\], got {value!r}"):
         DataConfig(resize=value)
 
 

@@ -1,0 +1,115 @@
+"""The run's config: one YAML file, then named flags, then `--set KEY=VALUE`, resolved into a raw mapping.
+
+    cfg = load_config(config="run.yaml", overrides={"train.epochs": 3}, sets=["tta.n=2"])
+
+Each package builds its own dataclasses from its sections (`base_models.config.base_configs`,
+`stacker.config.stack_config`); defaults live in those dataclasses only. The resolved
+config is saved as `<run>/run.yaml` by `write_run_config`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .atomic import write_text
+from .errors import StackerError
+from .paths import RunPaths
+
+SECTIONS = ("run_dir", "data", "folds", "train", "models", "tta", "stack")
+
+
+def load_config(config: str | None = None, run: str | None = None, overrides: dict | None = None,
+                sets=()) -> dict:
+    """The raw config: `config` (else `<run>/run.yaml` when it exists), then `overrides`, then `sets`.
+
+    Args:
+        config: a YAML file; required to exist when given.
+        run: the run directory (also the `run_dir` key, via `overrides` when the caller maps it).
+        overrides: {dotted key: value} from named flags.
+        sets: "KEY=VALUE" strings, each value read as YAML.
+
+    Raises:
+        StackerError: a missing or malformed file, a bad `--set`, or an unknown section.
+    """
+    cfg = {}
+    if config is not None:
+        cfg = read_yaml(Path(config))
+    elif run is not None and RunPaths(run).config.is_file():
+        cfg = read_yaml(RunPaths(run).config)
+    for key, value in (overrides or {}).items():
+        override(cfg, key, value)
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise StackerError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        override(cfg, key.strip(), yaml.safe_load(text))
+    unknown = sorted(set(map(str, cfg)) - set(SECTIONS))
+    if unknown:
+        raise StackerError(f"config: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    return cfg
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping from a file, or one line saying why not."""
+    if not path.is_file():
+        raise StackerError(f"{path}: config file not found")
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise StackerError(f"{path}: not a UTF-8 text file") from None
+    except yaml.YAMLError as e:
+        raise StackerError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise StackerError(f"{path}: the config must be a mapping of sections")
+    return cfg
+
+
+def override(cfg: dict, dotted: str, value) -> None:
+    """Set a key from the command line. A `train.*` key also beats every model entry's own value:
+    run.yaml stores each model's resolved train keys, and a flag must still win over them."""
+    _set_key(cfg, dotted, value)
+    section, _, rest = dotted.partition(".")
+    if section == "train" and rest and isinstance(cfg.get("models"), list):
+        for entry in cfg["models"]:
+            if isinstance(entry, dict):
+                _set_key(entry, rest, value)
+
+
+def _set_key(cfg: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise StackerError(f"--set {dotted}: {p!r} is not a section")
+    node[last] = value
+
+
+def run_paths(cfg: dict) -> RunPaths:
+    """The run directory a config names (`run_dir`, set by --run)."""
+    run_dir = cfg.get("run_dir")
+    if not run_dir:
+        raise StackerError("no run directory: pass --run DIR or set run_dir in the config")
+    if not isinstance(run_dir, str):
+        raise StackerError(f"run_dir: expected a folder name, got {run_dir!r}")
+    return RunPaths(Path(run_dir).resolve())
+
+
+def write_run_config(paths: RunPaths, sections: dict) -> None:
+    """Write the resolved config as `<run>/run.yaml`; models already in the run and not in `sections` are kept."""
+    previous = read_yaml(paths.config).get("models") if paths.config.is_file() else None
+    models = {m["name"]: m for m in previous or [] if isinstance(m, dict) and "name" in m}
+    models.update({m["name"]: m for m in sections.get("models", [])})
+    resolved = {"run_dir": str(paths.root), **sections, "models": list(models.values())}
+    resolved = {k: resolved[k] for k in SECTIONS if k in resolved}
+    write_text(paths.config, yaml.safe_dump(_plain(resolved), sort_keys=False))
+
+
+def _plain(obj):
+    """Config values as YAML-safe plain types (tuples become lists)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
