@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from oof import (BOOL, NULL, SEED, STRING, Rule, StackerError, build_config, check_fields, check_model_name, each,
-                 instance, number, one_of)
+from oof import (BOOL, NULL, SEED, STRING, ConfigSection, Rule, StackerError, build_config, check_fields,
+                 check_model_name, each, instance, number, one_of)
 
 from .images import RESIZE_MODES
 
@@ -63,7 +63,6 @@ class AugmentConfig:
         max_lighting: brightness and contrast change (fastai: 0.2).
     """
 
-
     SECTION: ClassVar[str] = "train.augment"
     RULES: ClassVar[dict] = {
         "min_scale": (number(0, 1, open_low=True),),
@@ -98,7 +97,6 @@ class Phase:
         lr_factor: the phase's peak learning rate is lr * lr_factor.
     """
 
-
     SECTION: ClassVar[str] = "train.phases[]"
     RULES: ClassVar[dict] = {"size": (SIZE,), "epochs": (COUNT,), "lr_factor": (NON_NEGATIVE,)}
 
@@ -112,7 +110,7 @@ class Phase:
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(ConfigSection):
     """Which training rows an epoch draws (fastai's WeightedDL).
 
     Attributes:
@@ -124,15 +122,11 @@ class SamplingConfig:
         power: p of class_balanced: 0 is uniform, 1 fully balanced.
     """
 
-
     SECTION: ClassVar[str] = "train.sampling"
     RULES: ClassVar[dict] = {"weights": (STRING,), "power": (NON_NEGATIVE,)}
 
     weights: str = "uniform"
     power: float = 1.0
-
-    def __post_init__(self):
-        check_fields(self)
 
 
 def _is_target_weights(v) -> bool:
@@ -182,7 +176,6 @@ class TrainConfig:
         device: auto (CUDA when present), cpu or cuda.
         augment: batch augmentation, see `AugmentConfig`.
     """
-
 
     SECTION: ClassVar[str] = "train"
     RULES: ClassVar[dict] = {
@@ -259,7 +252,7 @@ class TrainConfig:
 
 
 @dataclass
-class TTAConfig:
+class TTAConfig(ConfigSection):
     """Test-time augmentation; the `tta:` section.
 
     Attributes:
@@ -270,7 +263,6 @@ class TTAConfig:
         batch_size: images per prediction step.
     """
 
-
     SECTION: ClassVar[str] = "tta"
     RULES: ClassVar[dict] = {"n": (number(0, MAX_TTA_VIEWS, integer=True),), "combine": (one_of(*TTA_COMBINE),),
                              "beta": (number(0, 1),), "batch_size": (COUNT,)}
@@ -280,12 +272,9 @@ class TTAConfig:
     beta: float = 0.25
     batch_size: int = 128
 
-    def __post_init__(self):
-        check_fields(self)
-
 
 @dataclass
-class FoldsConfig:
+class FoldsConfig(ConfigSection):
     """The `folds:` section: stratified K-fold drawn once per run.
 
     Attributes:
@@ -293,15 +282,11 @@ class FoldsConfig:
         seed: seed of the assignment.
     """
 
-
     SECTION: ClassVar[str] = "folds"
     RULES: ClassVar[dict] = {"k": (number(2, integer=True),), "seed": (SEED,)}
 
     k: int = 5
     seed: int = 42
-
-    def __post_init__(self):
-        check_fields(self)
 
 
 @dataclass
@@ -322,7 +307,6 @@ class DataConfig:
         check_all_images: decode every image before failing, and list all bad files.
         decode_workers: processes decoding the cache (0: all cores).
     """
-
 
     SECTION: ClassVar[str] = "data"
     RULES: ClassVar[dict] = {
@@ -369,7 +353,6 @@ class ModelSpec:
         model_kwargs: passed to timm.create_model (drop_path_rate, img_size, dynamic_img_size...).
         train: its training config: the `train:` section with this entry's overrides.
     """
-
 
     SECTION: ClassVar[str] = "models[]"
     RULES: ClassVar[dict] = {"name": (STRING,), "arch": (STRING,), "pretrained": (STRING, NULL),

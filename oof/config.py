@@ -96,6 +96,16 @@ def check_fields(obj) -> None:
             raise StackerError(f"{cls.SECTION}.{name}: expected {expected}, got {value!r}")
 
 
+class ConfigSection:
+    """Base of a config dataclass whose values need no conversion: `__post_init__` checks `RULES`."""
+
+    SECTION: str = ""
+    RULES: dict = {}
+
+    def __post_init__(self):
+        check_fields(self)
+
+
 def build_config(cls, mapping, key: str):
     """`cls(**mapping)`, naming the section when a key is unknown or a value does not fit.
 
