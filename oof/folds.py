@@ -91,8 +91,8 @@ def make_folds(ids, labels, k: int = 5, seed: int = 42, classes=None) -> Folds:
     labels = np.asarray([str(y) for y in labels], dtype=object)
     if not isinstance(k, (int, np.integer)) or k < 2:
         raise StackerError(f"folds: k must be an integer of at least 2, got {k!r}")
-    check_unique(ids, "train ids")
     classes = tuple(sorted(set(labels))) if classes is None else tuple(str(c) for c in classes)
+    check_labelled_rows(ids, labels, classes, "train ids")
     unknown = sorted(set(labels) - set(classes))
     if unknown:
         raise StackerError(f"folds: labels {unknown} are not among the classes {list(classes)}")
@@ -123,7 +123,8 @@ def folds_from_table(table: pd.DataFrame, source: str, classes=None) -> Folds:
         raise StackerError(f"{source}: missing column(s) {missing}; a folds table has id, label, fold")
     ids = table["id"].astype(str).to_numpy(dtype=object)
     labels = table["label"].astype(str).to_numpy(dtype=object)
-    check_unique(ids, source)
+    classes = tuple(sorted(set(labels))) if classes is None else tuple(classes)
+    check_labelled_rows(ids, labels, classes, source)
     fold = pd.to_numeric(table["fold"], errors="coerce")
     bad = fold.isna() | (fold != fold.round())
     if bad.any():
@@ -135,9 +136,27 @@ def folds_from_table(table: pd.DataFrame, source: str, classes=None) -> Folds:
         raise StackerError(f"{source}: folds must be 0..K-1 with every fold used, got {used}")
     if k < 2:
         raise StackerError(f"{source}: needs at least 2 folds, got {k}")
-    classes = tuple(sorted(set(labels))) if classes is None else tuple(classes)
     out = pd.DataFrame({"id": ids, "label": labels, "fold": fold})
     return Folds(out, k, None, classes, folds_digest(ids, labels, fold))
+
+
+# Column names of the prediction tables: a class of that name would be a second column of the same name.
+RESERVED_CLASS_NAMES = ("id", "fold", "repeat")
+
+
+def check_labelled_rows(ids: np.ndarray, labels: np.ndarray, classes, source: str) -> None:
+    """Ids unique and not blank, labels not blank, at least two classes, none named like a table column."""
+    check_unique(ids, source)
+    for what, values in (("id", ids), ("label", labels)):
+        blank = np.array([str(v).strip() == "" for v in values], dtype=bool)
+        if blank.any():
+            raise StackerError(f"{source}: blank {what} in row(s) {preview(np.flatnonzero(blank))} (0-based)")
+    reserved = sorted(set(classes) & set(RESERVED_CLASS_NAMES))
+    if reserved:
+        raise StackerError(f"{source}: class {reserved[0]!r} is also a column name of the prediction tables "
+                           f"({list(RESERVED_CLASS_NAMES)}); rename the class")
+    if len(classes) < 2:
+        raise StackerError(f"{source}: {len(classes)} class(es) {list(classes)}; classification needs at least 2")
 
 
 def write_folds(path: str | os.PathLike, folds: Folds) -> None:

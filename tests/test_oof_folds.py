@@ -73,6 +73,10 @@ def test_same_seed_same_folds_other_seed_other_folds():
     (["a", "b", "c", "d", "e"], ["x", "x", "x", "y", "y"], 3,
      r"class 'y' has 2 images, fewer than k=3.*k <= 2 would work"),
     (["a", "b", "a", "d"], ["x", "x", "y", "y"], 2, r"train ids: duplicate ids, first 'a'"),
+    (["a", " ", "c", "d"], ["x", "x", "y", "y"], 2, r"train ids: blank id in row\(s\) '1'"),
+    (["a", "b", "c", "d"], ["x", "", "y", "y"], 2, r"train ids: blank label in row\(s\) '1'"),
+    (["a", "b", "c", "d"], ["x", "x", "fold", "fold"], 2, r"class 'fold' is also a column name"),
+    (["a", "b", "c", "d"], ["x", "x", "x", "x"], 2, r"1 class\(es\) \['x'\]; classification needs at least 2"),
 ])
 def test_make_folds_errors(ids, labels, k, match):
     with pytest.raises(StackerError, match=match):
