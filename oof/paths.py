@@ -57,6 +57,11 @@ class RunPaths:
         return self.root / "run.yaml"
 
     @property
+    def config_lock(self) -> Path:
+        """Held while run.yaml is read, merged and written, so two processes never lose each other's models."""
+        return self.root / ".run.yaml.lock"
+
+    @property
     def folds(self) -> Path:
         return self.root / "folds.parquet"
 
@@ -101,6 +106,10 @@ class RunPaths:
 
     def checkpoint(self, model: str, fold: int) -> Path:
         return self.model_dir(model) / f"fold{fold}.checkpoint.pt"
+
+    def job_lock(self, model: str, fold: int) -> Path:
+        """Held by the process training a job, so two processes sharing the run never train it twice."""
+        return self.model_dir(model) / f"fold{fold}.lock"
 
     # ------------------------------------------------------------ predictions
 

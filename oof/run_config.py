@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from filelock import FileLock
 
 from .atomic import write_text
 from .errors import StackerError
@@ -98,12 +99,14 @@ def run_paths(cfg: dict) -> RunPaths:
 
 def write_run_config(paths: RunPaths, sections: dict) -> None:
     """Write the resolved config as `<run>/run.yaml`; models already in the run and not in `sections` are kept."""
-    previous = read_yaml(paths.config).get("models") if paths.config.is_file() else None
-    models = {m["name"]: m for m in previous or [] if isinstance(m, dict) and "name" in m}
-    models.update({m["name"]: m for m in sections.get("models", [])})
-    resolved = {"run_dir": str(paths.root), **sections, "models": list(models.values())}
-    resolved = {k: resolved[k] for k in SECTIONS if k in resolved}
-    write_text(paths.config, yaml.safe_dump(_plain(resolved), sort_keys=False))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with FileLock(paths.config_lock):  # two train-base processes on one run: each keeps the other's models
+        previous = read_yaml(paths.config).get("models") if paths.config.is_file() else None
+        models = {m["name"]: m for m in previous or [] if isinstance(m, dict) and "name" in m}
+        models.update({m["name"]: m for m in sections.get("models", [])})
+        resolved = {"run_dir": str(paths.root), **sections, "models": list(models.values())}
+        resolved = {k: resolved[k] for k in SECTIONS if k in resolved}
+        write_text(paths.config, yaml.safe_dump(_plain(resolved), sort_keys=False))
 
 
 def _plain(obj):

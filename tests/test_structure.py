@@ -100,54 +100,58 @@ def test_package_directions():
             assert not re.search(r"^\s*(from|import) (stacker|cli)\b", text, re.M), path
 
 
-def run_file_names() -> set[str]:
-    """Every file and folder name RunPaths gives, with the model, fold and target parts taken out."""
+def run_file_names() -> dict[str, re.Pattern]:
+    """Every file and folder name RunPaths gives, as a pattern in which the fold and split parts vary."""
     paths = RunPaths("/r")
-    names = {paths.config, paths.folds, paths.folds_csv, paths.targets, paths.submission, paths.cache,
-             paths.cache_data("train"), paths.cache_index("train"), paths.weights("m", 0), paths.history("m", 0),
-             paths.checkpoint("m", 0), paths.preds, paths.oof("m"), paths.test("m"), paths.test_fold("m", 0),
-             paths.predict_metrics("m"), paths.stack, paths.decision, paths.stack_state, paths.stack_booster,
-             paths.leaderboard, paths.stack_report, paths.stack_test, paths.model_dir("m").parent}
-    # fold and split parts are variables in the code; what stays is the spelled part (".safetensors", ".u8")
-    return {re.sub(r"^(fold0|train(?=\.u8))", "", p.name) for p in names}
+    names = {paths.config, paths.config_lock, paths.folds, paths.folds_csv, paths.targets, paths.submission,
+             paths.cache, paths.cache_data("train"), paths.cache_index("train"), paths.weights("m", 0),
+             paths.history("m", 0), paths.checkpoint("m", 0), paths.job_lock("m", 0), paths.preds,
+             paths.oof("m"), paths.test("m"), paths.test_fold("m", 0), paths.predict_metrics("m"), paths.stack,
+             paths.decision, paths.stack_state, paths.stack_booster, paths.leaderboard, paths.stack_report,
+             paths.stack_test, paths.model_dir("m").parent}
+    out = {}
+    for p in names:
+        pattern = re.escape(p.name).replace("0", r"(\d+|\{\})").replace("train", r"(train|test|\{\})")
+        out[p.name] = re.compile(r"(?<![\w.])" + pattern + r"(?![\w])")
+    return out
 
 
 def string_literals(tree: ast.AST):
-    """String constants that are not docstrings, with f-strings' literal parts."""
-    docstrings = set()
+    """(line, text) of every string that is not a docstring; an f-string's fields read as '{}'."""
+    docstrings, parts = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 docstrings.add(id(first.value))
+        if isinstance(node, ast.JoinedStr):
+            parts |= {id(v) for v in node.values}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+        if isinstance(node, ast.JoinedStr):
+            yield node.lineno, "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings | parts:
             yield node.lineno, node.value
 
 
 def test_run_file_names_are_spelled_only_in_run_paths():
     names = run_file_names()
-    assert {"run.yaml", "decision.json", ".safetensors", "test.parquet", "stack", "cache"} <= names
-    pattern = re.compile(r"(?<![\w.])(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-                         + r")(?![\w])")
+    assert {"run.yaml", "decision.json", "fold0.safetensors", "test.parquet", "stack", "train.u8"} <= set(names)
     offenders = []
     for path in source_files():
         if path == REPO / "oof" / "paths.py":
             continue
         for line, text in string_literals(ast.parse(path.read_text(encoding="utf-8"))):
-            # a run file name as a path part: alone, or after a slash ("stack/test.parquet")
-            if any(m.group(1) for m in pattern.finditer(text) if _is_path_like(text, m)):
+            if any(_spells(name, pattern, text) for name, pattern in names.items()):
                 offenders.append(f"{path.relative_to(REPO)}:{line}: {text!r}")
     assert not offenders, "run-directory file names outside oof/paths.py:\n" + "\n".join(offenders)
 
 
-def _is_path_like(text: str, match: re.Match) -> bool:
-    """Prose (messages, help) may name a file; code that builds a path has no spaces around it."""
-    if re.search(r"\s", text):
+def _spells(name: str, pattern: re.Pattern, text: str) -> bool:
+    """Code that builds a path spells the name without spaces around; prose (messages, help) may name a file."""
+    if re.search(r"\s", text) or not pattern.search(text):
         return False
-    name = match.group(1)
     if "." not in name:  # a folder name is also a word (models, stack): only as a path part
-        return f"{name}/" in text or f"/{name}" in text
+        return bool(re.search(rf"(^|/){name}(/|$)", text)) and "/" in text
     return True
 
 
