@@ -6,21 +6,28 @@ scikit-learn, never torch, so fit-stack and submit run anywhere.
     from stacker import StackConfig, StackGuard, fit_stack, write_submission
     decision = fit_stack("runs/paddy", StackConfig(metric="accuracy"))
     write_submission("runs/paddy", "data/sample_submission.csv")
+
+Modules: `candidates/` (the registry and one module per family), `guard`
+(the procedure: meta-level OOF, the decision, the nested estimate), `estimator`
+(`StackGuard`, the procedure as an estimator), `fit` (a run's stack/ files),
+`submit`, `inputs`, `metrics`, `report`, `config`.
 """
-from .combiners import (BestSingle, Combiner, EnsembleSelection, LogitMean, LogRegLogits, Mean,
-                        ensemble_selection, make_combiner)
-from .config import CANDIDATES, TEST_FEATURES, StackConfig
+from .candidates import (CANDIDATES, BestSingle, Candidate, EnsembleSelection, LGBMClassShared, LGBMWide,
+                         LogitMean, LogRegLogits, Mean, candidate_class, candidate_names, create_candidate,
+                         ensemble_selection, register, registered, unregister)
+from .config import TEST_FEATURES, StackConfig, stack_config
+from .estimator import StackGuard
 from .fit import fit_stack, load_stack
 from .guard import decide, nested_estimate, run_guard
-from .lgbm import LGBMClassShared, LGBMWide
+from .inputs import MetaData
 from .metrics import Metric
 from .report import format_report, leaderboard_frame
-from .stack_guard import StackGuard
 from .submit import write_submission
 
 __all__ = [
-    "CANDIDATES", "TEST_FEATURES", "BestSingle", "Combiner", "EnsembleSelection", "LGBMClassShared",
-    "LGBMWide", "LogRegLogits", "LogitMean", "Mean", "Metric", "StackConfig", "StackGuard", "decide",
-    "ensemble_selection", "fit_stack", "format_report", "leaderboard_frame", "load_stack", "make_combiner",
-    "nested_estimate", "run_guard", "write_submission",
+    "CANDIDATES", "TEST_FEATURES", "BestSingle", "Candidate", "EnsembleSelection", "LGBMClassShared",
+    "LGBMWide", "LogRegLogits", "LogitMean", "Mean", "MetaData", "Metric", "StackConfig", "StackGuard",
+    "candidate_class", "candidate_names", "create_candidate", "decide", "ensemble_selection", "fit_stack",
+    "format_report", "leaderboard_frame", "load_stack", "nested_estimate", "register", "registered",
+    "run_guard", "stack_config", "unregister", "write_submission",
 ]

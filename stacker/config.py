@@ -1,28 +1,22 @@
 """StackConfig: every meta-level option and its default, validated once.
 
 This dataclass is the single place the defaults live. The CLI builds it from
-the YAML `stack:` mapping (`oof.build_config(StackConfig, mapping, "stack")`,
-which names unknown keys), so every value is checked here and a bad one raises `oof.StackerError` with the
-key that holds it (`stack.min_gain: ...`).
+the raw config's `stack:` section with `stack_config(cfg)` (`oof.build_config`,
+which names unknown keys); `__post_init__` checks every value against `RULES`
+and then the rules that span fields, and a bad value raises `oof.StackerError`
+with the key that holds it (`stack.min_gain: ...`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from oof import StackerError
+from oof import BOOL, SEED, STRING, Rule, StackerError, build_config, check_fields, each, number, one_of
 
-# The candidate vocabulary, in complexity order: the guard prefers an earlier
-# name when scores are within noise. `mean` is the floor (no fitted state); the
-# logit mean has none either but changes the blend's shape; `best_single` fits
-# one discrete choice; ensemble selection fits M non-negative weights; the
-# class-shared booster learns one monotone function of M features shared by all
-# classes; logistic regression fits C x (M*C) free weights; the wide booster
-# learns C tree ensembles over M*C features, the most freedom of all.
-CANDIDATES = ("mean", "logit_mean", "best_single", "ensemble_selection",
-              "lgbm_class_shared", "logreg", "lgbm_wide")
-FLOOR = "mean"
+from .candidates import FLOOR, candidate_names
+
 TEST_FEATURES = ("mean", "per_fold")
 
 # scikit-learn scorers that score regressions: meaningless on class labels.
@@ -33,6 +27,18 @@ _CLUSTERING_SCORERS = ("rand_score", "mutual_info_score", "v_measure_score", "ho
                        "completeness_score", "fowlkes_mallows_score")
 
 
+def _said(rule: Rule, text: str) -> Rule:
+    """`rule` with the words an error uses for it replaced by `text`."""
+    return Rule(rule.test, text)
+
+
+COUNT = number(1, integer=True)
+NON_NEGATIVE = number(0)
+FRACTION = _said(number(0, 1, open_low=True), "a fraction in (0, 1]")
+NO_LIMIT = _said(number(-1, -1, integer=True), "-1 for no limit")
+EVERY_CORE = _said(number(-1, -1, integer=True), "-1 for every core")
+
+
 @dataclass
 class StackConfig:
     """Options of fit-stack (the YAML `stack:` section).
@@ -41,13 +47,14 @@ class StackConfig:
         metric: scikit-learn scorer name (greater is better), scored on class
             probabilities or argmax labels: "accuracy", "neg_log_loss",
             "balanced_accuracy", "f1_macro", ... Log-loss is reported always.
-        candidates: combiners to score, from `CANDIDATES`; must hold "mean".
+        candidates: candidates to score, from the registry (`stacker.candidates`,
+            default every registered one); must hold "mean". Put in complexity order.
         min_gain: smallest metric gain over the mean that counts as real.
         confidence: paired-bootstrap win probability over the mean a more
             complex candidate needs; also the level of the reported intervals.
         n_bootstrap: bootstrap resamples of the rows.
         seed: seed of the bootstrap, the inner splits and LightGBM.
-        test_features: "mean" applies the combiner to the mean of the fold
+        test_features: "mean" applies the chosen candidate to the mean of the fold
             models' test probabilities (test.parquet); "per_fold" applies it to
             each fold model's test probabilities and averages the results. The
             meta-model was trained on single-model OOF rows, so "per_fold" feeds
@@ -56,7 +63,7 @@ class StackConfig:
             either way; trees and logistic regression can differ a little.
         allow_suspicious: keep models whose OOF looks leaked.
         nested: run the whole selection inside each outer fold for an honest
-            estimate of the chosen combiner (about doubles the fitting work).
+            estimate of the chosen candidate (about doubles the fitting work).
         es_steps: total picks of ensemble selection, initial ones included.
         es_init: best models picked once each before the greedy steps.
         logreg_alpha: L2 strength per row of the logistic regression on logits
@@ -76,8 +83,39 @@ class StackConfig:
             a descheduled sibling at every barrier). Raise it on a machine of your own.
     """
 
+    SECTION: ClassVar[str] = "stack"
+    RULES: ClassVar[dict] = {
+        "metric": (_said(STRING, "a scikit-learn scorer name"),),
+        "candidates": (each(STRING, "a list of candidate names"),),
+        "min_gain": (NON_NEGATIVE,),
+        "confidence": (_said(number(0.5, 1, open_high=True), "a probability in [0.5, 1)"),),
+        # Below 100 resamples a 95% interval's tails rest on 2 or 3 of them; above 100,000 the
+        # (B, N) float32 bootstrap counts pass 4 GB at N = 10,000 rows.
+        "n_bootstrap": (number(100, 100_000, integer=True),),
+        "seed": (SEED,),
+        "test_features": (one_of(*TEST_FEATURES),),
+        "allow_suspicious": (BOOL,),
+        "nested": (BOOL,),
+        "es_steps": (COUNT,),
+        "es_init": (number(0, integer=True),),
+        "logreg_alpha": (number(0, open_low=True),),
+        "logreg_max_iter": (COUNT,),
+        "lgbm_learning_rate": (number(0, 1, open_low=True),),
+        "lgbm_num_leaves": (number(2, integer=True),),
+        "lgbm_max_depth": (COUNT, NO_LIMIT),
+        "lgbm_min_data_in_leaf": (COUNT,),
+        "lgbm_feature_fraction": (FRACTION,),
+        "lgbm_bagging_fraction": (FRACTION,),
+        "lgbm_lambda_l2": (NON_NEGATIVE,),
+        "lgbm_max_rounds": (COUNT,),
+        "lgbm_early_stopping": (COUNT,),
+        "lgbm_valid_fraction": (_said(number(0, 1, open_low=True, open_high=True), "a fraction in (0, 1)"),),
+        "lgbm_max_bin": (number(2, integer=True),),
+        "n_jobs": (COUNT, EVERY_CORE),
+    }
+
     metric: str = "accuracy"
-    candidates: tuple[str, ...] = CANDIDATES
+    candidates: tuple[str, ...] = field(default_factory=candidate_names)
     min_gain: float = 0.002
     confidence: float = 0.95
     n_bootstrap: int = 1000
@@ -103,10 +141,7 @@ class StackConfig:
     n_jobs: int = 1
 
     def __post_init__(self):
-        for name, (ok, expected) in _RULES.items():
-            value = getattr(self, name)
-            if not ok(value):
-                raise StackerError(f"stack.{name}: expected {expected}, got {value!r}")
+        check_fields(self)
         self.candidates = _check_candidates(self.candidates)
         _check_metric(self.metric)
         if self.es_init > self.es_steps:
@@ -120,61 +155,24 @@ class StackConfig:
         return (os.cpu_count() or 1) if self.n_jobs == -1 else self.n_jobs
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def stack_config(cfg: dict) -> StackConfig:
+    """The `StackConfig` of a raw config (`oof.load_config`): its `stack` section, checked."""
+    return build_config(StackConfig, cfg.get("stack"), StackConfig.SECTION)
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _fraction(v) -> bool:
-    return _is_number(v) and 0 < v <= 1
-
-
-_RULES = {
-    "metric": (lambda v: isinstance(v, str), "a scikit-learn scorer name"),
-    "min_gain": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "confidence": (lambda v: _is_number(v) and 0.5 <= v < 1, "a probability in [0.5, 1)"),
-    "n_bootstrap": (lambda v: _is_int(v) and v >= 100, "an integer >= 100"),
-    "seed": (_is_int, "an integer"),
-    "test_features": (lambda v: v in TEST_FEATURES, f"one of {list(TEST_FEATURES)}"),
-    "allow_suspicious": (lambda v: isinstance(v, bool), "true or false"),
-    "nested": (lambda v: isinstance(v, bool), "true or false"),
-    "es_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "es_init": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "logreg_alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "logreg_max_iter": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "lgbm_learning_rate": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "lgbm_num_leaves": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-    "lgbm_max_depth": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1, or -1 for no limit"),
-    "lgbm_min_data_in_leaf": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "lgbm_feature_fraction": (_fraction, "a fraction in (0, 1]"),
-    "lgbm_bagging_fraction": (_fraction, "a fraction in (0, 1]"),
-    "lgbm_lambda_l2": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "lgbm_max_rounds": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "lgbm_early_stopping": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "lgbm_valid_fraction": (lambda v: _is_number(v) and 0 < v < 1, "a fraction in (0, 1)"),
-    "lgbm_max_bin": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-    "n_jobs": (lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1, or -1 for every core"),
-}
-
-
-def _check_candidates(candidates) -> tuple[str, ...]:
-    if isinstance(candidates, str) or not hasattr(candidates, "__iter__"):
-        raise StackerError(f"stack.candidates: expected a list of names from {list(CANDIDATES)}, "
-                           f"got {candidates!r}")
-    names = list(candidates)
-    unknown = [c for c in names if c not in CANDIDATES]
+def _check_candidates(names) -> tuple[str, ...]:
+    """Registered, each once, the floor among them; returned in the registry's complexity order."""
+    registry = candidate_names()  # read now: a candidate registered after import counts
+    unknown = [c for c in names if c not in registry]
     if unknown:
         raise StackerError(f"stack.candidates: unknown candidate {unknown[0]!r}; "
-                           f"choose from {list(CANDIDATES)}")
+                           f"choose from {list(registry)}")
     if len(set(names)) != len(names):
-        raise StackerError(f"stack.candidates: a candidate is listed twice in {names}")
+        raise StackerError(f"stack.candidates: a candidate is listed twice in {list(names)}")
     if FLOOR not in names:
         raise StackerError(f"stack.candidates: must include {FLOOR!r}, the floor the guard "
                            "compares every other candidate against")
-    return tuple(c for c in CANDIDATES if c in names)  # complexity order
+    return tuple(c for c in registry if c in names)
 
 
 def _check_metric(metric: str) -> None:

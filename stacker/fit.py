@@ -1,10 +1,10 @@
 """fit-stack on a run directory: read the tables, run the guard, write `<run>/stack/`.
 
     <run>/stack/decision.json      scores, intervals, choice, reason, config, models, folds sha256
-    <run>/stack/combiner.json      the chosen combiner's learned state (weights, coefficients)
+    <run>/stack/combiner.json      the chosen candidate's learned state (weights, coefficients)
     <run>/stack/combiner.lgbm.txt  its LightGBM booster in text format, when it has one
 
-`load_stack` rebuilds the fitted guard from these files.
+`load_stack` rebuilds the fitted guard from these files (`StackGuard.from_state`).
     <run>/stack/leaderboard.csv    the leaderboard as a table
     <run>/stack/report.txt         the leaderboard as printed
     <run>/stack/test.parquet       the stack's test probabilities (a contract test table)
@@ -16,18 +16,12 @@ from __future__ import annotations
 
 import os
 
-from oof import (RunPaths, StackerError, atomic_path, build_config, check_model_name, read_json, write_json,
-                 write_table, write_text)
+from oof import RunPaths, StackerError, atomic_path, check_model_name, read_json, write_json, write_table, write_text
 
-from .combiners import make_combiner
 from .config import StackConfig
-from .guard import fit_seed
+from .estimator import StackGuard
 from .inputs import load_run_folds, read_run_tables
-from .metrics import Metric
 from .report import format_report, leaderboard_frame
-from .stack_guard import StackGuard
-
-BOOSTER_FILE = "combiner.lgbm.txt"
 
 
 def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, models: list[str] | None = None,
@@ -55,7 +49,7 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
     folds = load_run_folds(paths)
     models = [check_model_name(m) for m in models] if models else paths.predicted_models()
     if not models:
-        raise StackerError(f"{paths.root / 'preds'}: no model has an oof.parquet or oof.csv to stack")
+        raise StackerError(f"{paths.preds}: no model has an oof.parquet or oof.csv to stack")
     oof_tables, test_tables, fold_tables = read_run_tables(paths, models, folds,
                                                            per_fold=config.test_features == "per_fold")
     guard = StackGuard(config, log).fit(oof_tables, folds)
@@ -67,27 +61,26 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
 
 def write_stack(paths: RunPaths, guard: StackGuard, test) -> None:
     """Write every stack/ file of a fitted guard; decision.json last."""
-    stack = paths.stack
     paths.decision.unlink(missing_ok=True)  # until the new one is written, no decision vouches for stack/
     state = guard.state()
-    booster = guard.combiner_.booster_text()
+    booster = guard.candidate_.booster_text()
     if booster is not None:
-        write_text(stack / BOOSTER_FILE, booster)
-        state["booster"] = BOOSTER_FILE
-    elif (stack / BOOSTER_FILE).exists():
-        (stack / BOOSTER_FILE).unlink()  # a previous decision's booster would mislead
-    write_json(stack / "combiner.json", state)
-    write_table(stack / "test.parquet", test)
-    with atomic_path(stack / "leaderboard.csv") as tmp:
+        write_text(paths.stack_booster, booster)
+        state["booster"] = paths.stack_booster.name  # the state names its booster file, beside it in stack/
+    else:
+        paths.stack_booster.unlink(missing_ok=True)  # a previous decision's booster would mislead
+    write_json(paths.stack_state, state)
+    write_table(paths.stack_test, test)
+    with atomic_path(paths.leaderboard) as tmp:
         leaderboard_frame(guard.decision_).to_csv(tmp, index=False)
-    write_text(stack / "report.txt", format_report(guard.decision_, guard.timings_))
+    write_text(paths.stack_report, format_report(guard.decision_, guard.timings_))
     write_json(paths.decision, guard.decision_)
 
 
 def load_stack(run_dir: str | os.PathLike) -> StackGuard:
     """The fitted guard of a run, rebuilt from `<run>/stack/` (JSON and LightGBM text, no pickle).
 
-    Its `predict_proba` / `predict_table` apply the chosen combiner to new test tables
+    Its `predict_proba` / `predict_table` apply the chosen candidate to new test tables
     in a process that never saw the OOF rows, e.g. a Kaggle notebook.
     """
     paths = RunPaths(run_dir)
@@ -95,16 +88,9 @@ def load_stack(run_dir: str | os.PathLike) -> StackGuard:
         raise StackerError(f"{paths.decision}: no fitted stack; run fit-stack first")
     try:
         decision = read_json(paths.decision)
-        state = read_json(paths.stack / "combiner.json")
+        state = read_json(paths.stack_state)
         booster = (paths.stack / state["booster"]).read_text(encoding="utf-8") if "booster" in state else None
-        config = build_config(StackConfig, decision["config"], f"{paths.decision}: config")
-        chosen, models, classes = state["candidate"], state["models"], state["classes"]
+        return StackGuard.from_state(decision, state, booster, source=str(paths.decision))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise StackerError(f"{paths.stack}: damaged or incomplete stack files ({type(e).__name__}: {e}); "
                            "run fit-stack --force") from None
-    guard = StackGuard(config)
-    guard.decision_, guard.models_, guard.classes_ = decision, list(models), tuple(classes)
-    metric = Metric(config.metric, len(guard.classes_))
-    guard.combiner_ = make_combiner(chosen, config, metric, fit_seed(config.seed, ()), guard.models_,
-                                    guard.classes_).restore(state, booster)
-    return guard

@@ -7,7 +7,7 @@ every candidate with the plain mean on paired bootstrap resamples of the rows:
   1. admissible: the mean, and any candidate that beats it by >= `min_gain`
      with bootstrap win probability >= `confidence`;
   2. best: the admissible candidate of highest score;
-  3. chosen: the simplest admissible candidate (order of `config.CANDIDATES`)
+  3. chosen: the simplest admissible candidate (the registry's complexity order)
      that the best does not beat by >= `min_gain` with win probability
      >= `confidence`: within noise of the best, the simpler one generalises.
 
@@ -26,9 +26,12 @@ import time
 
 import numpy as np
 
-from .combiners import make_combiner
-from .config import FLOOR, StackConfig
-from .metrics import Metric, bootstrap_counts, log_loss
+from oof import log_loss
+
+from .candidates import FLOOR, create_candidate
+from .config import StackConfig
+from .inputs import MetaData
+from .metrics import Metric, bootstrap_counts
 
 
 def fit_seed(seed: int, key: tuple[int, ...]) -> int:
@@ -42,13 +45,13 @@ def held_out_keys(k: int, nested: bool) -> list[tuple[int, ...]]:
     return singles + (list(itertools.combinations(range(k), 2)) if nested else [])
 
 
-def fit_held_out(X, y, fold, name, key, config: StackConfig, metric: Metric, models=(), classes=()):
+def fit_held_out(data: MetaData, name: str, key: tuple[int, ...], config: StackConfig, metric: Metric):
     """Fit candidate `name` on every fold but `key`; return ((n_key, C) predictions for folds `key`, seconds)."""
     start = time.perf_counter()
-    held = np.isin(fold, key)
-    combiner = make_combiner(name, config, metric, fit_seed(config.seed, key), models, classes)
-    combiner.fit(X[~held], y[~held])
-    return combiner.predict_proba(X[held]), time.perf_counter() - start
+    held = np.isin(data.fold, key)
+    candidate = create_candidate(name, config, metric, fit_seed(config.seed, key), data.models, data.classes)
+    candidate.fit(data.X[~held], data.y[~held])
+    return candidate.predict_proba(data.X[held]), time.perf_counter() - start
 
 
 def assemble(preds: dict, fold: np.ndarray, outer: int | None = None) -> np.ndarray:
@@ -142,8 +145,8 @@ def nested_estimate(y, fold, preds: dict, metric: Metric, config: StackConfig) -
     return {"score": metric.score(y, outer_proba), "log_loss": log_loss(y, outer_proba), "folds": per_fold}
 
 
-def run_guard(X, y, fold, config: StackConfig, metric: Metric, models=(), classes=(), log=print):
-    """Meta-level OOF for every candidate, the decision, and the nested estimate.
+def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=print):
+    """Meta-level OOF for every candidate of `config.candidates`, the decision, and the nested estimate.
 
     Fits run one after another: LightGBM is not safe to train and predict in
     several Python threads at once (seen here: std::bad_alloc and a segfault
@@ -156,19 +159,18 @@ def run_guard(X, y, fold, config: StackConfig, metric: Metric, models=(), classe
         K < 3: inner folds need two folds to train on); {candidate: (N, C)};
         {candidate: seconds summed over its fits}.
     """
-    k = int(fold.max()) + 1
-    nested = config.nested and k >= 3
-    keys = held_out_keys(k, nested)
+    nested = config.nested and data.k >= 3
+    keys = held_out_keys(data.k, nested)
     preds = {name: {} for name in config.candidates}
     timings = dict.fromkeys(config.candidates, 0.0)
     for name in config.candidates:
         for key in keys:
-            preds[name][key], seconds = fit_held_out(X, y, fold, name, key, config, metric, models, classes)
+            preds[name][key], seconds = fit_held_out(data, name, key, config, metric)
             timings[name] += seconds
         log(f"  {name:<20} {len(keys):>3} fits {timings[name]:7.1f} s")
-    oof = {name: assemble(p, fold) for name, p in preds.items()}
-    decision = decide(y, oof, metric, config, seed=[config.seed, 7])
-    decision["nested"] = nested_estimate(y, fold, preds, metric, config) if nested else None
+    oof = {name: assemble(p, data.fold) for name, p in preds.items()}
+    decision = decide(data.y, oof, metric, config, seed=[config.seed, 7])
+    decision["nested"] = nested_estimate(data.y, data.fold, preds, metric, config) if nested else None
     if config.nested and not nested:
-        decision["nested_note"] = f"nested estimate needs K >= 3 folds, got K={k}"
+        decision["nested_note"] = f"nested estimate needs K >= 3 folds, got K={data.k}"
     return decision, oof, timings

@@ -3,18 +3,18 @@
 `oof.read_table` / `validate_oof` / `validate_test` already refuse another fold
 assignment and duplicate, missing or extra ids. Here: the run-directory layout
 with CSV fallbacks (tables and folds brought from other tools), test tables that
-must share their ids, and the leak check.
+must share their ids, the meta-level data the guard fits on, and the leak check.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import pandas as pd
 
 from oof import (Folds, PredictionTable, RunPaths, StackerError, check_model_name, load_folds, read_table,
-                 table_from_frame, validate_oof, validate_test)
+                 table_file, table_from_frame, validate_oof, validate_test)
 
 # Leak check. A row counts as "sure" when the model gives its true class >= 0.99.
 # A model is suspicious when >= 95% of its OOF rows are sure while the median of
@@ -26,16 +26,33 @@ LEAK_SHARE = 0.95
 LEAK_GAP = 0.30
 
 
+@dataclass(frozen=True)
+class MetaData:
+    """What the meta level fits on: every OOF row of the models it uses.
+
+    Attributes:
+        X: (N, M, C) each model's OOF probabilities, models in `models` order.
+        y: (N,) labels, 0..C-1.
+        fold: (N,) the base models' fold of each row; the meta level holds out the same folds.
+        models: the M model names, used to label LightGBM features.
+        classes: the C class names.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    fold: np.ndarray
+    models: tuple[str, ...]
+    classes: tuple[str, ...]
+
+    @property
+    def k(self) -> int:
+        return int(self.fold.max()) + 1
+
+
 def load_run_folds(paths: RunPaths) -> Folds:
     """`<run>/folds.parquet`, or `<run>/folds.csv` (id, label, fold) brought from another tool."""
-    csv = paths.root / "folds.csv"
+    csv = paths.folds_csv
     return load_folds(paths.folds if paths.folds.is_file() or not csv.is_file() else csv)
-
-
-def table_file(path: Path) -> Path:
-    """`path` (parquet) if it exists, else its `.csv` sibling if that exists, else `path`."""
-    csv = path.with_suffix(".csv")
-    return csv if not path.is_file() and csv.is_file() else path
 
 
 def read_run_tables(paths: RunPaths, models: list[str], folds: Folds, per_fold: bool):

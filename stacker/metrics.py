@@ -1,7 +1,7 @@
 """Scores of class probabilities: the configured metric, log-loss, paired bootstrap.
 
 Every score is greater-is-better (scikit-learn's scorer convention, so log-loss
-as a metric is `neg_log_loss`); `log_loss` itself is reported as a loss.
+as a metric is `neg_log_loss`); `oof.log_loss` itself is reported as a loss.
 
 The bootstrap resamples rows once and scores every candidate on the same
 resamples (paired), as row-count weights: (B, N) counts, one row per resample.
@@ -23,20 +23,10 @@ from scipy import sparse
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import get_scorer
 
-from oof import StackerError
+from oof import StackerError, log_loss_rows
 
-EPS = 1e-15  # probability floor of log-loss: one confident miss costs at most -log(1e-15) = 34.5
 _ROW_MEANS = ("accuracy", "neg_log_loss")  # metrics that are a mean of per-row scores
 _BOOTSTRAP_CHUNK = 100  # resamples drawn at once: (100, N) int64 indices, 8 MB at N=10,000
-
-
-def log_loss_rows(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
-    """(N,) -log of each row's probability on its true class, floored at EPS."""
-    return -np.log(np.clip(proba[np.arange(len(y)), y], EPS, 1.0))
-
-
-def log_loss(y: np.ndarray, proba: np.ndarray) -> float:
-    return float(log_loss_rows(y, proba).mean())
 
 
 class _Predictions(ClassifierMixin, BaseEstimator):

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from oof import PredictionTable, RunPaths, StackerError, atomic_path, read_csv_strings, read_table
-from oof import preview
+from oof import (PredictionTable, RunPaths, StackerError, align, atomic_path, check_unique, preview, read_csv_strings,
+                 read_table, table_file)
 
-from .inputs import load_run_folds, table_file
+from .inputs import load_run_folds
 
 
 def write_submission(run_dir: str | os.PathLike, sample_submission_path: str | os.PathLike,
@@ -47,7 +47,7 @@ def write_submission(run_dir: str | os.PathLike, sample_submission_path: str | o
     if out.exists() and not force:
         raise StackerError(f"{out}: already exists; pass --force to write it again")
     folds = load_run_folds(paths)
-    path = paths.stack / "test.parquet" if source is None else table_file(paths.test(source))
+    path = paths.stack_test if source is None else table_file(paths.test(source))
     if not path.is_file():
         hint = "run fit-stack first, or pass --source <model>" if source is None else "run predict-oof first"
         raise StackerError(f"{path}: not found; {hint}")
@@ -75,7 +75,8 @@ def submission_frame(sample: pd.DataFrame, table: PredictionTable, sample_name: 
     """The submission: `sample`'s columns and id order, filled from `table`; checked first."""
     id_col, columns = sample.columns[0], [str(c) for c in sample.columns[1:]]
     ids = sample[id_col].to_numpy(dtype=object)
-    order = _sample_order(ids, table, sample_name)
+    check_unique(ids, sample_name)
+    order = align(table.ids, ids, table.source, sample_name)
     proba = table.proba[order]  # (N, C) in the sample's id order
     classes = list(table.classes)
     if sorted(columns) == sorted(classes):
@@ -92,22 +93,6 @@ def submission_frame(sample: pd.DataFrame, table: PredictionTable, sample_name: 
         return pd.DataFrame({id_col: ids, columns[0]: np.asarray(classes, dtype=object)[proba.argmax(axis=1)]})
     raise StackerError(f"{sample_name}: columns {columns} are neither one label column nor the class "
                        f"names {classes}")
-
-
-def _sample_order(ids: np.ndarray, table: PredictionTable, sample_name: str) -> np.ndarray:
-    """Indices into the table's rows in the sample's id order: same ids, same count, no duplicates."""
-    dup = pd.Series(ids).duplicated().to_numpy()
-    if dup.any():
-        raise StackerError(f"{sample_name}: duplicate ids, first {preview(ids[dup])}")
-    have = pd.Index(table.ids)
-    missing = ids[~pd.Index(ids).isin(have)]
-    if len(missing):
-        raise StackerError(f"{table.source}: lacks {len(missing)} id(s) of {sample_name}, first {preview(missing)}")
-    extra = table.ids[~have.isin(ids)]
-    if len(extra):
-        raise StackerError(f"{table.source}: has {len(extra)} id(s) that {sample_name} does not, "
-                           f"first {preview(extra)}")
-    return have.get_indexer(ids)
 
 
 def _fractional(values: pd.Series) -> bool:

@@ -162,7 +162,7 @@ def test_per_fold_test_features_read_each_fold_models_table(run):
             proba = rng.dirichlet(np.ones(10), size=len(test_ids))
             write_table(paths.test_fold(m, k), PredictionTable(np.array(test_ids, dtype=object), proba, folds.classes))
     decision = fit_stack(root, fast_config(candidates=["mean"], test_features="per_fold"), log=None)
-    stack_test = read_table(paths.stack / "test.parquet", folds.classes, "test")
+    stack_test = read_table(paths.stack_test, folds.classes, "test")
     fold_tables = [[read_table(paths.test_fold(m, k), folds.classes, "test").proba
                     for m in ("middle", "strong", "weak")] for k in range(folds.k)]
     np.testing.assert_allclose(stack_test.proba, np.mean(fold_tables, axis=(0, 1)), atol=1e-12)
@@ -187,7 +187,7 @@ def test_submission_label_mode_follows_the_sample(stacked, tmp_path):
     assert out == RunPaths(root).submission
     sub = pd.read_csv(out, dtype=str)
     assert list(sub.columns) == ["image_id", "label"] and list(sub["image_id"]) == order
-    proba = read_table(RunPaths(root).stack / "test.parquet", folds.classes, "test")
+    proba = read_table(RunPaths(root).stack_test, folds.classes, "test")
     expected = dict(zip(proba.ids, np.asarray(folds.classes)[proba.proba.argmax(axis=1)]))
     assert list(sub["label"]) == [expected[i] for i in order]
 
@@ -222,8 +222,8 @@ def test_numeric_class_names_are_written_as_the_folder_names(tmp_path):
 
 
 @pytest.mark.parametrize("ids, columns, message", [
-    (lambda ids: ids[:-1], None, r"test\.parquet: has 1 id\(s\) that sample_submission\.csv does not, first 't059'"),
-    (lambda ids: ids + ["t999"], None, r"test\.parquet: lacks 1 id\(s\) of sample_submission\.csv, first 't999'"),
+    (lambda ids: ids[:-1], None, r"test\.parquet: 1 id\(s\) that are not sample_submission\.csv ids, first 't059'"),
+    (lambda ids: ids + ["t999"], None, r"test\.parquet: 1 sample_submission\.csv id\(s\) missing, first 't999'"),
     (lambda ids: ids + ids[:1], None, r"sample_submission\.csv: duplicate ids, first 't000'"),
     (lambda ids: ids, {"label": "dog"}, r"sample_submission\.csv: label 'dog' is not a class \(first ids 't000'"),
     (lambda ids: ids, {"c0": 0.1, "c1": 0.9}, r"sample_submission\.csv: columns \['c0', 'c1'\] are neither"),
@@ -246,7 +246,7 @@ def test_submission_refuses_to_overwrite_and_needs_a_stack(stacked, tmp_path):
     with pytest.raises(StackerError, match=r"submission\.csv: already exists; pass --force"):
         write_submission(root, sample, log=None)
     write_submission(root, sample, force=True, log=None)
-    (RunPaths(root).stack / "test.parquet").unlink()
+    (RunPaths(root).stack_test).unlink()
     with pytest.raises(StackerError, match=r"stack/test\.parquet: not found; run fit-stack first"):
         write_submission(root, sample, force=True, log=None)
 
@@ -254,14 +254,14 @@ def test_submission_refuses_to_overwrite_and_needs_a_stack(stacked, tmp_path):
 @pytest.mark.parametrize("candidate, data", [
     ("best_single", "strong_and_noise"), ("ensemble_selection", "strong_and_noise"),
     ("logreg", "specialists"), ("lgbm_wide", "specialists"), ("lgbm_class_shared", "specialists")])
-def test_load_stack_rebuilds_the_chosen_combiner_from_its_files(tmp_path, candidate, data):
+def test_load_stack_rebuilds_the_chosen_candidate_from_its_files(tmp_path, candidate, data):
     from stack_fixtures import noisy_copy, pure_noise
     from stacker import load_stack
 
     rng = np.random.default_rng(1)
     folds = make_run_folds(600, 4, seed=0)
     y_test = rng.integers(0, 4, 40)
-    if data == "specialists":  # the mean fails where a learned combiner does not
+    if data == "specialists":  # the mean fails where a learned candidate does not
         oof = {m: specialists(folds.y, rng, k, n_classes=4) for m, k in (("a", [0, 1]), ("b", [2, 3]))}
         test = {m: specialists(y_test, rng, k, n_classes=4) for m, k in (("a", [0, 1]), ("b", [2, 3]))}
     else:  # one strong model and two noise models: the mean is diluted, a pick is not
@@ -272,7 +272,7 @@ def test_load_stack_rebuilds_the_chosen_combiner_from_its_files(tmp_path, candid
     guard = load_stack(root)
     assert guard.decision_["chosen"] == candidate
     tables = {m: read_table(RunPaths(root).test(m), folds.classes, "test") for m in oof}
-    expected = read_table(RunPaths(root).stack / "test.parquet", folds.classes, "test").proba
+    expected = read_table(RunPaths(root).stack_test, folds.classes, "test").proba
     np.testing.assert_allclose(guard.predict_table(tables).proba, expected, rtol=1e-6, atol=1e-9)
 
 
@@ -287,7 +287,7 @@ def test_load_stack_names_damaged_files(stacked):
     from stacker import load_stack
 
     root = stacked[0]
-    (RunPaths(root).stack / "combiner.json").write_text("{ truncated")
+    RunPaths(root).stack_state.write_text("{ truncated")
     with pytest.raises(StackerError, match=r"damaged or incomplete stack files \(JSONDecodeError"):
         load_stack(root)
 
@@ -303,5 +303,5 @@ def test_a_fractional_placeholder_asks_for_the_positive_class_probability(tmp_pa
     sample.write_text("id,target\nt0,0.5\nt1,0.5\nt2,0.5\n")
     out = write_submission(root, sample, tmp_path / "sub.csv", log=None)
     sub = pd.read_csv(out)
-    expected = read_table(RunPaths(root).stack / "test.parquet", folds.classes, "test").proba[:, 1]
+    expected = read_table(RunPaths(root).stack_test, folds.classes, "test").proba[:, 1]
     np.testing.assert_allclose(sub["target"].to_numpy(), expected)

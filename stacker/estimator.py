@@ -6,7 +6,9 @@
 
 Tables are `oof.PredictionTable`s or DataFrames in the contract's layout (`id`,
 `fold` for OOF, one column per class); `folds` is an `oof.Folds`
-(`oof.load_folds("folds.csv")` reads one made by any tool).
+(`oof.load_folds("folds.csv")` reads one made by any tool). `StackGuard.from_state`
+rebuilds a fitted guard from its saved decision and state (`stacker.load_stack`
+reads them from a run).
 """
 from __future__ import annotations
 
@@ -16,13 +18,13 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import oof
-from oof import Folds, PredictionTable, StackerError, check_rows, validate_test
+from oof import Folds, PredictionTable, StackerError, build_config, check_rows, log_loss, validate_test
 
-from .combiners import make_combiner, normalise_rows
+from .candidates import candidate_class, create_candidate, normalise_rows
 from .config import StackConfig
 from .guard import fit_seed, run_guard
-from .inputs import align_test_tables, as_oof_tables, meta_features, sure_share, suspicious_models
-from .metrics import Metric, log_loss
+from .inputs import MetaData, align_test_tables, as_oof_tables, meta_features, sure_share, suspicious_models
+from .metrics import Metric
 
 
 class StackGuard:
@@ -36,7 +38,7 @@ class StackGuard:
         decision_: the JSON-able decision: scores, intervals, choice, reason, nested estimate.
         models_: the models used, in input order (suspicious ones excluded).
         classes_: class names, the column order of `predict_proba`.
-        combiner_: the chosen candidate, fitted on every OOF row.
+        candidate_: the chosen candidate, fitted on every OOF row.
         oof_: {candidate: (N, C)} meta-level out-of-fold probabilities.
         timings_: {candidate: seconds} of its meta-level fits.
     """
@@ -44,6 +46,26 @@ class StackGuard:
     def __init__(self, config: StackConfig | None = None, log=print):
         self.config = config
         self.log = log
+
+    @classmethod
+    def from_state(cls, decision: dict, state: dict, booster_text: str | None = None,
+                   source: str = "decision") -> "StackGuard":
+        """The fitted guard that `decision_` and `state()` (and the candidate's booster text) describe.
+
+        Args:
+            decision: the saved `decision_`; its "config" is checked like the YAML's.
+            state: the saved `state()`: the chosen candidate's name and learned state, models, classes.
+            booster_text: the chosen candidate's LightGBM model, when it has one.
+            source: where the decision comes from, for the config's error messages.
+
+        Raises:
+            StackerError: a saved config that no longer passes the checks.
+            KeyError: a missing key (damaged files).
+        """
+        guard = cls(build_config(StackConfig, decision["config"], f"{source}: config"))
+        guard.decision_, guard.models_, guard.classes_ = decision, list(state["models"]), tuple(state["classes"])
+        guard.candidate_ = candidate_class(state["candidate"]).from_state(state, booster_text)
+        return guard
 
     def fit(self, oof_tables: Mapping, folds: Folds) -> "StackGuard":
         config = self.config or StackConfig()
@@ -55,17 +77,17 @@ class StackGuard:
         excluded = _exclude(suspicious, config.allow_suspicious, log)
         self.models_ = [m for m in names if m not in excluded]
         self.classes_ = tuple(folds.classes)
-        X_used = X[:, [names.index(m) for m in self.models_]]
+        data = MetaData(X[:, [names.index(m) for m in self.models_]], y, folds.fold, tuple(self.models_),
+                        self.classes_)
         metric = Metric(config.metric, len(self.classes_))
         log(f"fit-stack: {len(self.models_)} models, {len(self.classes_)} classes, {len(y)} rows, "
             f"{folds.k} folds; metric {config.metric}")
         # One BLAS thread: OpenBLAS threads spinning after a logistic-regression fit
         # slowed the next LightGBM fit's OpenMP threads 3x on the 2-core bench machine.
         with threadpool_limits(limits=1, user_api="blas"):
-            decision, self.oof_, self.timings_ = run_guard(
-                X_used, y, folds.fold, config, metric, self.models_, self.classes_, log)
-            self.combiner_ = make_combiner(decision["chosen"], config, metric, fit_seed(config.seed, ()),
-                                           self.models_, self.classes_).fit(X_used, y)
+            decision, self.oof_, self.timings_ = run_guard(data, config, metric, log)
+            self.candidate_ = create_candidate(decision["chosen"], config, metric, fit_seed(config.seed, ()),
+                                               data.models, data.classes).fit(data.X, y)
         self.decision_ = {
             "version": oof.__version__, "metric": config.metric, "chosen": decision["chosen"],
             "reason": decision["reason"], "best": decision["best"],
@@ -80,12 +102,12 @@ class StackGuard:
         return self
 
     def state(self) -> dict:
-        """The chosen combiner's learned state as JSON-able values (no pickle)."""
+        """The chosen candidate's learned state as JSON-able values (no pickle)."""
         return {"candidate": self.decision_["chosen"], "models": list(self.models_),
-                "classes": list(self.classes_), **self.combiner_.state()}
+                "classes": list(self.classes_), **self.candidate_.state()}
 
     def predict_proba(self, test_tables: Mapping) -> np.ndarray:
-        """(N_test, C) probabilities of the chosen combiner on one set of test tables.
+        """(N_test, C) probabilities of the chosen candidate on one set of test tables.
 
         Rows follow the first table's ids; models the guard excluded may be present and are ignored.
         """
@@ -125,7 +147,7 @@ class StackGuard:
         return aligned
 
     def _predict(self, tables: dict[str, PredictionTable]) -> np.ndarray:
-        return self.combiner_.predict_proba(meta_features(tables))
+        return self.candidate_.predict_proba(meta_features(tables))
 
 
 def _exclude(suspicious: dict, allow: bool, log) -> dict:

@@ -13,12 +13,11 @@ import re
 import lightgbm as lgb
 import numpy as np
 
-from .combiners import Combiner, normalise_rows
-from .config import StackConfig
+from .base import Candidate, normalise_rows
 
 
-def lgbm_params(config: StackConfig, seed: int) -> dict:
-    """LightGBM parameters from the config, deterministic for a seed and thread count."""
+def lgbm_params(config, seed: int) -> dict:
+    """LightGBM parameters from the `StackConfig`, deterministic for a seed and thread count."""
     return {
         "learning_rate": config.lgbm_learning_rate,
         "num_leaves": config.lgbm_num_leaves,
@@ -50,18 +49,19 @@ def feature_names(names) -> list[str]:
     return safe if len(set(safe)) == len(safe) else [f"f{i}_{s}" for i, s in enumerate(safe)]
 
 
-def train_booster(params: dict, X, y, config: StackConfig, seed: int,
-                  groups: int = 1, names=None) -> lgb.Booster:
-    """Train with early stopping on an inner split.
+def train_booster(params: dict, X, y, config, groups: int = 1, names=None) -> lgb.Booster:
+    """Train with early stopping on an inner split seeded by `params["seed"]`.
 
     Args:
+        params: `lgbm_params` plus the objective.
+        config: the `StackConfig` (inner split, rounds, early stopping).
         X, y: training features and labels, `groups` consecutive rows per original
             row (class-shared rows come C per image), split together so that one
             image never sits on both sides of the split.
         names: feature names for the booster's text.
     """
     n = len(y) // groups
-    train, valid = inner_split(n, config.lgbm_valid_fraction, seed)
+    train, valid = inner_split(n, config.lgbm_valid_fraction, params["seed"])
     train = (train[:, None] * groups + np.arange(groups)).ravel()
     valid = (valid[:, None] * groups + np.arange(groups)).ravel()
     names = feature_names(names) if names is not None and len(names) == X.shape[1] else "auto"
@@ -72,23 +72,40 @@ def train_booster(params: dict, X, y, config: StackConfig, seed: int,
     return booster
 
 
-class _Booster(Combiner):
-    """A LightGBM meta-model; subclasses give the objective, the feature rows and the target."""
+class _Booster(Candidate):
+    """A LightGBM meta-model; subclasses give the objective, the feature rows and the target.
+
+    Args:
+        config: the `StackConfig`, whose `lgbm_*` fields are the booster's parameters.
+        seed: seed of this fit.
+        models, classes: names, used only to label the booster's features.
+    """
 
     features = ""  # what a feature row holds, for the saved state
 
-    def __init__(self, config: StackConfig, seed: int = 0, models=(), classes=()):
+    def __init__(self, config=None, seed: int = 0, models=(), classes=()):
         self.config = config
         self.seed = seed
         self.models = models
         self.classes = classes
+
+    @classmethod
+    def from_config(cls, config, metric, seed, models=(), classes=()):
+        return cls(config, seed, models, classes)
+
+    @classmethod
+    def from_state(cls, state, booster_text=None):
+        fitted = cls()
+        fitted.booster_ = lgb.Booster(model_str=booster_text)
+        fitted.best_iteration_ = int(state["best_iteration"])
+        return fitted
 
     def fit(self, X, y):
         super().fit(X, y)
         n, m, c = X.shape
         params = {**lgbm_params(self.config, self.seed), **self._objective(m, c)}
         rows = self._rows(X)  # len(rows) // n feature rows per image, kept together by the inner split
-        self.booster_ = train_booster(params, rows, self._target(y, c), self.config, self.seed,
+        self.booster_ = train_booster(params, rows, self._target(y, c), self.config,
                                       groups=len(rows) // n, names=self._names())
         self.best_iteration_ = self.booster_.best_iteration or self.booster_.current_iteration()
         return self
@@ -101,11 +118,6 @@ class _Booster(Combiner):
 
     def booster_text(self):
         return self.booster_.model_to_string(num_iteration=self.best_iteration_)
-
-    def restore(self, state, booster_text=None):
-        self.booster_ = lgb.Booster(model_str=booster_text)
-        self.best_iteration_ = int(state["best_iteration"])
-        return self
 
 
 class LGBMWide(_Booster):

@@ -1,0 +1,85 @@
+"""The interface every meta-level candidate shares, and the array helpers its families use.
+
+A candidate combines M models' class probabilities. X is (N, M, C): N rows, M
+models, C classes, each X[n, m] a probability row. `__init__` only stores
+hyperparameters; `fit(X, y)` learns from training rows and its learned state
+ends in `_`; `predict_proba(X)` gives (N, C). Two classmethods are the only
+ways to build one: `from_config` (fresh, hyperparameters from the StackConfig)
+and `from_state` (fitted, from what `state()` and `booster_text()` saved as
+JSON and LightGBM text, so a decision is saved without pickle).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+# Probability floor before taking logs of meta-features: bounds one model's veto
+# in a logit mean at log(1e-6) = -13.8, and keeps logistic-regression inputs finite.
+LOG_EPS = 1e-6
+
+
+def logits(X: np.ndarray) -> np.ndarray:
+    """Log-probabilities centred over classes: (..., C) -> (..., C), softmax-invariant."""
+    log_p = np.log(np.clip(X, LOG_EPS, 1.0))
+    return log_p - log_p.mean(axis=-1, keepdims=True)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def normalise_rows(p: np.ndarray) -> np.ndarray:
+    """Rows scaled to sum to 1; a row of zeros becomes uniform."""
+    total = p.sum(axis=-1, keepdims=True)
+    uniform = np.full_like(p, 1.0 / p.shape[-1])
+    return np.where(total > 0, p / np.where(total > 0, total, 1.0), uniform)
+
+
+class Candidate:
+    """Fit on (N, M, C) meta-features and labels; predict (N, C) probabilities.
+
+    A subclass sets `name` (its word in `stack.candidates` and decision.json) and
+    overrides `predict_proba`, and where it learns something `fit`, `state`,
+    `from_state` (and `booster_text` for a LightGBM model); `from_config` where
+    it has hyperparameters.
+    """
+
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def from_config(cls, config, metric, seed: int, models=(), classes=()) -> "Candidate":
+        """A fresh, unfitted candidate with its hyperparameters from the config.
+
+        Args:
+            config: the `StackConfig`.
+            metric: the configured `Metric`.
+            seed: seed of this fit (LightGBM subsampling and its inner split).
+            models, classes: names, used only to label LightGBM features.
+        """
+        return cls()
+
+    @classmethod
+    def from_state(cls, state: dict, booster_text: str | None = None) -> "Candidate":
+        """The fitted candidate that `state()` (and `booster_text()`) saved, ready to predict.
+
+        Hyperparameters only steer `fit`, so they are not needed here.
+        """
+        return cls()
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "Candidate":
+        self.n_models_ = X.shape[1]
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """The learned state as JSON-able values; {} when nothing is learned."""
+        return {}
+
+    def booster_text(self) -> str | None:
+        """A LightGBM model in its text format; None for candidates without one."""
+        return None
