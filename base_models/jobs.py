@@ -9,27 +9,45 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from joblib import Parallel, delayed
 
-from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, atomic_path, load_folds,
-                 make_folds, read_json, validate_oof, validate_test, write_folds, write_json, write_table)
+from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, accuracy, atomic_path, load_folds,
+                 log_loss, make_folds, read_json, validate_oof, validate_test, write_folds, write_json, write_table)
 
 from .augment import PLAIN, tta_views
 from .batches import ImageSource
-from .cache import ImageCache, build_cache, load_cache
-from .config import FoldsConfig, ModelSpec, TTAConfig
-from .dataset import DataConfig, DatasetSpec, resolve_dataset
+from .cache import CacheOptions, ImageCache, build_cache, load_cache
+from .config import SAMPLING_BUILTIN, DataConfig, FoldsConfig, ModelSpec, TTAConfig
+from .dataset import DatasetSpec, resolve_dataset
 from .models import check_sizes, model_norm, resolve_device
-from .predict import accuracy, combine_tta, log_loss, predict_views
-from .train import Target, build_model, changed_keys, is_trained, load_fold_model, recipe, train_fold
+from .predict import ViewPlan, combine_tta, predict_views
+from .train import Target, TrainInputs, build_model, changed_keys, is_trained, load_fold_model, recipe, train_fold
 
 
-@dataclass
-class Job:
+@dataclass(frozen=True)
+class StageOptions:
+    """How a stage runs, never what it computes.
+
+    Attributes:
+        force: redo finished work (retrain every job, repredict every model).
+        parallel: train-base jobs at once, one worker loop per local GPU.
+        log: where progress lines go.
+    """
+
+    force: bool = False
+    parallel: int = 1
+    log: Callable[[str], None] = print
+
+
+@dataclass(frozen=True)
+class FoldJob:
+    """The unit of train-base: one model trained with one fold held out."""
+
     model: ModelSpec
     fold: int
 
@@ -49,11 +67,9 @@ def prepare_run(paths: RunPaths, data: DataConfig, folds_cfg: FoldsConfig, size,
     columns = spec.train.drop(columns=["path", "label"])
     with atomic_path(paths.targets) as tmp:
         columns.to_parquet(tmp, index=False)
-    workers = data.decode_workers
-    build_cache(paths.cache, "train", spec.train["id"], spec.train["path"], size, data.resize, workers,
-                data.check_all_images, log)
-    build_cache(paths.cache, "test", spec.test["id"], spec.test["path"], size, data.resize, workers,
-                data.check_all_images, log)
+    options = CacheOptions.from_data(data, size)
+    for split, table in (("train", spec.train), ("test", spec.test)):
+        build_cache(paths, split, table["id"], table["path"], options, log)
     return spec, folds
 
 
@@ -87,14 +103,18 @@ def load_targets(paths: RunPaths, folds: Folds, extra: list[str]) -> list[Target
     return targets
 
 
+def _extra_targets(data: DataConfig | None) -> list[str]:
+    return list(data.extra_targets) if data is not None else []
+
+
 def load_row_weights(paths: RunPaths, folds: Folds, spec: ModelSpec) -> np.ndarray | None:
     """The sampling weight column a model names, checked: numbers, finite, >= 0, some > 0."""
     column = spec.train.sampling.weights
-    if column in ("uniform", "class_balanced"):
+    if column in SAMPLING_BUILTIN:
         return None
     table = _train_columns(paths, folds)
     if column not in table.columns:
-        raise StackerError(f"{spec.name}: train.sampling.weights {column!r} is neither uniform, class_balanced "
+        raise StackerError(f"{spec.name}: train.sampling.weights {column!r} is neither {', '.join(SAMPLING_BUILTIN)} "
                            f"nor a train CSV column ({sorted(table.columns.drop('id'))})")
     w = pd.to_numeric(table[column], errors="coerce").to_numpy(np.float64)
     bad = ~np.isfinite(w) | (w < 0)
@@ -110,7 +130,7 @@ def _train_columns(paths: RunPaths, folds: Folds) -> pd.DataFrame:
     return table.loc[folds.ids].reset_index(drop=True)
 
 
-def check_models(specs: list[ModelSpec], targets: list[Target], log=print) -> None:
+def check_models(specs: list[ModelSpec], targets: list[Target]) -> None:
     """Build each model once on the CPU (loading its pretrained file) and try every size it will see.
 
     Runs before any training, so a bad weights file or a size a ViT cannot take
@@ -122,37 +142,57 @@ def check_models(specs: list[ModelSpec], targets: list[Target], log=print) -> No
         check_sizes(model, sizes, spec.name)
 
 
-def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, extra_targets=(), force: bool = False,
-               parallel: int = 1, log=print) -> None:
-    """Train every (model, fold) job not yet finished (all of them with `force`)."""
-    jobs = [Job(s, k) for s in specs for k in range(folds.k)]
-    todo = [j for j in jobs if force or not is_trained(paths, j.model.name, j.fold)]
+# ---------------------------------------------------------------- train-base
+
+
+def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, data: DataConfig | None = None,
+               options: StageOptions = StageOptions()) -> None:
+    """Train every (model, fold) job not yet finished (all of them with `options.force`).
+
+    Args:
+        paths: the run directory, prepared by `prepare_run`.
+        specs: the models.
+        folds: the run's folds.
+        data: the `data:` section (its extra_targets); None for the main target alone.
+        options: force, parallel, log.
+    """
+    log = options.log
+    jobs = [FoldJob(s, k) for s in specs for k in range(folds.k)]
+    todo = [j for j in jobs if options.force or not is_trained(paths, j.model.name, j.fold)]
     for j in jobs:
         if j not in todo:
             _check_same_recipe(paths, j)
     log(f"train-base: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run")
     if not todo:
         return
-    targets = load_targets(paths, folds, list(extra_targets))
-    check_models([s for s in specs if any(j.model is s for j in todo)], targets, log)
-    if force:
+    targets = load_targets(paths, folds, _extra_targets(data))
+    check_models([s for s in specs if any(j.model is s for j in todo)], targets)
+    if options.force:
         for j in todo:
             paths.checkpoint(j.model.name, j.fold).unlink(missing_ok=True)
-    if parallel > 1:  # one worker loop per slot (GPU), so two jobs never share a device
-        Parallel(n_jobs=parallel)(delayed(_run_jobs)(paths, todo[slot::parallel], folds, targets, slot, log)
-                                  for slot in range(parallel))
-        return
-    loaded = {}
-    for job in todo:
-        place = (resolve_device(job.model.train.device), job.model.train.gpu_cache_gb)
-        if place not in loaded:  # the cache is placed once per device and budget, shared by the jobs
-            loaded = {place: _train_images(paths, folds, *place)}
-            log(f"  train images: {loaded[place].shape} uint8 in {loaded[place].placement}")
-        train_fold(job.model, job.fold, loaded[place], targets, folds, paths,
-                   load_row_weights(paths, folds, job.model), log)
+    run = _TrainRun(paths, folds, targets, log)
+    if options.parallel > 1:  # one worker loop per slot (GPU), so two jobs never share a device
+        n = options.parallel
+        Parallel(n_jobs=n)(delayed(_run_slot)(run, todo[slot::n], slot) for slot in range(n))
+    else:
+        _run_in_process(run, todo)
 
 
-def _check_same_recipe(paths: RunPaths, job: Job) -> None:
+@dataclass(frozen=True)
+class _TrainRun:
+    """What every training job of one train-base call shares; the images are placed per device."""
+
+    paths: RunPaths
+    folds: Folds
+    targets: list[Target]
+    log: Callable[[str], None] = print
+
+    def train(self, job: FoldJob, images: ImageSource) -> None:
+        inputs = TrainInputs(self.paths, self.folds, self.targets, images)
+        train_fold(job.model, job.fold, inputs, load_row_weights(self.paths, self.folds, job.model), self.log)
+
+
+def _check_same_recipe(paths: RunPaths, job: FoldJob) -> None:
     """A finished job is only skipped when it was trained the way the config says now."""
     changed = changed_keys(read_json(paths.history(job.model.name, job.fold)), recipe(job.model))
     if changed:
@@ -161,17 +201,28 @@ def _check_same_recipe(paths: RunPaths, job: Job) -> None:
                            "or pass --force to train it again")
 
 
-def _run_jobs(paths: RunPaths, jobs: list[Job], folds: Folds, targets, slot: int, log) -> None:
+def _run_in_process(run: _TrainRun, jobs: list[FoldJob]) -> None:
+    """The jobs one after another; the cache is placed once per device and budget, shared by the jobs."""
+    loaded = {}
+    for job in jobs:
+        place = (resolve_device(job.model.train.device), job.model.train.gpu_cache_gb)
+        if place not in loaded:
+            loaded = {place: _train_images(run.paths, run.folds, *place)}
+            run.log(f"  train images: {loaded[place].shape} uint8 in {loaded[place].placement}")
+        run.train(job, loaded[place])
+
+
+def _run_slot(run: _TrainRun, jobs: list[FoldJob], slot: int) -> None:
+    """One worker's jobs on GPU `slot` (modulo the GPUs there are), each placing the cache itself."""
     for job in jobs:
         device = resolve_device(job.model.train.device)
         if device.type == "cuda":
             device = torch.device("cuda", slot % torch.cuda.device_count())
-        train_fold(job.model, job.fold, _train_images(paths, folds, device, job.model.train.gpu_cache_gb),
-                   targets, folds, paths, load_row_weights(paths, folds, job.model), log)
+        run.train(job, _train_images(run.paths, run.folds, device, job.model.train.gpu_cache_gb))
 
 
 def _train_images(paths: RunPaths, folds: Folds, device, gpu_cache_gb: float) -> ImageSource:
-    cache = load_cache(paths.cache, "train")
+    cache = load_cache(paths, "train")
     _check_cache_rows(cache, folds.ids, paths)
     return ImageSource(cache.images, device, gpu_cache_gb)
 
@@ -181,25 +232,62 @@ def _check_cache_rows(cache: ImageCache, ids: np.ndarray, paths: RunPaths) -> No
         raise StackerError(f"{paths.cache}: the image cache does not match {paths.folds}; rerun train-base")
 
 
-def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAConfig, extra_targets=(),
-                force: bool = False, log=print) -> dict[str, dict]:
+# ---------------------------------------------------------------- predict-oof
+
+
+@dataclass(frozen=True)
+class _PredictRun:
+    """What every model's predictions share in one predict-oof call."""
+
+    paths: RunPaths
+    folds: Folds
+    targets: list[Target]
+    tta: TTAConfig
+    train: ImageCache
+    test: ImageCache
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class _ModelPredictions:
+    """One model's predictions as its fold models fill them in: per target t, (N, C_t) or (N_test, C_t)."""
+
+    spec: ModelSpec
+    train_images: ImageSource  # the caches placed on the model's device
+    test_images: ImageSource
+    meta: dict  # the tables' metadata: model, folds digest, TTA settings, version
+    plain: list[np.ndarray]  # OOF, plain view alone: for the with/without-TTA report
+    oof: list[np.ndarray]  # OOF, views combined
+    test_sum: list[np.ndarray]  # test, views combined, summed over the fold models
+
+
+def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAConfig,
+                data: DataConfig | None = None, options: StageOptions = StageOptions()) -> dict[str, dict]:
     """Predict each model's OOF rows and the test set with TTA; write the tables.
+
+    Args:
+        paths: the run directory, with every fold of `specs` trained.
+        specs: the models.
+        folds: the run's folds.
+        tta: the TTA views and how they are combined.
+        data: the `data:` section (its extra_targets); None for the main target alone.
+        options: force (predict again even when the tables are current) and log; parallel is unused.
 
     Returns:
         Per model: OOF accuracy and log-loss with and without TTA (main target).
     """
-    train, test = load_cache(paths.cache, "train"), load_cache(paths.cache, "test")
+    train, test = load_cache(paths, "train"), load_cache(paths, "test")
     _check_cache_rows(train, folds.ids, paths)
-    targets = load_targets(paths, folds, list(extra_targets))
+    run = _PredictRun(paths, folds, load_targets(paths, folds, _extra_targets(data)), tta, train, test, options.log)
     metrics = {}
     for spec in specs:
         missing = [k for k in range(folds.k) if not is_trained(paths, spec.name, k)]
         if missing:
             raise StackerError(f"{spec.name}: folds {missing} are not trained yet; run train-base first")
-        if not force and _predictions_current(paths, spec.name, folds.k):
-            log(f"predict-oof: {spec.name} already predicted (--force to redo)")
+        if not options.force and _predictions_current(paths, spec.name, folds.k):
+            options.log(f"predict-oof: {spec.name} already predicted (--force to redo)")
             continue
-        metrics[spec.name] = _predict_model(paths, spec, folds, targets, tta, train, test, log)
+        metrics[spec.name] = _predict_model(run, spec)
     return metrics
 
 
@@ -212,40 +300,63 @@ def _predictions_current(paths: RunPaths, model: str, k: int) -> bool:
     return min(p.stat().st_mtime_ns for p in tables) > newest_weights
 
 
-def _predict_model(paths, spec, folds: Folds, targets, tta, train: ImageCache, test: ImageCache, log) -> dict:
+def _predict_model(run: _PredictRun, spec: ModelSpec) -> dict:
+    """Every fold model of `spec` on its held-out rows and the test set; the model's tables and report."""
     t0 = time.perf_counter()
-    device = resolve_device(spec.train.device)
-    size, views = spec.train.prediction_size, [PLAIN, *tta_views(tta.n)]
-    budget = spec.train.gpu_cache_gb
-    train_images, test_images = ImageSource(train.images, device, budget), ImageSource(test.images, device, budget)
-    n, n_test = len(folds.ids), len(test.ids)
-    plain = [np.zeros((n, len(t.classes))) for t in targets]  # per target (N, C_t): the main one for metrics
-    oof = [np.zeros((n, len(t.classes))) for t in targets]
-    test_sum = [np.zeros((n_test, len(t.classes))) for t in targets]
-    meta = {"model": spec.name, "arch": spec.arch, "folds_sha256": folds.sha256, "version": __version__,
-            "tta": {"n": tta.n, "combine": tta.combine, "beta": tta.beta, "size": list(size)}}
+    preds = _start_model(run, spec)
+    for k in range(run.folds.k):
+        _predict_fold(run, preds, k)
+    _write_model_tables(run, preds)
+    return _report(run, preds, time.perf_counter() - t0)
+
+
+def _start_model(run: _PredictRun, spec: ModelSpec) -> _ModelPredictions:
+    """Empty prediction arrays for `spec`, the caches placed on its device, its tables' metadata."""
+    device, budget, tta = resolve_device(spec.train.device), spec.train.gpu_cache_gb, run.tta
+    meta = {"model": spec.name, "arch": spec.arch, "folds_sha256": run.folds.sha256, "version": __version__,
+            "tta": {"n": tta.n, "combine": tta.combine, "beta": tta.beta, "size": list(spec.train.prediction_size)}}
+
+    def zeros(rows: int) -> list[np.ndarray]:  # per target (rows, C_t)
+        return [np.zeros((rows, len(t.classes))) for t in run.targets]
+
+    n, n_test = len(run.folds.ids), len(run.test.ids)
+    return _ModelPredictions(spec, ImageSource(run.train.images, device, budget),
+                             ImageSource(run.test.images, device, budget), meta,
+                             plain=zeros(n), oof=zeros(n), test_sum=zeros(n_test))
+
+
+def _predict_fold(run: _PredictRun, preds: _ModelPredictions, k: int) -> None:
+    """Fold model k: its held-out rows into the OOF arrays, its test predictions summed and written."""
+    spec, tta, test_ids = preds.spec, run.tta, run.test.ids
+    device = preds.train_images.device
     compiled = spec.train.compile and device.type == "cuda"
-    for k in range(folds.k):
-        model = load_fold_model(paths, spec, k, targets, device)
-        norm, rows = model_norm(model), folds.valid_rows(k)
-        forward = torch.compile(model) if compiled else model
-        for t, p in enumerate(predict_views(forward, train_images, rows, size, views, norm, tta.batch_size,
-                                            fixed_shape=compiled)):
-            plain[t][rows], oof[t][rows] = p[0], combine_tta(p[0], p[1:], tta.combine, tta.beta)
-        test_preds = predict_views(forward, test_images, np.arange(n_test), size, views, norm, tta.batch_size,
-                                   fixed_shape=compiled)
-        for t, target in enumerate(targets):
-            p = combine_tta(test_preds[t][0], test_preds[t][1:], tta.combine, tta.beta) if n_test else test_sum[t]
-            test_sum[t] += p
-            _write_test(paths.test_fold(spec.name, k, target.name), p, test.ids, target, {**meta, "fold": k})
-        log(f"  {spec.name} fold {k}: {len(rows)} OOF rows, {n_test} test rows")
-    for t, target in enumerate(targets):
+    model = load_fold_model(run.paths, spec, k, run.targets, device)
+    forward = torch.compile(model) if compiled else model
+    plan = ViewPlan(spec.train.prediction_size, [PLAIN, *tta_views(tta.n)], model_norm(model), tta.batch_size,
+                    fixed_shape=compiled)
+    rows = run.folds.valid_rows(k)
+    for t, p in enumerate(predict_views(forward, preds.train_images, rows, plan)):  # p: (V, n_rows, C_t)
+        preds.plain[t][rows], preds.oof[t][rows] = p[0], combine_tta(p[0], p[1:], tta.combine, tta.beta)
+    test_preds = predict_views(forward, preds.test_images, np.arange(len(test_ids)), plan)
+    for t, target in enumerate(run.targets):
+        if len(test_ids):
+            p = combine_tta(test_preds[t][0], test_preds[t][1:], tta.combine, tta.beta)  # (N_test, C_t)
+        else:  # an empty test set gives one (V, 0, 0) array, not one per target: add nothing
+            p = preds.test_sum[t]
+        preds.test_sum[t] += p
+        _write_test(run.paths.test_fold(spec.name, k, target.name), p, test_ids, target, {**preds.meta, "fold": k})
+    run.log(f"  {spec.name} fold {k}: {len(rows)} OOF rows, {len(test_ids)} test rows")
+
+
+def _write_model_tables(run: _PredictRun, preds: _ModelPredictions) -> None:
+    """Per target: the OOF table (checked against the folds) and the test table, the mean over fold models."""
+    folds, name = run.folds, preds.spec.name
+    for t, target in enumerate(run.targets):
         fold_view = replace(folds, classes=target.classes,
                             table=folds.table.assign(label=[target.classes[i] for i in target.y]))
-        write_table(paths.oof(spec.name, target.name),
-                    validate_oof(PredictionTable(folds.ids, oof[t], target.classes, folds.fold, meta), fold_view))
-        _write_test(paths.test(spec.name, target.name), test_sum[t] / folds.k, test.ids, target, meta)
-    return _report(paths, spec, folds.y, plain[0], oof[0], t0, log)
+        table = PredictionTable(folds.ids, preds.oof[t], target.classes, folds.fold, preds.meta)
+        write_table(run.paths.oof(name, target.name), validate_oof(table, fold_view))
+        _write_test(run.paths.test(name, target.name), preds.test_sum[t] / folds.k, run.test.ids, target, preds.meta)
 
 
 def _write_test(path, proba, ids, target: Target, meta) -> None:
@@ -254,11 +365,12 @@ def _write_test(path, proba, ids, target: Target, meta) -> None:
     write_table(path, validate_test(table, ids, target.classes))
 
 
-def _report(paths, spec, y, plain, oof, t0, log) -> dict:
-    result = {"accuracy": accuracy(oof, y), "log_loss": log_loss(oof, y),
-              "accuracy_no_tta": accuracy(plain, y), "log_loss_no_tta": log_loss(plain, y),
-              "seconds": time.perf_counter() - t0}
-    write_json(paths.preds_dir(spec.name) / "metrics.json", result)
-    log(f"predict-oof: {spec.name}  OOF accuracy {result['accuracy_no_tta']:.4f} -> {result['accuracy']:.4f} "
-        f"with TTA, log-loss {result['log_loss_no_tta']:.4f} -> {result['log_loss']:.4f}")
+def _report(run: _PredictRun, preds: _ModelPredictions, seconds: float) -> dict:
+    """OOF scores of the main target with and without TTA, written beside the tables and logged."""
+    y, plain, oof = run.folds.y, preds.plain[0], preds.oof[0]
+    result = {"accuracy": accuracy(y, oof), "log_loss": log_loss(y, oof),
+              "accuracy_no_tta": accuracy(y, plain), "log_loss_no_tta": log_loss(y, plain), "seconds": seconds}
+    write_json(run.paths.predict_metrics(preds.spec.name), result)
+    run.log(f"predict-oof: {preds.spec.name}  OOF accuracy {result['accuracy_no_tta']:.4f} -> {result['accuracy']:.4f} "
+            f"with TTA, log-loss {result['log_loss_no_tta']:.4f} -> {result['log_loss']:.4f}")
     return result

@@ -11,18 +11,18 @@ from .config import base_configs, resolved_sections
 
 def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=print) -> None:
     """Make the folds and the image cache, save run.yaml, train every pending (model, fold) job."""
-    from .jobs import cache_size, prepare_run, train_base  # torch is imported here, not at config time
+    from .jobs import StageOptions, cache_size, prepare_run, train_base  # torch is imported here, not at config time
 
     paths = run_paths(cfg)
     data, folds_cfg, specs, tta = base_configs(cfg)
     _, folds = prepare_run(paths, data, folds_cfg, cache_size(specs), force, log)
     write_run_config(paths, {**resolved_sections(data, folds_cfg, specs, tta), "stack": cfg.get("stack") or {}})
-    train_base(paths, specs, folds, data.extra_targets, force, parallel, log)
+    train_base(paths, specs, folds, data, StageOptions(force=force, parallel=parallel, log=log))
 
 
 def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = False, log=print) -> None:
     """Predict every model's OOF rows and the test set with TTA (only `models` when given)."""
-    from .jobs import predict_oof
+    from .jobs import StageOptions, predict_oof
 
     paths = run_paths(cfg)
     data, _, specs, tta = base_configs(cfg)
@@ -31,4 +31,4 @@ def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = 
         if unknown:
             raise StackerError(f"--models: {unknown} are not models of the run {[s.name for s in specs]}")
         specs = [s for s in specs if s.name in models]
-    predict_oof(paths, specs, load_folds(paths.folds), tta, data.extra_targets, force, log)
+    predict_oof(paths, specs, load_folds(paths.folds), tta, data, StageOptions(force=force, log=log))

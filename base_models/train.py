@@ -11,12 +11,18 @@ The schedule is a list of segments, each one AdamW + one-cycle: a frozen
 segment training the new heads alone when fine-tuning pretrained weights, then
 one segment per progressive-resizing phase. The model carries over between
 segments; nothing is reinitialised.
+
+`train_fold` is three steps over one `TrainState` (model, EMA copy, the current
+segment's optimizer and one-cycle, generator, history, best epoch, clock):
+`_setup` builds it, `_restore` puts an interrupted job back at its last finished
+epoch, and `_train_segment` runs each remaining segment's epochs
+(`_train_epoch`, `_evaluate`, `_save_checkpoint`).
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +32,13 @@ from safetensors.torch import load_model, save_model
 from timm.data import Mixup
 from timm.utils import ModelEmaV3
 
-from oof import Folds, RunPaths, StackerError, atomic_path, read_json, write_json
+from oof import Folds, RunPaths, StackerError, accuracy, atomic_path, log_loss, read_json, write_json
 
 from .augment import PLAIN, normalize, train_batch
 from .batches import ImageSource
 from .config import ModelSpec, SamplingConfig, TrainConfig
 from .models import backbone_parameters, create_model, head_parameters, logits_list, model_norm
-from .predict import accuracy, autocast, log_loss, predict_views
+from .predict import ViewPlan, autocast, predict_views
 
 
 @dataclass(frozen=True)
@@ -101,86 +107,167 @@ def build_model(spec: ModelSpec, targets: list[Target], pretrained: bool = True)
                         [len(t.classes) for t in targets[1:]], spec.model_kwargs)
 
 
-def train_fold(spec: ModelSpec, fold: int, images: ImageSource, targets: list[Target], folds: Folds,
-               paths: RunPaths, row_weights: np.ndarray | None = None, log=print) -> list[dict]:
+@dataclass(frozen=True)
+class TrainInputs:
+    """What every (model, fold) job of a run trains from.
+
+    Attributes:
+        paths: the run directory (the job writes only its own files under `models/<model>/`).
+        folds: the run's folds.
+        targets: main target first, then extra targets; rows in folds order.
+        images: the train cache, placed for the device to train on.
+    """
+
+    paths: RunPaths
+    folds: Folds
+    targets: list[Target]
+    images: ImageSource
+
+
+@dataclass(eq=False)
+class TrainState:
+    """One (model, fold) job while it trains: what its epochs read and what they move on.
+
+    `_setup` builds it, `_restore` puts it back at an interrupted job's last finished
+    epoch, `_start_segment` gives it each segment's optimizer, and every epoch advances
+    it (timm's `train_one_epoch(epoch, model, loader, optimizer, ...)`, as one object).
+    """
+
+    spec: ModelSpec
+    fold: int
+    inputs: TrainInputs
+    model: torch.nn.Module
+    forward: torch.nn.Module  # what the steps call: the model, or its torch.compile wrapper
+    ema: ModelEmaV3 | None
+    mixup: Mixup | None
+    norm: tuple  # (mean, std) of the model
+    ys: list[torch.Tensor]  # per target: (N,) class index of every train row, on the device
+    loss_weights: list[float]  # per target: 1 for the main one, train.target_weights for the extra ones
+    train_rows: np.ndarray  # (n,) rows of the folds this job trains on
+    sample_w: np.ndarray | None  # (n,) sampling weight per training row; None: uniform epochs
+    generator: torch.Generator  # epoch orders and augmentation draws
+    schedule: list[Segment]
+    steps: int = 0  # optimizer steps per epoch
+    segment: int = 0  # index into `schedule` of the segment being trained
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None  # keep: best -> {"epoch", "value", "state"} of the best epoch so far
+    # Seconds of this process's share of the job: the steps themselves are "train";
+    # the rest (setup, evaluation, checkpoints, saving) is the job's overhead.
+    clock: dict = field(default_factory=lambda: {"setup": 0.0, "train": 0.0, "evaluate": 0.0, "checkpoint": 0.0})
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.spec.train
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.images.device
+
+    @property
+    def kept(self) -> torch.nn.Module:
+        """The weights evaluated and saved: the EMA copy when there is one."""
+        return self.ema.module if self.ema else self.model
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(seg.epochs for seg in self.schedule)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.inputs.paths.checkpoint(self.spec.name, self.fold)
+
+
+def train_fold(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.ndarray | None = None,
+               log=print) -> list[dict]:
     """Train `spec` on every fold but `fold`, validate on `fold`, save the kept weights.
 
     Args:
         spec: the model and its training config.
         fold: held-out fold.
-        images: the train cache, placed for the device to train on.
-        targets: main target first, then extra targets; rows in folds order.
-        folds: the run's folds.
-        paths: the run directory.
+        inputs: the run's folds, targets and placed train images.
         row_weights: (N,) sampling weight column, when `sampling.weights` names one.
 
     Returns:
         The per-epoch history.
     """
-    cfg, device = spec.train, images.device
-    clock = {"setup": time.perf_counter(), "train": 0.0, "evaluate": 0.0, "checkpoint": 0.0}
+    start = time.perf_counter()
+    state = _setup(spec, fold, inputs, row_weights, log)
+    checkpoint = _load_checkpoint(state.checkpoint_path, spec)
+    _restore(state, checkpoint)
+    state.steps = _steps_per_epoch(state)
+    state.clock["setup"] = time.perf_counter() - start
+    first = 0  # epochs before the segment, over the whole schedule
+    for s, seg in enumerate(state.schedule):
+        last = first + seg.epochs
+        if len(state.history) < last:  # a resumed job skips the segments it finished
+            _start_segment(state, s, seg, checkpoint)
+            _train_segment(state, seg, last, log)
+        first = last
+    _save_result(state)
+    return state.history
+
+
+def _setup(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.ndarray | None, log) -> TrainState:
+    """Seed the job, build its model (compiled forward, EMA copy), its targets on the device and its sampling."""
+    cfg, device, targets = spec.train, inputs.images.device, inputs.targets
     torch.manual_seed(cfg.seed + fold)
     np.random.seed(cfg.seed + fold)  # timm's Mixup draws from numpy's global generator
-    model = build_model(spec, targets).to(device)
+    model = build_model(spec, targets).to(device)  # the fresh heads' init draws from the seed above
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     forward = _compiled(model, cfg, device, log)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
-    loss_weights = [1.0] + [cfg.target_weights.get(t.name, 1.0) for t in targets[1:]]
-    job = _Job(spec, fold, images, [torch.as_tensor(t.y, device=device) for t in targets], loss_weights, folds,
-               model_norm(model), _mixup(cfg, targets))
-    train_rows = folds.train_rows(fold)
-    sample_w = sampling_weights(cfg.sampling, targets[0].y[train_rows],
-                                None if row_weights is None else row_weights[train_rows])
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + fold)
-    state = _load_checkpoint(paths.checkpoint(spec.name, fold), spec)
-    history, best = _restore(state, model, ema, generator)
-    steps = len(train_rows) // (cfg.batch_size * cfg.accum_steps)
+    train_rows = inputs.folds.train_rows(fold)
+    column = None if row_weights is None else row_weights[train_rows]
+    return TrainState(
+        spec=spec, fold=fold, inputs=inputs, model=model, forward=forward, ema=ema, mixup=_mixup(cfg, targets),
+        norm=model_norm(model), ys=[torch.as_tensor(t.y, device=device) for t in targets],
+        loss_weights=[1.0] + [cfg.target_weights.get(t.name, 1.0) for t in targets[1:]],
+        train_rows=train_rows, sample_w=sampling_weights(cfg.sampling, targets[0].y[train_rows], column),
+        generator=torch.Generator().manual_seed(cfg.seed * 1000 + fold),
+        schedule=segments(cfg, spec.pretrained is not None))
+
+
+def _steps_per_epoch(state: TrainState) -> int:
+    """Optimizer steps in one epoch: whole batches of batch_size * accum_steps rows."""
+    cfg, n = state.cfg, len(state.train_rows)
+    steps = n // (cfg.batch_size * cfg.accum_steps)
     if steps < 1:
-        raise StackerError(f"{spec.name} fold {fold}: {len(train_rows)} training rows are fewer than "
+        raise StackerError(f"{state.spec.name} fold {state.fold}: {n} training rows are fewer than "
                            f"batch_size*accum_steps={cfg.batch_size * cfg.accum_steps}; lower the batch size")
-    schedule = segments(cfg, spec.pretrained is not None)
-    total, first = sum(seg.epochs for seg in schedule), 0
-    clock["setup"] = time.perf_counter() - clock["setup"]
-    for s, seg in enumerate(schedule):
-        last = first + seg.epochs
-        if len(history) < last:
-            optimizer, scheduler = _segment_optimizer(model, cfg, seg, spec.pretrained is not None, steps)
-            if state is not None and state["segment"] == s:
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-            for epoch in range(len(history), last):
-                t0 = time.perf_counter()
-                order = train_rows[epoch_order(len(train_rows), sample_w, generator)]
-                loss, seen = _train_epoch(job, forward, ema, order, steps, seg.size, optimizer, scheduler, generator)
-                t1 = time.perf_counter()
-                record = _evaluate(job, ema.module if ema else model, seg, epoch, loss, seen, scheduler, t0)
-                t2 = time.perf_counter()
-                record.update(train_seconds=t1 - t0, images_per_second=len(order) / max(t1 - t0, 1e-9))
-                history.append(record)
-                best = _track_best(best, record, ema.module if ema else model, cfg)
-                if len(history) < total:
-                    _save_checkpoint(paths.checkpoint(spec.name, fold), spec, s, model, ema, optimizer,
-                                     scheduler, generator, history, best)
-                clock["train"] += t1 - t0
-                clock["evaluate"] += t2 - t1
-                clock["checkpoint"] += time.perf_counter() - t2
-                log(_progress_line(spec.name, fold, total, record))
-        first = last
-    _save_result(paths, spec, fold, ema.module if ema else model, history, best, clock)
-    return history
+    return steps
 
 
-@dataclass
-class _Job:
-    spec: ModelSpec
-    fold: int
-    images: ImageSource
-    ys: list[torch.Tensor]  # (N,) class index per target, on the device
-    loss_weights: list[float]
-    folds: Folds
-    norm: tuple
-    mixup: Mixup | None
+def _start_segment(state: TrainState, index: int, seg: Segment, checkpoint: dict | None) -> None:
+    """Give the state segment `index`'s optimizer and one-cycle; at the checkpoint's step if it stopped there."""
+    fine_tune = state.spec.pretrained is not None
+    state.segment = index
+    state.optimizer, state.scheduler = _segment_optimizer(state.model, state.cfg, seg, fine_tune, state.steps)
+    if checkpoint is not None and checkpoint["segment"] == index:
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        state.scheduler.load_state_dict(checkpoint["scheduler"])
+
+
+def _train_segment(state: TrainState, seg: Segment, last: int, log) -> None:
+    """Train, evaluate and checkpoint each remaining epoch of `seg`, up to epoch `last` of the schedule."""
+    for epoch in range(len(state.history), last):
+        t0 = time.perf_counter()
+        order = state.train_rows[epoch_order(len(state.train_rows), state.sample_w, state.generator)]
+        loss, seen = _train_epoch(state, order, seg.size)
+        t1 = time.perf_counter()
+        record = _evaluate(state, seg, epoch, loss, seen, t0)
+        t2 = time.perf_counter()
+        record.update(train_seconds=t1 - t0, images_per_second=len(order) / max(t1 - t0, 1e-9))
+        state.history.append(record)
+        _track_best(state, record)
+        if len(state.history) < state.total_epochs:  # the last epoch's state is the result, saved next
+            _save_checkpoint(state)
+        state.clock["train"] += t1 - t0
+        state.clock["evaluate"] += t2 - t1
+        state.clock["checkpoint"] += time.perf_counter() - t2
+        log(_progress_line(state.spec.name, state.fold, state.total_epochs, record))
 
 
 def _compiled(model, cfg: TrainConfig, device, log):
@@ -256,65 +343,74 @@ def _segment_optimizer(model, cfg: TrainConfig, seg: Segment, fine_tune: bool, s
     return optimizer, one_cycle(optimizer, peaks, steps * seg.epochs, seg.pct_start, cfg.div, cfg.div_final)
 
 
-def _train_epoch(job: _Job, forward, ema, order, steps, size, optimizer, scheduler, generator):
-    """One epoch; returns the mean train loss and the (h, w) the model was fed."""
-    cfg, device = job.spec.train, job.images.device
-    forward.train()
-    total, micro = torch.zeros((), device=device), steps * cfg.accum_steps
+def _train_epoch(state: TrainState, order: np.ndarray, size: tuple[int, int]) -> tuple[float, tuple]:
+    """One epoch over `order` (rows of the folds) at `size`; returns the mean train loss and the (h, w) fed."""
+    cfg, device = state.cfg, state.device
+    state.forward.train()
+    total, micro = torch.zeros((), device=device), state.steps * cfg.accum_steps
     seen = None
     # The last partial batch is dropped (as fastai does when shuffling): every step
     # has the same shape (a compiled model never recompiles), and BatchNorm never
     # sees a batch of one.
-    for i, (batch, _) in enumerate(job.images.batches(order, cfg.batch_size, micro)):
-        idx = torch.as_tensor(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], device=device)
-        x = normalize(train_batch(batch, size, cfg.augment, generator), *job.norm)  # (B, 3, h, w)
+    for i, (batch, _) in enumerate(state.inputs.images.batches(order, cfg.batch_size, micro)):
+        idx = torch.as_tensor(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], device=device)  # (B,)
+        x = normalize(train_batch(batch, size, cfg.augment, state.generator), *state.norm)  # (B, 3, h, w)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         seen = tuple(x.shape[-2:])
         with autocast(device):
-            loss = _loss(forward, x, [y[idx] for y in job.ys], job.loss_weights, cfg, job.mixup)
+            loss = _loss(state, x, [y[idx] for y in state.ys])
         (loss / cfg.accum_steps).backward()
         if (i + 1) % cfg.accum_steps == 0:
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(forward.parameters(), cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.update(forward)
+            _optimizer_step(state)
         total += loss.detach()
     return float(total) / micro, seen
 
 
-def _loss(model, x, ys, weights, cfg: TrainConfig, mixup) -> torch.Tensor:
-    if mixup is not None:
-        x, soft = mixup(x, ys[0])  # soft targets (B, C), label smoothing included
-        logits = logits_list(model, x)[0].float()
+def _optimizer_step(state: TrainState) -> None:
+    """One step of the accumulated gradients: clip, AdamW, one-cycle, EMA."""
+    if state.cfg.clip_grad:
+        torch.nn.utils.clip_grad_norm_(state.forward.parameters(), state.cfg.clip_grad)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    if state.ema is not None:
+        state.ema.update(state.forward)
+
+
+def _loss(state: TrainState, x: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
+    """Loss of one batch x (B, 3, h, w) with labels ys (per target (B,)): soft targets under mixup,
+    else the weighted sum of each target's cross-entropy."""
+    if state.mixup is not None:
+        x, soft = state.mixup(x, ys[0])  # soft targets (B, C), label smoothing included
+        logits = logits_list(state.forward, x)[0].float()
         return -(soft * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    logits = logits_list(model, x)
-    return sum(w * F.cross_entropy(z.float(), y, label_smoothing=cfg.label_smoothing)
-               for w, z, y in zip(weights, logits, ys))
+    logits = logits_list(state.forward, x)
+    return sum(w * F.cross_entropy(z.float(), y, label_smoothing=state.cfg.label_smoothing)
+               for w, z, y in zip(state.loss_weights, logits, ys))
 
 
-def _evaluate(job: _Job, model, seg: Segment, epoch, train_loss, seen, scheduler, t0) -> dict:
-    valid_rows = job.folds.valid_rows(job.fold)
-    proba = predict_views(model, job.images, valid_rows, seg.size, [PLAIN], job.norm, job.spec.train.batch_size)[0][0]
-    y_valid = job.folds.y[valid_rows]
+def _evaluate(state: TrainState, seg: Segment, epoch: int, train_loss: float, seen: tuple, t0: float) -> dict:
+    """The epoch's history record: the kept weights on the held-out fold, plain view at the segment's size."""
+    valid_rows = state.inputs.folds.valid_rows(state.fold)
+    plan = ViewPlan(seg.size, [PLAIN], state.norm, state.cfg.batch_size)
+    proba = predict_views(state.kept, state.inputs.images, valid_rows, plan)[0][0]  # (n_valid, C)
+    y_valid = state.inputs.folds.y[valid_rows]
     return {"epoch": epoch + 1, "phase": seg.phase, "frozen": seg.frozen, "size": list(seen),
-            "train_loss": train_loss, "valid_loss": log_loss(proba, y_valid),
-            "error_rate": 1.0 - accuracy(proba, y_valid), "lr": scheduler.get_last_lr()[-1],
+            "train_loss": train_loss, "valid_loss": log_loss(y_valid, proba),
+            "error_rate": 1.0 - accuracy(y_valid, proba), "lr": state.scheduler.get_last_lr()[-1],
             "seconds": time.perf_counter() - t0}
 
 
-def _track_best(best: dict | None, record: dict, model, cfg: TrainConfig) -> dict | None:
-    if cfg.keep != "best":
-        return None
-    value = record[cfg.keep_metric]
+def _track_best(state: TrainState, record: dict) -> None:
+    """With keep: best, hold a CPU copy of the kept weights whenever the epoch beats the best so far."""
+    if state.cfg.keep != "best":
+        return
+    value = record[state.cfg.keep_metric]
     value = float("inf") if np.isnan(value) else value  # a diverged epoch is never the best
-    if best is None or value < best["value"]:
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        return {"epoch": record["epoch"], "value": value, "state": state}
-    return best
+    if state.best is None or value < state.best["value"]:
+        weights = {k: v.detach().cpu().clone() for k, v in state.kept.state_dict().items()}
+        state.best = {"epoch": record["epoch"], "value": value, "state": weights}
 
 
 def _progress_line(name: str, fold: int, total: int, h: dict) -> str:
@@ -324,17 +420,14 @@ def _progress_line(name: str, fold: int, total: int, h: dict) -> str:
             f"error_rate {h['error_rate']:.4f}  {h['seconds']:.1f}s")
 
 
-def _save_checkpoint(path: Path, spec: ModelSpec, segment: int, model, ema, optimizer, scheduler, generator, history,
-                     best) -> None:
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # timm's Mixup draws from it
-    state = {"recipe": recipe(spec), "segment": segment, "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-             "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-             "history": history, "ema": ema.module.state_dict() if ema else None, "best": best}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def _save_checkpoint(state: TrainState) -> None:
+    """End-of-epoch state, enough to resume bit-identically: weights, optimizer, schedule, every RNG."""
+    checkpoint = {"recipe": recipe(state.spec), "segment": state.segment, "model": state.model.state_dict(),
+                  "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+                  **_rng_states(state.generator), "history": state.history,
+                  "ema": state.ema.module.state_dict() if state.ema else None, "best": state.best}
+    with atomic_path(state.checkpoint_path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 def _load_checkpoint(path: Path, spec: ModelSpec) -> dict | None:
@@ -348,38 +441,51 @@ def _load_checkpoint(path: Path, spec: ModelSpec) -> dict | None:
     return state
 
 
-def _restore(state, model, ema, generator) -> tuple[list[dict], dict | None]:
-    """Put an interrupted job back at its last finished epoch; ([], None) when there is none."""
-    if state is None:
-        return [], None
-    model.load_state_dict(state["model"])
-    if ema is not None and state["ema"] is not None:
-        ema.module.load_state_dict(state["ema"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["cpu_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    keys, pos, has_gauss, cached = state["numpy_rng"]
+def _restore(state: TrainState, checkpoint: dict | None) -> None:
+    """Put an interrupted job back at its last finished epoch; a fresh job (no checkpoint) is left as it is."""
+    if checkpoint is None:
+        return
+    state.model.load_state_dict(checkpoint["model"])
+    if state.ema is not None and checkpoint["ema"] is not None:
+        state.ema.module.load_state_dict(checkpoint["ema"])
+    _set_rng_states(checkpoint, state.generator)
+    state.history, state.best = list(checkpoint["history"]), checkpoint["best"]
+
+
+def _rng_states(generator: torch.Generator) -> dict:
+    """Every generator a job draws from, as tensors and numbers `torch.load(weights_only=True)` accepts."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # timm's Mixup draws from it
+    return {"generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+
+
+def _set_rng_states(saved: dict, generator: torch.Generator) -> None:
+    """Undo `_rng_states`: the job's generator, torch's CPU and CUDA generators, numpy's global one."""
+    generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["cpu_rng"])
+    if saved["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    keys, pos, has_gauss, cached = saved["numpy_rng"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    return list(state["history"]), state["best"]
 
 
-def _save_result(paths: RunPaths, spec: ModelSpec, fold: int, model, history, best, clock: dict) -> None:
+def _save_result(state: TrainState) -> None:
+    """Write the kept weights, then the history (its presence marks the job finished); drop the checkpoint."""
     t0 = time.perf_counter()
-    kept = history[-1]["epoch"]
-    if best is not None:
-        model.load_state_dict(best["state"])
-        kept = best["epoch"]
+    paths, spec, fold, model = state.inputs.paths, state.spec, state.fold, state.kept
+    kept = state.history[-1]["epoch"]
+    if state.best is not None:
+        model.load_state_dict(state.best["state"])
+        kept = state.best["epoch"]
     with atomic_path(paths.weights(spec.name, fold)) as tmp:
         save_model(model, str(tmp))
-    clock["save"] = time.perf_counter() - t0
-    # Seconds of this process's share of the job: the steps themselves are "train";
-    # the rest (setup, evaluation, checkpoints, saving) is the job's overhead.
+    state.clock["save"] = time.perf_counter() - t0
     record = {"model": spec.name, "arch": spec.arch, "fold": fold, "pretrained": spec.pretrained,
               "model_kwargs": spec.model_kwargs, "train": asdict(spec.train), "kept_epoch": kept,
-              "seconds": clock, "epochs": history}
+              "seconds": state.clock, "epochs": state.history}
     write_json(paths.history(spec.name, fold), record)
-    paths.checkpoint(spec.name, fold).unlink(missing_ok=True)
+    state.checkpoint_path.unlink(missing_ok=True)
 
 
 def load_fold_model(paths: RunPaths, spec: ModelSpec, fold: int, targets: list[Target], device) -> torch.nn.Module:

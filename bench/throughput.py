@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from base_models.augment import PLAIN, tta_views  # noqa: E402
 from base_models.batches import ImageSource  # noqa: E402
-from base_models.cache import build_cache  # noqa: E402
+from base_models.cache import CacheOptions, build_cache  # noqa: E402
 from base_models.config import model_specs  # noqa: E402
 from base_models.models import create_model, model_norm, resolve_device  # noqa: E402
-from base_models.predict import autocast, predict_views  # noqa: E402
-from base_models.train import Target, train_fold  # noqa: E402
+from base_models.predict import ViewPlan, autocast, predict_views  # noqa: E402
+from base_models.train import Target, TrainInputs, train_fold  # noqa: E402
 from oof import RunPaths, make_folds, read_json  # noqa: E402
 
 
@@ -134,16 +134,16 @@ def infer_ceiling(args, device) -> float:
     return args.batch / timed(step, args.steps, device)
 
 
-def stacker_train(args, device, cache, labels, workdir: Path) -> dict:
+def stacker_train(args, device, cache, labels, paths: RunPaths) -> dict:
     """One train-base job on the cache; images/s of its last epoch's steps and its overhead share."""
     folds = make_folds(cache.ids, labels, k=2, seed=0)
     spec = model_specs([{"arch": args.model}], {
         "size": args.size, "epochs": args.epochs, "batch_size": args.batch, "compile": args.compile,
         "device": device.type})[0]
-    paths = RunPaths(workdir / "run")
     source = ImageSource(cache.images, device, spec.train.gpu_cache_gb)
+    inputs = TrainInputs(paths, folds, [Target(None, folds.classes, folds.y)], source)
     t0 = time.perf_counter()
-    history = train_fold(spec, 0, source, [Target(None, folds.classes, folds.y)], folds, paths, log=lambda s: None)
+    history = train_fold(spec, 0, inputs, log=lambda s: None)
     job = time.perf_counter() - t0
     seconds = read_json(paths.history(spec.name, 0))["seconds"]
     return {"images_per_second": history[-1]["images_per_second"], "job_seconds": job, "seconds": seconds,
@@ -154,10 +154,10 @@ def stacker_tta(args, device, cache) -> float:
     model, norm = make_model(args, device)
     source = ImageSource(cache.images, device)
     rows = np.arange(len(cache.ids))
-    views = [PLAIN, *tta_views(args.tta)]
+    plan = ViewPlan((args.size, args.size), [PLAIN, *tta_views(args.tta)], norm, args.batch)
 
     def run():
-        predict_views(model, source, rows[:args.batch * args.steps], (args.size, args.size), views, norm, args.batch)
+        predict_views(model, source, rows[:args.batch * args.steps], plan)
 
     return args.batch * args.steps / timed(run, 1, device, warmup=1)
 
@@ -206,12 +206,13 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         ids, labels, paths = write_photos(tmp / "data", args.images, tuple(args.source_size))
         t0 = time.perf_counter()
-        cache = build_cache(tmp / "cache", "train", ids, paths, (args.size, args.size), "squish", log=lambda s: None)
+        run = RunPaths(tmp / "run")  # the cache and the stacker job's files
+        cache = build_cache(run, "train", ids, paths, CacheOptions((args.size, args.size)), log=lambda s: None)
         decode_rate = len(ids) / (time.perf_counter() - t0)
         results = {"device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
                    "args": vars(args), "decode_images_per_second": decode_rate,
                    "train_ceiling": train_ceiling(args, device),
-                   "train_stacker": stacker_train(args, device, cache, labels, tmp),
+                   "train_stacker": stacker_train(args, device, cache, labels, run),
                    "train_torchvision": torchvision_train(args, device, paths, labels),
                    "infer_ceiling": infer_ceiling(args, device),
                    "tta_stacker": stacker_tta(args, device, cache)}

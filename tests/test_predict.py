@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from base_models.config import FoldsConfig, TTAConfig, model_specs
-from base_models.dataset import DataConfig
-from base_models.jobs import predict_oof, prepare_run, train_base
+from base_models.config import DataConfig, FoldsConfig, TTAConfig, model_specs
+from base_models.jobs import StageOptions, predict_oof, prepare_run, train_base
 from base_models.predict import combine_tta
 from oof import RunPaths, StackerError, read_table, validate_oof
+
+QUIET = StageOptions(log=lambda s: None)
 
 
 def test_combine_tta_lerp_is_fastai_default():
@@ -25,8 +26,8 @@ def predicted(tmp_path_factory, small_digits_dir):
     specs = model_specs([{"arch": "test_resnet"}], {"size": 16, "epochs": 4, "batch_size": 32, "lr": 1e-2})
     _, folds = prepare_run(paths, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=3), (16, 16),
                            log=lambda s: None)
-    train_base(paths, specs, folds, log=lambda s: None)
-    metrics = predict_oof(paths, specs, folds, TTAConfig(n=3), log=lambda s: None)
+    train_base(paths, specs, folds, options=QUIET)
+    metrics = predict_oof(paths, specs, folds, TTAConfig(n=3), options=QUIET)
     return paths, specs, folds, metrics
 
 
@@ -47,9 +48,9 @@ def test_predict_is_reproducible_and_skips_finished(predicted, tmp_path):
     paths, specs, folds, _ = predicted
     before = read_table(paths.oof("test_resnet"), folds.classes, "oof").proba
     lines = []
-    predict_oof(paths, specs, folds, TTAConfig(n=3), log=lines.append)
+    predict_oof(paths, specs, folds, TTAConfig(n=3), options=StageOptions(log=lines.append))
     assert "already predicted" in lines[0]
-    predict_oof(paths, specs, folds, TTAConfig(n=3), force=True, log=lambda s: None)
+    predict_oof(paths, specs, folds, TTAConfig(n=3), options=StageOptions(force=True, log=lambda s: None))
     after = read_table(paths.oof("test_resnet"), folds.classes, "oof").proba
     np.testing.assert_array_equal(before, after)  # same weights, same views: same OOF file on CPU
 
@@ -58,13 +59,13 @@ def test_predict_needs_every_fold_trained(predicted):
     paths, specs, folds, _ = predicted
     other = model_specs([{"arch": "test_convnext"}], {"size": 16, "epochs": 1})
     with pytest.raises(StackerError, match=r"test_convnext: folds \[0, 1, 2\] are not trained yet"):
-        predict_oof(paths, other, folds, TTAConfig(), log=lambda s: None)
+        predict_oof(paths, other, folds, TTAConfig(), options=QUIET)
 
 
 def test_retrained_weights_make_predictions_stale(predicted):
     paths, specs, folds, _ = predicted
-    train_base(paths, specs, folds, force=True, log=lambda s: None)
+    train_base(paths, specs, folds, options=StageOptions(force=True, log=lambda s: None))
     lines = []
-    predict_oof(paths, specs, folds, TTAConfig(n=3), log=lines.append)
+    predict_oof(paths, specs, folds, TTAConfig(n=3), options=StageOptions(log=lines.append))
     assert not any("already predicted" in s for s in lines)  # newer weights: predicted again
     assert any("OOF accuracy" in s for s in lines)

@@ -8,20 +8,20 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from base_models.config import FoldsConfig, SamplingConfig, TrainConfig, TTAConfig, model_specs
-from base_models.dataset import DataConfig
-from base_models.jobs import load_targets, predict_oof, prepare_run, train_base
+from base_models.config import DataConfig, FoldsConfig, SamplingConfig, TrainConfig, TTAConfig, model_specs
+from base_models.jobs import StageOptions, load_targets, predict_oof, prepare_run, train_base
 from base_models.models import create_model, timm_model
 from base_models.train import _segment_optimizer, build_model, epoch_order, read_history, sampling_weights, segments
 from oof import RunPaths, StackerError, read_json, read_table
 
-QUIET = {"log": lambda s: None}
+QUIET = StageOptions(log=lambda s: None)
 TINY = {"size": 16, "epochs": 1, "batch_size": 32, "lr": 1e-2}
 
 
 def prepared(tmp_path, data_dir, name="run", **data):
     paths = RunPaths(tmp_path / name)
-    _, folds = prepare_run(paths, DataConfig(root=str(data_dir), **data), FoldsConfig(k=3), (16, 16), **QUIET)
+    _, folds = prepare_run(paths, DataConfig(root=str(data_dir), **data), FoldsConfig(k=3), (16, 16),
+                           log=QUIET.log)
     return paths, folds
 
 
@@ -51,7 +51,7 @@ def test_frozen_epoch_keeps_backbone_bit_identical_and_trains_the_head(tmp_path,
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_base(paths, spec, folds, log=stop_after_frozen_epoch)
+        train_base(paths, spec, folds, options=StageOptions(log=stop_after_frozen_epoch))
     after = torch.load(paths.checkpoint("test_resnet", 0), weights_only=True)["model"]
     file = load_file(pretrained_file)
     torch.manual_seed(spec[0].train.seed + 0)  # the job's seed: the same fresh head as the job drew
@@ -80,7 +80,7 @@ def test_fine_tune_schedule_freezes_first_and_gives_the_backbone_lr_over_lr_mult
 def test_keep_best_saves_the_epoch_with_the_lowest_valid_loss(tmp_path, small_digits_dir):
     paths, folds = prepared(tmp_path, small_digits_dir)
     spec = model_specs([{"arch": "test_resnet"}], {**TINY, "epochs": 3, "keep": "best", "lr": 5e-2})
-    train_base(paths, spec, folds, **QUIET)
+    train_base(paths, spec, folds, options=QUIET)
     record = read_json(paths.history("test_resnet", 0))
     losses = [h["valid_loss"] for h in record["epochs"]]
     assert record["kept_epoch"] == int(np.argmin(losses)) + 1
@@ -95,7 +95,8 @@ def test_keep_best_saves_the_epoch_with_the_lowest_valid_loss(tmp_path, small_di
 def test_optional_techniques_train_to_finite_results(tmp_path, small_digits_dir, extra):
     paths, folds = prepared(tmp_path, small_digits_dir)
     lines = []
-    train_base(paths, model_specs([{"arch": "test_resnet"}], {**TINY, **extra}), folds, log=lines.append)
+    spec = model_specs([{"arch": "test_resnet"}], {**TINY, **extra})
+    train_base(paths, spec, folds, options=StageOptions(log=lines.append))
     history = read_history(paths, "test_resnet", 0)
     assert np.isfinite(history[-1]["train_loss"]) and np.isfinite(history[-1]["valid_loss"])
     assert all(torch.isfinite(t).all() for t in load_file(paths.weights("test_resnet", 0)).values()
@@ -107,8 +108,8 @@ def test_optional_techniques_train_to_finite_results(tmp_path, small_digits_dir,
 def test_ema_weights_are_saved_instead_of_the_raw_ones(tmp_path, small_digits_dir):
     raw_paths, folds = prepared(tmp_path, small_digits_dir, "raw")
     ema_paths, _ = prepared(tmp_path, small_digits_dir, "ema")
-    train_base(raw_paths, model_specs([{"arch": "test_resnet"}], TINY), folds, **QUIET)
-    train_base(ema_paths, model_specs([{"arch": "test_resnet"}], {**TINY, "ema_decay": 0.5}), folds, **QUIET)
+    train_base(raw_paths, model_specs([{"arch": "test_resnet"}], TINY), folds, options=QUIET)
+    train_base(ema_paths, model_specs([{"arch": "test_resnet"}], {**TINY, "ema_decay": 0.5}), folds, options=QUIET)
     raw, ema = load_file(raw_paths.weights("test_resnet", 0)), load_file(ema_paths.weights("test_resnet", 0))
     assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
 
@@ -120,10 +121,10 @@ def test_phases_feed_each_size_and_carry_the_weights_over(tmp_path, small_digits
     one_paths, folds = prepared(tmp_path, small_digits_dir, "one")
     two_paths, _ = prepared(tmp_path, small_digits_dir, "two")
     first = {"size": [12, 10], "epochs": 2}
-    train_base(one_paths, model_specs([{"arch": "test_resnet"}], {**TINY, "phases": [first]}), folds, **QUIET)
+    train_base(one_paths, model_specs([{"arch": "test_resnet"}], {**TINY, "phases": [first]}), folds, options=QUIET)
     # A second phase at lr 0 changes no weight: whatever it ends with was carried over from phase one.
     phases = [first, {"size": 16, "epochs": 1, "lr_factor": 0.0}]
-    train_base(two_paths, model_specs([{"arch": "test_resnet"}], {**TINY, "phases": phases}), folds, **QUIET)
+    train_base(two_paths, model_specs([{"arch": "test_resnet"}], {**TINY, "phases": phases}), folds, options=QUIET)
     history = read_history(two_paths, "test_resnet", 0)
     assert [(h["phase"], h["size"]) for h in history] == [(0, [12, 10]), (0, [12, 10]), (1, [16, 16])]
     one, two = load_file(one_paths.weights("test_resnet", 0)), load_file(two_paths.weights("test_resnet", 0))
@@ -141,7 +142,7 @@ def test_a_size_the_architecture_cannot_take_fails_before_training(tmp_path, sma
     paths, folds = prepared(tmp_path, small_digits_dir)
     spec = model_specs([{"arch": "test_vit"}], {**TINY, "size": [48, 40]})  # 40 is no multiple of the patch
     with pytest.raises(StackerError, match=r"model test_vit: cannot take 48x40 images.*dynamic_img_size"):
-        train_base(paths, spec, folds, **QUIET)
+        train_base(paths, spec, folds, options=QUIET)
     assert not (paths.root / "models" / "test_vit").exists()
 
 
@@ -172,13 +173,13 @@ def test_a_weight_column_from_the_csv_steers_sampling(tmp_path, small_digits_dir
     csv.to_csv(tmp_path / "train_w.csv", index=False)
     paths, folds = prepared(tmp_path, small_digits_dir, train_csv=str(tmp_path / "train_w.csv"))
     spec = model_specs([{"arch": "test_resnet"}], {**TINY, "sampling": {"weights": "w"}})
-    train_base(paths, spec, folds, **QUIET)
-    predict_oof(paths, spec, folds, TTAConfig(n=0), **QUIET)
+    train_base(paths, spec, folds, options=QUIET)
+    predict_oof(paths, spec, folds, TTAConfig(n=0), options=QUIET)
     oof = read_table(paths.oof("test_resnet"), folds.classes, "oof")
     assert (oof.proba.argmax(1) == 0).sum() == 0  # a class the model never trained on is never predicted
     spec = model_specs([{"arch": "test_resnet", "name": "bad"}], {**TINY, "sampling": {"weights": "nope"}})
     with pytest.raises(StackerError, match=r"bad: train.sampling.weights 'nope' is neither"):
-        train_base(paths, spec, folds, **QUIET)
+        train_base(paths, spec, folds, options=QUIET)
 
 
 # ---------------------------------------------------------------- multi-target
@@ -188,11 +189,12 @@ def test_extra_targets_get_their_own_heads_and_tables(tmp_path, small_digits_dir
     csv = pd.read_csv(small_digits_dir / "train.csv", dtype=str)
     csv["parity"] = np.where(csv["label"].astype(int) % 2 == 0, "even", "odd")
     csv.to_csv(tmp_path / "train_mt.csv", index=False)
-    paths, folds = prepared(tmp_path, small_digits_dir, train_csv=str(tmp_path / "train_mt.csv"),
-                            extra_targets=["parity"])
+    data = DataConfig(root=str(small_digits_dir), train_csv=str(tmp_path / "train_mt.csv"), extra_targets=["parity"])
+    paths = RunPaths(tmp_path / "run")
+    _, folds = prepare_run(paths, data, FoldsConfig(k=3), (16, 16), log=QUIET.log)
     spec = model_specs([{"arch": "test_resnet"}], {**TINY, "target_weights": {"parity": 0.5}})
-    train_base(paths, spec, folds, ["parity"], **QUIET)
-    predict_oof(paths, spec, folds, TTAConfig(n=1), ["parity"], **QUIET)
+    train_base(paths, spec, folds, data, QUIET)
+    predict_oof(paths, spec, folds, TTAConfig(n=1), data, QUIET)
     main = read_table(paths.oof("test_resnet"), folds.classes, "oof")
     parity = read_table(paths.oof("test_resnet", "parity"), ("even", "odd"), "oof")
     test = read_table(paths.test("test_resnet", "parity"), ("even", "odd"), "test")

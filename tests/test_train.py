@@ -8,14 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from base_models.config import TrainConfig, model_specs
-from base_models.dataset import DataConfig
-from base_models.config import FoldsConfig
-from base_models.jobs import prepare_run, train_base
+from base_models.config import DataConfig, FoldsConfig, TrainConfig, model_specs
+from base_models.jobs import StageOptions, prepare_run, train_base
 from base_models.train import one_cycle, read_history
 from oof import RunPaths, StackerError
 
 TINY = {"size": 16, "epochs": 2, "batch_size": 32, "lr": 3e-3}
+QUIET = StageOptions(log=lambda s: None)
 
 
 @pytest.fixture
@@ -56,7 +55,7 @@ def test_one_cycle_follows_warmup_then_cosine(step, expected):
 def test_train_saves_last_epoch_weights_and_history(run):
     paths, folds = run
     spec = specs()
-    train_base(paths, spec, folds, log=lambda s: None)
+    train_base(paths, spec, folds, options=QUIET)
     for k in range(folds.k):
         history = read_history(paths, "test_resnet", k)
         assert [h["epoch"] for h in history] == [1, 2]
@@ -76,19 +75,19 @@ def interrupted_after_first_epoch(root, data_dir, spec):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_base(paths, spec, folds, log=stop_after_first_epoch)
+        train_base(paths, spec, folds, options=StageOptions(log=stop_after_first_epoch))
     return paths, folds
 
 
 def test_interrupted_job_resumes_to_identical_weights(tmp_path, run, small_digits_dir):
     paths, folds = run
-    train_base(paths, specs(), folds, log=lambda s: None)
+    train_base(paths, specs(), folds, options=QUIET)
     reference = load_file(paths.weights("test_resnet", 0))
     other, folds2 = interrupted_after_first_epoch(tmp_path / "interrupted", small_digits_dir, specs())
     assert other.checkpoint("test_resnet", 0).is_file()
     assert not other.weights("test_resnet", 0).exists()
     lines = []
-    train_base(other, specs(), folds2, log=lines.append)
+    train_base(other, specs(), folds2, options=StageOptions(log=lines.append))
     assert not any("fold 0 epoch  1/2" in s for s in lines)  # epoch 1 was not trained again
     resumed = load_file(other.weights("test_resnet", 0))
     assert reference.keys() == resumed.keys()
@@ -97,32 +96,32 @@ def test_interrupted_job_resumes_to_identical_weights(tmp_path, run, small_digit
 
 def test_finished_jobs_are_skipped_and_force_retrains(run):
     paths, folds = run
-    train_base(paths, specs(epochs=1), folds, log=lambda s: None)
+    train_base(paths, specs(epochs=1), folds, options=QUIET)
     stamp = paths.weights("test_resnet", 0).stat().st_mtime_ns
     lines = []
-    train_base(paths, specs(epochs=1), folds, log=lines.append)
+    train_base(paths, specs(epochs=1), folds, options=StageOptions(log=lines.append))
     assert "3 already done, 0 to run" in lines[0]
     assert paths.weights("test_resnet", 0).stat().st_mtime_ns == stamp
-    train_base(paths, specs(epochs=1), folds, force=True, log=lambda s: None)
+    train_base(paths, specs(epochs=1), folds, options=StageOptions(force=True, log=lambda s: None))
     assert paths.weights("test_resnet", 0).stat().st_mtime_ns != stamp
 
 
 def test_changed_recipe_of_a_finished_model_is_refused(run):
     paths, folds = run
-    train_base(paths, specs(epochs=1), folds, log=lambda s: None)
+    train_base(paths, specs(epochs=1), folds, options=QUIET)
     with pytest.raises(StackerError, match=r"test_resnet fold 0 was trained with other settings \(lr\)"):
-        train_base(paths, specs(epochs=1, lr=1e-3), folds, log=lambda s: None)
+        train_base(paths, specs(epochs=1, lr=1e-3), folds, options=QUIET)
 
 
 def test_resume_with_mixup_is_bit_identical_and_other_settings_are_refused(tmp_path, run, small_digits_dir):
     paths, folds = run
     mixup = specs(mixup_alpha=0.4)
-    train_base(paths, mixup, folds, log=lambda s: None)
+    train_base(paths, mixup, folds, options=QUIET)
     reference = load_file(paths.weights("test_resnet", 0))
     other, folds2 = interrupted_after_first_epoch(tmp_path / "interrupted", small_digits_dir, mixup)
     with pytest.raises(StackerError, match=r"interrupted job of other settings \(lr\).*--force"):
-        train_base(other, specs(mixup_alpha=0.4, lr=1e-3), folds2, log=lambda s: None)
-    train_base(other, mixup, folds2, log=lambda s: None)  # numpy's RNG (timm's Mixup) is restored too
+        train_base(other, specs(mixup_alpha=0.4, lr=1e-3), folds2, options=QUIET)
+    train_base(other, mixup, folds2, options=QUIET)  # numpy's RNG (timm's Mixup) is restored too
     resumed = load_file(other.weights("test_resnet", 0))
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
@@ -130,4 +129,4 @@ def test_resume_with_mixup_is_bit_identical_and_other_settings_are_refused(tmp_p
 def test_too_few_rows_for_a_batch_is_a_clear_error(run):
     paths, folds = run
     with pytest.raises(StackerError, match=r"training rows are fewer than batch_size\*accum_steps=1024"):
-        train_base(paths, specs(batch_size=256, accum_steps=4), folds, log=lambda s: None)
+        train_base(paths, specs(batch_size=256, accum_steps=4), folds, options=QUIET)
