@@ -15,14 +15,9 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict
-from pathlib import Path
 
-import yaml
+from oof import StackerError, load_config, run_paths
 
-from oof import RunPaths, StackerError, build_config, write_json, write_text
-
-SECTIONS = ("run_dir", "data", "folds", "train", "models", "tta", "stack")
 # Named flags and the config key each one overrides; their argparse default is
 # "not given", so every default lives in the config dataclasses alone.
 FLAG_KEYS = {
@@ -32,210 +27,66 @@ FLAG_KEYS = {
 }
 
 
-# ---------------------------------------------------------------- config
-
-
-def load_config(args) -> dict:
-    """The raw config: --config (else <run>/run.yaml), then named flags, then --set KEY=VALUE."""
-    cfg = {}
-    source = args.config or (Path(args.run) / "run.yaml" if getattr(args, "run", None) else None)
-    if source is not None and (args.config or Path(source).is_file()):
-        cfg = _read_yaml(Path(source))
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            _override(cfg, key, value)
-    for item in args.set or []:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise StackerError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
-        _override(cfg, key.strip(), yaml.safe_load(text))
-    unknown = sorted(set(cfg) - set(SECTIONS))
-    if unknown:
-        raise StackerError(f"config: unknown section(s) {unknown}; known: {list(SECTIONS)}")
-    return cfg
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise StackerError(f"{path}: config file not found")
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise StackerError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise StackerError(f"{path}: the config must be a mapping of sections")
-    return cfg
-
-
-def _override(cfg: dict, dotted: str, value) -> None:
-    """Set a key from the command line. A `train.*` key also beats every model entry's own value:
-    run.yaml stores each model's resolved train keys, and a flag must still win over them."""
-    _set_key(cfg, dotted, value)
-    section, _, rest = dotted.partition(".")
-    if section == "train" and rest and isinstance(cfg.get("models"), list):
-        for entry in cfg["models"]:
-            if isinstance(entry, dict):
-                _set_key(entry, rest, value)
-
-
-def _set_key(cfg: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    node = cfg
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise StackerError(f"--set {dotted}: {p!r} is not a section")
-    node[last] = value
-
-
-def run_paths(cfg: dict) -> RunPaths:
-    if not cfg.get("run_dir"):
-        raise StackerError("no run directory: pass --run DIR or set run_dir in the config")
-    return RunPaths(Path(cfg["run_dir"]).resolve())
-
-
-def _plain(obj):
-    """Dataclass values as YAML-safe plain types (tuples become lists)."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def base_configs(cfg: dict):
-    """data, folds, models and tta sections as dataclasses (imports torch)."""
-    from base_models.config import FoldsConfig, TTAConfig, model_specs
-    from base_models.dataset import DataConfig
-
-    data = _section(cfg, "data")
-    if "root" in data:
-        data["root"] = str(Path(data["root"]).resolve())
-    return (build_config(DataConfig, data, "data"), build_config(FoldsConfig, cfg.get("folds"), "folds"),
-            model_specs(cfg.get("models"), _section(cfg, "train")),
-            build_config(TTAConfig, cfg.get("tta"), "tta"))
-
-
-def _section(cfg: dict, name: str) -> dict:
-    value = cfg.get(name) or {}
-    if not isinstance(value, dict):
-        raise StackerError(f"{name}: must be a mapping of keys to values, got {value!r}")
-    return dict(value)
-
-
-def stack_config(cfg: dict):
-    from stacker import StackConfig
-
-    return build_config(StackConfig, cfg.get("stack"), "stack")
-
-
-def save_run_config(paths: RunPaths, data, folds, specs, tta, stack_section) -> None:
-    """Write the resolved config as <run>/run.yaml; models already in the run are kept."""
-    previous = _read_yaml(paths.config).get("models") if paths.config.is_file() else None
-    models = {m["name"]: m for m in previous or [] if isinstance(m, dict) and "name" in m}
-    for s in specs:
-        models[s.name] = {"name": s.name, "arch": s.arch, "pretrained": s.pretrained,
-                          "model_kwargs": s.model_kwargs, **_plain(asdict(s.train))}
-    resolved = {"run_dir": str(paths.root), "data": _plain(asdict(data)), "folds": asdict(folds),
-                "models": list(models.values()), "tta": _plain(asdict(tta)), "stack": stack_section or {}}
-    write_text(paths.config, yaml.safe_dump(resolved, sort_keys=False))
+def resolve_config(args) -> dict:
+    """--config (else <run>/run.yaml), then the named flags, then --set KEY=VALUE."""
+    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None) is not None}
+    return load_config(args.config, getattr(args, "run", None), overrides, args.set or [])
 
 
 # ---------------------------------------------------------------- stages
 
 
 def cmd_train_base(args, log=print) -> int:
-    from base_models.jobs import cache_size, prepare_run, train_base
+    from base_models.stages import train_base_stage
+    from stacker import stack_config
 
-    cfg = load_config(args)
-    paths = run_paths(cfg)
-    data, folds_cfg, specs, tta = base_configs(cfg)
-    _, folds = prepare_run(paths, data, folds_cfg, cache_size(specs), args.force, log)
-    save_run_config(paths, data, folds_cfg, specs, tta, cfg.get("stack"))
-    train_base(paths, specs, folds, data.extra_targets, args.force, args.parallel, log)
+    cfg = resolve_config(args)
+    stack_config(cfg)  # the stack section too is checked before hours of training, not after
+    train_base_stage(cfg, args.force, args.parallel, log)
     return 0
 
 
 def cmd_predict_oof(args, log=print) -> int:
-    from base_models.jobs import predict_oof
-    from oof import load_folds
+    from base_models.stages import predict_oof_stage
 
-    cfg = load_config(args)
-    paths = run_paths(cfg)
-    data, _, specs, tta = base_configs(cfg)
-    if args.models:
-        specs = [s for s in specs if s.name in args.models]
-    predict_oof(paths, specs, load_folds(paths.folds), tta, data.extra_targets, args.force, log)
+    predict_oof_stage(resolve_config(args), args.models, args.force, log)
     return 0
 
 
 def cmd_fit_stack(args, log=print) -> int:
-    from stacker import fit_stack
+    from stacker import fit_stack, stack_config
 
-    cfg = load_config(args)
+    cfg = resolve_config(args)
     fit_stack(run_paths(cfg).root, stack_config(cfg), models=args.models, force=args.force, log=log)
     return 0
 
 
 def cmd_submit(args, log=print) -> int:
+    from base_models.config import sample_submission_path
     from stacker import write_submission
 
-    cfg = load_config(args)
-    paths = run_paths(cfg)
-    sample = args.sample_submission
-    if sample is None:
-        data = cfg.get("data") or {}
-        if not data.get("root"):
-            raise StackerError("submit: pass --sample-submission (the run's config names no dataset)")
-        sample = Path(data["root"]) / data.get("sample_submission", "sample_submission.csv")
-    write_submission(paths.root, sample, args.out, source=args.source, force=args.force, log=log)
+    cfg = resolve_config(args)
+    sample = args.sample_submission or sample_submission_path(cfg)
+    write_submission(run_paths(cfg).root, sample, args.out, source=args.source, force=args.force, log=log)
     return 0
+
+
+STAGES = (("train-base", cmd_train_base), ("predict-oof", cmd_predict_oof), ("fit-stack", cmd_fit_stack),
+          ("submit", cmd_submit))
 
 
 def cmd_demo(args, log=print) -> int:
-    from base_models.demo_data import write_digits_dataset
+    from base_models.demo import finish_demo, prepare_demo
 
     t0 = time.perf_counter()
-    out = Path(args.out).resolve()
-    data_dir = write_digits_dataset(out / "data")
-    config = out / "demo.yaml"
-    write_text(config, yaml.safe_dump(demo_config(out), sort_keys=False))
-    log(f"demo: dataset in {data_dir}, config {config}")
+    config = prepare_demo(args.out, log)
     stage_args = argparse.Namespace(config=str(config), run=None, set=None, force=args.force, parallel=1,
                                     models=None, sample_submission=None, out=None, source=None)
-    for name, stage in (("train-base", cmd_train_base), ("predict-oof", cmd_predict_oof),
-                        ("fit-stack", cmd_fit_stack), ("submit", cmd_submit)):
+    for name, stage in STAGES:
         log(f"\n== stacker {name} --config {config}")
         stage(stage_args, log)
-    accuracy, seconds = demo_test_accuracy(out), time.perf_counter() - t0
-    write_json(out / "demo_result.json", {"test_accuracy": accuracy, "seconds": seconds,
-                                          "submission": str(out / "run" / "submission.csv")})
-    log(f"\ndemo: test accuracy of {out / 'run' / 'submission.csv'} against the kept labels: {accuracy:.4f} "
-        f"({seconds:.0f}s in all; saved in {out / 'demo_result.json'})")
+    finish_demo(args.out, time.perf_counter() - t0, log)
     return 0
-
-
-def demo_config(out: Path) -> dict:
-    """The demo's run: three tiny timm architectures, 5 folds, TTA, the full stack guard."""
-    return {
-        "run_dir": str(out / "run"),
-        "data": {"root": str(out / "data")},
-        "folds": {"k": 5, "seed": 42},
-        # 32 px digits: 12 epochs of a random-init test_* model reach ~0.96-0.99 OOF accuracy.
-        "train": {"size": 32, "epochs": 12, "batch_size": 64, "lr": 0.002},
-        "models": [{"arch": "test_resnet"}, {"arch": "test_efficientnet"}, {"arch": "test_convnext"}],
-        "tta": {"n": 4},
-    }
-
-
-def demo_test_accuracy(out: Path) -> float:
-    import pandas as pd
-
-    sub = pd.read_csv(out / "run" / "submission.csv", dtype=str)
-    truth = pd.read_csv(out / "data" / "test_labels.csv", dtype=str)
-    merged = sub.merge(truth, on="image_id", suffixes=("", "_true"))
-    return float((merged["label"] == merged["label_true"]).mean())
 
 
 # ---------------------------------------------------------------- parser

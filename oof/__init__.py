@@ -3,7 +3,8 @@
 Imports numpy, pandas, pyarrow and pyyaml only, so any tool can read and write these files.
 """
 from .atomic import atomic_path, read_csv_strings, read_json, write_bytes, write_json, write_text
-from .config import BOOL, NULL, SEED, STRING, ConfigSection, Rule, build_config, check_fields, each, instance, number, one_of
+from .config import (BOOL, NULL, SEED, STRING, ConfigSection, Rule, build_config, check_fields, each, instance,
+                     number, one_of)
 from .errors import StackerError, preview
 from .folds import Folds, folds_from_table, load_folds, make_folds, write_folds
 from .ids import align, check_unique
@@ -16,10 +17,10 @@ from .tables import (PredictionTable, check_rows, read_table, table_from_frame, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BOOL", "ConfigSection", "EPS", "NULL", "SEED", "STRING", "Folds", "PredictionTable", "Rule", "RunPaths", "StackerError",
     "__version__", "accuracy", "align", "atomic_path", "build_config", "check_fields", "check_model_name",
     "check_rows", "check_unique", "each", "folds_from_table", "instance", "load_config", "load_folds", "log_loss",
-    "log_loss_rows", "make_folds", "number", "one_of", "preview", "read_csv_strings", "read_json",
-    "read_table", "read_yaml", "run_paths", "table_file", "table_from_frame", "validate_oof", "validate_test", "write_bytes",
-    "write_folds", "write_json", "write_run_config", "write_table", "write_text",
+    "log_loss_rows", "make_folds", "number", "one_of", "preview", "read_csv_strings", "read_json", "read_table",
+    "read_yaml", "run_paths", "table_file", "table_from_frame", "validate_oof", "validate_test", "write_bytes",
+    "write_folds", "write_json", "write_run_config", "write_table", "write_text", "BOOL", "ConfigSection", "EPS",
+    "Folds", "NULL", "PredictionTable", "Rule", "RunPaths", "SEED", "STRING", "StackerError",
 ]

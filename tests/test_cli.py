@@ -91,14 +91,24 @@ def test_fit_stack_and_submit_never_import_torch(pipeline):
     ({"colour": "blue"}, [], r"config: unknown section\(s\) \['colour'\]"),
     ({"train": {"size": 16, "epoks": 3}}, [], r"models\[0\]: unknown key\(s\) \['epoks'\]"),
     ({"data": {"root": "/nonexistent/data"}}, [], "data.root: folder /nonexistent/data not found"),
-    ({"tta": {"n": 40}}, [], r"tta.n: must be an integer in \[0, 11\]"),
+    ({"tta": {"n": 40}}, [], r"tta\.n: expected an integer in \[0, 11\], got 40"),
     ({"models": [{"arch": "no_such_net"}]}, [], "model arch 'no_such_net': not a timm model"),
     ({}, ["--set", "train.epochs"], "--set 'train.epochs': expected KEY=VALUE"),
-    ({}, ["--set", "folds.k=1"], "folds.k: must be an integer >= 2, got 1"),
+    ({}, ["--set", "folds.k=1"], "folds.k: expected an integer >= 2, got 1"),
     ({"train": 5}, [], "train: must be a mapping of keys to values, got 5"),
     ({"models": [5]}, [], r"models\[0\]: a timm name or a mapping with `arch`, got 5"),
-    ({}, ["--set", "train.epochs=1.5"], r"models\[0\].epochs: must be an integer, got 1.5"),
-    ({}, ["--set", "train.clip_grad=abc"], r"models\[0\].clip_grad: must be a number or null, got 'abc'"),
+    ({}, ["--set", "train.epochs=1.5"], r"models\[0\] \(test_resnet\): train\.epochs: expected an integer >= 1, "
+                                        "got 1.5"),
+    ({}, ["--set", "train.clip_grad=abc"], r"models\[0\] \(test_resnet\): train\.clip_grad: expected a number > 0 "
+                                           "or null, got 'abc'"),
+    ({}, ["--set", "train.lr=.nan"], r"train\.lr: expected a number > 0, got nan"),
+    ({}, ["--set", "train.weight_decay=-0.1"], r"train\.weight_decay: expected a number >= 0, got -0\.1"),
+    ({}, ["--set", "train.seed=-1"], r"train\.seed: expected an integer in \[0, 4294967295\], got -1"),
+    ({}, ["--set", "train.augment.min_scale=-1"], r"train\.augment\.min_scale: expected a number in \(0, 1\]"),
+    ({}, ["--set", "train.augment.ratio=ab"], r"train\.augment\.ratio: expected \[low, high\]"),
+    ({}, ["--set", "data.extra_targets=variety"], r"data\.extra_targets: expected a list of column names, "
+                                                  "got 'variety'"),
+    ({}, ["--set", "stack.min_gain=.inf"], r"stack\.min_gain: expected a number >= 0, got inf"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, small_digits_dir, change, args, message):
     config = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run", **change)
@@ -127,15 +137,16 @@ def test_help_for_every_stage(stage):
 
 def test_example_paddy_config_resolves():
     """examples/paddy.yaml is read by the same code as any run.yaml (the weights file is checked at train time)."""
-    import cli
+    from base_models.config import base_configs
+    from stacker import stack_config
 
     cfg = yaml.safe_load((Path(__file__).parents[1] / "examples" / "paddy.yaml").read_text())
-    data, folds, (spec,), tta = cli.base_configs(cfg)
+    data, folds, (spec,), tta = base_configs(cfg)
     assert data.extra_targets == ["variety"] and folds.k == 5 and tta.n == 4
     assert [p.size for p in spec.train.schedule] == [(128, 128), (224, 224), (256, 192)]
     assert spec.train.epochs == 12 and spec.train.prediction_size == (256, 192)
     assert spec.pretrained.endswith(".safetensors")
-    assert cli.stack_config(cfg).metric == "accuracy"
+    assert stack_config(cfg).metric == "accuracy"
 
 
 def test_flags_beat_model_entries_of_a_saved_run_yaml(tmp_path):
@@ -143,12 +154,13 @@ def test_flags_beat_model_entries_of_a_saved_run_yaml(tmp_path):
     import argparse
 
     import cli
+    from base_models.config import base_configs
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.yaml").write_text(yaml.safe_dump({"run_dir": str(run), "models": [
         {"name": "a", "arch": "test_resnet", "epochs": 1, "device": "cpu"}]}))
     args = argparse.Namespace(config=None, run=str(run), epochs=3, set=["train.size=24"])
-    cfg = cli.load_config(args)
-    _, _, (spec,), _ = cli.base_configs(cfg)
+    cfg = cli.resolve_config(args)
+    _, _, (spec,), _ = base_configs(cfg)
     assert spec.train.epochs == 3 and spec.train.size == (24, 24) and spec.train.device == "cpu"

@@ -181,7 +181,8 @@ def test_missing_root(tmp_path):
 
 @pytest.mark.parametrize("value", ["stretch", "Squish", None])
 def test_bad_resize_value(value):
-    with pytest.raises(StackerError, match=rf"data\.resize: expected one of \['squish', 'crop', 'pad'\], got {value!r}"):
+    expected = rf"data\.resize: expected one of \['squish', 'crop', 'pad'\], got {value!r}"
+    with pytest.raises(StackerError, match=expected):
         DataConfig(resize=value)
 
 
