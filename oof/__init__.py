@@ -9,7 +9,8 @@ from .errors import StackerError, preview
 from .folds import Folds, folds_from_table, load_folds, make_folds, write_folds
 from .ids import align, check_unique
 from .metrics import EPS, accuracy, log_loss, log_loss_rows
-from .paths import RunPaths, check_model_name, table_file
+from .provenance import file_digest, json_digest
+from .paths import RunPaths, check_model_name, record_of, table_file
 from .run_config import load_config, read_yaml, run_paths, write_run_config
 from .tables import (PredictionTable, check_rows, read_table, table_from_frame, validate_oof,
                      validate_test, write_table)
@@ -18,8 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "accuracy", "align", "atomic_path", "build_config", "check_fields", "check_model_name",
-    "check_rows", "check_unique", "each", "folds_from_table", "instance", "load_config", "load_folds", "log_loss",
-    "log_loss_rows", "make_folds", "number", "one_of", "preview", "read_csv_strings", "read_json", "read_table",
+    "check_rows", "check_unique", "each", "file_digest", "folds_from_table", "instance", "json_digest", "load_config", "load_folds", "log_loss",
+    "log_loss_rows", "make_folds", "number", "one_of", "preview", "read_csv_strings", "record_of", "read_json", "read_table",
     "read_yaml", "run_paths", "table_file", "table_from_frame", "validate_oof", "validate_test", "write_bytes",
     "write_folds", "write_json", "write_run_config", "write_table", "write_text", "BOOL", "ConfigSection", "EPS",
     "Folds", "NULL", "PredictionTable", "Rule", "RunPaths", "SEED", "STRING", "StackerError",

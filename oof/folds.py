@@ -65,9 +65,10 @@ class Folds:
 
 
 def folds_digest(ids, labels, folds) -> str:
+    """sha256 over (id, label, fold) rows sorted by id: the same assignment in any row order has one digest."""
     h = hashlib.sha256()
-    for i, y, f in zip(ids, labels, folds):
-        h.update(f"{i}\t{y}\t{int(f)}\n".encode())
+    for i, y, f in sorted(zip(map(str, ids), map(str, labels), map(int, folds))):
+        h.update(f"{i}\t{y}\t{f}\n".encode())
     return h.hexdigest()
 
 

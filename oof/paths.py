@@ -37,6 +37,11 @@ def check_model_name(name: str, what: str = "model name") -> str:
     return name
 
 
+def record_of(output: Path) -> Path:
+    """The provenance record written beside an output that has no metadata of its own (a submission CSV)."""
+    return output.with_name(f"{output.name}.provenance.json")
+
+
 def table_file(path: Path) -> Path:
     """`path` (parquet) if it exists, else its `.csv` sibling (a table from another tool) if that exists."""
     csv = path.with_suffix(".csv")
@@ -78,6 +83,11 @@ class RunPaths:
     @property
     def submission(self) -> Path:
         return self.root / "submission.csv"
+
+    @property
+    def submission_record(self) -> Path:
+        """Where the submission came from: the stack or model table, the decision and the sample, by digest."""
+        return record_of(self.submission)
 
     # ------------------------------------------------------------ image cache
 

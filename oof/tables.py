@@ -120,6 +120,9 @@ def check_rows(table: PredictionTable) -> None:
     """Unique ids, finite probabilities in [0, 1], rows summing to 1 within 1e-4."""
     src, ids, p = table.source, table.ids, table.proba
     check_unique(ids, src)
+    blank = np.array([str(i).strip() == "" for i in ids], dtype=bool)
+    if blank.any():
+        raise StackerError(f"{src}: blank id in row(s) {preview(np.flatnonzero(blank))} (0-based)")
     bad = ~np.isfinite(p).all(axis=1)
     if bad.any():
         raise StackerError(f"{src}: probabilities must be finite numbers; first bad ids {preview(ids[bad])}")

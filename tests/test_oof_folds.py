@@ -151,6 +151,10 @@ def test_foreign_csv_folds_load(tmp_path):
     assert list(f.fold) == [0, 1, 1, 0, 2]
     # the digest is the one our own file would carry for the same rows
     assert f.sha256 == folds_from_table(f.table, "memory").sha256
+    # the same assignment re-sorted is the same assignment
+    resorted = tmp_path / "resorted.csv"
+    f.table.iloc[::-1].to_csv(resorted, index=False)
+    assert load_folds(resorted).sha256 == f.sha256
 
 
 def test_foreign_parquet_without_metadata_loads(tmp_path):

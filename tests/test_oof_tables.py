@@ -121,6 +121,7 @@ OOF_ERRORS = [
     ("sum", _set(4, blast=0.5, healthy=0.3, tungro=0.1),
      r"each row must sum to 1 within 0\.0001; first bad ids 'id04'"),
     ("duplicate-id", _set(5, id="id04"), r"duplicate ids, first 'id04'"),
+    ("blank-id", _set(5, id=" "), r"blank id in row\(s\) '5'"),
     ("missing-id", lambda df: df.drop(index=6), r"1 train id\(s\) missing, first 'id06'"),
     ("extra-id", _extra_row, r"1 id\(s\) that are not train ids, first 'stranger\.jpg'"),
     ("other-fold", _other_fold, r"fold differs from folds\.parquet.*first bad ids 'id07'"),
