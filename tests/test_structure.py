@@ -105,7 +105,8 @@ def run_file_names() -> dict[str, re.Pattern]:
     paths = RunPaths("/r")
     names = {paths.config, paths.config_lock, paths.folds, paths.folds_csv, paths.targets, paths.submission,
              paths.submission_record, paths.cache, paths.cache_data("train"), paths.cache_index("train"),
-             paths.weights("m", 0), paths.history("m", 0), paths.checkpoint("m", 0), paths.job_lock("m", 0), paths.preds,
+             paths.weights("m", 0), paths.history("m", 0), paths.checkpoint("m", 0), paths.job_lock("m", 0),
+             paths.preds,
              paths.oof("m"), paths.test("m"), paths.test_fold("m", 0), paths.predict_metrics("m"), paths.stack,
              paths.decision, paths.stack_state, paths.stack_booster, paths.leaderboard, paths.stack_report,
              paths.stack_test, paths.model_dir("m").parent}
