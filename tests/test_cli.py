@@ -109,6 +109,17 @@ def test_fit_stack_and_submit_never_import_torch(pipeline):
     ({}, ["--set", "data.extra_targets=variety"], r"data\.extra_targets: expected a list of column names, "
                                                   "got 'variety'"),
     ({}, ["--set", "stack.min_gain=.inf"], r"stack\.min_gain: expected a number >= 0, got inf"),
+    ({}, ["--set", "stack.seed=-1"], r"stack\.seed: expected an integer in \[0, 4294967295\], got -1"),
+    ({}, ["--set", "stack.n_bootstrap=1000000000"], r"stack\.n_bootstrap: expected an integer in \[100, 100000\]"),
+    ({}, ["--set", "stack.logreg_alpha=.nan"], r"stack\.logreg_alpha: expected a number > 0, got nan"),
+    ({}, ["--set", "train.mixup_alpha=-1"], r"train\.mixup_alpha: expected a number >= 0, got -1"),
+    ({}, ["--set", "train.cutmix_alpha=-1"], r"train\.cutmix_alpha: expected a number >= 0, got -1"),
+    ({}, ["--set", "train.target_weights={nope: 1}"], r"train\.target_weights names \['nope'\], which are not "
+                                                     r"data\.extra_targets"),
+    ({}, ["--set", "train.target_weights={nope: x}"], r"train\.target_weights: expected a mapping of extra target "
+                                                     "to a weight >= 0"),
+    ({"run_dir": 5}, [], "run_dir: expected a folder name, got 5"),
+    ({}, ["--set", "data.extra_targets=[../../x]"], r"data\.extra_targets: target name '\.\./\.\./x' is not allowed"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, small_digits_dir, change, args, message):
     config = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run", **change)
@@ -127,6 +138,10 @@ def test_bad_yaml_and_missing_config(tmp_path):
     assert out.returncode == 2 and f"{bad}: not valid YAML" in out.stderr
     out = stacker("predict-oof", "--config", tmp_path / "missing.yaml")
     assert out.returncode == 2 and "missing.yaml: config file not found" in out.stderr
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("run_dir: caf\xe9\n".encode("latin-1"))
+    out = stacker("train-base", "--config", latin)
+    assert out.returncode == 2 and f"{latin}: not a UTF-8 text file" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("stage", STAGES)
