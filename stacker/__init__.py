@@ -10,7 +10,8 @@ scikit-learn, never torch, so fit-stack and submit run anywhere.
 Modules: `candidates/` (the registry and one module per family), `guard`
 (the procedure: meta-level OOF, the decision, the nested estimate), `estimator`
 (`StackGuard`, the procedure as an estimator), `fit` (a run's stack/ files),
-`submit`, `inputs`, `metrics`, `report`, `config`.
+`submit`, `provenance` (what a stack was made from; current or stale), `inputs`,
+`metrics`, `report`, `config`.
 """
 from .candidates import (CANDIDATES, BestSingle, Candidate, EnsembleSelection, LGBMClassShared, LGBMWide,
                          LogitMean, LogRegLogits, Mean, candidate_class, candidate_names, create_candidate,

@@ -67,14 +67,27 @@ class StackGuard:
         guard.candidate_ = candidate_class(state["candidate"]).from_state(state, booster_text)
         return guard
 
-    def fit(self, oof_tables: Mapping, folds: Folds) -> "StackGuard":
+    def fit(self, oof_tables: Mapping, folds: Folds, test_tables: Mapping | None = None) -> "StackGuard":
+        """Score the candidates, decide, and fit the chosen one on every OOF row.
+
+        Args:
+            oof_tables: {model: OOF table or DataFrame}.
+            folds: the fold assignment the tables were made on.
+            test_tables: {model: test table}, optional: the leak check's reference for a lone model
+                (see `stacker.inputs`); fit-stack passes them, without them a lone model is not checked.
+        """
         config = self.config or StackConfig()
         log = self.log or (lambda *a: None)
         tables = as_oof_tables(oof_tables, folds)
         names, y = list(tables), folds.y
         X = meta_features(tables)  # (N, M, C)
-        suspicious = suspicious_models(y, X, names)
+        lone = test_tables is not None and len(names) == 1  # only a lone model's check reads test rows
+        X_test = meta_features(self._leak_reference(test_tables, names, folds)) if lone else None
+        suspicious = suspicious_models(y, X, names, X_test)
         excluded = _exclude(suspicious, config.allow_suspicious, log)
+        if len(excluded) == len(names):
+            raise StackerError(f"fit-stack: every model looks leaked ({', '.join(names)}); nothing is left to "
+                               "stack. Pass --allow-suspicious (stack.allow_suspicious: true) to keep them")
         self.models_ = [m for m in names if m not in excluded]
         self.classes_ = tuple(folds.classes)
         data = MetaData(X[:, [names.index(m) for m in self.models_]], y, folds.fold, tuple(self.models_),
@@ -136,6 +149,13 @@ class StackGuard:
         table = PredictionTable(ids, normalise_rows(proba), self.classes_, None, meta, "<stack test>")
         check_rows(table)
         return table
+
+    @staticmethod
+    def _leak_reference(tables: Mapping, names: list[str], folds: Folds) -> dict[str, PredictionTable]:
+        missing = [m for m in names if m not in tables]
+        if missing:
+            raise StackerError(f"test tables: no table for model(s) {missing}; the OOF tables hold {names}")
+        return align_test_tables({m: tables[m] for m in names}, folds.classes)
 
     def _test_tables(self, tables: Mapping, ids=None) -> dict[str, PredictionTable]:
         missing = [m for m in self.models_ if m not in tables]

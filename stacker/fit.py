@@ -1,80 +1,102 @@
 """fit-stack on a run directory: read the tables, run the guard, write `<run>/stack/`.
 
-    <run>/stack/decision.json      scores, intervals, choice, reason, config, models, folds sha256
+    <run>/stack/decision.json      scores, intervals, choice, reason, config, models, folds sha256,
+                                   and the sha256 of every table read (`provenance`)
     <run>/stack/combiner.json      the chosen candidate's learned state (weights, coefficients)
     <run>/stack/combiner.lgbm.txt  its LightGBM booster in text format, when it has one
-
-`load_stack` rebuilds the fitted guard from these files (`StackGuard.from_state`).
     <run>/stack/leaderboard.csv    the leaderboard as a table
     <run>/stack/report.txt         the leaderboard as printed
-    <run>/stack/test.parquet       the stack's test probabilities (a contract test table)
+    <run>/stack/test.parquet       the stack's test probabilities (a contract test table);
+                                   its metadata records the digest of the decision it belongs to
 
-Every file is written atomically and decision.json last, so a crash never leaves
-a decision that the other files do not back.
+Every file is written atomically and decision.json last (after the old stack's
+files are removed, decision.json first), so a crash never leaves a decision that
+the other files do not back. A rerun with nothing changed skips; a changed input
+refits. `load_stack` rebuilds the fitted guard from these files (`StackGuard.from_state`).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
-from oof import RunPaths, StackerError, atomic_path, check_model_name, read_json, write_json, write_table, write_text
+from oof import (PredictionTable, RunPaths, StackerError, atomic_path, check_model_name, read_json, write_json,
+                 write_table, write_text)
 
 from .config import StackConfig
 from .estimator import StackGuard
 from .inputs import load_run_folds, read_run_tables
+from .provenance import clear_stack, decision_digest, describe, stack_changes, stack_inputs
 from .report import format_report, leaderboard_frame
 
 
 def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, models: list[str] | None = None,
               force: bool = False, log=print) -> dict:
-    """Fit the guarded stack of a run and write `<run>/stack/`.
+    """Fit the guarded stack of a run and write `<run>/stack/`; skip it when it is current.
+
+    The stack is current when decision.json records the folds, the models, every table
+    they read (by sha256) and the config of this call, and stack/'s files belong to it.
+    Anything else is redone (fit-stack owns stack/), with the change named.
 
     Args:
         run_dir: the run directory (folds.parquet or folds.csv, preds/<model>/oof and test tables).
         config: meta-level options; default `StackConfig()`.
         models: models to stack; default every folder under preds/ with an OOF table.
-        force: replace an existing stack/decision.json.
+        force: remove stack/'s files (decision.json first) and fit again, current or not.
         log: callable for progress and the leaderboard (None is silent).
 
     Returns:
-        The decision, as written to decision.json.
+        The decision, as written to decision.json (or read from it when current).
 
     Raises:
-        StackerError: an existing decision without force, no models, or a table breaking the contract.
+        StackerError: no models, or a table breaking the contract.
     """
     config = config or StackConfig()
     log = log or (lambda *a: None)
     paths = RunPaths(run_dir)
-    if paths.decision.exists() and not force:
-        raise StackerError(f"{paths.decision}: already exists; pass --force to fit the stack again")
     folds = load_run_folds(paths)
-    models = [check_model_name(m) for m in models] if models else paths.predicted_models()
-    if not models:
+    names = [check_model_name(m) for m in models] if models else paths.predicted_models()
+    if not names:
         raise StackerError(f"{paths.preds}: no model has an oof.parquet or oof.csv to stack")
-    oof_tables, test_tables, fold_tables = read_run_tables(paths, models, folds,
-                                                           per_fold=config.test_features == "per_fold")
-    guard = StackGuard(config, log).fit(oof_tables, folds)
-    test = guard.predict_table(test_tables, fold_tables)
-    write_stack(paths, guard, test)
+    per_fold = config.test_features == "per_fold"
+    inputs = stack_inputs(paths, names, folds.k if per_fold else 0, given=bool(models))  # digests before reading
+    if force:
+        clear_stack(paths)  # an interrupted --force leaves no decision, so nothing looks finished
+    elif paths.decision.exists():
+        changes, decision = stack_changes(paths, folds, config.to_dict(), inputs)
+        if not changes:
+            log(f"fit-stack: {paths.decision} is current (same folds, models, tables and config; chosen "
+                f"{decision['chosen']}); nothing to do, --force fits it again")
+            return decision
+        log(f"fit-stack: {paths.decision} is stale ({describe(changes)}); fitting the stack again")
+    oof_tables, test_tables, fold_tables = read_run_tables(paths, names, folds, per_fold)
+    guard = StackGuard(config, log).fit(oof_tables, folds, test_tables)
+    decision = {**guard.decision_, "inputs": inputs}
+    write_stack(paths, guard, guard.predict_table(test_tables, fold_tables), decision)
     log(format_report(guard.decision_, guard.timings_))
-    return guard.decision_
+    return decision
 
 
-def write_stack(paths: RunPaths, guard: StackGuard, test) -> None:
-    """Write every stack/ file of a fitted guard; decision.json last."""
-    paths.decision.unlink(missing_ok=True)  # until the new one is written, no decision vouches for stack/
+def write_stack(paths: RunPaths, guard: StackGuard, test: PredictionTable, decision: dict) -> None:
+    """Write every stack/ file of a fitted guard; decision.json last.
+
+    Args:
+        paths: the run.
+        guard: the fitted guard.
+        test: its test table; its metadata gains the digest of `decision`.
+        decision: what decision.json gets: the guard's decision and its inputs.
+    """
+    clear_stack(paths)  # until the new decision is written, none vouches for stack/
     state = guard.state()
     booster = guard.candidate_.booster_text()
     if booster is not None:
         write_text(paths.stack_booster, booster)
         state["booster"] = paths.stack_booster.name  # the state names its booster file, beside it in stack/
-    else:
-        paths.stack_booster.unlink(missing_ok=True)  # a previous decision's booster would mislead
     write_json(paths.stack_state, state)
-    write_table(paths.stack_test, test)
+    write_table(paths.stack_test, replace(test, meta={**test.meta, "decision_sha256": decision_digest(decision)}))
     with atomic_path(paths.leaderboard) as tmp:
         leaderboard_frame(guard.decision_).to_csv(tmp, index=False)
     write_text(paths.stack_report, format_report(guard.decision_, guard.timings_))
-    write_json(paths.decision, guard.decision_)
+    write_json(paths.decision, decision)
 
 
 def load_stack(run_dir: str | os.PathLike) -> StackGuard:

@@ -16,12 +16,21 @@ import pandas as pd
 from oof import (Folds, PredictionTable, RunPaths, StackerError, check_model_name, load_folds, read_table,
                  table_file, table_from_frame, validate_oof, validate_test)
 
-# Leak check. A row counts as "sure" when the model gives its true class >= 0.99.
-# A model is suspicious when >= 95% of its OOF rows are sure while the median of
-# the other models is at least 30 points lower: a model that saw its OOF rows in
-# training memorises them; honest models that strong come in groups, so the
-# median of the others is near it and nothing is flagged.
-LEAK_PROBA = 0.99
+# Leak check. A row counts as "sure" when the model's argmax is the true class and its
+# probability is within LEAK_MARGIN of the way from chance (1/C) up to the model's own
+# ceiling (the 99th percentile of its top probabilities: one odd row does not set it).
+# Relative, because label smoothing caps a model's top: with smoothing 0.1 and 10
+# classes a model that memorised its rows says 0.91, never 0.99. Unsmoothed models
+# reach ~1, where the threshold is 0.95 (10 classes).
+# A model is suspicious when >= 95% of its OOF rows are sure while a reference share
+# is at least 30 points lower: the median of the other models (a model that saw its
+# OOF rows in training memorises them; honest models that strong come in groups, so
+# the median of the others is near it), or, for a lone model, the share of its own
+# test rows at the same threshold (a memoriser is honest on rows it never saw; an
+# honest model is as sure on test rows as on OOF rows). Without test rows a lone
+# model is not checked: nothing to compare it with.
+LEAK_MARGIN = 0.05
+LEAK_CEILING_QUANTILE = 0.99
 LEAK_SHARE = 0.95
 LEAK_GAP = 0.30
 
@@ -62,21 +71,38 @@ def read_run_tables(paths: RunPaths, models: list[str], folds: Folds, per_fold: 
         (oof, test, fold_tests): {model: table}, {model: table} aligned on the
         first model's test ids, and a list of K such dicts (empty unless per_fold).
     """
-    oof = {m: validate_oof(read_table(table_file(paths.oof(m)), folds.classes, "oof"), folds) for m in models}
-    test = align_test_tables({m: read_table(table_file(paths.test(m)), folds.classes, "test") for m in models})
+    oof = {m: validate_oof(_read(paths.oof(m), folds, "oof"), folds) for m in models}
+    test = align_test_tables({m: _read(paths.test(m), folds, "test") for m in models})
     fold_tests = []
     ids = next(iter(test.values())).ids
     for k in range(folds.k if per_fold else 0):
-        tables = {m: read_table(table_file(paths.test_fold(m, k)), folds.classes, "test") for m in models}
+        tables = {m: _read(paths.test_fold(m, k), folds, "test") for m in models}
         fold_tests.append({m: validate_test(t, ids, folds.classes) for m, t in tables.items()})
     return oof, test, fold_tests
+
+
+def _read(path, folds: Folds, kind: str) -> PredictionTable:
+    """One table of the run (parquet, else its CSV sibling), with rows, made on these folds."""
+    table = _require_rows(read_table(table_file(path), folds.classes, kind))
+    sha = table.meta.get("folds_sha256")
+    if kind == "test" and sha is not None and sha != folds.sha256:  # validate_oof does this for OOF tables
+        raise StackerError(f"{table.source}: was made on another fold assignment (folds sha256 {sha[:12]} != "
+                           f"{folds.sha256[:12]}); run predict-oof again")
+    return table
+
+
+def _require_rows(table: PredictionTable) -> PredictionTable:
+    # A header-only test table would become the id reference and every other model's table be blamed.
+    if not len(table.ids):
+        raise StackerError(f"{table.source}: no rows (a header only)")
+    return table
 
 
 def as_oof_tables(tables: Mapping, folds: Folds) -> dict[str, PredictionTable]:
     """Tables or DataFrames (`id`, `fold`, one column per class) -> validated, in folds row order."""
     if not tables:
         raise StackerError("fit-stack: no models to stack (no OOF tables given)")
-    return {check_model_name(m): validate_oof(_as_table(t, m, folds.classes, "oof"), folds)
+    return {check_model_name(m): validate_oof(_require_rows(_as_table(t, m, folds.classes, "oof")), folds)
             for m, t in tables.items()}
 
 
@@ -84,7 +110,7 @@ def align_test_tables(tables: Mapping, classes=None) -> dict[str, PredictionTabl
     """Test tables of every model, in the first model's id order; any id difference is an error."""
     if not tables:
         raise StackerError("fit-stack: no test tables given")
-    out = {m: _as_table(t, m, classes, "test") for m, t in tables.items()}
+    out = {m: _require_rows(_as_table(t, m, classes, "test")) for m, t in tables.items()}
     first = next(iter(out.values()))
     classes = first.classes if classes is None else tuple(classes)
     return {m: validate_test(t, first.ids, classes) for m, t in out.items()}
@@ -105,18 +131,46 @@ def meta_features(tables: Mapping[str, PredictionTable]) -> np.ndarray:
     return np.stack([t.proba for t in tables.values()], axis=1)
 
 
+def sure_thresholds(X: np.ndarray) -> np.ndarray:
+    """(M,) each model's "sure" probability: LEAK_MARGIN below its own ceiling; X is (N, M, C)."""
+    ceiling = np.quantile(X.max(axis=2), LEAK_CEILING_QUANTILE, axis=0)  # (M,)
+    chance = 1 / X.shape[2]
+    return ceiling - LEAK_MARGIN * np.maximum(ceiling - chance, 0)
+
+
 def sure_share(y: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """(M,) share of rows where each model gives the true class >= LEAK_PROBA; X is (N, M, C)."""
-    return (X[np.arange(len(y)), :, y] >= LEAK_PROBA).mean(axis=0)
+    """(M,) share of rows where each model's argmax is the true class at its sure threshold; X is (N, M, C)."""
+    truth = X[np.arange(len(y)), :, y]  # (N, M)
+    return ((X.argmax(axis=2) == y[:, None]) & (truth >= sure_thresholds(X))).mean(axis=0)
 
 
-def suspicious_models(y: np.ndarray, X: np.ndarray, models: list[str]) -> dict[str, str]:
-    """{model: reason} for models whose OOF looks leaked (see LEAK_* above)."""
+def suspicious_models(y: np.ndarray, X: np.ndarray, models: list[str], X_test: np.ndarray | None = None
+                      ) -> dict[str, str]:
+    """{model: reason} for models whose OOF looks leaked (see LEAK_* above).
+
+    Args:
+        y: (N,) labels.
+        X: (N, M, C) OOF probabilities.
+        models: the M names.
+        X_test: (N_test, M, C) test probabilities, the reference of a lone model; None leaves it unchecked.
+    """
     share = sure_share(y, X)
     out = {}
     for m, name in enumerate(models):
         others = np.delete(share, m)
-        if len(others) and share[m] >= LEAK_SHARE and np.median(others) <= share[m] - LEAK_GAP:
-            out[name] = (f"{share[m]:.1%} of OOF rows give the true class >= {LEAK_PROBA} while the other "
-                         f"models' median is {np.median(others):.1%}: trained on its own OOF rows?")
+        if len(others):
+            reference, what = float(np.median(others)), "the other models' median is"
+        elif X_test is not None and len(X_test):
+            reference, what = _test_sure_share(X[:, m], X_test[:, m]), "its own test rows give"
+        else:
+            continue
+        if share[m] >= LEAK_SHARE and reference <= share[m] - LEAK_GAP:
+            out[name] = (f"{share[m]:.1%} of OOF rows are sure of the true class while {what} "
+                         f"{reference:.1%}: trained on its own OOF rows?")
     return out
+
+
+def _test_sure_share(oof: np.ndarray, test: np.ndarray) -> float:
+    """Share of test rows (N_test, C) whose top probability reaches the OOF rows' (N, C) sure threshold."""
+    threshold = sure_thresholds(oof[:, None])[0]
+    return float((test.max(axis=1) >= threshold).mean())

@@ -47,6 +47,20 @@ def specialists(y, rng, known=range(5), n_classes: int = 10):
     return proba
 
 
+def smoothed_copy(y: np.ndarray, n_classes: int, accuracy: float, rng, low: float = 0.4,
+                  smoothing: float = 0.1) -> np.ndarray:
+    """(N, C) a model trained with label smoothing: its top probability is drawn in [low, ceiling], where the
+    ceiling 1 - smoothing + smoothing / C is what smoothing lets it reach; right on a share `accuracy`.
+    A model that memorised its rows is right on all of them just under the ceiling (`low` near it)."""
+    ceiling = 1 - smoothing + smoothing / n_classes
+    right = rng.random(len(y)) < accuracy
+    pick = np.where(right, y, (y + rng.integers(1, n_classes, len(y))) % n_classes)
+    top = rng.uniform(low, ceiling, len(y))
+    proba = np.repeat(((1 - top) / (n_classes - 1))[:, None], n_classes, axis=1)
+    proba[np.arange(len(y)), pick] = top
+    return proba
+
+
 def pure_noise(n_rows: int, n_classes: int, rng) -> np.ndarray:
     """(N, C) probabilities that know nothing of the labels."""
     return rng.dirichlet(np.ones(n_classes), size=n_rows)

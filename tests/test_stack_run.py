@@ -50,14 +50,6 @@ def test_fit_stack_writes_the_stack_directory(run):
     assert report in lines and f"chosen: {decision['chosen']}" in report and "nested estimate" in report
 
 
-def test_fit_stack_refuses_to_overwrite_without_force(run):
-    root, _, _ = run
-    fit_stack(root, fast_config(candidates=["mean"]), log=None)
-    with pytest.raises(StackerError, match=r"decision\.json: already exists; pass --force"):
-        fit_stack(root, fast_config(candidates=["mean"]), log=None)
-    assert fit_stack(root, fast_config(candidates=["mean"]), force=True, log=None)["chosen"] == "mean"
-
-
 def test_a_chosen_booster_is_saved_as_text_and_reproduces_the_test_table(tmp_path):
     rng = np.random.default_rng(0)
     folds = make_run_folds(600, 4, seed=0)
@@ -237,18 +229,6 @@ def test_submission_errors_name_the_file_and_ids(stacked, tmp_path, ids, columns
     with pytest.raises(StackerError, match=message):
         write_submission(root, sample, log=None)
     assert not RunPaths(root).submission.exists()
-
-
-def test_submission_refuses_to_overwrite_and_needs_a_stack(stacked, tmp_path):
-    root, _, test_ids = stacked
-    sample = sample_csv(tmp_path / "sample_submission.csv", test_ids, {"label": ["c0"] * len(test_ids)})
-    write_submission(root, sample, log=None)
-    with pytest.raises(StackerError, match=r"submission\.csv: already exists; pass --force"):
-        write_submission(root, sample, log=None)
-    write_submission(root, sample, force=True, log=None)
-    (RunPaths(root).stack_test).unlink()
-    with pytest.raises(StackerError, match=r"stack/test\.parquet: not found; run fit-stack first"):
-        write_submission(root, sample, force=True, log=None)
 
 
 @pytest.mark.parametrize("candidate, data", [
