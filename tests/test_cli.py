@@ -66,14 +66,16 @@ def test_pipeline_writes_the_run_directory_and_a_valid_submission(pipeline, smal
     assert "OOF accuracy" in results["predict-oof"].stdout
 
 
-def test_rerun_skips_finished_work_and_overwrite_needs_force(pipeline):
+def test_rerun_skips_finished_work(pipeline):
     root, config, _ = pipeline
     again = stacker("train-base", "--config", config)
     assert again.returncode == 0 and "6 already done, 0 to run" in again.stdout
     again = stacker("predict-oof", "--run", root / "run")
     assert again.returncode == 0 and "already predicted" in again.stdout
+    again = stacker("fit-stack", "--run", root / "run")
+    assert again.returncode == 0 and "is current" in again.stdout
     again = stacker("submit", "--run", root / "run")
-    assert again.returncode == 2 and "--force" in again.stderr
+    assert again.returncode == 0 and "is current" in again.stdout
     assert stacker("submit", "--run", root / "run", "--force").returncode == 0
 
 
