@@ -24,6 +24,7 @@ from .candidates import candidate_class, create_candidate, normalise_rows
 from .config import StackConfig
 from .guard import fit_seed, run_guard
 from .inputs import MetaData, align_test_tables, as_oof_tables, meta_features, sure_share, suspicious_models
+from .leak import LeakInputs, leak_report
 from .metrics import Metric
 
 
@@ -67,23 +68,24 @@ class StackGuard:
         guard.candidate_ = candidate_class(state["candidate"]).from_state(state, booster_text)
         return guard
 
-    def fit(self, oof_tables: Mapping, folds: Folds, test_tables: Mapping | None = None) -> "StackGuard":
+    def fit(self, oof_tables: Mapping, folds: Folds, test_tables: Mapping | None = None,
+            fold_tables: Sequence[Mapping] = ()) -> "StackGuard":
         """Score the candidates, decide, and fit the chosen one on every OOF row.
 
         Args:
             oof_tables: {model: OOF table or DataFrame}.
             folds: the fold assignment the tables were made on.
-            test_tables: {model: test table}, optional: the leak check's reference for a lone model
-                (see `stacker.inputs`); fit-stack passes them, without them a lone model is not checked.
+            test_tables: {model: test table}, optional: the leak check compares each model's OOF rows
+                with its test rows (`stacker.leak`); without them only near-certain memorisers are found.
+            fold_tables: per fold k, {model: fold model k's test table}, optional: the leak check's
+                like-for-like reference (one fold model on unseen rows, as the OOF rows are).
         """
         config = self.config or StackConfig()
         log = self.log or (lambda *a: None)
         tables = as_oof_tables(oof_tables, folds)
         names, y = list(tables), folds.y
         X = meta_features(tables)  # (N, M, C)
-        lone = test_tables is not None and len(names) == 1  # only a lone model's check reads test rows
-        X_test = meta_features(self._leak_reference(test_tables, names, folds)) if lone else None
-        suspicious = suspicious_models(y, X, names, X_test)
+        suspicious, consistency = self._check_leaks(X, folds, names, test_tables, fold_tables)
         excluded = _exclude(suspicious, config.allow_suspicious, log)
         if len(excluded) == len(names):
             raise StackerError(f"fit-stack: every model looks leaked ({', '.join(names)}); nothing is left to "
@@ -105,7 +107,7 @@ class StackGuard:
             "version": oof.__version__, "metric": config.metric, "chosen": decision["chosen"],
             "reason": decision["reason"], "best": decision["best"],
             "rows": len(y), "k": folds.k, "classes": list(self.classes_), "folds_sha256": folds.sha256,
-            "models": _model_scores(y, X, names, metric, suspicious, excluded),
+            "models": _model_scores(y, X, names, metric, (suspicious, excluded, consistency)),
             "used": list(self.models_), "excluded": excluded,
             "candidates": decision["candidates"], "nested": decision["nested"],
             "test_features": config.test_features, "config": config.to_dict(),
@@ -150,6 +152,20 @@ class StackGuard:
         check_rows(table)
         return table
 
+    def _check_leaks(self, X: np.ndarray, folds: Folds, names: list[str], test_tables, fold_tables):
+        """({model: reason} of the models that look leaked, {model: OOF/test consistency report})."""
+        if test_tables is None:
+            return suspicious_models(folds.y, X, names), {}
+        test = meta_features(self._leak_reference(test_tables, names, folds))  # (T, M, C)
+        per_fold = (np.stack([meta_features(self._leak_reference(t, names, folds)) for t in fold_tables])
+                    if fold_tables else None)  # (K, T, M, C)
+        report = leak_report(LeakInputs(folds.y, folds.fold, X, test, per_fold, names))
+        suspicious = suspicious_models(folds.y, X, names, test if len(names) == 1 else None)
+        for name, r in report.items():
+            if r["flagged"]:
+                suspicious.setdefault(name, r["reason"])
+        return suspicious, report
+
     @staticmethod
     def _leak_reference(tables: Mapping, names: list[str], folds: Folds) -> dict[str, PredictionTable]:
         missing = [m for m in names if m not in tables]
@@ -179,12 +195,21 @@ def _exclude(suspicious: dict, allow: bool, log) -> dict:
     return {} if allow else dict(suspicious)
 
 
-def _model_scores(y, X, names, metric: Metric, suspicious: dict, excluded: dict) -> dict:
-    """Each base model's own OOF metric and log-loss, and its leak-check figure."""
+def _model_scores(y, X, names, metric: Metric, checks: tuple[dict, dict, dict]) -> dict:
+    """Each base model's own OOF metric and log-loss, and its leak-check figures.
+
+    Args:
+        checks: ({model: reason} suspicious, {model: reason} excluded, {model: consistency report}).
+    """
+    suspicious, excluded, consistency = checks
     share = sure_share(y, X)
     out = {}
     for m, name in enumerate(names):
         status = "excluded" if name in excluded else "suspicious, kept" if name in suspicious else "used"
+        z = consistency.get(name, {}).get("consistency")
         out[name] = {"score": metric.score(y, X[:, m]), "log_loss": log_loss(y, X[:, m]),
-                     "sure_share": float(share[m]), "status": status}
+                     "sure_share": float(share[m]), "consistency": float(z) if z is not None and np.isfinite(z)
+                     else None, "status": status}
+        if name in suspicious:
+            out[name]["reason"] = suspicious[name]
     return out

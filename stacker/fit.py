@@ -24,7 +24,7 @@ from oof import (PredictionTable, RunPaths, StackerError, atomic_path, check_mod
 
 from .config import StackConfig
 from .estimator import StackGuard
-from .inputs import load_run_folds, read_run_tables
+from .inputs import has_fold_tables, load_run_folds, read_run_tables
 from .provenance import clear_stack, decision_digest, describe, stack_changes, stack_inputs
 from .report import format_report, leaderboard_frame
 
@@ -57,7 +57,8 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
     names = [check_model_name(m) for m in models] if models else paths.predicted_models()
     if not names:
         raise StackerError(f"{paths.preds}: no model has an oof.parquet or oof.csv to stack")
-    per_fold = config.test_features == "per_fold"
+    # Per-fold test tables feed "per_fold" test features, and the leak check whenever they exist.
+    per_fold = config.test_features == "per_fold" or has_fold_tables(paths, names, folds.k)
     inputs = stack_inputs(paths, names, folds.k if per_fold else 0, given=bool(models))  # digests before reading
     if force:
         clear_stack(paths)  # an interrupted --force leaves no decision, so nothing looks finished
@@ -69,7 +70,7 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
             return decision
         log(f"fit-stack: {paths.decision} is stale ({describe(changes)}); fitting the stack again")
     oof_tables, test_tables, fold_tables = read_run_tables(paths, names, folds, per_fold)
-    guard = StackGuard(config, log).fit(oof_tables, folds, test_tables)
+    guard = StackGuard(config, log).fit(oof_tables, folds, test_tables, fold_tables)
     decision = {**guard.decision_, "inputs": inputs}
     write_stack(paths, guard, guard.predict_table(test_tables, fold_tables), decision)
     log(format_report(guard.decision_, guard.timings_))

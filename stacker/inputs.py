@@ -64,6 +64,11 @@ def load_run_folds(paths: RunPaths) -> Folds:
     return load_folds(paths.folds if paths.folds.is_file() or not csv.is_file() else csv)
 
 
+def has_fold_tables(paths: RunPaths, models: list[str], k: int) -> bool:
+    """Every model has each fold model's test table (stacker's own runs do; other tools' may not)."""
+    return all(table_file(paths.test_fold(m, f)).is_file() for m in models for f in range(k))
+
+
 def read_run_tables(paths: RunPaths, models: list[str], folds: Folds, per_fold: bool):
     """Read and validate each model's OOF and test tables (and per-fold test tables).
 

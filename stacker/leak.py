@@ -19,8 +19,8 @@ Neither gap is zero for an honest model: test rows may differ from train rows,
 and a mean over K fold models (all a foreign tool may give) is smoother than one
 fold model. Those effects hit every model alike, so each model is compared with
 the others: its gap's robust z-score against the other models' gaps (median and
-MAD), with the scale never below the gap's own sampling error (a bootstrap over
-rows), so that a few near-identical models cannot make noise look significant.
+MAD), with the scale never below the gap's own sampling error (its standard
+error over rows), so that a few near-identical models cannot make noise look significant.
 With fewer than three models there is no spread to compare with; then, given
 per-fold test tables, the gap is tested against its own sampling error alone.
 The flag threshold is a z of 4: far outside the honest models' spread.
@@ -35,7 +35,6 @@ import numpy as np
 CLIP = 1e-6
 Z_FLAG = 4.0  # a leak is flagged beyond 4 robust standard deviations of the honest models' spread
 MIN_MODELS_FOR_SPREAD = 3  # median and MAD of at least two other models
-N_BOOTSTRAP = 200
 
 
 @dataclass
@@ -65,21 +64,20 @@ def sharpness(p: np.ndarray) -> np.ndarray:
     return np.log(top / (1 - top))
 
 
-def leak_report(data: LeakInputs, seed: int = 0) -> dict[str, dict]:
+def leak_report(data: LeakInputs) -> dict[str, dict]:
     """{model: {"consistency": z, "flagged": bool, "reason": str, ...}} for every model.
 
     `consistency` is the largest of the model's z-scores (sharpness gap, accuracy
     excess, worst fold); below about 2 is ordinary, `Z_FLAG` and above is flagged.
     """
-    rng = np.random.default_rng(seed)
-    gaps = [_model_gaps(data, m, rng) for m in range(len(data.models))]
+    gaps = [_model_gaps(data, m) for m in range(len(data.models))]
     report = {}
     for m, name in enumerate(data.models):
         report[name] = _judge(gaps, m)
     return report
 
 
-def _model_gaps(data: LeakInputs, m: int, rng) -> dict:
+def _model_gaps(data: LeakInputs, m: int) -> dict:
     """One model's statistics, each as (value, standard error)."""
     s_oof = sharpness(data.oof[:, m])  # (N,)
     folds = np.unique(data.fold)
@@ -87,25 +85,23 @@ def _model_gaps(data: LeakInputs, m: int, rng) -> dict:
         s_test = [sharpness(data.test_folds[k, :, m]) for k in range(len(folds))]  # K x (T,)
     else:
         s_test = [sharpness(data.test[:, m])] * len(folds)
-    fold_gaps = [_mean_gap(s_oof[data.fold == f], s_test[i], rng) for i, f in enumerate(folds)]
-    out = {"sharpness": _mean_gap(s_oof, np.concatenate(s_test), rng), "folds": fold_gaps,
+    fold_gaps = [_mean_gap(s_oof[data.fold == f], s_test[i]) for i, f in enumerate(folds)]
+    out = {"sharpness": _mean_gap(s_oof, np.concatenate(s_test)), "folds": fold_gaps,
            "own_reference": data.test_folds is not None}
     if data.oof.shape[1] > 1:
-        out["agreement"] = _agreement_gap(data, m, rng)
+        out["agreement"] = _agreement_gap(data, m)
     return out
 
 
-def _mean_gap(a: np.ndarray, b: np.ndarray, rng) -> tuple[float, float]:
-    """(mean(a) - mean(b), its bootstrap standard error over rows)."""
-    if len(a) == 0 or len(b) == 0:
+def _mean_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean(a) - mean(b), its standard error): the rows of each side are independent draws."""
+    if len(a) < 2 or len(b) < 2:
         return 0.0, np.inf
-    ia = rng.integers(0, len(a), size=(N_BOOTSTRAP, len(a)))
-    ib = rng.integers(0, len(b), size=(N_BOOTSTRAP, len(b)))
-    boot = a[ia].mean(axis=1) - b[ib].mean(axis=1)
-    return float(a.mean() - b.mean()), float(boot.std() + 1e-12)
+    se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    return float(a.mean() - b.mean()), float(se + 1e-12)
 
 
-def _agreement_gap(data: LeakInputs, m: int, rng) -> tuple[float, float]:
+def _agreement_gap(data: LeakInputs, m: int) -> tuple[float, float]:
     """Agreement with the other models' consensus, OOF minus test, with its standard error.
 
     Accuracy and agreement differ by an offset that belongs to the model and its
@@ -120,7 +116,7 @@ def _agreement_gap(data: LeakInputs, m: int, rng) -> tuple[float, float]:
     on_test = data.test[:, others].mean(axis=1).argmax(axis=1)  # (T,)
     tests = data.test_folds[:, :, m] if data.test_folds is not None else data.test[None, :, m]
     agree_test = np.concatenate([(t.argmax(axis=1) == on_test).astype(float) for t in tests])
-    return _mean_gap(agree_oof, agree_test, rng)
+    return _mean_gap(agree_oof, agree_test)
 
 
 def _judge(gaps: list[dict], m: int) -> dict:

@@ -9,7 +9,7 @@ def leaderboard_frame(decision: dict) -> pd.DataFrame:
     rows = []
     for name, m in decision["models"].items():
         rows.append({"kind": "model", "name": name, "score": m["score"], "log_loss": m["log_loss"],
-                     "status": m["status"], "sure_share": m["sure_share"]})
+                     "status": m["status"], "sure_share": m["sure_share"], "consistency": m.get("consistency")})
     for name, c in decision["candidates"].items():
         rows.append({"kind": "candidate", "name": name, "score": c["score"], "log_loss": c["log_loss"],
                      "low": c["interval"][0], "high": c["interval"][1], "gain": c["gain"],
@@ -22,7 +22,7 @@ def leaderboard_frame(decision: dict) -> pd.DataFrame:
                      "log_loss": nested["log_loss"],
                      "status": " ".join(f["chosen"] for f in nested["folds"])})
     columns = ["kind", "name", "score", "log_loss", "low", "high", "gain", "gain_low", "gain_high",
-               "win_probability", "admissible", "chosen", "status", "sure_share"]
+               "win_probability", "admissible", "chosen", "status", "sure_share", "consistency"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -30,9 +30,12 @@ def format_report(decision: dict, timings: dict | None = None) -> str:
     """The leaderboard as text: models, candidates (chosen marked *), the choice, the nested estimate."""
     metric = decision["metric"]
     conf = decision["config"]["confidence"]
-    lines = [f"{'model':<28}{metric:>12}{'log_loss':>10}{'sure rows':>11}  status"]
+    # OOF/test z: how far a model's OOF rows stand from its test rows, against the other models (stacker.leak)
+    lines = [f"{'model':<28}{metric:>12}{'log_loss':>10}{'sure rows':>11}{'OOF/test z':>12}  status"]
     for name, m in decision["models"].items():
-        lines.append(f"  {name:<26}{m['score']:>12.4f}{m['log_loss']:>10.4f}{m['sure_share']:>11.1%}  {m['status']}")
+        z = "-" if m.get("consistency") is None else f"{m['consistency']:.1f}"
+        lines.append(f"  {name:<26}{m['score']:>12.4f}{m['log_loss']:>10.4f}{m['sure_share']:>11.1%}{z:>12}  "
+                     f"{m['status']}")
     lines += ["", f"{'candidate (meta-level OOF)':<28}{metric:>12}{f'{conf:.0%} interval':>22}"
                   f"{'gain vs mean':>14}{'win p':>8}{'log_loss':>10}{'fit s':>8}"]
     for name, c in decision["candidates"].items():
@@ -43,8 +46,8 @@ def format_report(decision: dict, timings: dict | None = None) -> str:
         lines.append(f"{mark} {name:<26}{c['score']:>12.4f}{interval:>22}{c['gain']:>+14.4f}{win:>8}"
                      f"{c['log_loss']:>10.4f}{seconds}")
     lines += ["", f"chosen: {decision['chosen']}: {decision['reason']}"]
-    if decision["excluded"]:
-        lines.append(f"excluded as suspicious: {', '.join(decision['excluded'])}")
+    for name, why in decision["excluded"].items():
+        lines.append(f"excluded as suspicious: {name}: {why}")
     nested = decision.get("nested")
     if nested:
         choices = ", ".join(f["chosen"] for f in nested["folds"])

@@ -1,0 +1,195 @@
+"""Bench: the leak check's false-positive and detection rates on OOF sets with known leaks.
+
+    python bench/leak_bench.py [--datasets digits breast_cancer wine synthetic] [--run RUN_DIR ...]
+
+Honest sets: for each dataset that ships with scikit-learn (and one synthetic
+5-class set of 3,000 rows), a quarter held out as test, 5 stratified folds on the
+rest, seven model families (logistic regression, random forest, extra trees,
+k-NN, naive Bayes, histogram gradient boosting, LightGBM), each fold model
+predicting its held-out fold (OOF) and the test set. `--run` adds a stacker
+run's own tables (e.g. the demo's tiny CNNs) as a further honest set.
+
+Leaks, one model at a time, the others honest:
+- all rows: the model fitted on every train row "predicts" its own rows as OOF
+  (a wrong fold loop, a notebook reusing a model trained on everything);
+- one fold: fold 0's rows and test table come from the all-rows model;
+- smoothed: the all-rows leak with label smoothing 0.1 on its probabilities;
+- epoch-picked: LightGBM whose boosting round is chosen on each fold's own
+  validation rows (keep: best): mildly optimistic, scored, not meant to be flagged.
+
+Each set is checked twice: with the per-fold test tables stacker writes, and
+with only the mean test table (what other tools may give). The tables list, per
+dataset, every honest model flagged (false positives) and, per family and leak
+type, whether the leaked model was flagged, with its consistency z.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from stacker.leak import LeakInputs, leak_report  # noqa: E402
+
+LEAKS = ("all rows", "one fold", "smoothed", "epoch-picked")
+
+
+def families(seed: int) -> dict:
+    import lightgbm as lgb
+    from sklearn.ensemble import ExtraTreesClassifier, HistGradientBoostingClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.naive_bayes import GaussianNB
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return {
+        "logreg": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)),
+        "rf": lambda: RandomForestClassifier(200, random_state=seed, n_jobs=1),
+        "et": lambda: ExtraTreesClassifier(200, random_state=seed, n_jobs=1),
+        "knn": lambda: make_pipeline(StandardScaler(), KNeighborsClassifier(10)),
+        "nb": GaussianNB,
+        "hgb": lambda: HistGradientBoostingClassifier(max_iter=100, random_state=seed),
+        "lgbm": lambda: lgb.LGBMClassifier(n_estimators=100, verbose=-1, random_state=seed, n_jobs=1),
+    }
+
+
+def load(name: str):
+    from sklearn import datasets
+
+    if name == "synthetic":
+        return datasets.make_classification(3000, 20, n_informative=10, n_classes=5, random_state=0, flip_y=0.05)
+    return getattr(datasets, f"load_{name}")(return_X_y=True)
+
+
+def oof_set(name: str, seed: int = 0, k: int = 5) -> dict:
+    """Honest and leaked predictions of every family on one dataset."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    X, y = load(name)
+    Xtr, Xte, ytr, _ = train_test_split(X, y, test_size=0.25, random_state=seed, stratify=y)
+    fold = np.empty(len(ytr), dtype=int)
+    for f, (_, valid) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(Xtr, ytr)):
+        fold[valid] = f
+    out = {}
+    for family, make in families(seed).items():
+        oof, tests = np.zeros((len(ytr), len(np.unique(y)))), []
+        for f in range(k):
+            model = make().fit(Xtr[fold != f], ytr[fold != f])
+            oof[fold == f] = model.predict_proba(Xtr[fold == f])
+            tests.append(model.predict_proba(Xte))
+        full = make().fit(Xtr, ytr)
+        out[family] = {"oof": oof, "tests": np.array(tests), "leak_oof": full.predict_proba(Xtr),
+                       "leak_test": full.predict_proba(Xte)}
+    out["lgbm_picked"] = epoch_picked(Xtr, ytr, Xte, fold, seed)
+    return {"y": ytr, "fold": fold, "models": out}
+
+
+def epoch_picked(Xtr, ytr, Xte, fold, seed) -> dict:
+    """LightGBM with each fold's boosting round chosen by that fold's own validation log-loss."""
+    import lightgbm as lgb
+
+    oof, tests = np.zeros((len(ytr), len(np.unique(ytr)))), []
+    for f in np.unique(fold):
+        model = lgb.LGBMClassifier(n_estimators=300, learning_rate=0.05, verbose=-1, random_state=seed, n_jobs=1)
+        model.fit(Xtr[fold != f], ytr[fold != f])
+        rows, y = Xtr[fold == f], ytr[fold == f]
+        losses = [-np.log(np.clip(model.predict_proba(rows, num_iteration=i)[np.arange(len(y)), y], 1e-15, 1)).mean()
+                  for i in range(10, 301, 10)]
+        best = 10 * (1 + int(np.argmin(losses)))
+        oof[fold == f] = model.predict_proba(rows, num_iteration=best)
+        tests.append(model.predict_proba(Xte, num_iteration=best))
+    return {"oof": oof, "tests": np.array(tests)}
+
+
+def smooth(p: np.ndarray, eps: float = 0.1) -> np.ndarray:
+    return (1 - eps) * p + eps / p.shape[-1]
+
+
+def inputs(data: dict, names: list[str], leak: str | None = None, who: str | None = None,
+           per_fold: bool = True) -> LeakInputs:
+    """The check's inputs with model `who` leaked in way `leak` (None: every model honest)."""
+    oof, tests = [], []
+    for name in names:
+        t = data["models"][name]
+        o, f = t["oof"].copy(), t["tests"].copy()
+        if name == who and leak in ("all rows", "smoothed"):
+            o, f = t["leak_oof"].copy(), np.stack([t["leak_test"]] * len(f))
+        elif name == who and leak == "one fold":
+            o[data["fold"] == 0], f[0] = t["leak_oof"][data["fold"] == 0], t["leak_test"]
+        if name == who and leak == "smoothed":
+            o, f = smooth(o), smooth(f)
+        oof.append(o)
+        tests.append(f)
+    oof, tests = np.stack(oof, axis=1), np.stack(tests, axis=2)  # (N, M, C), (K, T, M, C)
+    return LeakInputs(data["y"], data["fold"], oof, tests.mean(axis=0), tests if per_fold else None, names)
+
+
+def check_dataset(name: str, data: dict) -> list[str]:
+    """Report lines for one dataset: false positives, then each leak's detection."""
+    honest = [m for m in data["models"] if m != "lgbm_picked"]
+    lines = []
+    for per_fold in (True, False):
+        mode = "per-fold tables" if per_fold else "mean test only"
+        report = leak_report(inputs(data, honest, per_fold=per_fold))
+        flagged = [m for m in honest if report[m]["flagged"]]
+        worst = max(report[m]["consistency"] for m in honest)
+        lines.append(f"{name:14} {mode:16} honest: {len(flagged)}/{len(honest)} flagged {flagged or ''}"
+                     f" (largest z {worst:.1f})")
+        for leak in LEAKS[:3]:
+            if leak == "one fold" and not per_fold:
+                continue
+            cells = [detection(data, honest, leak, who, per_fold) for who in honest]
+            lines.append(f"{'':31}{leak:10} " + " ".join(cells))
+        picked = [*honest[:-1], "lgbm_picked"]  # the epoch-picked LightGBM in place of the plain one
+        r = leak_report(inputs(data, picked, per_fold=per_fold))["lgbm_picked"]
+        lines.append(f"{'':31}{'epoch-pick':10} lgbm z {r['consistency']:.1f}{' flagged' if r['flagged'] else ''}")
+    return lines
+
+
+def detection(data, names, leak, who, per_fold) -> str:
+    report = leak_report(inputs(data, names, leak, who, per_fold))
+    collateral = [m for m in names if m != who and report[m]["flagged"]]
+    mark = "Y" if report[who]["flagged"] else "-"
+    return f"{who}:{mark}{report[who]['consistency']:.0f}" + (f"(+{','.join(collateral)})" if collateral else "")
+
+
+def run_set(run: Path) -> dict:
+    """A stacker run's own tables as an honest set (every model, per-fold test tables)."""
+    import oof
+
+    paths = oof.RunPaths(run)
+    folds = oof.load_folds(paths.folds)
+    models = {}
+    for m in paths.predicted_models():
+        table = oof.validate_oof(oof.read_table(paths.oof(m), folds.classes, "oof"), folds)
+        tests = [oof.read_table(paths.test_fold(m, k), folds.classes, "test").proba for k in range(folds.k)]
+        models[m] = {"oof": table.proba, "tests": np.array(tests)}
+    return {"y": folds.y, "fold": folds.fold, "models": models}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["digits", "breast_cancer", "wine", "iris", "synthetic"])
+    parser.add_argument("--run", nargs="*", default=[], help="stacker run directories to add as honest sets")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    for name in args.datasets:
+        print("\n".join(check_dataset(name, oof_set(name))), flush=True)
+    for run in args.run:
+        data = run_set(Path(run))
+        report = leak_report(inputs(data, list(data["models"])))
+        print(f"{Path(run).name:14} per-fold tables  honest: "
+              f"{sum(r['flagged'] for r in report.values())}/{len(report)} flagged, z "
+              + ", ".join(f"{m} {r['consistency']:.1f}" for m, r in report.items()))
+    print(f"\n{time.perf_counter() - t0:.0f}s; Y = flagged, '-' = not flagged, the number is the consistency z; "
+          "(+m) = an honest model flagged beside the leaked one")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
