@@ -70,14 +70,15 @@ def leak_report(data: LeakInputs) -> dict[str, dict]:
     `consistency` is the largest of the model's z-scores (sharpness gap, accuracy
     excess, worst fold); below about 2 is ordinary, `Z_FLAG` and above is flagged.
     """
-    gaps = [_model_gaps(data, m) for m in range(len(data.models))]
+    sums = (data.oof.sum(axis=1), data.test.sum(axis=1))  # (N, C), (T, C): the others' consensus by subtraction
+    gaps = [_model_gaps(data, m, sums) for m in range(len(data.models))]
     report = {}
     for m, name in enumerate(data.models):
         report[name] = _judge(gaps, m)
     return report
 
 
-def _model_gaps(data: LeakInputs, m: int) -> dict:
+def _model_gaps(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]) -> dict:
     """One model's statistics, each as (value, standard error)."""
     s_oof = sharpness(data.oof[:, m])  # (N,)
     folds = np.unique(data.fold)
@@ -89,7 +90,7 @@ def _model_gaps(data: LeakInputs, m: int) -> dict:
     out = {"sharpness": _mean_gap(s_oof, np.concatenate(s_test)), "folds": fold_gaps,
            "own_reference": data.test_folds is not None}
     if data.oof.shape[1] > 1:
-        out["agreement"] = _agreement_gap(data, m)
+        out["agreement"] = _agreement_gap(data, m, sums)
     return out
 
 
@@ -101,7 +102,7 @@ def _mean_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(a.mean() - b.mean()), float(se + 1e-12)
 
 
-def _agreement_gap(data: LeakInputs, m: int) -> tuple[float, float]:
+def _agreement_gap(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
     """Agreement with the other models' consensus, OOF minus test, with its standard error.
 
     Accuracy and agreement differ by an offset that belongs to the model and its
@@ -110,10 +111,9 @@ def _agreement_gap(data: LeakInputs, m: int) -> tuple[float, float]:
     test, is zero up to noise. A model that saw its OOF rows agrees with the
     consensus wherever the consensus is right, more than on test.
     """
-    others = np.delete(np.arange(data.oof.shape[1]), m)
-    on_oof = data.oof[:, others].mean(axis=1).argmax(axis=1)  # (N,)
+    on_oof = (sums[0] - data.oof[:, m]).argmax(axis=1)  # (N,) the other models' consensus
     agree_oof = (data.oof[:, m].argmax(axis=1) == on_oof).astype(float)
-    on_test = data.test[:, others].mean(axis=1).argmax(axis=1)  # (T,)
+    on_test = (sums[1] - data.test[:, m]).argmax(axis=1)  # (T,)
     tests = data.test_folds[:, :, m] if data.test_folds is not None else data.test[None, :, m]
     agree_test = np.concatenate([(t.argmax(axis=1) == on_test).astype(float) for t in tests])
     return _mean_gap(agree_oof, agree_test)
