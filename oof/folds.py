@@ -187,7 +187,7 @@ def load_folds(path: str | os.PathLike) -> Folds:
     meta = json.loads(raw) if raw else {}
     folds = folds_from_table(pf.to_pandas(), str(path), classes=meta.get("classes"))
     if meta:
-        if folds.sha256 != meta["sha256"]:
+        if folds.sha256 != meta["sha256"] and _row_order_digest(folds) != meta["sha256"]:
             raise StackerError(f"{path}: ids, labels or folds were changed after the file was made "
                                "(sha256 differs from the one recorded); make folds again with --force")
         if folds.k != meta["k"]:
@@ -195,6 +195,15 @@ def load_folds(path: str | os.PathLike) -> Folds:
         unknown = set(folds.table["label"]) - set(folds.classes)
         if unknown:
             raise StackerError(f"{path}: labels {sorted(unknown)} are not among the recorded classes")
-        folds = Folds(folds.table, folds.k, meta.get("seed"), folds.classes, folds.sha256)
+        # A file of stacker 0.1.0 keeps the digest it recorded, which its tables carry too.
+        folds = Folds(folds.table, folds.k, meta.get("seed"), folds.classes, meta["sha256"])
     return folds
+
+
+def _row_order_digest(folds: Folds) -> str:
+    """The digest stacker 0.1.0 recorded: the same rows hashed in file order, not sorted."""
+    h = hashlib.sha256()
+    for i, y, f in zip(folds.ids, folds.table["label"], folds.fold):
+        h.update(f"{i}\t{y}\t{int(f)}\n".encode())
+    return h.hexdigest()
 

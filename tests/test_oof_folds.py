@@ -206,3 +206,20 @@ def test_unreadable_folds_file(tmp_path, name, content, match):
         path.write_bytes(content)
     with pytest.raises(StackerError, match=match):
         load_folds(path)
+
+
+def test_a_folds_file_of_stacker_0_1_0_keeps_its_row_order_digest(tmp_path):
+    """0.1.0 hashed rows in file order; its files load, with the digest their tables carry."""
+    import hashlib
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folds = make_folds([f"i{9 - n}" for n in range(8)], list("aabbaabb"), k=2, seed=0)  # not in id order
+    legacy = hashlib.sha256("".join(f"{i}\t{y}\t{f}\n" for i, y, f in folds.table.itertuples(index=False))
+                            .encode()).hexdigest()
+    table = pa.Table.from_pandas(folds.table, preserve_index=False)
+    meta = {"k": 2, "seed": 0, "classes": ["a", "b"], "sha256": legacy}
+    pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), tmp_path / "f.parquet")
+    assert load_folds(tmp_path / "f.parquet").sha256 == legacy != folds.sha256
