@@ -3,10 +3,18 @@
 Each (model, fold) training job reads the cache and the folds and writes only
 its own files, so jobs run one after another here, one per local GPU with
 `parallel > 1`, or on a cluster through any joblib backend (e.g. Dask:
-`with joblib.parallel_config(backend="dask"): ...`). A rerun skips finished jobs.
+`with joblib.parallel_config(backend="dask"): ...`). A job runs under its own
+file lock, so processes sharing a run directory never train one job twice.
+
+Nothing is trusted for existing or for being newer: a rerun skips a finished job
+only while its history's digests (folds, train cache, weights) and recipe match
+the run now, and refuses stale ones; predict-oof skips a model only while every
+table records the weights, caches and TTA settings it would use now, and refuses
+weights that are stale. `--force` deletes a stage's own outputs before it starts.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -14,10 +22,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+from filelock import FileLock, Timeout
 from joblib import Parallel, delayed
 
 from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, accuracy, atomic_path, load_folds,
-                 log_loss, make_folds, read_json, validate_oof, validate_test, write_folds, write_json, write_table)
+                 log_loss, make_folds, read_table, validate_oof, validate_test, write_folds, write_json, write_table)
 
 from .augment import PLAIN, tta_views
 from .batches import ImageSource
@@ -26,7 +35,8 @@ from .config import SAMPLING_BUILTIN, DataConfig, FoldsConfig, ModelSpec, TTACon
 from .dataset import DatasetSpec, resolve_dataset
 from .models import check_sizes, model_norm, resolve_device
 from .predict import ViewPlan, combine_tta, predict_views
-from .train import Target, TrainInputs, build_model, changed_keys, is_trained, load_fold_model, recipe, train_fold
+from .train import (Sources, Target, TrainInputs, build_model, is_trained, load_fold_model, stale_reason,
+                    train_fold, weights_digest)
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,8 @@ class StageOptions:
     """How a stage runs, never what it computes.
 
     Attributes:
-        force: redo finished work (retrain every job, repredict every model).
+        force: redo finished work: delete the stage's outputs first (every job's weights, history and
+            checkpoint; every model's tables), then do it all again.
         parallel: train-base jobs at once, one worker loop per local GPU.
         log: where progress lines go.
     """
@@ -50,6 +61,11 @@ class FoldJob:
 
     model: ModelSpec
     fold: int
+
+
+def job_grid(specs: list[ModelSpec], k: int) -> list[FoldJob]:
+    """Every (model, fold) job of a run, model by model."""
+    return [FoldJob(s, fold) for s in specs for fold in range(k)]
 
 
 def cache_size(specs: list[ModelSpec]) -> tuple[int, int]:
@@ -147,35 +163,82 @@ def check_models(specs: list[ModelSpec], targets: list[Target]) -> None:
 
 def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, data: DataConfig | None = None,
                options: StageOptions = StageOptions()) -> None:
-    """Train every (model, fold) job not yet finished (all of them with `options.force`).
+    """Train every (model, fold) job not yet finished; refuse when a finished one is stale.
 
     Args:
         paths: the run directory, prepared by `prepare_run`.
         specs: the models.
         folds: the run's folds.
         data: the `data:` section (its extra_targets); None for the main target alone.
-        options: force, parallel, log.
+        options: force (delete every job's outputs first, then train them all), parallel, log.
+
+    Raises:
+        StackerError: finished jobs trained on other folds, other train images, another recipe, or
+            whose weights changed since (one line naming them; --force retrains them).
     """
     log = options.log
-    jobs = [FoldJob(s, k) for s in specs for k in range(folds.k)]
-    todo = [j for j in jobs if options.force or not is_trained(paths, j.model.name, j.fold)]
-    for j in jobs:
-        if j not in todo:
-            _check_same_recipe(paths, j)
+    jobs = job_grid(specs, folds.k)
+    if options.force:
+        remove_job_outputs(paths, jobs, log)
+    sources = Sources(folds.sha256, load_cache(paths, "train").digest)
+    todo = [j for j in jobs if not is_trained(paths, j.model.name, j.fold)]
+    _refuse_stale(paths, [j for j in jobs if j not in todo], sources)
     log(f"train-base: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run")
     if not todo:
         return
     targets = load_targets(paths, folds, _extra_targets(data))
     check_models([s for s in specs if any(j.model is s for j in todo)], targets)
-    if options.force:
-        for j in todo:
-            paths.checkpoint(j.model.name, j.fold).unlink(missing_ok=True)
-    run = _TrainRun(paths, folds, targets, log)
+    run = _TrainRun(paths, folds, targets, sources, log)
     if options.parallel > 1:  # one worker loop per slot (GPU), so two jobs never share a device
         n = options.parallel
         Parallel(n_jobs=n)(delayed(_run_slot)(run, todo[slot::n], slot) for slot in range(n))
     else:
         _run_in_process(run, todo)
+
+
+def remove_job_outputs(paths: RunPaths, jobs: list[FoldJob], log=print) -> None:
+    """--force's first step: delete each job's history, weights and checkpoint before anything is trained
+    (or the folds rewritten), so an interrupted --force never leaves old results that look finished.
+    A job whose lock another process holds is being trained there: its files are left to it."""
+    for job in jobs:
+        if not paths.model_dir(job.model.name).is_dir():
+            continue
+        try:
+            held = _job_lock(paths, job).acquire()
+        except Timeout:
+            log(f"  {job.model.name} fold {job.fold}: running in another process, its files are kept")
+            continue
+        with held:  # the history goes first: it is what marks a job finished
+            for path in (paths.history, paths.weights, paths.checkpoint):
+                path(job.model.name, job.fold).unlink(missing_ok=True)
+
+
+def _job_lock(paths: RunPaths, job: FoldJob) -> FileLock:
+    """The job's lock, taken without waiting (timeout 0). An flock: the kernel releases it when
+    its process dies, even by SIGKILL, so a crashed job never blocks the next run."""
+    paths.model_dir(job.model.name).mkdir(parents=True, exist_ok=True)
+    return FileLock(paths.job_lock(job.model.name, job.fold), timeout=0)
+
+
+def _refuse_stale(paths: RunPaths, finished: list[FoldJob], sources: Sources) -> None:
+    """A finished job is skipped only while it is current; stale ones are refused in one line naming them all."""
+    stale: dict[tuple[str, str], list[int]] = {}  # (model, reason) -> folds
+    for job in finished:
+        reason = stale_reason(paths, job.model, job.fold, sources)
+        if reason:
+            stale.setdefault((job.model.name, reason), []).append(job.fold)
+    if not stale:
+        return
+    (model, _), folds = next(iter(stale.items()))
+    groups = "; ".join(f"{name} {_fold_list(ks)} {'was' if len(ks) == 1 else 'were'} {reason}"
+                       for (name, reason), ks in stale.items())
+    them = "it" if sum(map(len, stale.values())) == 1 else "them"
+    raise StackerError(f"{paths.history(model, folds[0])}: {groups}; pass --force to train {them} again "
+                       "(or give a model with new settings a new name)")
+
+
+def _fold_list(folds: list[int]) -> str:
+    return f"fold {folds[0]}" if len(folds) == 1 else f"folds {', '.join(map(str, folds))}"
 
 
 @dataclass(frozen=True)
@@ -185,20 +248,24 @@ class _TrainRun:
     paths: RunPaths
     folds: Folds
     targets: list[Target]
+    sources: Sources  # the folds and train cache every job of this call trains on
     log: Callable[[str], None] = print
 
     def train(self, job: FoldJob, images: ImageSource) -> None:
-        inputs = TrainInputs(self.paths, self.folds, self.targets, images)
-        train_fold(job.model, job.fold, inputs, load_row_weights(self.paths, self.folds, job.model), self.log)
-
-
-def _check_same_recipe(paths: RunPaths, job: FoldJob) -> None:
-    """A finished job is only skipped when it was trained the way the config says now."""
-    changed = changed_keys(read_json(paths.history(job.model.name, job.fold)), recipe(job.model))
-    if changed:
-        raise StackerError(f"{paths.history(job.model.name, job.fold)}: {job.model.name} fold {job.fold} was "
-                           f"trained with other settings ({', '.join(changed)}); give the model a new name, "
-                           "or pass --force to train it again")
+        """Train `job` under its lock; one another process holds, or finished meanwhile, is skipped."""
+        name, fold = job.model.name, job.fold
+        try:
+            held = _job_lock(self.paths, job).acquire()
+        except Timeout:
+            self.log(f"  {name} fold {fold}: running in another process, skipped")
+            return
+        with held:
+            if is_trained(self.paths, name, fold):  # another process finished it since this one looked
+                _refuse_stale(self.paths, [job], self.sources)
+                self.log(f"  {name} fold {fold}: finished in another process meanwhile, skipped")
+                return
+            inputs = TrainInputs(self.paths, self.folds, self.targets, images, self.sources.cache_sha256)
+            train_fold(job.model, fold, inputs, load_row_weights(self.paths, self.folds, job.model), self.log)
 
 
 def _run_in_process(run: _TrainRun, jobs: list[FoldJob]) -> None:
@@ -207,7 +274,7 @@ def _run_in_process(run: _TrainRun, jobs: list[FoldJob]) -> None:
     for job in jobs:
         place = (resolve_device(job.model.train.device), job.model.train.gpu_cache_gb)
         if place not in loaded:
-            loaded = {place: _train_images(run.paths, run.folds, *place)}
+            loaded = {place: _train_images(run, *place)}
             run.log(f"  train images: {loaded[place].shape} uint8 in {loaded[place].placement}")
         run.train(job, loaded[place])
 
@@ -218,12 +285,16 @@ def _run_slot(run: _TrainRun, jobs: list[FoldJob], slot: int) -> None:
         device = resolve_device(job.model.train.device)
         if device.type == "cuda":
             device = torch.device("cuda", slot % torch.cuda.device_count())
-        run.train(job, _train_images(run.paths, run.folds, device, job.model.train.gpu_cache_gb))
+        run.train(job, _train_images(run, device, job.model.train.gpu_cache_gb))
 
 
-def _train_images(paths: RunPaths, folds: Folds, device, gpu_cache_gb: float) -> ImageSource:
-    cache = load_cache(paths, "train")
-    _check_cache_rows(cache, folds.ids, paths)
+def _train_images(run: _TrainRun, device, gpu_cache_gb: float) -> ImageSource:
+    """The train cache placed on `device`: the very cache (by digest) the call checked its jobs against."""
+    cache = load_cache(run.paths, "train")
+    _check_cache_rows(cache, run.folds.ids, run.paths)
+    if cache.digest != run.sources.cache_sha256:
+        raise StackerError(f"{run.paths.cache_index('train')}: the train image cache changed while train-base "
+                           "ran (another process rebuilt it); run train-base again")
     return ImageSource(cache.images, device, gpu_cache_gb)
 
 
@@ -255,7 +326,7 @@ class _ModelPredictions:
     spec: ModelSpec
     train_images: ImageSource  # the caches placed on the model's device
     test_images: ImageSource
-    meta: dict  # the tables' metadata: model, folds digest, TTA settings, version
+    meta: dict  # the tables' metadata (`_table_meta`): what they were made from
     plain: list[np.ndarray]  # OOF, plain view alone: for the with/without-TTA report
     oof: list[np.ndarray]  # OOF, views combined
     test_sum: list[np.ndarray]  # test, views combined, summed over the fold models
@@ -264,6 +335,11 @@ class _ModelPredictions:
 def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAConfig,
                 data: DataConfig | None = None, options: StageOptions = StageOptions()) -> dict[str, dict]:
     """Predict each model's OOF rows and the test set with TTA; write the tables.
+
+    A model is skipped only when every one of its tables records the weights, caches
+    and TTA settings this call would use (`_tables_stale`); otherwise its tables are
+    deleted and made again. Weights that are missing or stale are refused first, for
+    every model, before anything is predicted.
 
     Args:
         paths: the run directory, with every fold of `specs` trained.
@@ -274,47 +350,107 @@ def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAC
         options: force (predict again even when the tables are current) and log; parallel is unused.
 
     Returns:
-        Per model: OOF accuracy and log-loss with and without TTA (main target).
+        Per model predicted: OOF accuracy and log-loss with and without TTA (main target).
     """
     train, test = load_cache(paths, "train"), load_cache(paths, "test")
     _check_cache_rows(train, folds.ids, paths)
     run = _PredictRun(paths, folds, load_targets(paths, folds, _extra_targets(data)), tta, train, test, options.log)
+    metas = {spec.name: _table_meta(run, spec, _current_weights(run, spec)) for spec in specs}
     metrics = {}
     for spec in specs:
-        missing = [k for k in range(folds.k) if not is_trained(paths, spec.name, k)]
-        if missing:
-            raise StackerError(f"{spec.name}: folds {missing} are not trained yet; run train-base first")
-        if not options.force and _predictions_current(paths, spec.name, folds.k):
+        stale = "forced (--force)" if options.force else _tables_stale(run, spec, metas[spec.name])
+        if stale is None:
             options.log(f"predict-oof: {spec.name} already predicted (--force to redo)")
             continue
-        metrics[spec.name] = _predict_model(run, spec)
+        options.log(f"predict-oof: {spec.name}: {stale}; predicting")
+        remove_tables(paths, spec.name, folds.k, run.targets)  # a stopped run must leave no stale table behind
+        metrics[spec.name] = _predict_model(run, spec, metas[spec.name])
     return metrics
 
 
-def _predictions_current(paths: RunPaths, model: str, k: int) -> bool:
-    """Tables exist and are newer than every fold's weights (a retrained fold makes them stale)."""
-    tables = [paths.oof(model), paths.test(model)]
-    if not all(p.is_file() for p in tables):
-        return False
-    newest_weights = max(paths.weights(model, f).stat().st_mtime_ns for f in range(k))
-    return min(p.stat().st_mtime_ns for p in tables) > newest_weights
+def _current_weights(run: _PredictRun, spec: ModelSpec) -> list[str]:
+    """Each fold's weights digest, once every fold is trained on these folds and train images, as configured.
+
+    Raises:
+        StackerError: a fold not trained, or stale weights (named, with the command that retrains them).
+    """
+    paths, k = run.paths, run.folds.k
+    missing = [f for f in range(k) if not is_trained(paths, spec.name, f)]
+    if missing:
+        raise StackerError(f"{spec.name}: folds {missing} are not trained yet; run train-base first")
+    sources = Sources(run.folds.sha256, run.train.digest)
+    for fold in range(k):
+        reason = stale_reason(paths, spec, fold, sources)
+        if reason:
+            raise StackerError(f"{paths.weights(spec.name, fold)}: {spec.name} fold {fold} was {reason}; "
+                               "run train-base --force to retrain it")
+    return [weights_digest(paths, spec.name, fold) for fold in range(k)]
 
 
-def _predict_model(run: _PredictRun, spec: ModelSpec) -> dict:
+def _table_meta(run: _PredictRun, spec: ModelSpec, weights: list[str]) -> dict:
+    """What a model's tables are made from, recorded in their parquet metadata: the folds, each fold model's
+    weights, the TTA and prediction settings, both caches (pixels, cache size and resize mode) by digest."""
+    tta = run.tta
+    meta = {"model": spec.name, "arch": spec.arch, "folds_sha256": run.folds.sha256, "version": __version__,
+            "tta": {"n": tta.n, "combine": tta.combine, "beta": tta.beta, "size": list(spec.train.prediction_size)},
+            "resize": run.train.resize, "cache_sha256": {"train": run.train.digest, "test": run.test.digest},
+            "weights_sha256": weights}
+    return json.loads(json.dumps(meta))  # as a table's metadata reads back: lists, plain numbers
+
+
+# Recorded but not compared: a new version of the toolkit predicts the same weights the same way.
+UNCOMPARED_META = ("version",)
+
+
+def _model_tables(paths: RunPaths, model: str, k: int, targets: list[Target]):
+    """(path, kind, target, fold) of every table predict-oof writes for a model; fold None but for test_fold."""
+    for t in targets:
+        yield paths.oof(model, t.name), "oof", t, None
+        yield paths.test(model, t.name), "test", t, None
+        for fold in range(k):
+            yield paths.test_fold(model, fold, t.name), "test", t, fold
+
+
+def _tables_stale(run: _PredictRun, spec: ModelSpec, meta: dict) -> str | None:
+    """Why a model's tables are not those this call would write (missing, unreadable, or made from other
+    weights, caches or settings: the differing metadata keys); None when all are current."""
+    if not run.paths.oof(spec.name).is_file():
+        return "not predicted yet"
+    for path, kind, target, fold in _model_tables(run.paths, spec.name, run.folds.k, run.targets):
+        try:
+            recorded = read_table(path, target.classes, kind).meta
+        except StackerError:
+            return f"{path.name} is missing or unreadable"
+        expected = meta if fold is None else {**meta, "fold": fold}
+        differ = sorted(key for key in set(recorded) | set(expected)
+                        if key not in UNCOMPARED_META and recorded.get(key) != expected.get(key))
+        if differ:
+            return f"{path.name} was made from other {', '.join(differ)}"
+    if not run.paths.predict_metrics(spec.name).is_file():  # written last: the tables before it may be all there
+        return f"{run.paths.predict_metrics(spec.name).name} is missing"
+    return None
+
+
+def remove_tables(paths: RunPaths, model: str, k: int, targets: list[Target]) -> None:
+    """Delete a model's tables (OOF, test, per-fold test, per target) and its metrics before predicting again."""
+    for path, *_ in _model_tables(paths, model, k, targets):
+        path.unlink(missing_ok=True)
+    paths.predict_metrics(model).unlink(missing_ok=True)
+
+
+def _predict_model(run: _PredictRun, spec: ModelSpec, meta: dict) -> dict:
     """Every fold model of `spec` on its held-out rows and the test set; the model's tables and report."""
     t0 = time.perf_counter()
-    preds = _start_model(run, spec)
+    preds = _start_model(run, spec, meta)
     for k in range(run.folds.k):
         _predict_fold(run, preds, k)
     _write_model_tables(run, preds)
     return _report(run, preds, time.perf_counter() - t0)
 
 
-def _start_model(run: _PredictRun, spec: ModelSpec) -> _ModelPredictions:
+def _start_model(run: _PredictRun, spec: ModelSpec, meta: dict) -> _ModelPredictions:
     """Empty prediction arrays for `spec`, the caches placed on its device, its tables' metadata."""
-    device, budget, tta = resolve_device(spec.train.device), spec.train.gpu_cache_gb, run.tta
-    meta = {"model": spec.name, "arch": spec.arch, "folds_sha256": run.folds.sha256, "version": __version__,
-            "tta": {"n": tta.n, "combine": tta.combine, "beta": tta.beta, "size": list(spec.train.prediction_size)}}
+    device, budget = resolve_device(spec.train.device), spec.train.gpu_cache_gb
 
     def zeros(rows: int) -> list[np.ndarray]:  # per target (rows, C_t)
         return [np.zeros((rows, len(t.classes))) for t in run.targets]

@@ -10,14 +10,22 @@ from .config import base_configs, resolved_sections
 
 
 def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=print) -> None:
-    """Make the folds and the image cache, save run.yaml, train every pending (model, fold) job."""
-    from .jobs import StageOptions, cache_size, prepare_run, train_base  # torch is imported here, not at config time
+    """Make the folds and the image cache, save run.yaml, train every pending (model, fold) job.
+
+    With `force` every job's weights, history and checkpoint are deleted before the folds
+    are rewritten: a --force stopped at any point leaves no old result that looks finished.
+    """
+    from .jobs import (StageOptions, cache_size, job_grid, prepare_run,  # torch is imported here, not at config time
+                       remove_job_outputs, train_base)
 
     paths = run_paths(cfg)
     data, folds_cfg, specs, tta = base_configs(cfg)
+    if force:
+        remove_job_outputs(paths, job_grid(specs, folds_cfg.k), log)
     _, folds = prepare_run(paths, data, folds_cfg, cache_size(specs), force, log)
     write_run_config(paths, {**resolved_sections(data, folds_cfg, specs, tta), "stack": cfg.get("stack") or {}})
-    train_base(paths, specs, folds, data, StageOptions(force=force, parallel=parallel, log=log))
+    # the outputs are gone already: deleting them again could delete a job another process finished since
+    train_base(paths, specs, folds, data, StageOptions(force=False, parallel=parallel, log=log))
 
 
 def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = False, log=print) -> None:

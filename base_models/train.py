@@ -4,8 +4,13 @@ The job trains on every fold but its own and writes only its own files under
 `<run>/models/<model>/`:
 
     fold<k>.safetensors       final weights (the last epoch unless keep: best)
-    fold<k>.history.json      per-epoch phase, size, train/valid loss, error rate, lr, seconds
+    fold<k>.history.json      per-epoch phase, size, train/valid loss, error rate, lr, seconds; the recipe,
+                              the folds' and the train cache's sha256 it was trained on, the weights' sha256
     fold<k>.checkpoint.pt     end-of-epoch state for resume; removed when the job finishes
+
+A finished job is current only while all of these still hold (`stale_reason`):
+weights trained on another fold assignment would predict rows they saw, so
+neither train-base nor predict-oof ever trusts a file's existence or its time.
 
 The schedule is a list of segments, each one AdamW + one-cycle: a frozen
 segment training the new heads alone when fine-tuning pretrained weights, then
@@ -32,7 +37,7 @@ from safetensors.torch import load_model, save_model
 from timm.data import Mixup
 from timm.utils import ModelEmaV3
 
-from oof import Folds, RunPaths, StackerError, accuracy, atomic_path, log_loss, read_json, write_json
+from oof import Folds, RunPaths, StackerError, accuracy, atomic_path, file_digest, log_loss, read_json, write_json
 
 from .augment import PLAIN, normalize, train_batch
 from .batches import ImageSource
@@ -81,12 +86,15 @@ def segments(cfg: TrainConfig, fine_tune: bool) -> list[Segment]:
 
 # Where and how fast a job runs does not change what it learns.
 PLACEMENT_KEYS = ("device", "compile", "gpu_cache_gb")
+# Nor does the size its weights later predict at: predict-oof records that in its tables.
+# (A larger predict_size grows the cache, and the train cache's digest covers that.)
+NOT_RECIPE_KEYS = (*PLACEMENT_KEYS, "predict_size")
 
 
 def recipe(spec: ModelSpec) -> dict:
     """What decides a job's weights, as plain JSON values: a finished job or a checkpoint
     is only reused when the config still asks for the same recipe."""
-    train = {k: v for k, v in asdict(spec.train).items() if k not in PLACEMENT_KEYS}
+    train = {k: v for k, v in asdict(spec.train).items() if k not in NOT_RECIPE_KEYS}
     return json.loads(json.dumps({"arch": spec.arch, "pretrained": spec.pretrained,
                                   "model_kwargs": spec.model_kwargs, "train": train}))
 
@@ -98,8 +106,55 @@ def changed_keys(done: dict, now: dict) -> list[str]:
 
 
 def is_trained(paths: RunPaths, model: str, fold: int) -> bool:
+    """Whether the job finished; whether its weights are still current is `stale_reason`'s question."""
     # The history is written after the weights, so its presence marks a finished job.
     return paths.history(model, fold).is_file() and paths.weights(model, fold).is_file()
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What a job's weights are made from besides its recipe, by digest.
+
+    Attributes:
+        folds_sha256: the fold assignment (`Folds.sha256`).
+        cache_sha256: the train image cache (`ImageCache.digest`): ids, pixels, cache size, resize mode.
+    """
+
+    folds_sha256: str
+    cache_sha256: str
+
+    def reason(self, record: dict) -> str | None:
+        """Why a job's record (history or checkpoint) was made from other sources; None when it was not.
+        The phrase completes "<model> fold <k> was ..."."""
+        if "folds_sha256" not in record:
+            return "trained by an older version that recorded no fold or data digests"
+        if record["folds_sha256"] != self.folds_sha256:
+            return "trained on another fold assignment"
+        if record.get("cache_sha256") != self.cache_sha256:
+            return "trained on other images (the train image cache changed)"
+        return None
+
+
+def stale_reason(paths: RunPaths, spec: ModelSpec, fold: int, sources: Sources) -> str | None:
+    """Why a finished job's weights are not what the run would train now; None when they are.
+
+    Stale: another fold assignment (its OOF rows would come from a model that saw
+    them), other train images, another recipe, or a weights file that is not the
+    one its history recorded. The phrase completes "<model> fold <k> was ...".
+    """
+    record = read_json(paths.history(spec.name, fold))
+    reason = sources.reason(record)
+    changed = changed_keys(record, recipe(spec))
+    if reason is None and changed:
+        reason = f"trained with other settings ({', '.join(changed)})"
+    if reason is None and file_digest(paths.weights(spec.name, fold)) != record.get("weights_sha256"):
+        reason = "changed after training (the weights file is not the one its history records)"
+    return reason
+
+
+def weights_digest(paths: RunPaths, model: str, fold: int) -> str:
+    """The sha256 a finished job's history records for its weights (checked by `stale_reason`)."""
+    return read_json(paths.history(model, fold))["weights_sha256"]
 
 
 def build_model(spec: ModelSpec, targets: list[Target], pretrained: bool = True) -> torch.nn.Module:
@@ -116,12 +171,19 @@ class TrainInputs:
         folds: the run's folds.
         targets: main target first, then extra targets; rows in folds order.
         images: the train cache, placed for the device to train on.
+        cache_sha256: the train cache's digest, recorded with the weights ("" outside a run's
+            job grid, e.g. a benchmark: such weights are never current in a run).
     """
 
     paths: RunPaths
     folds: Folds
     targets: list[Target]
     images: ImageSource
+    cache_sha256: str = ""
+
+    @property
+    def sources(self) -> Sources:
+        return Sources(self.folds.sha256, self.cache_sha256)
 
 
 @dataclass(eq=False)
@@ -194,7 +256,7 @@ def train_fold(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.
     """
     start = time.perf_counter()
     state = _setup(spec, fold, inputs, row_weights, log)
-    checkpoint = _load_checkpoint(state.checkpoint_path, spec)
+    checkpoint = _load_checkpoint(state.checkpoint_path, spec, inputs.sources)
     _restore(state, checkpoint)
     state.steps = _steps_per_epoch(state)
     state.clock["setup"] = time.perf_counter() - start
@@ -422,7 +484,9 @@ def _progress_line(name: str, fold: int, total: int, h: dict) -> str:
 
 def _save_checkpoint(state: TrainState) -> None:
     """End-of-epoch state, enough to resume bit-identically: weights, optimizer, schedule, every RNG."""
-    checkpoint = {"recipe": recipe(state.spec), "segment": state.segment, "model": state.model.state_dict(),
+    sources = state.inputs.sources
+    checkpoint = {"recipe": recipe(state.spec), "folds_sha256": sources.folds_sha256,
+                  "cache_sha256": sources.cache_sha256, "segment": state.segment, "model": state.model.state_dict(),
                   "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
                   **_rng_states(state.generator), "history": state.history,
                   "ema": state.ema.module.state_dict() if state.ema else None, "best": state.best}
@@ -430,7 +494,8 @@ def _save_checkpoint(state: TrainState) -> None:
         torch.save(checkpoint, tmp)
 
 
-def _load_checkpoint(path: Path, spec: ModelSpec) -> dict | None:
+def _load_checkpoint(path: Path, spec: ModelSpec, sources: Sources) -> dict | None:
+    """An interrupted job's state, when it was started from the same recipe, folds and train images."""
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -438,6 +503,9 @@ def _load_checkpoint(path: Path, spec: ModelSpec) -> dict | None:
     if changed:
         raise StackerError(f"{path}: an interrupted job of other settings ({', '.join(changed)}); restore the "
                            "config to resume it, or pass --force to start it again")
+    reason = sources.reason(state)
+    if reason:
+        raise StackerError(f"{path}: an interrupted job was {reason}; pass --force to start it again")
     return state
 
 
@@ -471,7 +539,11 @@ def _set_rng_states(saved: dict, generator: torch.Generator) -> None:
 
 
 def _save_result(state: TrainState) -> None:
-    """Write the kept weights, then the history (its presence marks the job finished); drop the checkpoint."""
+    """Write the kept weights, then the history (its presence marks the job finished); drop the checkpoint.
+
+    The history records what the weights were made from (recipe, folds, train cache)
+    and the weights' own sha256, so every later stage can tell them current or stale.
+    """
     t0 = time.perf_counter()
     paths, spec, fold, model = state.inputs.paths, state.spec, state.fold, state.kept
     kept = state.history[-1]["epoch"]
@@ -480,9 +552,12 @@ def _save_result(state: TrainState) -> None:
         kept = state.best["epoch"]
     with atomic_path(paths.weights(spec.name, fold)) as tmp:
         save_model(model, str(tmp))
+        weights_sha256 = file_digest(tmp)
     state.clock["save"] = time.perf_counter() - t0
+    sources = state.inputs.sources
     record = {"model": spec.name, "arch": spec.arch, "fold": fold, "pretrained": spec.pretrained,
-              "model_kwargs": spec.model_kwargs, "train": asdict(spec.train), "kept_epoch": kept,
+              "model_kwargs": spec.model_kwargs, "train": asdict(spec.train), "folds_sha256": sources.folds_sha256,
+              "cache_sha256": sources.cache_sha256, "weights_sha256": weights_sha256, "kept_epoch": kept,
               "seconds": state.clock, "epochs": state.history}
     write_json(paths.history(spec.name, fold), record)
     state.checkpoint_path.unlink(missing_ok=True)

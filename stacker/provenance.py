@@ -158,7 +158,8 @@ def _inputs_now(paths: RunPaths, decision: dict) -> list[str]:
         return ["it records no input digests (an older stacker wrote it)"]
     given = recorded["selection"] == "given"
     models = list(recorded["tables"]) if given else paths.predicted_models()
-    k = decision["k"] if decision["test_features"] == "per_fold" else 0
+    # the per-fold test tables fit-stack read (for per_fold features, or for the leak check)
+    k = decision["k"] if any("test_fold0" in roles for roles in recorded["tables"].values()) else 0
     return input_changes(recorded, stack_inputs(paths, models, k, given))
 
 

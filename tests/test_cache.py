@@ -1,16 +1,17 @@
 """base_models.cache: the decode-once cache, built from real image files."""
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from base_models.cache import CHUNK, CacheOptions, build_cache, load_cache
+from base_models.cache import CHUNK, CacheOptions, build_cache, load_cache, split_digest
 from base_models.config import DataConfig
 from base_models.images import decode
-from oof import RunPaths, StackerError, read_json
+from oof import RunPaths, StackerError, read_json, write_json
 
 SIZE = (8, 6)  # (H, W)
 QUIET = {"log": lambda m: None}
@@ -58,8 +59,12 @@ def test_build_writes_decoded_images(run, small):
     for i, p in enumerate(files):
         np.testing.assert_array_equal(cache.images[i], decode(p, SIZE, "crop"))
     assert run.cache_data("train").stat().st_size == 5 * 8 * 6 * 3
-    assert read_json(run.cache_index("train")) == {"ids": ids, "paths": [str(p) for p in files], "size": [8, 6],
-                                                   "resize": "crop"}
+    index = read_json(run.cache_index("train"))
+    assert {k: index[k] for k in ("ids", "paths", "size", "resize")} == {
+        "ids": ids, "paths": [str(p) for p in files], "size": [8, 6], "resize": "crop"}
+    assert index["files"] == [[os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
+    assert index["pixels"] == [hashlib.sha256(decode(p, SIZE, "crop").tobytes()).hexdigest() for p in files]
+    assert index["digest"] == cache.digest == split_digest(ids, index["pixels"], [8, 6], "crop")
     assert sorted(run.cache.iterdir()) == sorted([run.cache_data("train"), run.cache_index("train")])
     assert len(logs) == 1 and "5 images at 8x6 (crop)" in logs[0]
     again = load_cache(run, "train")
@@ -187,3 +192,108 @@ def test_failed_rebuild_leaves_no_index(run, small):
     with pytest.raises(StackerError, match=rf"{files[2].name}: cannot decode image"):
         build_cache(run, "train", ids, files, _options((12, 10)), **QUIET)
     assert not run.cache_index("train").exists()
+
+
+# ---------------------------------------------------------------- what the cache knows of its files
+
+
+def _rewrite(path, seed):
+    """Overwrite an image with other pixels (same shape), its mtime moved on so even a coarse clock sees it."""
+    rng = np.random.default_rng(seed)
+    h, w = np.asarray(Image.open(path)).shape[:2]
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    _touch(path)
+
+
+def _touch(path):
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def test_an_overwritten_image_is_redecoded_alone_and_changes_the_digest(run, small):
+    ids, files = small
+    first = build_cache(run, "train", ids, files, _options(), **QUIET)
+    before, digest = np.array(first.images), first.digest
+    _rewrite(files[3], seed=99)
+    logs = []
+    cache = build_cache(run, "train", ids, files, _options(), log=logs.append)
+    assert logs == [logs[0]] and "1 of 5 images changed on disk, re-decoded" in logs[0]
+    assert cache.digest != digest
+    np.testing.assert_array_equal(cache.images[3], decode(files[3], SIZE, "squish"))
+    assert not np.array_equal(cache.images[3], before[3])
+    np.testing.assert_array_equal(np.delete(np.array(cache.images), 3, axis=0), np.delete(before, 3, axis=0))
+    fresh = build_cache(RunPaths(run.root.parent / "fresh"), "train", ids, files, _options(), **QUIET)
+    assert fresh.digest == cache.digest  # the row-by-row update is the same cache a full build makes
+
+
+def test_a_touched_but_identical_image_keeps_the_digest(run, small):
+    ids, files = small
+    digest = build_cache(run, "train", ids, files, _options(), **QUIET).digest
+    _touch(files[1])
+    logs = []
+    cache = build_cache(run, "train", ids, files, _options(), log=logs.append)
+    assert "1 of 5 images changed on disk, re-decoded" in logs[0]  # decoded again: a stat cannot tell
+    assert cache.digest == digest  # the same pixels: every job trained on it stays current
+    assert read_json(run.cache_index("train"))["files"][1][1] == os.stat(files[1]).st_mtime_ns
+
+
+@pytest.mark.parametrize("change", ["add", "remove"])
+def test_an_added_or_removed_image_rebuilds(tmp_path, run, small, change):
+    ids, files = small
+    digest = build_cache(run, "train", ids, files, _options(), **QUIET).digest
+    if change == "add":
+        _, more_files = _images(tmp_path / "more", 6, seed=5)
+        ids, files = ids + ["extra.png"], files + [more_files[5]]
+    else:
+        ids, files = ids[:-1], files[:-1]
+    logs = []
+    cache = build_cache(run, "train", ids, files, _options(), log=logs.append)
+    assert len(logs) == 1 and f"{len(ids)} images at 8x6" in logs[0]  # a full build's line
+    assert cache.digest != digest and list(cache.ids) == ids
+    for i, p in enumerate(files):
+        np.testing.assert_array_equal(cache.images[i], decode(p, SIZE, "squish"))
+
+
+@pytest.mark.parametrize("change", ["size", "resize"])
+def test_cache_size_and_resize_mode_are_part_of_the_digest(run, small, change):
+    ids, files = small
+    digest = build_cache(run, "train", ids, files, _options(), **QUIET).digest
+    options = _options((10, 6)) if change == "size" else _options(resize="pad")
+    assert build_cache(run, "train", ids, files, options, **QUIET).digest != digest
+
+
+def test_an_index_of_an_older_version_is_rebuilt_and_never_loaded(run, small):
+    ids, files = small
+    build_cache(run, "train", ids, files, _options(), **QUIET)
+    old = read_json(run.cache_index("train"))
+    write_json(run.cache_index("train"), {k: old[k] for k in ("ids", "paths", "size", "resize")})
+    with pytest.raises(StackerError, match=r"train\.json: an image cache of an older version \(no digest\)"):
+        load_cache(run, "train")
+    logs = []
+    assert build_cache(run, "train", ids, files, _options(), log=logs.append).digest == old["digest"]
+    assert "5 images at 8x6" in logs[0]
+
+
+def test_a_reader_of_the_old_cache_keeps_its_pixels_during_an_update(run, small):
+    ids, files = small
+    reader = build_cache(run, "train", ids, files, _options(), **QUIET)  # a job's memmap, open while ...
+    before = np.array(reader.images)
+    _rewrite(files[0], seed=7)
+    build_cache(run, "train", ids, files, _options(), **QUIET)  # ... another process updates the cache
+    np.testing.assert_array_equal(np.array(reader.images), before)
+
+
+def test_interrupted_update_leaves_no_index(run, small):
+    ids, files = small
+    build_cache(run, "train", ids, files, _options(), **QUIET)
+    _rewrite(files[2], seed=3)
+    with pytest.raises(_Interrupt):
+        build_cache(run, "train", ids, files, _options(), log=_interrupt_after_update)
+    assert not run.cache_index("train").exists()
+    cache = build_cache(run, "train", ids, files, _options(), **QUIET)
+    np.testing.assert_array_equal(cache.images[2], decode(files[2], SIZE, "squish"))
+
+
+def _interrupt_after_update(message):
+    if "re-decoded" in message:  # logged after the data file is in place, before the index is written
+        raise _Interrupt

@@ -8,11 +8,16 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
+from base_models.augment import PLAIN
+from base_models.batches import ImageSource
+from base_models.cache import load_cache
 from base_models.config import DataConfig, FoldsConfig, SamplingConfig, TrainConfig, TTAConfig, model_specs
 from base_models.jobs import StageOptions, load_targets, predict_oof, prepare_run, train_base
-from base_models.models import create_model, timm_model
-from base_models.train import _segment_optimizer, build_model, epoch_order, read_history, sampling_weights, segments
-from oof import RunPaths, StackerError, read_json, read_table
+from base_models.models import create_model, model_norm, timm_model
+from base_models.predict import ViewPlan, predict_views
+from base_models.train import (TrainInputs, _segment_optimizer, build_model, epoch_order, load_fold_model,
+                               read_history, sampling_weights, segments, train_fold)
+from oof import RunPaths, StackerError, log_loss, read_json, read_table
 
 QUIET = StageOptions(log=lambda s: None)
 TINY = {"size": 16, "epochs": 1, "batch_size": 32, "lr": 1e-2}
@@ -77,13 +82,28 @@ def test_fine_tune_schedule_freezes_first_and_gives_the_backbone_lr_over_lr_mult
     assert not any(p.requires_grad for p in timm_model(model).conv1.parameters())
 
 
-def test_keep_best_saves_the_epoch_with_the_lowest_valid_loss(tmp_path, small_digits_dir):
+def valid_loss_of_saved_weights(paths, folds, spec, fold: int) -> float:
+    """The saved weights evaluated again as the job evaluated each epoch: plain view, held-out fold."""
+    targets = load_targets(paths, folds, [])
+    model = load_fold_model(paths, spec, fold, targets, torch.device("cpu"))
+    images = ImageSource(load_cache(paths, "train").images, torch.device("cpu"))
+    rows = folds.valid_rows(fold)
+    plan = ViewPlan(spec.train.size, [PLAIN], model_norm(model), spec.train.batch_size)
+    return log_loss(folds.y[rows], predict_views(model, images, rows, plan)[0][0])
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_keep_best_saves_the_best_epochs_weights(tmp_path, small_digits_dir, keep):
     paths, folds = prepared(tmp_path, small_digits_dir)
-    spec = model_specs([{"arch": "test_resnet"}], {**TINY, "epochs": 3, "keep": "best", "lr": 5e-2})
+    # a last phase at 30x the learning rate wrecks the model: its best epoch is an earlier one
+    phases = [{"size": 16, "epochs": 2}, {"size": 16, "epochs": 1, "lr_factor": 30}]
+    spec = model_specs([{"arch": "test_resnet"}], {**TINY, "phases": phases, "keep": keep})
     train_base(paths, spec, folds, options=QUIET)
     record = read_json(paths.history("test_resnet", 0))
     losses = [h["valid_loss"] for h in record["epochs"]]
-    assert record["kept_epoch"] == int(np.argmin(losses)) + 1
+    kept = int(np.argmin(losses)) + 1 if keep == "best" else 3
+    assert record["kept_epoch"] == kept and (kept < 3) == (keep == "best")
+    assert valid_loss_of_saved_weights(paths, folds, spec[0], 0) == pytest.approx(losses[kept - 1], rel=1e-9)
 
 
 @pytest.mark.parametrize("extra", [
@@ -103,6 +123,35 @@ def test_optional_techniques_train_to_finite_results(tmp_path, small_digits_dir,
                if t.is_floating_point())
     if "compile" in extra:
         assert any("compile is ignored on CPU" in s for s in lines)
+
+
+@pytest.fixture(scope="module")
+def one_fold(tmp_path_factory, small_digits_dir):
+    """Train fold 0 alone under a model name, on one prepared run; the baseline's weights."""
+    paths, folds = prepared(tmp_path_factory.mktemp("options"), small_digits_dir)
+    inputs = TrainInputs(paths, folds, load_targets(paths, folds, []),
+                         ImageSource(load_cache(paths, "train").images, torch.device("cpu")))
+
+    def train(name: str, **extra) -> dict[str, torch.Tensor]:
+        spec = model_specs([{"arch": "test_resnet", "name": name}], {**TINY, **extra})[0]
+        train_fold(spec, 0, inputs, log=lambda s: None)
+        return load_file(paths.weights(name, 0))
+
+    return train, train("baseline")
+
+
+@pytest.mark.parametrize("option, changes", [
+    ({}, False),  # the control: training is deterministic, so any difference below is the option's
+    ({"mixup_alpha": 0.4}, True),
+    ({"cutmix_alpha": 1.0}, True),
+    ({"label_smoothing": 0.1}, True),
+    ({"accum_steps": 2}, True),
+    ({"clip_grad": 0.01}, True),  # far below this model's gradient norms: it must clip
+])
+def test_each_training_option_changes_the_weights(one_fold, option, changes):
+    train, baseline = one_fold
+    weights = train("_".join(f"{k}{v}" for k, v in option.items()) or "again", **option)
+    assert any(not torch.equal(baseline[k], weights[k]) for k in baseline) == changes
 
 
 def test_ema_weights_are_saved_instead_of_the_raw_ones(tmp_path, small_digits_dir):

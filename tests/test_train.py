@@ -109,7 +109,8 @@ def test_finished_jobs_are_skipped_and_force_retrains(run):
 def test_changed_recipe_of_a_finished_model_is_refused(run):
     paths, folds = run
     train_base(paths, specs(epochs=1), folds, options=QUIET)
-    with pytest.raises(StackerError, match=r"test_resnet fold 0 was trained with other settings \(lr\)"):
+    with pytest.raises(StackerError, match=r"fold0\.history\.json: test_resnet folds 0, 1, 2 were trained with other "
+                                           r"settings \(lr\); pass --force to train them again"):
         train_base(paths, specs(epochs=1, lr=1e-3), folds, options=QUIET)
 
 
