@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed
 
-from oof import RunPaths, StackerError, atomic_path, json_digest, read_json, write_json
+from oof import RunPaths, StackerError, atomic_path, json_digest, read_json, remove_temps, write_json
 
 from .config import DataConfig
 from .images import decode
@@ -104,6 +104,7 @@ def build_cache(paths: RunPaths, split: str, ids, files, options: CacheOptions, 
     # The old index goes first: a rebuild that stops halfway must not leave an index
     # that vouches for data it did not describe.
     index_file.unlink(missing_ok=True)
+    remove_temps(paths.cache, f"{paths.cache_data(split).name}.")  # a killed build's partial copy
     t0 = time.perf_counter()
     pixels = list(old["pixels"]) if old else [None] * len(rows)
 

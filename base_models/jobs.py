@@ -26,7 +26,8 @@ from filelock import FileLock, Timeout
 from joblib import Parallel, delayed
 
 from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, accuracy, atomic_path, load_folds,
-                 log_loss, make_folds, read_table, validate_oof, validate_test, write_folds, write_json, write_table)
+                 log_loss, make_folds, read_table, remove_temps, validate_oof, validate_test, write_folds, write_json,
+                 write_table)
 
 from .augment import PLAIN, tta_views
 from .batches import ImageSource
@@ -264,6 +265,7 @@ class _TrainRun:
                 _refuse_stale(self.paths, [job], self.sources)
                 self.log(f"  {name} fold {fold}: finished in another process meanwhile, skipped")
                 return
+            remove_temps(self.paths.model_dir(name), f"fold{fold}.")  # a killed run's partial writes
             inputs = TrainInputs(self.paths, self.folds, self.targets, images, self.sources.cache_sha256)
             train_fold(job.model, fold, inputs, load_row_weights(self.paths, self.folds, job.model), self.log)
 
@@ -436,6 +438,7 @@ def remove_tables(paths: RunPaths, model: str, k: int, targets: list[Target]) ->
     for path, *_ in _model_tables(paths, model, k, targets):
         path.unlink(missing_ok=True)
     paths.predict_metrics(model).unlink(missing_ok=True)
+    remove_temps(paths.preds_dir(model))  # a killed run's partial writes
 
 
 def _predict_model(run: _PredictRun, spec: ModelSpec, meta: dict) -> dict:

@@ -15,11 +15,9 @@ def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=prin
     With `force` every job's weights, history and checkpoint are deleted before the folds
     are rewritten: a --force stopped at any point leaves no old result that looks finished.
     """
-    from .jobs import (StageOptions, cache_size, job_grid, prepare_run,  # torch is imported here, not at config time
-                       remove_job_outputs, train_base)
-
     paths = run_paths(cfg)
-    data, folds_cfg, specs, tta = base_configs(cfg)
+    data, folds_cfg, specs, tta = base_configs(cfg)  # a config error is reported before torch is imported
+    from .jobs import StageOptions, cache_size, job_grid, prepare_run, remove_job_outputs, train_base
     if force:
         remove_job_outputs(paths, job_grid(specs, folds_cfg.k), log)
     _, folds = prepare_run(paths, data, folds_cfg, cache_size(specs), force, log)
@@ -30,10 +28,9 @@ def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=prin
 
 def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = False, log=print) -> None:
     """Predict every model's OOF rows and the test set with TTA (only `models` when given)."""
-    from .jobs import StageOptions, predict_oof
-
     paths = run_paths(cfg)
     data, _, specs, tta = base_configs(cfg)
+    from .jobs import StageOptions, predict_oof
     if models:
         unknown = sorted(set(models) - {s.name for s in specs})
         if unknown:

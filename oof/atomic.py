@@ -39,6 +39,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def remove_temps(folder: str | os.PathLike, prefix: str = "") -> None:
+    """Delete the temporary files that killed writers of `<folder>/<prefix>*` left behind.
+
+    Call it only where no other process can be writing the same files (under the job's lock, or
+    before rebuilding a cache): a live writer's temporary file would vanish under it.
+    """
+    folder = Path(folder)
+    if folder.is_dir():
+        for tmp in folder.glob(f".{prefix}*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)  # the only way to read it; set straight back
     os.umask(mask)

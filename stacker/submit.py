@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from oof import (PredictionTable, RunPaths, StackerError, align, atomic_path, check_unique, file_digest, preview,
-                 read_csv_strings, read_json, read_table, record_of, table_file, write_json)
+                 read_csv_strings, read_json, read_table, record_of, remove_temps, table_file, write_json)
 
 from .inputs import load_run_folds
 from .provenance import check_stack
@@ -146,6 +146,7 @@ def write_with_record(out: Path, frame: pd.DataFrame, record: dict) -> None:
     not match the file at `out`, which the next submit rewrites, rather than a CSV
     without a record, which would look like another tool's file and need --force.
     """
+    remove_temps(out.parent, f"{out.name}.")  # a killed submit's partial files (CSV and record)
     with atomic_path(out) as tmp:
         frame.to_csv(tmp, index=False)
         write_json(record_of(out), {**record, "submission_sha256": file_digest(tmp)})
