@@ -65,12 +65,14 @@ def run_stage(stage: str, config: Path, run: Path, kill_after: float | None = No
     """(exit code, seconds) of one stage; SIGKILL after `kill_after` seconds when given."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(stage_command(stage, config, run), cwd=REPO, env=env,
+    # Its own process group: the kill takes the stage's decode workers too, as a dying machine or
+    # notebook kernel would (an orphaned worker would also hold the pipe open).
+    proc = subprocess.Popen(stage_command(stage, config, run), cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _, err = proc.communicate(timeout=kill_after)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return -9, time.perf_counter() - t0
     if proc.returncode != 0:
