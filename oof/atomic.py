@@ -92,7 +92,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def read_json(path: str | os.PathLike):
@@ -115,8 +115,8 @@ def read_csv_strings(path: str | os.PathLike):
         raise StackerError(f"{path}: not a readable CSV file ({e})") from None
 
 
-def _json_default(obj):
-    # numpy scalars and arrays, without importing numpy here for callers that never use it
+def json_default(obj):
+    """numpy scalars and arrays and paths as JSON values (json.dumps's `default`), without importing numpy."""
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if isinstance(obj, os.PathLike):

@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 
+from .atomic import json_default
+
 _CHUNK = 1 << 20
 
 
@@ -25,13 +27,6 @@ def file_digest(path: str | os.PathLike) -> str:
 
 def json_digest(obj) -> str:
     """sha256 of a JSON-able value in canonical form."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_plain)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default)
     return hashlib.sha256(text.encode()).hexdigest()
 
-
-def _plain(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"cannot digest {type(obj).__name__}")
