@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from joblib import Parallel, delayed
 
 from oof import RunPaths, StackerError, atomic_path, json_digest, read_json, remove_temps, write_json
@@ -93,6 +94,12 @@ def build_cache(paths: RunPaths, split: str, ids, files, options: CacheOptions, 
     Raises:
         StackerError: a file that cannot be decoded, named.
     """
+    paths.cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(paths.cache_lock(split)):  # a second train-base waits here, then finds the cache built
+        return _build_locked(paths, split, ids, files, options, log)
+
+
+def _build_locked(paths: RunPaths, split: str, ids, files, options: CacheOptions, log) -> ImageCache:
     index_file = paths.cache_index(split)
     index = {"ids": [str(i) for i in ids], "paths": [str(p) for p in files],
              "files": [_file_stat(p) for p in files],  # taken before decoding: a later change is seen next time

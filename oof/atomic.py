@@ -96,8 +96,13 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def read_json(path: str | os.PathLike):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file's value; a damaged one (a truncated upload, a hand edit) is one line naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StackerError(f"{path}: damaged JSON ({type(e).__name__}: {e}); redo the stage that wrote it "
+                           "with --force") from None
 
 
 def read_csv_strings(path: str | os.PathLike):

@@ -99,6 +99,10 @@ class RunPaths:
         """(N, H, W, 3) uint8 images of a split, raw bytes read as a memmap."""
         return self.cache / f"{_split(split)}.u8"
 
+    def cache_lock(self, split: str) -> Path:
+        """Held while a split's cache is checked and built: a second process waits, then finds it built."""
+        return self.cache / f"{_split(split)}.lock"
+
     def cache_index(self, split: str) -> Path:
         """A split's cache index (ids, files, size, resize mode); written last, so it marks a complete cache."""
         return self.cache / f"{_split(split)}.json"

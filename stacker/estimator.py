@@ -156,9 +156,14 @@ class StackGuard:
         """({model: reason} of the models that look leaked, {model: OOF/test consistency report})."""
         if test_tables is None:
             return suspicious_models(folds.y, X, names), {}
-        test = meta_features(self._leak_reference(test_tables, names, folds))  # (T, M, C)
-        per_fold = (np.stack([meta_features(self._leak_reference(t, names, folds)) for t in fold_tables])
-                    if fold_tables else None)  # (K, T, M, C)
+        reference = self._leak_reference(test_tables, names, folds)
+        ids = next(iter(reference.values())).ids
+        test = meta_features(reference)  # (T, M, C)
+        if fold_tables and len(fold_tables) != folds.k:
+            raise StackerError(f"fold test tables: {len(fold_tables)} given for {folds.k} folds; give one per fold")
+        per_fold = (np.stack([meta_features({m: validate_test(t, ids, folds.classes)  # the test table's row order
+                                             for m, t in self._leak_reference(f, names, folds).items()})
+                              for f in fold_tables]) if fold_tables else None)  # (K, T, M, C)
         report = leak_report(LeakInputs(folds.y, folds.fold, X, test, per_fold, names))
         suspicious = suspicious_models(folds.y, X, names, test if len(names) == 1 else None)
         for name, r in report.items():

@@ -70,7 +70,8 @@ def leak_report(data: LeakInputs) -> dict[str, dict]:
     `consistency` is the largest of the model's z-scores (sharpness gap, accuracy
     excess, worst fold); below about 2 is ordinary, `Z_FLAG` and above is flagged.
     """
-    sums = (data.oof.sum(axis=1), data.test.sum(axis=1))  # (N, C), (T, C): the others' consensus by subtraction
+    tests = data.test_folds if data.test_folds is not None else data.test[None]
+    sums = (data.oof.sum(axis=1), tests.sum(axis=2))  # (N, C), (K or 1, T, C): the others' consensus by subtraction
     gaps = [_model_gaps(data, m, sums) for m in range(len(data.models))]
     report = {}
     for m, name in enumerate(data.models):
@@ -113,9 +114,12 @@ def _agreement_gap(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]
     """
     on_oof = (sums[0] - data.oof[:, m]).argmax(axis=1)  # (N,) the other models' consensus
     agree_oof = (data.oof[:, m].argmax(axis=1) == on_oof).astype(float)
-    on_test = (sums[1] - data.test[:, m]).argmax(axis=1)  # (T,)
-    tests = data.test_folds[:, :, m] if data.test_folds is not None else data.test[None, :, m]
-    agree_test = np.concatenate([(t.argmax(axis=1) == on_test).astype(float) for t in tests])
+    # Like for like: fold model k against the others' fold models k, as on the OOF rows; only a
+    # mean test table gives the others' mean (which agrees a little more, for honest models too).
+    tests = data.test_folds if data.test_folds is not None else data.test[None]  # (K or 1, T, M, C)
+    test_sums = sums[1]  # (K or 1, T, C)
+    agree_test = np.concatenate([(t[:, m].argmax(axis=1) == (total - t[:, m]).argmax(axis=1)).astype(float)
+                                 for t, total in zip(tests, test_sums)])
     return _mean_gap(agree_oof, agree_test)
 
 
@@ -129,13 +133,16 @@ def _judge(gaps: list[dict], m: int) -> dict:
     if "agreement" in mine:
         # two-sided: a leaked model drops the errors it shares with the others, which moves its
         # agreement with them up or down depending on how often the consensus is right
-        z["agreement"] = abs(_z(mine["agreement"], [g["agreement"] for g in others], True))
+        z["agreement"] = abs(_z(mine["agreement"], [g["agreement"] for g in others], False))
     fold_z = _fold_z(mine["folds"]) if mine["own_reference"] else []
     z["fold"] = max(fold_z) if fold_z else float("nan")
     finite = {k: v for k, v in z.items() if np.isfinite(v)}
     worst = max(finite, key=finite.get) if finite else None
     score = finite[worst] if worst else float("nan")
-    flagged = bool(worst) and score >= Z_FLAG
+    # Against its own error alone (fewer than 3 models) a z is reported, never flagged: a test set a
+    # little harder than the train rows moves an honest lone model's gap as far as a small leak would.
+    by_spread = len(others) + 1 >= MIN_MODELS_FOR_SPREAD or worst == "fold"
+    flagged = bool(worst) and score >= Z_FLAG and by_spread
     return {"consistency": score, "z": z, "flagged": flagged,
             "sharpness_gap": mine["sharpness"][0],
             "agreement_gap": mine["agreement"][0] if "agreement" in mine else None,

@@ -65,7 +65,8 @@ def test_build_writes_decoded_images(run, small):
     assert index["files"] == [[os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
     assert index["pixels"] == [hashlib.sha256(decode(p, SIZE, "crop").tobytes()).hexdigest() for p in files]
     assert index["digest"] == cache.digest == split_digest(ids, index["pixels"], [8, 6], "crop")
-    assert sorted(run.cache.iterdir()) == sorted([run.cache_data("train"), run.cache_index("train")])
+    assert sorted(run.cache.iterdir()) == sorted([run.cache_data("train"), run.cache_index("train"),
+                                                  run.cache_lock("train")])
     assert len(logs) == 1 and "5 images at 8x6 (crop)" in logs[0]
     again = load_cache(run, "train")
     np.testing.assert_array_equal(again.images, cache.images)
@@ -137,7 +138,7 @@ def test_bad_image_fails_build_and_leaves_no_index(tmp_path, run, workers):
     with pytest.raises(StackerError, match=rf"{bad.name}: cannot decode image"):
         build_cache(run, "train", ids, files, _options(workers=workers), **QUIET)
     assert not run.cache_index("train").exists()
-    assert list(run.cache.iterdir()) == []  # no data file, no temporary file
+    assert list(run.cache.iterdir()) == [run.cache_lock("train")]  # no data file, no temporary file
     with pytest.raises(StackerError, match=r"train\.json: image cache not found"):
         load_cache(run, "train")
 

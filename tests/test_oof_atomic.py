@@ -32,3 +32,11 @@ def test_remove_temps_takes_only_the_named_files_temporaries(tmp_path):
         (tmp_path / name).write_text("x")
     remove_temps(tmp_path, "fold0.")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".fold1.safetensors.def.tmp", "fold0.safetensors"]
+
+
+def test_a_damaged_json_file_is_one_line_naming_it(tmp_path):
+    from oof import StackerError, read_json
+
+    (tmp_path / "fold0.history.json").write_text('{"epochs": [')
+    with pytest.raises(StackerError, match=r"fold0\.history\.json: damaged JSON \(JSONDecodeError"):
+        read_json(tmp_path / "fold0.history.json")

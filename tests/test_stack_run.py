@@ -268,7 +268,7 @@ def test_load_stack_names_damaged_files(stacked):
 
     root = stacked[0]
     RunPaths(root).stack_state.write_text("{ truncated")
-    with pytest.raises(StackerError, match=r"damaged or incomplete stack files \(JSONDecodeError"):
+    with pytest.raises(StackerError, match=r"combiner\.json: damaged JSON \(JSONDecodeError"):
         load_stack(root)
 
 

@@ -105,6 +105,7 @@ def run_file_names() -> dict[str, re.Pattern]:
     paths = RunPaths("/r")
     names = {paths.config, paths.config_lock, paths.folds, paths.folds_csv, paths.targets, paths.submission,
              paths.submission_record, paths.cache, paths.cache_data("train"), paths.cache_index("train"),
+             paths.cache_lock("train"),
              paths.weights("m", 0), paths.history("m", 0), paths.checkpoint("m", 0), paths.job_lock("m", 0),
              paths.preds,
              paths.oof("m"), paths.test("m"), paths.test_fold("m", 0), paths.predict_metrics("m"), paths.stack,
