@@ -114,8 +114,9 @@ def load_stack(run_dir: str | os.PathLike) -> StackGuard:
         state = read_json(paths.stack_state)
         booster = (paths.stack / state["booster"]).read_text(encoding="utf-8") if "booster" in state else None
         return StackGuard.from_state(decision, state, booster, source=str(paths.decision))
-    except StackerError:  # a damaged JSON file, already named in one line
-        raise
+    except StackerError as e:  # a damaged JSON file names itself; a saved config that no longer passes does not
+        raise StackerError(str(e) if str(paths.stack) in str(e) else f"{paths.decision}: {e}; run fit-stack --force") \
+            from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise StackerError(f"{paths.stack}: damaged or incomplete stack files ({type(e).__name__}: {e}); "
                            "run fit-stack --force") from None

@@ -134,7 +134,7 @@ def test_a_registered_candidate_is_scored_reported_chosen_and_rebuilt(tmp_path):
     assert "least_sure" not in candidate_names() and candidate_names() == CANDIDATES
     with pytest.raises(StackerError, match=r"stack\.candidates: unknown candidate 'least_sure'"):
         StackConfig(candidates=["mean", "least_sure"])
-    with pytest.raises(StackerError, match=r"damaged or incomplete stack files .*unknown candidate 'least_sure'"):
+    with pytest.raises(StackerError, match=r"decision\.json: stack\.candidates: unknown candidate 'least_sure'"):
         load_stack(root)
 
 
