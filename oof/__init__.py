@@ -2,7 +2,8 @@
 
 Imports numpy, pandas, pyarrow and pyyaml only, so any tool can read and write these files.
 """
-from .atomic import atomic_path, read_csv_strings, read_json, remove_temps, write_bytes, write_json, write_text
+from .atomic import (atomic_path, json_default, read_csv_strings, read_json, remove_temps, write_bytes, write_json,
+                     write_text)
 from .config import (BOOL, NULL, SEED, STRING, ConfigSection, Rule, build_config, check_fields, each, instance,
                      number, one_of)
 from .errors import StackerError, preview
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "accuracy", "align", "atomic_path", "build_config", "check_fields", "check_model_name",
-    "check_rows", "check_unique", "each", "file_digest", "folds_from_table", "instance", "json_digest",
+    "check_rows", "check_unique", "each", "file_digest", "folds_from_table", "instance", "json_default", "json_digest",
     "load_config", "load_folds", "log_loss", "log_loss_rows", "make_folds", "number", "one_of", "preview",
     "read_csv_strings", "record_of", "remove_temps", "read_json", "read_table", "read_yaml", "run_paths", "table_file",
     "table_from_frame", "validate_oof", "validate_test", "write_bytes", "write_folds", "write_json",

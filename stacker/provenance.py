@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 
-from oof import (Folds, RunPaths, StackerError, file_digest, json_digest, read_json, read_table, table_file)
+from oof import (Folds, RunPaths, StackerError, file_digest, json_default, json_digest, read_json, read_table,
+                 remove_temps, table_file)
 
 SELECTIONS = ("all", "given")  # every model with an OOF table under preds/, or the models asked for
 SHOWN_CHANGES = 3  # a message names this many changes, then counts the rest
@@ -205,10 +206,9 @@ def clear_stack(paths: RunPaths) -> None:
     for path in files:
         path.unlink(missing_ok=True)
     for path in files:
-        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+        remove_temps(paths.stack, f"{path.name}.")
 
 
 def _as_json(value):
     """`value` as it reads back from JSON: tuples become lists, numpy values Python ones."""
-    return json.loads(json.dumps(value, default=lambda o: o.tolist()))
+    return json.loads(json.dumps(value, default=json_default))
