@@ -396,7 +396,7 @@ def _table_meta(run: _PredictRun, spec: ModelSpec, weights: list[str]) -> dict:
     meta = {"model": spec.name, "arch": spec.arch, "folds_sha256": run.folds.sha256, "version": __version__,
             "tta": {"n": tta.n, "combine": tta.combine, "beta": tta.beta, "size": list(spec.train.prediction_size)},
             "resize": run.train.resize, "cache_sha256": {"train": run.train.digest, "test": run.test.digest},
-            "weights_sha256": weights}
+            "weights_sha256": weights, "keep": spec.train.keep}  # keep: best tunes on the OOF rows (stacker.leak)
     return json.loads(json.dumps(meta))  # as a table's metadata reads back: lists, plain numbers
 
 

@@ -17,6 +17,10 @@ def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=prin
     """
     paths = run_paths(cfg)
     data, folds_cfg, specs, tta = base_configs(cfg)  # a config error is reported before torch is imported
+    for spec in specs:
+        if spec.train.keep == "best":
+            log(f"note: {spec.name}: keep: best picks each fold's epoch on that fold's validation rows, which are "
+                "its OOF rows; fit-stack will leave it out as optimistic unless --allow-suspicious")
     from .jobs import StageOptions, cache_size, job_grid, prepare_run, remove_job_outputs, train_base
     if force:
         remove_job_outputs(paths, job_grid(specs, folds_cfg.k), log)

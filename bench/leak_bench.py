@@ -11,11 +11,22 @@ run's own tables (e.g. the demo's tiny CNNs) as a further honest set.
 
 Leaks, one model at a time, the others honest:
 - all rows: the model fitted on every train row "predicts" its own rows as OOF
-  (a wrong fold loop, a notebook reusing a model trained on everything);
+  and the test set for every fold (a wrong fold loop, a notebook reusing a model
+  trained on everything): its K fold test tables are one table;
+- oof only: the OOF rows from the all-rows model, the test tables from the
+  honest fold models (OOF and test made apart): only the statistics can see it;
 - one fold: fold 0's rows and test table come from the all-rows model;
-- smoothed: the all-rows leak with label smoothing 0.1 on its probabilities;
+- smoothed: "oof only" with label smoothing 0.1 on its probabilities (caps the
+  sharpness that shows most leaks);
 - epoch-picked: LightGBM whose boosting round is chosen on each fold's own
-  validation rows (keep: best): mildly optimistic, scored, not meant to be flagged.
+  validation rows, with the metadata stacker writes for `keep: best`.
+
+Each cell is `family:flag z/size`: Y flagged, - not; z the consistency z (or `=`
+when flagged for identical fold tables); size the leak's effect on the OOF rows,
+in standard errors: how much more probability the leaked rows give the true
+class than the honest model's, over the honest model's paired spread. A leak of
+size under about 4 is inside the noise of the rows it touched: no check can
+tell it from an honest model that happened to do well there.
 
 Each set is checked twice: with the per-fold test tables stacker writes, and
 with only the mean test table (what other tools may give). The tables list, per
@@ -33,9 +44,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from stacker.leak import LeakInputs, leak_report  # noqa: E402
+from stacker.leak import LeakInputs, declared_leaks, leak_report  # noqa: E402
 
-LEAKS = ("all rows", "one fold", "smoothed", "epoch-picked")
+LEAKS = ("all rows", "oof only", "one fold", "smoothed", "epoch-picked")
 
 
 def families(seed: int) -> dict:
@@ -117,8 +128,10 @@ def inputs(data: dict, names: list[str], leak: str | None = None, who: str | Non
     for name in names:
         t = data["models"][name]
         o, f = t["oof"].copy(), t["tests"].copy()
-        if name == who and leak in ("all rows", "smoothed"):
+        if name == who and leak == "all rows":
             o, f = t["leak_oof"].copy(), np.stack([t["leak_test"]] * len(f))
+        elif name == who and leak in ("oof only", "smoothed"):
+            o = t["leak_oof"].copy()
         elif name == who and leak == "one fold":
             o[data["fold"] == 0], f[0] = t["leak_oof"][data["fold"] == 0], t["leak_test"]
         if name == who and leak == "smoothed":
@@ -140,14 +153,14 @@ def check_dataset(name: str, data: dict) -> list[str]:
         worst = max(report[m]["consistency"] for m in honest)
         lines.append(f"{name:14} {mode:16} honest: {len(flagged)}/{len(honest)} flagged {flagged or ''}"
                      f" (largest z {worst:.1f})")
-        for leak in LEAKS[:3]:
-            if leak == "one fold" and not per_fold:
-                continue
+        for leak in LEAKS[:4]:
             cells = [detection(data, honest, leak, who, per_fold) for who in honest]
             lines.append(f"{'':31}{leak:10} " + " ".join(cells))
         picked = [*honest[:-1], "lgbm_picked"]  # the epoch-picked LightGBM in place of the plain one
         r = leak_report(inputs(data, picked, per_fold=per_fold))["lgbm_picked"]
-        lines.append(f"{'':31}{'epoch-pick':10} lgbm z {r['consistency']:.1f}{' flagged' if r['flagged'] else ''}")
+        declared = declared_leaks({"lgbm_picked": {"keep": "best"}})  # as predict-oof records keep: best
+        flag = " flagged (declared by its tables)" if r["flagged"] or "lgbm_picked" in declared else ""
+        lines.append(f"{'':31}{'epoch-pick':10} lgbm z {r['consistency']:.1f}{flag}")
     return lines
 
 
@@ -155,7 +168,26 @@ def detection(data, names, leak, who, per_fold) -> str:
     report = leak_report(inputs(data, names, leak, who, per_fold))
     collateral = [m for m in names if m != who and report[m]["flagged"]]
     mark = "Y" if report[who]["flagged"] else "-"
-    return f"{who}:{mark}{report[who]['consistency']:.0f}" + (f"(+{','.join(collateral)})" if collateral else "")
+    z = "=" if report[who]["identical_folds"] else f"{report[who]['consistency']:.0f}"
+    return (f"{who}:{mark}{z}/{leak_size(data, names, leak, who):.0f}"
+            + (f"(+{','.join(collateral)})" if collateral else ""))
+
+
+def leak_size(data, names, leak, who) -> float:
+    """The leak's effect on the rows it touched, in standard errors of the honest model's paired advantage.
+
+    Advantage per row: p_model(true class) minus the other models' mean p(true class); "smoothed" is
+    compared with the honest model smoothed alike.
+    """
+    honest, leaked = inputs(data, names), inputs(data, names, leak, who)
+    if leak == "smoothed":  # the smoothing is the model's own, not the leak: compare with the smoothed honest model
+        honest.oof[:, names.index(who)] = smooth(honest.oof[:, names.index(who)])
+    m, y, rows = names.index(who), data["y"], np.arange(len(data["y"]))
+    touched = data["fold"] == 0 if leak == "one fold" else np.ones(len(y), bool)
+    others = np.delete(honest.oof, m, axis=1).mean(axis=1)[rows, y]
+    before, after = honest.oof[rows, m, y] - others, leaked.oof[rows, m, y] - others
+    se = before.std(ddof=1) / np.sqrt(touched.sum())
+    return float((after[touched].mean() - before[touched].mean()) / se)
 
 
 def run_set(run: Path) -> dict:
@@ -172,6 +204,21 @@ def run_set(run: Path) -> dict:
     return {"y": folds.y, "fold": folds.fold, "models": models}
 
 
+def cost(rows: int = 10_000, models: int = 35, classes: int = 10, k: int = 5, test_rows: int = 2_500) -> float:
+    """Seconds the check takes on random tables the size of bench/stack_bench.py's default (best of 3)."""
+    rng = np.random.default_rng(0)
+    y, fold = rng.integers(0, classes, rows), np.arange(rows) % k
+    oof = rng.dirichlet(np.ones(classes), (rows, models))
+    tests = rng.dirichlet(np.ones(classes), (k, test_rows, models))
+    data = LeakInputs(y, fold, oof, tests.mean(axis=0), tests, [f"m{i}" for i in range(models)])
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        leak_report(data)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["digits", "breast_cancer", "wine", "iris", "synthetic"])
@@ -186,6 +233,8 @@ def main(argv=None) -> int:
         print(f"{Path(run).name:14} per-fold tables  honest: "
               f"{sum(r['flagged'] for r in report.values())}/{len(report)} flagged, z "
               + ", ".join(f"{m} {r['consistency']:.1f}" for m, r in report.items()))
+    print(f"cost: {cost():.2f}s for 10,000 OOF rows x 35 models x 10 classes, 5 fold tables of 2,500 test rows "
+          "(compare with bench/stack_bench.py's fit-stack time at that size)")
     print(f"\n{time.perf_counter() - t0:.0f}s; Y = flagged, '-' = not flagged, the number is the consistency z; "
           "(+m) = an honest model flagged beside the leaked one")
     return 0

@@ -24,7 +24,7 @@ from .candidates import candidate_class, create_candidate, normalise_rows
 from .config import StackConfig
 from .guard import fit_seed, run_guard
 from .inputs import MetaData, align_test_tables, as_oof_tables, meta_features, sure_share, suspicious_models
-from .leak import LeakInputs, leak_report
+from .leak import LeakInputs, declared_leaks, leak_report
 from .metrics import Metric
 
 
@@ -86,6 +86,8 @@ class StackGuard:
         names, y = list(tables), folds.y
         X = meta_features(tables)  # (N, M, C)
         suspicious, consistency = self._check_leaks(X, folds, names, test_tables, fold_tables)
+        for name, why in declared_leaks({m: t.meta for m, t in tables.items()}).items():
+            suspicious.setdefault(name, why)
         excluded = _exclude(suspicious, config.allow_suspicious, log)
         if len(excluded) == len(names):
             raise StackerError(f"fit-stack: every model looks leaked ({', '.join(names)}); nothing is left to "

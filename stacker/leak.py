@@ -10,10 +10,24 @@ test. Two statistics carry that, per model and per fold:
 - sharpness gap: mean log-odds of the top class, OOF minus test. Log-odds, not
   probability, because leaks show at the top end (0.97 -> 0.999 is +3.5 in log
   odds, +0.03 in probability); clipped at 1e-6 so one row moves it at most 13.8.
-- accuracy excess (with other models): OOF accuracy minus the model's agreement
-  on test with the other models' consensus, the best label-free stand-in for its
-  test accuracy. A model far better than the rest on OOF while not standing out
-  on test is suspicious; a genuinely stronger model stands out on both.
+  Compared across models as a t-statistic (gap over its standard error), so a
+  model whose probabilities are capped (label smoothing) counts as much as a
+  booster's. Only against per-fold test tables: a mean over K fold models is
+  smoother than one, and more so for some families than others.
+- agreement gap (with other models): agreement with the other models'
+  consensus, OOF minus test. A model far better than the rest on OOF while not
+  standing out on test is suspicious; a genuinely stronger model stands out on both.
+
+Two more find leaks of part of the rows or of every row that barely change sharpness:
+
+- right-ness per fold: how much more probability the model gives the true class
+  than the other models' mean does, per fold. A fold the model saw stands out
+  from its other folds (labels are only on the OOF side, so this one compares
+  folds, not OOF with test). It needs no test table.
+- identical fold tables: K fold models trained on different rows never predict
+  the test set identically; K identical tables are one model's, and a model that
+  predicted the test set after training on every row also saw its OOF rows (a
+  fold loop that fits on all rows, a notebook reusing its final model).
 
 Neither gap is zero for an honest model: test rows may differ from train rows,
 and a mean over K fold models (all a foreign tool may give) is smoother than one
@@ -24,6 +38,12 @@ error over rows), so that a few near-identical models cannot make noise look sig
 With fewer than three models there is no spread to compare with; then, given
 per-fold test tables, the gap is tested against its own sampling error alone.
 The flag threshold is a z of 4: far outside the honest models' spread.
+
+A leak whose effect on the OOF rows is inside the honest folds' noise cannot be told
+from noise by any check (bench/leak_bench.py measures each leak's size and what it
+costs the stack). A leak that is known rather than measured is declared by the
+tables: `declared_leaks` reads their metadata (`keep: best` picked each fold's epoch
+on that fold's own OOF rows).
 Measured false-positive and detection rates are in the README (bench/leak_bench.py).
 """
 from __future__ import annotations
@@ -35,6 +55,8 @@ import numpy as np
 CLIP = 1e-6
 Z_FLAG = 4.0  # a leak is flagged beyond 4 robust standard deviations of the honest models' spread
 MIN_MODELS_FOR_SPREAD = 3  # median and MAD of at least two other models
+# Fold models trained on different rows differ by far more than float32 storage rounding (~6e-8).
+SAME_TABLE_ATOL = 1e-6
 
 
 @dataclass
@@ -64,6 +86,18 @@ def sharpness(p: np.ndarray) -> np.ndarray:
     return np.log(top / (1 - top))
 
 
+def declared_leaks(metas: dict[str, dict]) -> dict[str, str]:
+    """{model: reason} for tables whose metadata says their OOF rows were used to train or tune them.
+
+    Today one such setting exists: `keep: best` picks each fold model's epoch by its
+    score on that fold's validation rows, which are its OOF rows, so they are
+    mildly optimistic (the statistics above cannot see a leak that small).
+    """
+    return {m: ("its epochs were picked on their own OOF rows (train.keep: best), so its OOF scores are "
+                "optimistic; retrain it with keep: last")
+            for m, meta in metas.items() if (meta or {}).get("keep") == "best"}
+
+
 def leak_report(data: LeakInputs) -> dict[str, dict]:
     """{model: {"consistency": z, "flagged": bool, "reason": str, ...}} for every model.
 
@@ -89,9 +123,37 @@ def _model_gaps(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]) -
         s_test = [sharpness(data.test[:, m])] * len(folds)
     fold_gaps = [_mean_gap(s_oof[data.fold == f], s_test[i]) for i, f in enumerate(folds)]
     out = {"sharpness": _mean_gap(s_oof, np.concatenate(s_test)), "folds": fold_gaps,
-           "own_reference": data.test_folds is not None}
+           "own_reference": data.test_folds is not None, "identical": _identical_folds(data, m)}
     if data.oof.shape[1] > 1:
-        out["agreement"] = _agreement_gap(data, m, sums)
+        out.update(_agreement_gap(data, m, sums))
+        out["right"] = _fold_rightness(data, m, sums[0], folds)
+    return out
+
+
+def _identical_folds(data: LeakInputs, m: int) -> bool:
+    """Whether the model's K fold test tables are one table (K >= 2, at least one test row)."""
+    tests = data.test_folds
+    if tests is None or len(tests) < 2 or tests.shape[1] == 0:
+        return False
+    return bool(np.abs(tests[1:, :, m] - tests[0, :, m]).max() <= SAME_TABLE_ATOL)
+
+
+def _fold_rightness(data: LeakInputs, m: int, oof_sum: np.ndarray, folds: np.ndarray) -> list[tuple[float, float]]:
+    """Per fold, the mean of p_model(true class) - p_others(true class), with a pooled standard error.
+
+    Pairing with the other models on the same rows takes out how hard each fold is.
+    Probabilities, not log-loss: bounded, so one row cannot carry a fold. The
+    standard error uses the spread of every OOF row, since a fold the model saw
+    has little spread of its own (all right, all sure).
+    """
+    rows = np.arange(len(data.y))
+    others = (oof_sum[rows, data.y] - data.oof[rows, m, data.y]) / (data.oof.shape[1] - 1)
+    diff = data.oof[rows, m, data.y] - others
+    sd = diff.std(ddof=1) if len(diff) > 1 else np.inf
+    out = []
+    for f in folds:
+        d = diff[data.fold == f]
+        out.append((float(d.mean()), float(sd / np.sqrt(len(d)) + 1e-12)) if len(d) else (0.0, np.inf))
     return out
 
 
@@ -103,24 +165,32 @@ def _mean_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(a.mean() - b.mean()), float(se + 1e-12)
 
 
-def _agreement_gap(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
-    """Agreement with the other models' consensus, OOF minus test, with its standard error.
+def _agreement_gap(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """Agreement with the other models' consensus, OOF minus test, each with its standard error.
 
+    Two measures of it: "agreement", whether the model's top class is the
+    consensus's; "support", the probability the model gives the consensus's class
+    (finer: it moves before the top class does, as a low-capacity leak does).
     Accuracy and agreement differ by an offset that belongs to the model and its
     company (how its errors line up with theirs), the same on OOF and test rows
-    for an honest model; so what is left, agreement on OOF minus agreement on
-    test, is zero up to noise. A model that saw its OOF rows agrees with the
-    consensus wherever the consensus is right, more than on test.
+    for an honest model; so what is left, OOF minus test, is zero up to noise. A
+    model that saw its OOF rows agrees with the consensus wherever the consensus
+    is right (and leaves it where it is wrong) more than on test.
     """
+    rows = np.arange(len(data.y))
     on_oof = (sums[0] - data.oof[:, m]).argmax(axis=1)  # (N,) the other models' consensus
     agree_oof = (data.oof[:, m].argmax(axis=1) == on_oof).astype(float)
+    support_oof = data.oof[rows, m, on_oof]
     # Like for like: fold model k against the others' fold models k, as on the OOF rows; only a
     # mean test table gives the others' mean (which agrees a little more, for honest models too).
     tests = data.test_folds if data.test_folds is not None else data.test[None]  # (K or 1, T, M, C)
-    test_sums = sums[1]  # (K or 1, T, C)
-    agree_test = np.concatenate([(t[:, m].argmax(axis=1) == (total - t[:, m]).argmax(axis=1)).astype(float)
-                                 for t, total in zip(tests, test_sums)])
-    return _mean_gap(agree_oof, agree_test)
+    agree_test, support_test = [], []
+    for t, total in zip(tests, sums[1]):
+        consensus = (total - t[:, m]).argmax(axis=1)
+        agree_test.append((t[:, m].argmax(axis=1) == consensus).astype(float))
+        support_test.append(t[np.arange(len(consensus)), m, consensus])
+    return {"agreement": _mean_gap(agree_oof, np.concatenate(agree_test)),
+            "support": _mean_gap(support_oof, np.concatenate(support_test))}
 
 
 def _judge(gaps: list[dict], m: int) -> dict:
@@ -129,24 +199,39 @@ def _judge(gaps: list[dict], m: int) -> dict:
     others = [g for i, g in enumerate(gaps) if i != m]
     z = {}
     if mine["own_reference"]:
-        z["sharpness"] = _z(mine["sharpness"], [g["sharpness"] for g in others], True)
-    if "agreement" in mine:
+        # In units of each model's own standard error: models' log-odds spread differs ten-fold (a booster's
+        # reach 13.8, a smoothed model's stop at 2.3), so raw gaps of different models are not comparable.
+        z["sharpness"] = _z(_standardised(mine["sharpness"]), [_standardised(g["sharpness"]) for g in others], True)
+    for key in ("agreement", "support") if "agreement" in mine else ():
         # two-sided: a leaked model drops the errors it shares with the others, which moves its
         # agreement with them up or down depending on how often the consensus is right
-        z["agreement"] = abs(_z(mine["agreement"], [g["agreement"] for g in others], False))
-    fold_z = _fold_z(mine["folds"]) if mine["own_reference"] else []
-    z["fold"] = max(fold_z) if fold_z else float("nan")
+        z[key] = abs(_z(mine[key], [g[key] for g in others], False))
+    fold_z = {"fold": _fold_z(mine["folds"]) if mine["own_reference"] else [],
+              "fold_right": _fold_z(mine["right"]) if "right" in mine else []}
+    for key, values in fold_z.items():
+        z[key] = max(values) if values else float("nan")
     finite = {k: v for k, v in z.items() if np.isfinite(v)}
     worst = max(finite, key=finite.get) if finite else None
     score = finite[worst] if worst else float("nan")
     # Against its own error alone (fewer than 3 models) a z is reported, never flagged: a test set a
     # little harder than the train rows moves an honest lone model's gap as far as a small leak would.
-    by_spread = len(others) + 1 >= MIN_MODELS_FOR_SPREAD or worst == "fold"
+    by_spread = len(others) + 1 >= MIN_MODELS_FOR_SPREAD or worst in fold_z
     flagged = bool(worst) and score >= Z_FLAG and by_spread
-    return {"consistency": score, "z": z, "flagged": flagged,
+    reason = _reason(worst, score, mine, fold_z.get(worst, [])) if flagged else ""
+    if mine["identical"] and not flagged:
+        flagged, reason = True, ("its fold test tables are all the same table, so one model made them, not one "
+                                 "per fold: a model fitted on every row, its OOF rows included?")
+    return {"consistency": score, "z": z, "flagged": flagged, "identical_folds": mine["identical"],
             "sharpness_gap": mine["sharpness"][0],
             "agreement_gap": mine["agreement"][0] if "agreement" in mine else None,
-            "reason": _reason(worst, score, mine, fold_z) if flagged else ""}
+            "support_gap": mine["support"][0] if "support" in mine else None,
+            "reason": reason}
+
+
+def _standardised(gap: tuple[float, float]) -> tuple[float, float]:
+    """A gap as a t-statistic (gap / its standard error), whose own error is 1."""
+    value, se = gap
+    return (value / se if np.isfinite(se) else 0.0), 1.0
 
 
 def _z(mine: tuple[float, float], others: list[tuple[float, float]], own_reference: bool) -> float:
@@ -163,7 +248,7 @@ def _z(mine: tuple[float, float], others: list[tuple[float, float]], own_referen
 
 
 def _fold_z(folds: list[tuple[float, float]]) -> list[float]:
-    """Each fold's sharpness gap against the model's other folds (one leaked fold stands out)."""
+    """Each fold's statistic against the model's other folds (one leaked fold stands out)."""
     if len(folds) < MIN_MODELS_FOR_SPREAD:
         return []
     return [_z(f, folds[:i] + folds[i + 1:], False) for i, f in enumerate(folds)]
@@ -177,6 +262,13 @@ def _reason(worst: str, score: float, mine: dict, fold_z: list[float]) -> str:
         return (f"its agreement with the other models' consensus differs between OOF and test by "
                 f"{mine['agreement'][0]:+.3f}, {score:.1f} robust SDs beyond the others: its OOF errors are not "
                 "those of a model that never saw the rows")
+    if worst == "support":
+        return (f"the probability it gives the other models' consensus class differs between OOF and test by "
+                f"{mine['support'][0]:+.3f}, {score:.1f} robust SDs beyond the others: its OOF rows are not "
+                "those of a model that never saw them")
     k = int(np.argmax(fold_z))
+    if worst == "fold_right":
+        return (f"fold {k}'s OOF rows give the true class {mine['right'][k][0]:+.3f} more probability than the other "
+                f"models do, {score:.1f} robust SDs beyond its other folds: that fold leaked?")
     return (f"fold {k}'s OOF rows are sharper than fold {k}'s test predictions by {mine['folds'][k][0]:+.2f} "
             f"log-odds, {score:.1f} robust SDs beyond its other folds: that fold leaked?")

@@ -35,6 +35,7 @@ def test_tables_follow_the_contract(predicted):
     paths, _, folds, metrics = predicted
     oof = validate_oof(read_table(paths.oof("test_resnet"), folds.classes, "oof"), folds)
     assert oof.meta["folds_sha256"] == folds.sha256 and oof.meta["tta"]["n"] == 3
+    assert oof.meta["keep"] == "last"  # read by the leak check: keep: best tunes on the OOF rows
     test = read_table(paths.test("test_resnet"), folds.classes, "test")
     per_fold = [read_table(paths.test_fold("test_resnet", k), folds.classes, "test").proba for k in range(folds.k)]
     np.testing.assert_allclose(test.proba, np.mean(per_fold, axis=0), atol=1e-12)
