@@ -16,7 +16,7 @@ Modules: `candidates/` (the registry and one module per family), `guard`
 from .candidates import (CANDIDATES, BestSingle, Candidate, EnsembleSelection, LGBMClassShared, LGBMWide,
                          LogitMean, LogRegLogits, Mean, candidate_class, candidate_names, create_candidate,
                          ensemble_selection, register, registered, unregister)
-from .config import TEST_FEATURES, StackConfig, stack_config
+from .config import SUBMIT_FORMATS, TEST_FEATURES, StackConfig, SubmitConfig, stack_config, submit_config
 from .estimator import StackGuard
 from .fit import fit_stack, load_stack
 from .guard import decide, nested_estimate, run_guard
@@ -26,9 +26,9 @@ from .report import format_report, leaderboard_frame
 from .submit import write_submission
 
 __all__ = [
-    "CANDIDATES", "TEST_FEATURES", "BestSingle", "Candidate", "EnsembleSelection", "LGBMClassShared",
-    "LGBMWide", "LogRegLogits", "LogitMean", "Mean", "MetaData", "Metric", "StackConfig", "StackGuard",
-    "candidate_class", "candidate_names", "create_candidate", "decide", "ensemble_selection", "fit_stack",
-    "format_report", "leaderboard_frame", "load_stack", "nested_estimate", "register", "registered",
-    "run_guard", "stack_config", "unregister", "write_submission",
+    "CANDIDATES", "SUBMIT_FORMATS", "TEST_FEATURES", "BestSingle", "Candidate", "EnsembleSelection",
+    "LGBMClassShared", "LGBMWide", "LogRegLogits", "LogitMean", "Mean", "MetaData", "Metric", "StackConfig",
+    "StackGuard", "SubmitConfig", "candidate_class", "candidate_names", "create_candidate", "decide",
+    "ensemble_selection", "fit_stack", "format_report", "leaderboard_frame", "load_stack", "nested_estimate",
+    "register", "registered", "run_guard", "stack_config", "submit_config", "unregister", "write_submission",
 ]

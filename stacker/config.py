@@ -1,7 +1,8 @@
-"""StackConfig: every meta-level option and its default, validated once.
+"""StackConfig and SubmitConfig: every meta-level and submit option and its default, validated once.
 
-This dataclass is the single place the defaults live. The CLI builds it from
-the raw config's `stack:` section with `stack_config(cfg)` (`oof.build_config`,
+These dataclasses are the single place the defaults live. The CLI builds them from
+the raw config's `stack:` and `submit:` sections with `stack_config(cfg)` and
+`submit_config(cfg)` (`oof.build_config`,
 which names unknown keys); `__post_init__` checks every value against `RULES`
 and then the rules that span fields, and a bad value raises `oof.StackerError`
 with the key that holds it (`stack.min_gain: ...`).
@@ -13,11 +14,13 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from oof import BOOL, SEED, STRING, Rule, StackerError, build_config, check_fields, each, number, one_of
+from oof import (BOOL, SEED, STRING, ConfigSection, Rule, StackerError, build_config, check_fields, each,
+                 number, one_of)
 
 from .candidates import FLOOR, candidate_names
 
 TEST_FEATURES = ("mean", "per_fold")
+SUBMIT_FORMATS = ("auto", "labels", "proba")
 
 # scikit-learn scorers that score regressions: meaningless on class labels.
 _REGRESSION_SCORERS = ("r2", "explained_variance", "neg_max_error", "d2_absolute_error_score",
@@ -158,6 +161,34 @@ class StackConfig:
 def stack_config(cfg: dict) -> StackConfig:
     """The `StackConfig` of a raw config (`oof.load_config`): its `stack` section, checked."""
     return build_config(StackConfig, cfg.get("stack"), StackConfig.SECTION)
+
+
+@dataclass
+class SubmitConfig(ConfigSection):
+    """Options of submit (the YAML `submit:` section).
+
+    Attributes:
+        format: what the submission's prediction columns hold. "labels": the
+            argmax class in the sample's one label column. "proba": a probability
+            per class in the sample's per-class columns, or with one column and
+            two classes P(positive class), the second class in the run's class
+            order. "auto": the sample decides (per-class columns or fractional
+            placeholders ask for probabilities, class names for labels); where
+            it cannot (one column of 0s and two classes, as Kaggle's AUC-scored
+            binary competitions), `stack.metric` does: ROC AUC, average
+            precision, log-loss or Brier score write P(positive class), any
+            other metric labels. A 0/1 label throws an AUC's ranking away.
+    """
+
+    SECTION: ClassVar[str] = "submit"
+    RULES: ClassVar[dict] = {"format": (one_of(*SUBMIT_FORMATS),)}
+
+    format: str = "auto"
+
+
+def submit_config(cfg: dict) -> SubmitConfig:
+    """The `SubmitConfig` of a raw config (`oof.load_config`): its `submit` section, checked."""
+    return build_config(SubmitConfig, cfg.get("submit"), SubmitConfig.SECTION)
 
 
 def _check_candidates(names) -> tuple[str, ...]:
