@@ -19,6 +19,7 @@ from .images import RESIZE_MODES
 
 TTA_COMBINE = ("lerp", "mean")
 DEVICES = ("auto", "cpu", "cuda")
+AMP = ("auto", "bf16", "fp16", "off")
 KEEP = ("last", "best")
 KEEP_METRICS = ("valid_loss", "error_rate")
 SAMPLING_BUILTIN = ("uniform", "class_balanced")
@@ -170,6 +171,11 @@ class TrainConfig:
         sampling: see `SamplingConfig`.
         target_weights: loss weight of each extra target (default 1 each).
         compile: torch.compile the model on CUDA (ignored, with a note, on CPU).
+        amp: mixed precision of training and prediction: `auto` (bf16 on CUDA cards of compute
+            capability >= 8.0, fp16 with a GradScaler below, as a T4 or P100; off on CPU), `bf16`,
+            `fp16` (loss scaling: overflowing steps are skipped) or `off` (float32). Part of the
+            recipe: changing it makes trained weights stale; the precision it resolved to and the
+            device are recorded in each job's history.
         gpu_cache_gb: the image cache lives in GPU memory when it is at most this size,
             else in pinned host memory with the next batch prefetched.
         seed: seed of weights init, sampling and augmentation; a fold's seed is seed + fold.
@@ -188,7 +194,7 @@ class TrainConfig:
         "cutmix_alpha": (NON_NEGATIVE,), "sampling": (instance(SamplingConfig, "a sampling section"),),
         "target_weights": (Rule(_is_target_weights, "a mapping of extra target to a weight >= 0"),),
         "compile": (BOOL,), "gpu_cache_gb": (NON_NEGATIVE,), "seed": (SEED,), "device": (one_of(*DEVICES),),
-        "augment": (instance(AugmentConfig, "an augment section"),),
+        "amp": (one_of(*AMP),), "augment": (instance(AugmentConfig, "an augment section"),),
     }
 
     size: tuple[int, int] = (224, 224)
@@ -217,6 +223,7 @@ class TrainConfig:
     gpu_cache_gb: float = 8.0
     seed: int = 42
     device: str = "auto"
+    amp: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):

@@ -35,7 +35,7 @@ from .cache import CacheOptions, ImageCache, build_cache, load_cache
 from .config import SAMPLING_BUILTIN, DataConfig, FoldsConfig, ModelSpec, TTAConfig
 from .dataset import DatasetSpec, resolve_dataset
 from .models import check_sizes, model_norm, resolve_device
-from .predict import ViewPlan, combine_tta, predict_views
+from .predict import ViewPlan, combine_tta, predict_views, resolve_amp
 from .train import (Sources, Target, TrainInputs, build_model, is_trained, load_fold_model, stale_reason,
                     train_fold, weights_digest)
 
@@ -391,10 +391,13 @@ def _current_weights(run: _PredictRun, spec: ModelSpec) -> list[str]:
 
 def _table_meta(run: _PredictRun, spec: ModelSpec, weights: list[str]) -> dict:
     """What a model's tables are made from, recorded in their parquet metadata: the folds, each fold model's
-    weights, the TTA and prediction settings, both caches (pixels, cache size and resize mode) by digest."""
+    weights, the TTA and prediction settings (the precision `train.amp` resolves to on the model's device),
+    both caches (pixels, cache size and resize mode) by digest."""
     tta = run.tta
+    amp = resolve_amp(spec.train.amp, resolve_device(spec.train.device), spec.name)
     meta = {"model": spec.name, "arch": spec.arch, "folds_sha256": run.folds.sha256, "version": __version__,
             "tta": {"n": tta.n, "combine": tta.combine, "beta": tta.beta, "size": list(spec.train.prediction_size)},
+            "amp": amp,
             "resize": run.train.resize, "cache_sha256": {"train": run.train.digest, "test": run.test.digest},
             "weights_sha256": weights, "keep": spec.train.keep}  # keep: best tunes on the OOF rows (stacker.leak)
     return json.loads(json.dumps(meta))  # as a table's metadata reads back: lists, plain numbers
@@ -472,7 +475,7 @@ def _predict_fold(run: _PredictRun, preds: _ModelPredictions, k: int) -> None:
     model = load_fold_model(run.paths, spec, k, run.targets, device)
     forward = torch.compile(model) if compiled else model
     plan = ViewPlan(spec.train.prediction_size, [PLAIN, *tta_views(tta.n)], model_norm(model), tta.batch_size,
-                    fixed_shape=compiled)
+                    fixed_shape=compiled, amp=preds.meta["amp"])
     rows = run.folds.valid_rows(k)
     for t, p in enumerate(predict_views(forward, preds.train_images, rows, plan)):  # p: (V, n_rows, C_t)
         preds.plain[t][rows], preds.oof[t][rows] = p[0], combine_tta(p[0], p[1:], tta.combine, tta.beta)

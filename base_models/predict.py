@@ -1,22 +1,88 @@
-"""Prediction with test-time augmentation: each fold model on its held-out rows and the test set."""
+"""Prediction with test-time augmentation: each fold model on its held-out rows and the test set.
+
+Also the precision both training and prediction run at (`train.amp`): `choose_amp` picks it
+from the setting and the card's compute capability, `autocast` enters it.
+"""
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from oof import StackerError
+
 from .augment import View, normalize, view_batch
 from .batches import ImageSource
 from .models import logits_list
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain float32 elsewhere (CPU bf16 is slow and changes results)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+
+def choose_amp(setting: str, device_type: str, capability: tuple[int, int] | None) -> str:
+    """The precision `train.amp` asks for on a device: "bf16", "fp16" or "off".
+
+    auto: bf16 on CUDA cards of compute capability >= 8.0 (A100, L4, H100: bf16 tensor
+    cores, float32's range, no loss scaling); fp16 below (T4 sm75, V100 sm70, P100 sm60
+    have no bf16 tensor cores, so bf16 would be emulated and slower than fp16); off on
+    CPU, where autocast is slower than float32 on most CPUs and changes results. An
+    explicit bf16, fp16 or off is kept as it is.
+
+    Args:
+        setting: auto, bf16, fp16 or off.
+        device_type: "cuda", "cpu", ...
+        capability: (major, minor) CUDA compute capability; None off CUDA.
+    """
+    if setting != "auto":
+        return setting
+    if device_type != "cuda" or capability is None:
+        return "off"
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+
+
+@functools.lru_cache(maxsize=None)
+def autocast_supported(device_type: str, amp: str) -> bool:
+    """Whether this torch autocasts to `amp` on `device_type` (an unsupported dtype is
+    turned off with a warning, so the context is entered and looked at)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast(device_type, dtype=AMP_DTYPES[amp]):
+                dtype = torch.get_autocast_dtype(device_type)
+                return torch.is_autocast_enabled(device_type) and dtype == AMP_DTYPES[amp]
+        except RuntimeError:
+            return False
+
+
+def resolve_amp(setting: str, device: torch.device, name: str = "train") -> str:
+    """`choose_amp` for a real device, refusing a precision torch cannot autocast to there.
+
+    Raises:
+        StackerError: e.g. fp16 on a CPU whose torch has no fp16 autocast (named by `name`).
+    """
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    amp = choose_amp(setting, device.type, capability)
+    if amp != "off" and not autocast_supported(device.type, amp):
+        raise StackerError(f"{name}: train.amp {setting}: torch {torch.__version__} cannot autocast to {amp} on "
+                           f"{device.type}; use amp: auto or off")
+    return amp
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name (recorded with a job's precision), or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def autocast(device: torch.device, amp: str = "auto"):
+    """Autocast to `amp` (a `train.amp` setting or a precision `resolve_amp` chose) on `device`;
+    plain float32 for off."""
+    amp = resolve_amp(amp, device)
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 @dataclass(frozen=True)
@@ -29,6 +95,7 @@ class ViewPlan:
         norm: (mean, std) of the model.
         batch_size: images per forward pass.
         fixed_shape: pad the last batch to `batch_size` (a compiled model never recompiles).
+        amp: the precision (`resolve_amp`); auto picks it for the device.
     """
 
     size: tuple[int, int]
@@ -36,6 +103,7 @@ class ViewPlan:
     norm: tuple
     batch_size: int
     fixed_shape: bool = False
+    amp: str = "auto"
 
 
 @torch.no_grad()
@@ -53,6 +121,7 @@ def predict_views(model: torch.nn.Module, images: ImageSource, rows: np.ndarray,
     """
     model.eval()
     device = images.device
+    amp = resolve_amp(plan.amp, device)
     out = []  # per batch: per target (V, B, C_t)
     for batch, n in images.batches(rows, plan.batch_size, pad=plan.fixed_shape):  # (B, H, W, 3) uint8
         per_view = []
@@ -60,7 +129,7 @@ def predict_views(model: torch.nn.Module, images: ImageSource, rows: np.ndarray,
             x = normalize(view_batch(batch, plan.size, view), *plan.norm)  # (B, 3, h, w)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
+            with autocast(device, amp):
                 # padded rows (beyond n) are dropped before they reach the output
                 per_view.append([torch.softmax(z[:n].float(), dim=1) for z in logits_list(model, x)])
         out.append([torch.stack(t).cpu() for t in zip(*per_view)])

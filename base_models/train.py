@@ -4,8 +4,9 @@ The job trains on every fold but its own and writes only its own files under
 `<run>/models/<model>/`:
 
     fold<k>.safetensors       final weights (the last epoch unless keep: best)
-    fold<k>.history.json      per-epoch phase, size, train/valid loss, error rate, lr, seconds; the recipe,
-                              the folds' and the train cache's sha256 it was trained on, the weights' sha256
+    fold<k>.history.json      per-epoch phase, size, train/valid loss, error rate, lr, seconds, non-finite
+                              batches and fp16's loss scale; the recipe, the folds' and the train cache's
+                              sha256 it was trained on, the weights' sha256, the precision and the device
     fold<k>.checkpoint.pt     end-of-epoch state for resume; removed when the job finishes
 
 A finished job is current only while all of these still hold (`stale_reason`):
@@ -22,11 +23,19 @@ segment's optimizer and one-cycle, generator, history, best epoch, clock):
 `_setup` builds it, `_restore` puts an interrupted job back at its last finished
 epoch, and `_train_segment` runs each remaining segment's epochs
 (`_train_epoch`, `_evaluate`, `_save_checkpoint`).
+
+Precision follows `train.amp` (`predict.choose_amp`): bf16 autocast, or fp16 with a
+GradScaler that skips overflowing steps. An epoch whose weights or losses are not
+finite fails the job (`_check_finite`) before it reaches a checkpoint or the weights
+file: NaN weights are never saved, and a later epoch is never silently replaced by
+an earlier one.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,7 +52,7 @@ from .augment import PLAIN, normalize, train_batch
 from .batches import ImageSource
 from .config import ModelSpec, SamplingConfig, TrainConfig
 from .models import backbone_parameters, create_model, head_parameters, logits_list, model_norm
-from .predict import ViewPlan, autocast, predict_views
+from .predict import ViewPlan, autocast, device_name, predict_views, resolve_amp
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,9 @@ PLACEMENT_KEYS = ("device", "compile", "gpu_cache_gb")
 # Nor does the size its weights later predict at: predict-oof records that in its tables.
 # (A larger predict_size grows the cache, and the train cache's digest covers that.)
 NOT_RECIPE_KEYS = (*PLACEMENT_KEYS, "predict_size")
+# Train keys added after weights were first recorded, with the value such older weights were trained
+# at: amp did not exist and was what auto picks on the cards then used (bf16 on CUDA, off on CPU).
+ADDED_KEYS = {"amp": "auto"}
 
 
 def recipe(spec: ModelSpec) -> dict:
@@ -102,7 +114,8 @@ def recipe(spec: ModelSpec) -> dict:
 def changed_keys(done: dict, now: dict) -> list[str]:
     """Keys of `recipe` (train keys by name) that differ between two recipes."""
     keys = [k for k in ("arch", "pretrained", "model_kwargs") if done.get(k) != now[k]]
-    return keys + sorted(k for k in now["train"] if done.get("train", {}).get(k) != now["train"][k])
+    train = done.get("train", {})
+    return keys + sorted(k for k in now["train"] if train.get(k, ADDED_KEYS.get(k)) != now["train"][k])
 
 
 def is_trained(paths: RunPaths, model: str, fold: int) -> bool:
@@ -200,6 +213,8 @@ class TrainState:
     inputs: TrainInputs
     model: torch.nn.Module
     forward: torch.nn.Module  # what the steps call: the model, or its torch.compile wrapper
+    amp: str  # the precision `resolve_amp` chose: bf16, fp16 or off
+    scaler: torch.amp.GradScaler | None  # fp16's loss scaler; None for bf16 and off
     ema: ModelEmaV3 | None
     mixup: Mixup | None
     norm: tuple  # (mean, std) of the model
@@ -280,11 +295,13 @@ def _setup(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.ndar
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     forward = _compiled(model, cfg, device, log)
+    amp = resolve_amp(cfg.amp, device, f"{spec.name} fold {fold}")
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     train_rows = inputs.folds.train_rows(fold)
     column = None if row_weights is None else row_weights[train_rows]
     return TrainState(
-        spec=spec, fold=fold, inputs=inputs, model=model, forward=forward, ema=ema, mixup=_mixup(cfg, targets),
+        spec=spec, fold=fold, inputs=inputs, model=model, forward=forward, amp=amp,
+        scaler=torch.amp.GradScaler(device.type) if amp == "fp16" else None, ema=ema, mixup=_mixup(cfg, targets),
         norm=model_norm(model), ys=[torch.as_tensor(t.y, device=device) for t in targets],
         loss_weights=[1.0] + [cfg.target_weights.get(t.name, 1.0) for t in targets[1:]],
         train_rows=train_rows, sample_w=sampling_weights(cfg.sampling, targets[0].y[train_rows], column),
@@ -317,11 +334,13 @@ def _train_segment(state: TrainState, seg: Segment, last: int, log) -> None:
     for epoch in range(len(state.history), last):
         t0 = time.perf_counter()
         order = state.train_rows[epoch_order(len(state.train_rows), state.sample_w, state.generator)]
-        loss, seen = _train_epoch(state, order, seg.size)
+        loss, seen, nonfinite = _train_epoch(state, order, seg.size)
         t1 = time.perf_counter()
         record = _evaluate(state, seg, epoch, loss, seen, t0)
         t2 = time.perf_counter()
-        record.update(train_seconds=t1 - t0, images_per_second=len(order) / max(t1 - t0, 1e-9))
+        record.update(train_seconds=t1 - t0, images_per_second=len(order) / max(t1 - t0, 1e-9),
+                      nonfinite_batches=nonfinite, loss_scale=state.scaler.get_scale() if state.scaler else None)
+        _check_finite(state, record)  # before the epoch reaches the history, a checkpoint or the weights
         state.history.append(record)
         _track_best(state, record)
         if len(state.history) < state.total_epochs:  # the last epoch's state is the result, saved next
@@ -405,11 +424,17 @@ def _segment_optimizer(model, cfg: TrainConfig, seg: Segment, fine_tune: bool, s
     return optimizer, one_cycle(optimizer, peaks, steps * seg.epochs, seg.pct_start, cfg.div, cfg.div_final)
 
 
-def _train_epoch(state: TrainState, order: np.ndarray, size: tuple[int, int]) -> tuple[float, tuple]:
-    """One epoch over `order` (rows of the folds) at `size`; returns the mean train loss and the (h, w) fed."""
+def _train_epoch(state: TrainState, order: np.ndarray, size: tuple[int, int]) -> tuple[float, tuple, int]:
+    """One epoch over `order` (rows of the folds) at `size`.
+
+    Returns:
+        The mean train loss of the batches whose loss was finite (NaN when none was), the (h, w) fed,
+        and how many batches had a non-finite loss (fp16: their steps were skipped by the scaler).
+    """
     cfg, device = state.cfg, state.device
     state.forward.train()
     total, micro = torch.zeros((), device=device), state.steps * cfg.accum_steps
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # counted on the device: no sync per step
     seen = None
     # The last partial batch is dropped (as fastai does when shuffling): every step
     # has the same shape (a compiled model never recompiles), and BatchNorm never
@@ -420,22 +445,41 @@ def _train_epoch(state: TrainState, order: np.ndarray, size: tuple[int, int]) ->
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         seen = tuple(x.shape[-2:])
-        with autocast(device):
+        with autocast(device, state.amp):
             loss = _loss(state, x, [y[idx] for y in state.ys])
-        (loss / cfg.accum_steps).backward()
+        scaled = loss / cfg.accum_steps
+        (state.scaler.scale(scaled) if state.scaler else scaled).backward()
         if (i + 1) % cfg.accum_steps == 0:
             _optimizer_step(state)
-        total += loss.detach()
-    return float(total) / micro, seen
+        finite = torch.isfinite(loss.detach())
+        total += torch.where(finite, loss.detach(), 0.0)
+        nonfinite += (~finite).long()
+    bad = int(nonfinite)
+    return (float(total) / (micro - bad) if bad < micro else float("nan")), seen, bad
 
 
 def _optimizer_step(state: TrainState) -> None:
-    """One step of the accumulated gradients: clip, AdamW, one-cycle, EMA."""
+    """One step of the accumulated gradients: clip, AdamW, one-cycle, EMA.
+
+    With fp16 the gradients are unscaled before clipping (the norm is of the true gradients), and
+    the scaler skips the step when they overflowed, then halves its scale (timm's NativeScaler);
+    the one-cycle and the EMA move on either way, so the schedule keeps its length.
+    """
+    scaler = state.scaler
+    if scaler is not None:
+        scaler.unscale_(state.optimizer)
     if state.cfg.clip_grad:
         torch.nn.utils.clip_grad_norm_(state.forward.parameters(), state.cfg.clip_grad)
-    state.optimizer.step()
+    if scaler is not None:
+        scaler.step(state.optimizer)
+        scaler.update()
+    else:
+        state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    state.scheduler.step()
+    with warnings.catch_warnings():
+        if scaler is not None:  # torch warns when a skipped step comes first; the schedule moving on is meant
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+        state.scheduler.step()
     if state.ema is not None:
         state.ema.update(state.forward)
 
@@ -455,7 +499,7 @@ def _loss(state: TrainState, x: torch.Tensor, ys: list[torch.Tensor]) -> torch.T
 def _evaluate(state: TrainState, seg: Segment, epoch: int, train_loss: float, seen: tuple, t0: float) -> dict:
     """The epoch's history record: the kept weights on the held-out fold, plain view at the segment's size."""
     valid_rows = state.inputs.folds.valid_rows(state.fold)
-    plan = ViewPlan(seg.size, [PLAIN], state.norm, state.cfg.batch_size)
+    plan = ViewPlan(seg.size, [PLAIN], state.norm, state.cfg.batch_size, amp=state.amp)
     proba = predict_views(state.kept, state.inputs.images, valid_rows, plan)[0][0]  # (n_valid, C)
     y_valid = state.inputs.folds.y[valid_rows]
     return {"epoch": epoch + 1, "phase": seg.phase, "frozen": seg.frozen, "size": list(seen),
@@ -475,6 +519,29 @@ def _track_best(state: TrainState, record: dict) -> None:
         state.best = {"epoch": record["epoch"], "value": value, "state": weights}
 
 
+def _check_finite(state: TrainState, record: dict) -> None:
+    """Never keep a diverged epoch: fail the job before the epoch's weights reach a checkpoint or the result.
+
+    Diverged: no batch had a finite loss, the validation loss is not finite, or a weight (or a
+    BatchNorm statistic) of the model or its EMA copy is not. fp16 steps the scaler skipped do not
+    count: their weights were left as they were. The previous epoch's checkpoint stays.
+    """
+    bad = [key for key in ("train_loss", "valid_loss") if not math.isfinite(record[key])]
+    modules = [state.model] + ([state.ema.module] if state.ema is not None else [])
+    if not all(_finite_state(m) for m in modules):
+        bad.append("weights")
+    if bad:
+        raise StackerError(f"{state.spec.name} fold {state.fold} epoch {record['epoch']}: training diverged "
+                           f"(non-finite {', '.join(bad)}, amp {state.amp}); nothing of this epoch is kept. Lower "
+                           "train.lr, set train.clip_grad or change train.amp, then run train-base --force")
+
+
+def _finite_state(module: torch.nn.Module) -> bool:
+    """Whether every floating tensor of the module's state is finite (one device sync)."""
+    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
+
+
 def _progress_line(name: str, fold: int, total: int, h: dict) -> str:
     tag = " frozen" if h["frozen"] else ""
     return (f"  {name} fold {fold} epoch {h['epoch']:>2}/{total}  {h['size'][0]}x{h['size'][1]}{tag}  "
@@ -483,13 +550,15 @@ def _progress_line(name: str, fold: int, total: int, h: dict) -> str:
 
 
 def _save_checkpoint(state: TrainState) -> None:
-    """End-of-epoch state, enough to resume bit-identically: weights, optimizer, schedule, every RNG."""
+    """End-of-epoch state, enough to resume bit-identically: weights, optimizer, schedule, fp16's loss scale,
+    every RNG."""
     sources = state.inputs.sources
     checkpoint = {"recipe": recipe(state.spec), "folds_sha256": sources.folds_sha256,
                   "cache_sha256": sources.cache_sha256, "segment": state.segment, "model": state.model.state_dict(),
                   "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
                   **_rng_states(state.generator), "history": state.history,
-                  "ema": state.ema.module.state_dict() if state.ema else None, "best": state.best}
+                  "ema": state.ema.module.state_dict() if state.ema else None, "best": state.best,
+                  "scaler": state.scaler.state_dict() if state.scaler else None}
     with atomic_path(state.checkpoint_path) as tmp:
         torch.save(checkpoint, tmp)
 
@@ -516,6 +585,8 @@ def _restore(state: TrainState, checkpoint: dict | None) -> None:
     state.model.load_state_dict(checkpoint["model"])
     if state.ema is not None and checkpoint["ema"] is not None:
         state.ema.module.load_state_dict(checkpoint["ema"])
+    if state.scaler is not None and checkpoint.get("scaler"):  # fp16: the loss scale it had reached
+        state.scaler.load_state_dict(checkpoint["scaler"])
     _set_rng_states(checkpoint, state.generator)
     state.history, state.best = list(checkpoint["history"]), checkpoint["best"]
 
@@ -558,7 +629,8 @@ def _save_result(state: TrainState) -> None:
     record = {"model": spec.name, "arch": spec.arch, "fold": fold, "pretrained": spec.pretrained,
               "model_kwargs": spec.model_kwargs, "train": asdict(spec.train), "folds_sha256": sources.folds_sha256,
               "cache_sha256": sources.cache_sha256, "weights_sha256": weights_sha256, "kept_epoch": kept,
-              "seconds": state.clock, "epochs": state.history}
+              "amp": state.amp, "device_name": device_name(state.device), "seconds": state.clock,
+              "epochs": state.history}
     write_json(paths.history(spec.name, fold), record)
     state.checkpoint_path.unlink(missing_ok=True)
 
