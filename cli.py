@@ -4,6 +4,8 @@
     stacker predict-oof --run DIR             TTA predictions: OOF and test tables
     stacker fit-stack   --run DIR             guarded meta level: stack/decision.json
     stacker submit      --run DIR             submission.csv in sample_submission's layout
+    stacker predict     --run DIR --images D --out OUT   a new test set through a finished (moved,
+                                              read-only) run's stack: OUT/submission.csv
     stacker demo        [--out DIR]           all four on the bundled digits dataset
 
 The stages that need torch import it inside their handler: fit-stack and submit
@@ -23,7 +25,7 @@ from oof import StackerError, load_config, run_paths
 FLAG_KEYS = {
     "run": "run_dir", "data_root": "data.root", "epochs": "train.epochs", "device": "train.device",
     "k": "folds.k", "tta_n": "tta.n", "metric": "stack.metric", "test_features": "stack.test_features",
-    "allow_suspicious": "stack.allow_suspicious",
+    "allow_suspicious": "stack.allow_suspicious", "format": "submit.format",
 }
 
 
@@ -36,7 +38,25 @@ def resolve_config(args) -> dict:
 # ---------------------------------------------------------------- stages
 
 
+def need_training_packages(stage: str) -> None:
+    """The training side's packages (the `train` extra), checked before a stage that needs them starts."""
+    import importlib.util
+
+    missing = []
+    for name in ("torch", "timm"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise StackerError(f"{stage} needs {' and '.join(missing)}, which are not installed: "
+                           "pip install 'stacker[train]' (fit-stack and submit run without them)")
+
+
 def cmd_train_base(args, log=print) -> int:
+    need_training_packages("train-base")
     from base_models.stages import train_base_stage
     from stacker import stack_config
 
@@ -47,6 +67,7 @@ def cmd_train_base(args, log=print) -> int:
 
 
 def cmd_predict_oof(args, log=print) -> int:
+    need_training_packages("predict-oof")
     from base_models.stages import predict_oof_stage
 
     predict_oof_stage(resolve_config(args), args.models, args.force, log)
@@ -63,11 +84,28 @@ def cmd_fit_stack(args, log=print) -> int:
 
 def cmd_submit(args, log=print) -> int:
     from base_models.config import sample_submission_path
-    from stacker import write_submission
+    from stacker import stack_config, submit_config, write_submission
 
     cfg = resolve_config(args)
     sample = args.sample_submission or sample_submission_path(cfg)
-    write_submission(run_paths(cfg).root, sample, args.out, source=args.source, force=args.force, log=log)
+    fmt = submit_config(cfg).format
+    write_submission(run_paths(cfg).root, sample, args.out, source=args.source, force=args.force, log=log,
+                     fmt=fmt, metric=stack_config(cfg).metric)
+    return 0
+
+
+def cmd_predict(args, log=print) -> int:
+    need_training_packages("predict")
+    from base_models.dataset import NewTestImages
+    from base_models.stages import predict_stage
+    from stacker import submit_config
+    from stacker.apply import apply_stack, saved_stack
+
+    cfg = resolve_config(args)
+    run = run_paths(cfg).root
+    images = NewTestImages(args.images, args.csv, args.id_column, args.path_column, args.sample_submission)
+    predict_stage(cfg, images, args.out, saved_stack(run).models_, args.force, log)
+    apply_stack(run, args.out, args.sample_submission, args.force, log, fmt=submit_config(cfg).format)
     return 0
 
 
@@ -76,12 +114,13 @@ STAGES = (("train-base", cmd_train_base), ("predict-oof", cmd_predict_oof), ("fi
 
 
 def cmd_demo(args, log=print) -> int:
+    need_training_packages("demo")
     from base_models.demo import finish_demo, prepare_demo
 
     t0 = time.perf_counter()
     config = prepare_demo(args.out, log)
     stage_args = argparse.Namespace(config=str(config), run=None, set=None, force=args.force, parallel=1,
-                                    models=None, sample_submission=None, out=None, source=None)
+                                    models=None, sample_submission=None, out=None, source=None, format=None)
     for name, stage in STAGES:
         log(f"\n== stacker {name} --config {config}")
         stage(stage_args, log)
@@ -128,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-submission", help="default <data.root>/sample_submission.csv")
     p.add_argument("--out", help="default <run>/submission.csv")
     p.add_argument("--source", help="submit one model's test predictions instead of the stack")
+    p.add_argument("--format", choices=("auto", "labels", "proba"),
+                   help="submit.format: labels, per-class probabilities, or auto (default: from the sample "
+                        "and stack.metric)")
+
+    predict_arguments(stage("predict", cmd_predict, "predict a new test set with a finished run (which may be "
+                            "moved and read-only): every fold model its stack uses, the stack, OUT/submission.csv"))
 
     p = sub.add_parser("demo", help="run all stages on the bundled digits dataset",
                        description="write the digits dataset, run the four stages, report test accuracy")
@@ -135,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="stacker-demo", help="folder for data, config and run")
     p.add_argument("--force", action="store_true", help="redo finished work")
     return parser
+
+
+def predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="folder of the new test images (ids: file names)")
+    p.add_argument("--csv", help="CSV listing the images instead: an id column, optionally a path column")
+    p.add_argument("--id-column", help="id column of --csv (default: its first column)")
+    p.add_argument("--path-column", help="column of --csv with each file's path under --images "
+                                         "(default: the file is <images>/<id>)")
+    p.add_argument("--sample-submission", help="gives the ids, their order and the columns; default: id,label "
+                                               "with the images' ids sorted")
+    p.add_argument("--out", required=True, help="output folder (cache, tables, submission.csv); never the run")
+    p.add_argument("--format", choices=("auto", "labels", "proba"), help="submit.format, as for submit")
 
 
 def main(argv=None) -> int:

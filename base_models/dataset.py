@@ -9,6 +9,12 @@
 
 Test ids and their order come from `sample_submission.csv` when there is one,
 else from the sorted test folder.
+
+A new test set for `stacker predict` (`NewTestImages`, `resolve_new_test`) is read the
+same ways, apart from any run's dataset: every image of a folder (id = file name), or a
+CSV's id column (files `<folder>/<path column>` or `<folder>/<id>`); with a sample
+submission its ids give the order and must be exactly the images' ids, without one
+the ids are sorted.
 """
 from __future__ import annotations
 
@@ -126,6 +132,80 @@ def _test_table(cfg: DataConfig) -> pd.DataFrame:
     else:
         ids = []  # no test set: OOF only (a valid run, e.g. to compare models)
     return pd.DataFrame({"id": ids, "path": [folder / i for i in ids]})
+
+
+@dataclass(frozen=True)
+class NewTestImages:
+    """A test set to predict with a finished run (`stacker predict`), wherever its files are.
+
+    Attributes:
+        images: the folder of the images.
+        csv: a CSV listing them; None: every image file in `images`, the id being its file name.
+        id_column: the CSV's id column (default its first).
+        path_column: the CSV's column of file paths under `images`; None: each file is `images/<id>`.
+        sample_submission: its first column gives the ids and their order; None: the ids sorted.
+    """
+
+    images: str | Path
+    csv: str | Path | None = None
+    id_column: str | None = None
+    path_column: str | None = None
+    sample_submission: str | Path | None = None
+
+
+def resolve_new_test(spec: NewTestImages) -> pd.DataFrame:
+    """`id`, `path` of every image of a new test set, in the sample submission's order, else sorted by id.
+
+    Raises:
+        StackerError: no such folder or CSV column, duplicate or empty ids, an image id the sample
+            submission lacks or a sample id without an image, a file that does not exist.
+    """
+    folder = Path(spec.images)
+    if not folder.is_dir():
+        raise StackerError(f"--images: folder {folder} not found")
+    table = _listed_test_images(spec, folder) if spec.csv else _folder_test_images(folder)
+    if spec.sample_submission is not None:
+        table = _in_sample_order(table, Path(spec.sample_submission), folder)
+    else:
+        table = table.sort_values("id", kind="stable").reset_index(drop=True)
+    if not len(table):
+        raise StackerError(f"{spec.csv or folder}: no test images found")
+    _check_files_exist(table["path"])
+    return table
+
+
+def _folder_test_images(folder: Path) -> pd.DataFrame:
+    files = _image_files(folder)
+    return pd.DataFrame({"id": [p.name for p in files], "path": files})
+
+
+def _listed_test_images(spec: NewTestImages, folder: Path) -> pd.DataFrame:
+    csv = Path(spec.csv)
+    df = read_csv_strings(csv)
+    id_col = spec.id_column or df.columns[0]
+    missing = [c for c in (id_col, spec.path_column) if c is not None and c not in df.columns]
+    if missing:
+        raise StackerError(f"{csv}: missing column(s) {missing}; columns are {list(df.columns)}")
+    empty = df[id_col].str.strip() == ""
+    if empty.any():
+        raise StackerError(f"{csv}: empty {id_col!r} in row(s) {preview(df.index[empty] + 2)} (line numbers)")
+    check_unique(df[id_col], str(csv), f"ids in column {id_col!r}")
+    names = df[spec.path_column or id_col]
+    return pd.DataFrame({"id": df[id_col].to_numpy(), "path": [folder / name for name in names]})
+
+
+def _in_sample_order(table: pd.DataFrame, sample: Path, folder: Path) -> pd.DataFrame:
+    """The images in the sample submission's id order; both must hold the same ids."""
+    sample_ids = read_csv_strings(sample).iloc[:, 0]
+    check_unique(sample_ids, str(sample))
+    extra = table.loc[~table["id"].isin(set(sample_ids)), "id"]
+    if len(extra):
+        raise StackerError(f"{sample}: no row for image id(s) {preview(extra)} of {folder}; the sample "
+                           "submission must list every test image (ids are file names unless --csv maps them)")
+    missing = sample_ids[~sample_ids.isin(set(table["id"]))]
+    if len(missing):
+        raise StackerError(f"{folder}: no image for id(s) {preview(missing)} of {sample}")
+    return table.set_index("id", drop=False).loc[sample_ids.to_numpy()].reset_index(drop=True)
 
 
 def _check_files_exist(paths: pd.Series) -> None:

@@ -1,10 +1,10 @@
-"""The train-base and predict-oof stages from a raw config: build the configs, then run the job grid.
+"""The train-base and predict-oof stages, and `stacker predict`'s image half, from a raw config.
 
 The CLI calls these with the mapping `oof.load_config` resolved; a notebook can too.
 """
 from __future__ import annotations
 
-from oof import StackerError, load_folds, run_paths, write_run_config
+from oof import RunPaths, StackerError, load_folds, run_paths, write_run_config
 
 from .config import base_configs, resolved_sections
 
@@ -41,3 +41,25 @@ def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = 
             raise StackerError(f"--models: {unknown} are not models of the run {[s.name for s in specs]}")
         specs = [s for s in specs if s.name in models]
     predict_oof(paths, specs, load_folds(paths.folds), tta, data, StageOptions(force=force, log=log))
+
+
+def predict_stage(cfg: dict, images, out_dir, models: list[str], force: bool = False, log=print) -> None:
+    """`stacker predict`'s image half: decode a new test set into `out_dir` and write the test tables of
+    every fold model of `models` (the models the saved stack uses) there; the run is only read.
+
+    Args:
+        cfg: the run's raw config (its run.yaml, found in the run wherever it has moved).
+        images: a `base_models.dataset.NewTestImages`.
+        out_dir: the output folder, never the run.
+        models: the stack's models, `StackGuard.models_`.
+        force: predict every table again (the decoded cache is reused where its files did not change).
+        log: progress lines.
+    """
+    paths = run_paths(cfg)
+    if not paths.config.is_file():
+        raise StackerError(f"{paths.config}: not found; stacker predict reads a finished run's config")
+    data, _, specs, tta = base_configs(cfg)
+    from .jobs import StageOptions
+    from .predict_run import SavedRun, predict_new_test
+    predict_new_test(SavedRun(paths, data, specs, tta), models, images, RunPaths(out_dir),
+                     StageOptions(force=force, log=log))

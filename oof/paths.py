@@ -12,6 +12,10 @@
     <run>/stack/                            decision.json, the chosen candidate, leaderboard, report, test.parquet
     <run>/submission.csv
 
+`stacker predict` writes a new test set's files into its own folder OUT in the same layout
+(`RunPaths(OUT)`: cache/test.*, preds/<model>/test*.parquet, stack/test.parquet,
+submission.csv), plus OUT/.predict.lock while it runs; it never writes into the run.
+
 No other module spells one of these names (a test checks it): a new file of
 the run gets a property here first.
 """
@@ -65,6 +69,11 @@ class RunPaths:
     def config_lock(self) -> Path:
         """Held while run.yaml is read, merged and written, so two processes never lose each other's models."""
         return self.root / ".run.yaml.lock"
+
+    @property
+    def predict_lock(self) -> Path:
+        """Held by `stacker predict` in its output folder, so two processes never write one OUT at once."""
+        return self.root / ".predict.lock"
 
     @property
     def folds(self) -> Path:

@@ -5,9 +5,16 @@
 Each package builds its own dataclasses from its sections (`base_models.config.base_configs`,
 `stacker.config.stack_config`); defaults live in those dataclasses only. The resolved
 config is saved as `<run>/run.yaml` by `write_run_config`.
+
+A run directory is relocatable: copy or upload it anywhere (a read-only Kaggle dataset) and
+its run.yaml still describes it. The saved file says `run_dir: .`, which a run.yaml read
+from its own folder resolves to that folder, and gives `data.root` relative to the run
+(resolved against the run's folder on load). Read with `--run DIR`, the run is DIR
+whatever the file says.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -17,7 +24,8 @@ from .atomic import write_text
 from .errors import StackerError
 from .paths import RunPaths
 
-SECTIONS = ("run_dir", "data", "folds", "train", "models", "tta", "stack")
+SECTIONS = ("run_dir", "data", "folds", "train", "models", "tta", "stack", "submit")
+RUN_HERE = "."  # run.yaml's run_dir: the folder the file is in, wherever the run has moved
 
 
 def load_config(config: str | None = None, run: str | None = None, overrides: dict | None = None,
@@ -26,7 +34,8 @@ def load_config(config: str | None = None, run: str | None = None, overrides: di
 
     Args:
         config: a YAML file; required to exist when given.
-        run: the run directory (also the `run_dir` key, via `overrides` when the caller maps it).
+        run: the run directory (also the `run_dir` key, via `overrides` when the caller maps it); without
+            `config` its run.yaml is read and the run is `run`, whatever run_dir the file names.
         overrides: {dotted key: value} from named flags.
         sets: "KEY=VALUE" strings, each value read as YAML.
 
@@ -35,9 +44,9 @@ def load_config(config: str | None = None, run: str | None = None, overrides: di
     """
     cfg = {}
     if config is not None:
-        cfg = read_yaml(Path(config))
+        cfg = read_run_yaml(Path(config))
     elif run is not None and RunPaths(run).config.is_file():
-        cfg = read_yaml(RunPaths(run).config)
+        cfg = {**read_run_yaml(RunPaths(run).config), "run_dir": str(run)}  # the run is where it was found
     for key, value in (overrides or {}).items():
         override(cfg, key, value)
     for item in sets:
@@ -63,6 +72,23 @@ def read_yaml(path: Path) -> dict:
         raise StackerError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, dict):
         raise StackerError(f"{path}: the config must be a mapping of sections")
+    return cfg
+
+
+def read_run_yaml(path: Path) -> dict:
+    """A config file; a run's own run.yaml (`run_dir: .`) relocated to the folder it is in now.
+
+    Its `run_dir` becomes that folder and a relative `data.root` is resolved against it, so a
+    run copied elsewhere keeps working; any other config's relative paths are the caller's.
+    """
+    cfg = read_yaml(path)
+    if cfg.get("run_dir") != RUN_HERE or path.name != RunPaths(path.parent).config.name:
+        return cfg
+    here = path.parent.resolve()
+    cfg["run_dir"] = str(here)
+    data = cfg.get("data")
+    if isinstance(data, dict) and isinstance(data.get("root"), str) and not Path(data["root"]).is_absolute():
+        cfg["data"] = {**data, "root": os.path.normpath(here / data["root"])}
     return cfg
 
 
@@ -104,9 +130,21 @@ def write_run_config(paths: RunPaths, sections: dict) -> None:
         previous = read_yaml(paths.config).get("models") if paths.config.is_file() else None
         models = {m["name"]: m for m in previous or [] if isinstance(m, dict) and "name" in m}
         models.update({m["name"]: m for m in sections.get("models", [])})
-        resolved = {"run_dir": str(paths.root), **sections, "models": list(models.values())}
+        resolved = {"run_dir": RUN_HERE, **_relocatable(paths, sections), "models": list(models.values())}
         resolved = {k: resolved[k] for k in SECTIONS if k in resolved}
         write_text(paths.config, yaml.safe_dump(_plain(resolved), sort_keys=False))
+
+
+def _relocatable(paths: RunPaths, sections: dict) -> dict:
+    """`sections` with data.root relative to the run (absolute only where none exists: another Windows drive)."""
+    data = sections.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("root"), str):
+        return sections
+    try:
+        root = Path(os.path.relpath(Path(data["root"]).resolve(), paths.root.resolve())).as_posix()
+    except ValueError:
+        return sections
+    return {**sections, "data": {**data, "root": root}}
 
 
 def _plain(obj):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pathlib import Path
 
-STAGES = ("train-base", "predict-oof", "fit-stack", "submit", "demo")
+STAGES = ("train-base", "predict-oof", "fit-stack", "submit", "predict", "demo")
 
 
 def stacker(*args, cwd=None):

@@ -1,0 +1,248 @@
+"""`stacker predict`, its image half: a new test set through every fold model that a saved stack uses.
+
+The run is only read, and may be read-only and moved (a Kaggle dataset): run.yaml (models,
+tta batch size, decode workers), folds.parquet (classes, K), targets.parquet (extra targets'
+classes, when there are any), and for each model the stack uses its fold weights and its
+run test table, whose metadata says how the stack's inputs were predicted: TTA views,
+combine, beta, prediction size, resize mode, and each fold model's weights sha256 (checked
+against the files before anything is decoded). Neither the training images, nor the run's
+cache, nor a model's pretrained file is needed: each fold model is built without pretrained
+weights and loads its own safetensors. Nothing is written to the run: no lock, no temporary
+file, no cache.
+
+Everything goes to OUT, in a run directory's layout (`RunPaths(OUT)`):
+
+    OUT/cache/test.u8, test.json              the new images, decoded once at the run's cache size
+    OUT/preds/<model>/test_fold<k>.parquet    fold model k's TTA probabilities (and per extra target)
+    OUT/preds/<model>/test.parquet            their mean over the K fold models, as predict-oof writes it
+    OUT/.predict.lock                         held while a call writes OUT
+
+Each table records the run table's metadata with the new cache's digest in place of the run's, and
+the precision (`train.amp`) resolved on this device, as predict-oof records it.
+A rerun keeps every fold table that records what it would predict now (an interrupted call
+resumes at the next fold, from the same decoded cache) and predicts again those made from other
+images, weights or settings; --force predicts them all again (the cache is kept: it is rebuilt
+only where a file changed). The run's own test images give the run's cache digest and, on the
+same device, the very numbers predict-oof wrote.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+
+from oof import (PredictionTable, RunPaths, StackerError, file_digest, load_folds, read_json, read_table,
+                 remove_temps, validate_test, write_table)
+
+from .augment import PLAIN, tta_views
+from .batches import ImageSource
+from .cache import CacheOptions, ImageCache, build_cache
+from .config import DataConfig, ModelSpec, TTAConfig
+from .dataset import NewTestImages, resolve_new_test
+from .jobs import UNCOMPARED_META, StageOptions, cache_size, load_targets
+from .models import model_norm, resolve_device
+from .predict import ViewPlan, combine_tta, predict_views, resolve_amp
+from .train import Target, load_fold_model
+
+# What a run's test table must record for its model to be predicted again the same way.
+RECORDED = ("tta", "resize", "weights_sha256")
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """A finished run as `stacker predict` reads it (never writes it).
+
+    Attributes:
+        paths: the run directory, wherever it is now.
+        data: its `data:` section (decode workers, extra targets); the data root is never read.
+        specs: every model of its run.yaml (together they set the cache size train-base decoded at).
+        tta: its `tta:` section (batch size; the views themselves come from the run's tables).
+    """
+
+    paths: RunPaths
+    data: DataConfig
+    specs: list[ModelSpec]
+    tta: TTAConfig
+
+
+@dataclass(frozen=True)
+class _UsedModel:
+    """A model the stack uses, with its run test table's metadata: how the stack's inputs were predicted."""
+
+    spec: ModelSpec
+    meta: dict
+
+
+@dataclass(frozen=True)
+class _NewTest:
+    """What every model's predictions share in one call."""
+
+    run: SavedRun
+    out: RunPaths
+    targets: list[Target]
+    cache: ImageCache  # the new images, decoded into OUT
+    k: int
+    options: StageOptions
+
+
+def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, out: RunPaths,
+                     options: StageOptions = StageOptions()) -> None:
+    """Decode `images` into `out` and write every fold model's test tables of `models` there.
+
+    Args:
+        run: the finished run, only read.
+        models: the models the saved stack uses (`StackGuard.models_`).
+        images: the new test set.
+        out: the output folder (never the run, nor inside it).
+        options: force (predict every table again) and log.
+
+    Raises:
+        StackerError: `out` inside the run or holding a run; a model run.yaml does not list, whose
+            run table records no TTA settings, or whose weights are missing or not those its run
+            tables were predicted with; images that cannot be found, matched to the sample
+            submission's ids, or decoded (each named).
+    """
+    _check_out(run.paths, out)
+    folds = load_folds(run.paths.folds)
+    targets = load_targets(run.paths, folds, list(run.data.extra_targets))
+    table = resolve_new_test(images)
+    used = [_used_model(run, name, targets[0].classes, folds.k) for name in models]
+    out.root.mkdir(parents=True, exist_ok=True)
+    try:
+        held = FileLock(out.predict_lock, timeout=0).acquire()
+    except Timeout:
+        raise StackerError(f"{out.root}: another stacker predict is writing there; wait for it, or give "
+                           "another --out") from None
+    with held:
+        options.log(f"predict: {len(table)} images of {images.images}, {len(used)} models x {folds.k} fold "
+                    f"models of the run {run.paths.root}")
+        cache = build_cache(out, "test", table["id"], table["path"], _cache_options(run, used), options.log)
+        job = _NewTest(run, out, targets, cache, folds.k, options)
+        for model in used:
+            _predict_model(job, model)
+
+
+def _check_out(run: RunPaths, out: RunPaths) -> None:
+    run_root, out_root = run.root.resolve(), out.root.resolve()
+    if out_root == run_root or run_root in out_root.parents:
+        raise StackerError(f"--out {out.root}: inside the run {run.root}; stacker predict never writes into "
+                           "the run (it may be read-only): give a folder of its own")
+    if out.config.is_file() or out.folds.is_file():
+        raise StackerError(f"--out {out.root}: holds a training run ({out.config.name}); give stacker predict "
+                           "a folder of its own")
+
+
+def _used_model(run: SavedRun, name: str, classes, k: int) -> _UsedModel:
+    """A model of the stack, checked: listed in run.yaml, its run table records how it predicted, weights present."""
+    spec = next((s for s in run.specs if s.name == name), None)
+    if spec is None:
+        raise StackerError(f"{run.paths.config}: the stack uses model {name!r}, which it does not list (tables "
+                           "from another tool?); stacker predict needs fold models trained in the run")
+    path = run.paths.test(name)
+    meta = read_table(path, classes, "test").meta
+    missing = [key for key in RECORDED if key not in meta]
+    if missing:
+        raise StackerError(f"{path}: records no {', '.join(missing)} (not written by predict-oof); stacker "
+                           "predict repeats how the run predicted its test set, so run predict-oof first")
+    _check_weights(run.paths, name, meta["weights_sha256"], k)
+    return _UsedModel(spec, meta)
+
+
+def _check_weights(paths: RunPaths, name: str, digests: list[str], k: int) -> None:
+    """Every fold model's weights are in the run and are those the run's tables (and so the stack) came from."""
+    if len(digests) != k:
+        raise StackerError(f"{paths.test(name)}: records {len(digests)} fold models' weights for {k} folds; "
+                           "run predict-oof and fit-stack again")
+    for fold, digest in enumerate(digests):
+        path = paths.weights(name, fold)
+        if not path.is_file():
+            raise StackerError(f"{path}: weights missing from the run; the stack uses {name}, so every fold "
+                               "model's weights must travel with the run")
+        if file_digest(path) != digest:
+            raise StackerError(f"{path}: not the weights {name}'s run tables were predicted with (the stack "
+                               "was fitted on those); restore the file, or run predict-oof and fit-stack again")
+
+
+def _cache_options(run: SavedRun, used: list[_UsedModel]) -> CacheOptions:
+    """Decode as the run decoded its own test set: same size and resize mode, so the same files give the same
+    pixels. The run's test cache index gives the size when the run kept it and its tables were predicted
+    from it; otherwise the size train-base decodes at for the run's models."""
+    meta = used[0].meta  # one cache per run: every model's tables record the same one
+    size = cache_size(run.specs)
+    index = run.paths.cache_index("test")
+    if index.is_file():
+        recorded = read_json(index)
+        if recorded.get("digest") == (meta.get("cache_sha256") or {}).get("test"):
+            size = tuple(recorded["size"])
+    return CacheOptions(size, meta["resize"], run.data.decode_workers, run.data.check_all_images)
+
+
+def _predict_model(job: _NewTest, model: _UsedModel) -> None:
+    """Fold tables kept where current, the others predicted, then the mean table over the K fold models."""
+    name, log = model.spec.name, job.options.log
+    device = resolve_device(model.spec.train.device)
+    # the run's record, but for the new cache and the precision this device runs at (as predict-oof resolves it)
+    meta = {**model.meta, "cache_sha256": {**(model.meta.get("cache_sha256") or {}), "test": job.cache.digest},
+            "amp": resolve_amp(model.spec.train.amp, device, name)}
+    kept = {} if job.options.force else {f: p for f in range(job.k) if (p := _current_fold(job, name, f, meta))}
+    if len(kept) == job.k and all(_current(job, job.out.test(name, t.name), t, meta) is not None
+                                  for t in job.targets):
+        log(f"predict: {name} already predicted (--force to redo)")
+        return
+    log(f"predict: {name}: {job.k - len(kept)} of {job.k} fold models to run")
+    remove_temps(job.out.preds_dir(name))  # a killed call's partial writes (under OUT's lock)
+    sums = [np.zeros((len(job.cache.ids), len(t.classes))) for t in job.targets]  # per target (N, C_t)
+    images = None
+    for fold in range(job.k):
+        if fold not in kept:
+            images = images if images is not None else ImageSource(job.cache.images, device,
+                                                                   model.spec.train.gpu_cache_gb)
+            kept[fold] = _predict_fold(job, model, fold, images, {**meta, "fold": fold})
+        for t, p in enumerate(kept[fold]):
+            sums[t] += p
+    for t, target in enumerate(job.targets):
+        _write_test(job.out.test(name, target.name), sums[t] / job.k, job.cache.ids, target, meta)
+
+
+def _current_fold(job: _NewTest, name: str, fold: int, meta: dict) -> list[np.ndarray] | None:
+    """Fold model `fold`'s probabilities per target from OUT's tables, when every one is current; else None."""
+    expected = {**meta, "fold": fold}
+    out = [_current(job, job.out.test_fold(name, fold, t.name), t, expected) for t in job.targets]
+    return None if any(p is None for p in out) else out
+
+
+def _current(job: _NewTest, path, target: Target, expected: dict) -> np.ndarray | None:
+    """A table's (N, C) probabilities when it records `expected` (but the version); None: missing, damaged, other."""
+    try:
+        table = validate_test(read_table(path, target.classes, "test"), job.cache.ids, target.classes)
+    except StackerError:
+        return None
+    keys = (set(table.meta) | set(expected)) - set(UNCOMPARED_META)
+    return table.proba if all(table.meta.get(k) == expected.get(k) for k in keys) else None
+
+
+def _predict_fold(job: _NewTest, model: _UsedModel, fold: int, images: ImageSource, meta: dict):
+    """Fold model `fold` on every new image with the run's TTA, as predict-oof predicts the run's test set.
+
+    Returns:
+        Per target (N, C_t) probabilities, also written as that fold's tables.
+    """
+    spec, tta, ids = model.spec, model.meta["tta"], job.cache.ids
+    compiled = spec.train.compile and images.device.type == "cuda"
+    net = load_fold_model(job.run.paths, spec, fold, job.targets, images.device)
+    forward = torch.compile(net) if compiled else net
+    plan = ViewPlan(tuple(tta["size"]), [PLAIN, *tta_views(tta["n"])], model_norm(net), job.run.tta.batch_size,
+                    fixed_shape=compiled, amp=meta["amp"])
+    views = predict_views(forward, images, np.arange(len(ids)), plan)  # per target (V, N, C_t)
+    probs = [combine_tta(v[0], v[1:], tta["combine"], tta["beta"]) for v in views]
+    for p, target in zip(probs, job.targets):
+        _write_test(job.out.test_fold(spec.name, fold, target.name), p, ids, target, meta)
+    job.options.log(f"  {spec.name} fold {fold}: {len(ids)} test rows")
+    return probs
+
+
+def _write_test(path, proba: np.ndarray, ids, target: Target, meta: dict) -> None:
+    table = PredictionTable(ids, proba.reshape(len(ids), len(target.classes)), target.classes, None, meta, str(path))
+    write_table(path, validate_test(table, ids, target.classes))
+
