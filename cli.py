@@ -6,6 +6,7 @@
     stacker submit      --run DIR             submission.csv in sample_submission's layout
     stacker predict     --run DIR --images D --out OUT   a new test set through a finished (moved,
                                               read-only) run's stack: OUT/submission.csv
+    stacker jobs        --run DIR             every (model, fold) job: done, running, partial, pending, stale
     stacker demo        [--out DIR]           all four on the bundled digits dataset
 
 The stages that need torch import it inside their handler: fit-stack and submit
@@ -25,7 +26,8 @@ from oof import StackerError, load_config, run_paths
 FLAG_KEYS = {
     "run": "run_dir", "data_root": "data.root", "epochs": "train.epochs", "device": "train.device",
     "k": "folds.k", "tta_n": "tta.n", "metric": "stack.metric", "test_features": "stack.test_features",
-    "allow_suspicious": "stack.allow_suspicious", "format": "submit.format",
+    "allow_suspicious": "stack.allow_suspicious", "format": "submit.format", "engine": "engine.name",
+    "address": "engine.address",
 }
 
 
@@ -62,7 +64,7 @@ def cmd_train_base(args, log=print) -> int:
 
     cfg = resolve_config(args)
     stack_config(cfg)  # the stack section too is checked before hours of training, not after
-    train_base_stage(cfg, args.force, args.parallel, log)
+    train_base_stage(cfg, args.force, args.parallel, log, only=args.only)
     return 0
 
 
@@ -71,6 +73,13 @@ def cmd_predict_oof(args, log=print) -> int:
     from base_models.stages import predict_oof_stage
 
     predict_oof_stage(resolve_config(args), args.models, args.force, log)
+    return 0
+
+
+def cmd_jobs(args, log=print) -> int:
+    from base_models.job_table import job_table
+
+    job_table(resolve_config(args), log)
     return 0
 
 
@@ -120,7 +129,8 @@ def cmd_demo(args, log=print) -> int:
     t0 = time.perf_counter()
     config = prepare_demo(args.out, log)
     stage_args = argparse.Namespace(config=str(config), run=None, set=None, force=args.force, parallel=1,
-                                    models=None, sample_submission=None, out=None, source=None, format=None)
+                                    models=None, sample_submission=None, out=None, source=None, format=None,
+                                    only=None)
     for name, stage in STAGES:
         log(f"\n== stacker {name} --config {config}")
         stage(stage_args, log)
@@ -145,16 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="redo and overwrite finished work")
         return p
 
-    p = stage("train-base", cmd_train_base, "make folds and the image cache, train every (model, fold)")
-    p.add_argument("--data-root", help="dataset folder (data.root)")
-    p.add_argument("--epochs", type=int, help="train.epochs for every model")
-    p.add_argument("--device", help="train.device: auto, cpu or cuda")
-    p.add_argument("--k", type=int, help="folds.k")
-    p.add_argument("--parallel", type=int, default=1, help="jobs at once (one per local GPU)")
+    train_base_arguments(stage("train-base", cmd_train_base, "make folds and the image cache, train every "
+                               "(model, fold)"))
 
     p = stage("predict-oof", cmd_predict_oof, "predict OOF rows and the test set with TTA")
     p.add_argument("--tta-n", type=int, help="augmented TTA views (tta.n)")
     p.add_argument("--models", nargs="+", help="only these models")
+    engine_arguments(p)
 
     p = stage("fit-stack", cmd_fit_stack, "fit and guard the meta level; write stack/decision.json")
     p.add_argument("--metric", help="stack.metric, e.g. accuracy or neg_log_loss")
@@ -173,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict_arguments(stage("predict", cmd_predict, "predict a new test set with a finished run (which may be "
                             "moved and read-only): every fold model its stack uses, the stack, OUT/submission.csv"))
+    jobs_parser(sub)
 
     p = sub.add_parser("demo", help="run all stages on the bundled digits dataset",
                        description="write the digits dataset, run the four stages, report test accuracy")
@@ -180,6 +188,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="stacker-demo", help="folder for data, config and run")
     p.add_argument("--force", action="store_true", help="redo finished work")
     return parser
+
+
+def train_base_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", help="dataset folder (data.root)")
+    p.add_argument("--epochs", type=int, help="train.epochs for every model")
+    p.add_argument("--device", help="train.device: auto, cpu or cuda")
+    p.add_argument("--k", type=int, help="folds.k")
+    p.add_argument("--parallel", type=int, default=1, help="jobs at once on CPU (on CUDA: one per visible GPU)")
+    p.add_argument("--only", action="append", metavar="MODEL:FOLD",
+                   help="train just this job, e.g. resnet26d:0 (repeatable; one per Slurm array task); the folds "
+                        "and cache are still made; with --force only these jobs are redone")
+    engine_arguments(p)
+
+
+def engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("local", "ray"), help="engine.name: where the jobs run (default local)")
+    p.add_argument("--address", help="engine.address: the Ray cluster to join (default RAY_ADDRESS or a new one)")
+
+
+def jobs_parser(sub) -> None:
+    text = ("every (model, fold) job of a run and its state (done, running, partial at epoch e, pending, stale), "
+            "device, time and score; reads the run, writes nothing")
+    p = sub.add_parser("jobs", help=text, description=text)
+    p.set_defaults(handler=cmd_jobs)
+    p.add_argument("--config", help="run.yaml; default <run>/run.yaml")
+    p.add_argument("--run", help="run directory (config key run_dir)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
 
 
 def predict_arguments(p: argparse.ArgumentParser) -> None:

@@ -296,6 +296,40 @@ class FoldsConfig(ConfigSection):
     seed: int = 42
 
 
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class EngineConfig(ConfigSection):
+    """The `engine:` section: where train-base's (model, fold) jobs run.
+
+    Attributes:
+        name: `local` (one worker process per visible GPU, or `--parallel` on CPU, fed from one
+            shared queue) or `ray` (one Ray task per job, on a Ray cluster).
+        address: the Ray cluster to join; None reads RAY_ADDRESS, or starts a local cluster.
+        num_gpus: GPUs per Ray job (a fraction shares a card); None is 1 where the cluster has GPUs, else 0.
+        num_cpus: CPUs per Ray job.
+        max_retries: times Ray reruns a job whose worker died (a killed or lost node); a job that
+            raises is never rerun. A rerun job resumes from its last epoch checkpoint.
+    """
+
+    SECTION: ClassVar[str] = "engine"
+    RULES: ClassVar[dict] = {"name": (one_of(*ENGINES),), "address": (STRING, NULL),
+                             "num_gpus": (NON_NEGATIVE, NULL), "num_cpus": (POSITIVE,),
+                             "max_retries": (number(0, integer=True),)}
+
+    name: str = "local"
+    address: str | None = None
+    num_gpus: float | None = None
+    num_cpus: float = 1
+    max_retries: int = 2
+
+
+def engine_config(cfg: dict) -> EngineConfig:
+    """The `engine:` section of a raw config (`oof.load_config`), built and checked."""
+    return build_config(EngineConfig, cfg.get("engine"), "engine")
+
+
 @dataclass
 class DataConfig:
     """The `data:` section of run.yaml.

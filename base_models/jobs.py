@@ -1,10 +1,11 @@
 """The train-base and predict-oof stages: folds, cache, and the (model, fold) job grid.
 
 Each (model, fold) training job reads the cache and the folds and writes only
-its own files, so jobs run one after another here, one per local GPU with
-`parallel > 1`, or on a cluster through any joblib backend (e.g. Dask:
-`with joblib.parallel_config(backend="dask"): ...`). A job runs under its own
-file lock, so processes sharing a run directory never train one job twice.
+its own files, so jobs run one after another here, or through an engine
+(`engines.py`): one worker process per local GPU fed from one queue, or one Ray
+task per job on a cluster. A job runs under its own file lock, so processes
+sharing a run directory never train one job twice, and a job rerun after its
+worker died resumes from its last epoch checkpoint.
 
 Nothing is trusted for existing or for being newer: a rerun skips a finished job
 only while its history's digests (folds, train cache, weights) and recipe match
@@ -15,15 +16,15 @@ weights that are stale. `--force` deletes a stage's own outputs before it starts
 from __future__ import annotations
 
 import json
+import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from filelock import FileLock, Timeout
-from joblib import Parallel, delayed
 
 from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, accuracy, atomic_path, load_folds,
                  log_loss, make_folds, read_table, remove_temps, validate_oof, validate_test, write_folds, write_json,
@@ -32,8 +33,9 @@ from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, ac
 from .augment import PLAIN, tta_views
 from .batches import ImageSource
 from .cache import CacheOptions, ImageCache, build_cache, load_cache
-from .config import SAMPLING_BUILTIN, DataConfig, FoldsConfig, ModelSpec, TTAConfig
+from .config import SAMPLING_BUILTIN, DataConfig, EngineConfig, FoldsConfig, ModelSpec, TTAConfig
 from .dataset import DatasetSpec, resolve_dataset
+from .engines import JobLog, run_jobs
 from .models import check_sizes, model_norm, resolve_device
 from .predict import ViewPlan, combine_tta, predict_views, resolve_amp
 from .train import (Sources, Target, TrainInputs, build_model, is_trained, load_fold_model, stale_reason,
@@ -47,13 +49,18 @@ class StageOptions:
     Attributes:
         force: redo finished work: delete the stage's outputs first (every job's weights, history and
             checkpoint; every model's tables), then do it all again.
-        parallel: train-base jobs at once, one worker loop per local GPU.
+        parallel: train-base jobs at once on CPU (the local engine runs one per visible GPU on CUDA);
+            the size of the local cluster the Ray engine starts when it joins none.
         log: where progress lines go.
+        only: run exactly these (model, fold) jobs of train-base; empty for every job.
+        engine: where train-base's jobs run (`EngineConfig`).
     """
 
     force: bool = False
     parallel: int = 1
     log: Callable[[str], None] = print
+    only: tuple[tuple[str, int], ...] = ()
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,24 @@ class FoldJob:
 def job_grid(specs: list[ModelSpec], k: int) -> list[FoldJob]:
     """Every (model, fold) job of a run, model by model."""
     return [FoldJob(s, fold) for s in specs for fold in range(k)]
+
+
+def select_jobs(jobs: list[FoldJob], only: tuple[tuple[str, int], ...], k: int) -> list[FoldJob]:
+    """The jobs `only` names, in grid order; all of them when it names none.
+
+    Raises:
+        StackerError: `only` names a model not in the run or a fold outside 0..k-1.
+    """
+    if not only:
+        return jobs
+    names = sorted({j.model.name for j in jobs})
+    for model, fold in only:
+        if model not in names:
+            raise StackerError(f"only: no model {model!r} in the run; its models are {names}")
+        if not (isinstance(fold, int) and 0 <= fold < k):
+            raise StackerError(f"only: {model} fold {fold!r} is not a fold of the run (0..{k - 1})")
+    wanted = {(m, f) for m, f in only}
+    return [j for j in jobs if (j.model.name, j.fold) in wanted]
 
 
 def cache_size(specs: list[ModelSpec]) -> tuple[int, int]:
@@ -171,14 +196,16 @@ def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, data: Data
         specs: the models.
         folds: the run's folds.
         data: the `data:` section (its extra_targets); None for the main target alone.
-        options: force (delete every job's outputs first, then train them all), parallel, log.
+        options: force (delete every job's outputs first, then train them all), parallel, log, only
+            (these jobs alone), engine (where the jobs run).
 
     Raises:
         StackerError: finished jobs trained on other folds, other train images, another recipe, or
-            whose weights changed since (one line naming them; --force retrains them).
+            whose weights changed since (one line naming them; --force retrains them); a job that
+            failed (one line naming it, once the other jobs finished).
     """
     log = options.log
-    jobs = job_grid(specs, folds.k)
+    jobs = select_jobs(job_grid(specs, folds.k), options.only, folds.k)
     if options.force:
         remove_job_outputs(paths, jobs, log)
     sources = Sources(folds.sha256, load_cache(paths, "train").digest)
@@ -189,12 +216,20 @@ def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, data: Data
         return
     targets = load_targets(paths, folds, _extra_targets(data))
     check_models([s for s in specs if any(j.model is s for j in todo)], targets)
-    run = _TrainRun(paths, folds, targets, sources, log)
-    if options.parallel > 1:  # one worker loop per slot (GPU), so two jobs never share a device
-        n = options.parallel
-        Parallel(n_jobs=n)(delayed(_run_slot)(run, todo[slot::n], slot) for slot in range(n))
-    else:
-        _run_in_process(run, todo)
+    _dispatch(_TrainRun(paths, folds, targets, sources, log), todo, options)
+
+
+def _dispatch(run: _TrainRun, todo: list[FoldJob], options: StageOptions) -> None:
+    """The pending jobs through the engine; one local worker trains them in this process (one placed cache)."""
+    workers = options.parallel
+    if options.engine.name == "local":
+        cuda = any(resolve_device(j.model.train.device).type == "cuda" for j in todo)
+        workers = min(torch.cuda.device_count() if cuda else options.parallel, len(todo))
+        if workers <= 1:
+            _run_in_process(run, todo)
+            return
+    work = replace(run, log=print).run_job  # what travels to a worker: picklable, its log replaced there
+    run_jobs(work, todo, options.engine, workers, options.log)
 
 
 def remove_job_outputs(paths: RunPaths, jobs: list[FoldJob], log=print) -> None:
@@ -210,7 +245,7 @@ def remove_job_outputs(paths: RunPaths, jobs: list[FoldJob], log=print) -> None:
             log(f"  {job.model.name} fold {job.fold}: running in another process, its files are kept")
             continue
         with held:  # the history goes first: it is what marks a job finished
-            for path in (paths.history, paths.weights, paths.checkpoint):
+            for path in (paths.history, paths.weights, paths.checkpoint, paths.job_log):
                 path(job.model.name, job.fold).unlink(missing_ok=True)
 
 
@@ -252,22 +287,51 @@ class _TrainRun:
     sources: Sources  # the folds and train cache every job of this call trains on
     log: Callable[[str], None] = print
 
-    def train(self, job: FoldJob, images: ImageSource) -> None:
-        """Train `job` under its lock; one another process holds, or finished meanwhile, is skipped."""
+    def train(self, job: FoldJob, images: ImageSource) -> float | None:
+        """Train `job` under its lock; one another process holds, or finished meanwhile, is skipped.
+
+        Returns:
+            Seconds inside `train_fold`; None when skipped.
+        """
         name, fold = job.model.name, job.fold
         try:
             held = _job_lock(self.paths, job).acquire()
         except Timeout:
             self.log(f"  {name} fold {fold}: running in another process, skipped")
-            return
+            return None
         with held:
             if is_trained(self.paths, name, fold):  # another process finished it since this one looked
                 _refuse_stale(self.paths, [job], self.sources)
                 self.log(f"  {name} fold {fold}: finished in another process meanwhile, skipped")
-                return
+                return None
             remove_temps(self.paths.model_dir(name), f"fold{fold}.")  # a killed run's partial writes
             inputs = TrainInputs(self.paths, self.folds, self.targets, images, self.sources.cache_sha256)
+            t0 = time.perf_counter()
             train_fold(job.model, fold, inputs, load_row_weights(self.paths, self.folds, job.model), self.log)
+            return time.perf_counter() - t0
+
+    def run_job(self, job: FoldJob) -> float | None:
+        """One job in an engine's worker: check the run directory is visible here, log to the job's own
+        file, place the cache on the worker's device (the one GPU it sees), train."""
+        _check_run_visible(self.paths)
+        run = replace(self, log=JobLog(self.paths.job_log(job.model.name, job.fold), _job_name(job)))
+        run.log(f"  {_job_name(job)}: started on {socket.gethostname()}")
+        device = resolve_device(job.model.train.device)
+        return run.train(job, _train_images(run, device, job.model.train.gpu_cache_gb))
+
+
+def _job_name(job: FoldJob) -> str:
+    return f"{job.model.name} fold {job.fold}"
+
+
+def _check_run_visible(paths: RunPaths) -> None:
+    """A worker on another node must see the run directory at the same path (shared storage)."""
+    try:
+        with open(paths.folds, "rb"):
+            pass
+    except OSError as e:
+        raise StackerError(f"{socket.gethostname()}: cannot read {paths.folds} ({e.strerror}); every worker "
+                           "must see the run directory at the same path (shared storage)") from None
 
 
 def _run_in_process(run: _TrainRun, jobs: list[FoldJob]) -> None:
@@ -278,16 +342,8 @@ def _run_in_process(run: _TrainRun, jobs: list[FoldJob]) -> None:
         if place not in loaded:
             loaded = {place: _train_images(run, *place)}
             run.log(f"  train images: {loaded[place].shape} uint8 in {loaded[place].placement}")
-        run.train(job, loaded[place])
-
-
-def _run_slot(run: _TrainRun, jobs: list[FoldJob], slot: int) -> None:
-    """One worker's jobs on GPU `slot` (modulo the GPUs there are), each placing the cache itself."""
-    for job in jobs:
-        device = resolve_device(job.model.train.device)
-        if device.type == "cuda":
-            device = torch.device("cuda", slot % torch.cuda.device_count())
-        run.train(job, _train_images(run, device, job.model.train.gpu_cache_gb))
+        job_log = JobLog(run.paths.job_log(job.model.name, job.fold), _job_name(job), echo=run.log)
+        replace(run, log=job_log).train(job, loaded[place])
 
 
 def _train_images(run: _TrainRun, device, gpu_cache_gb: float) -> ImageSource:

@@ -4,43 +4,75 @@ The CLI calls these with the mapping `oof.load_config` resolved; a notebook can 
 """
 from __future__ import annotations
 
+import re
+
 from oof import RunPaths, StackerError, load_folds, run_paths, write_run_config
 
-from .config import base_configs, resolved_sections
+from .config import ModelSpec, base_configs, engine_config, resolved_sections
 
 
-def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=print) -> None:
+def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=print, only=None) -> None:
     """Make the folds and the image cache, save run.yaml, train every pending (model, fold) job.
 
     With `force` every job's weights, history and checkpoint are deleted before the folds
     are rewritten: a --force stopped at any point leaves no old result that looks finished.
+    With `only` ("MODEL:FOLD" items, `parse_only`) just those jobs are trained (and with `force`
+    deleted first); the folds, cache and run.yaml are still made, under their locks, so each task of
+    a cluster array can start on a fresh run, but never rewritten by force under the other jobs.
     """
     paths = run_paths(cfg)
     data, folds_cfg, specs, tta = base_configs(cfg)  # a config error is reported before torch is imported
+    chosen, engine = parse_only(only, specs, folds_cfg.k), engine_config(cfg)
     for spec in specs:
         if spec.train.keep == "best":
             log(f"note: {spec.name}: keep: best picks each fold's epoch on that fold's validation rows, which are "
                 "its OOF rows; fit-stack will leave it out as optimistic unless --allow-suspicious")
-    from .jobs import StageOptions, cache_size, job_grid, prepare_run, remove_job_outputs, train_base
+    from .jobs import StageOptions, cache_size, job_grid, prepare_run, remove_job_outputs, select_jobs, train_base
     if force:
-        remove_job_outputs(paths, job_grid(specs, folds_cfg.k), log)
-    _, folds = prepare_run(paths, data, folds_cfg, cache_size(specs), force, log)
+        remove_job_outputs(paths, select_jobs(job_grid(specs, folds_cfg.k), chosen, folds_cfg.k), log)
+    _, folds = prepare_run(paths, data, folds_cfg, cache_size(specs), force and not chosen, log)
     write_run_config(paths, {**resolved_sections(data, folds_cfg, specs, tta), "stack": cfg.get("stack") or {}})
     # the outputs are gone already: deleting them again could delete a job another process finished since
-    train_base(paths, specs, folds, data, StageOptions(force=False, parallel=parallel, log=log))
+    train_base(paths, specs, folds, data, StageOptions(force=False, parallel=parallel, log=log, only=chosen,
+                                                       engine=engine))
+
+
+def parse_only(items, specs: list[ModelSpec], k: int) -> tuple[tuple[str, int], ...]:
+    """--only's "MODEL:FOLD" items as (model, fold) pairs, each checked; () (every job) for none.
+
+    Raises:
+        StackerError: one line naming the first item that is not MODEL:FOLD with a model of the run
+            and a fold in 0..k-1.
+    """
+    names = [s.name for s in specs]
+    pairs = []
+    for item in items or ():
+        model, sep, fold = str(item).rpartition(":")
+        if not sep or not re.fullmatch(r"\d+", fold.strip()):
+            raise StackerError(f"--only {item!r}: expected MODEL:FOLD, a model name and a fold number, "
+                               f"e.g. {names[0]}:0")
+        if model not in names:
+            raise StackerError(f"--only {item!r}: {model!r} is not a model of the run {names}")
+        if int(fold) >= k:
+            raise StackerError(f"--only {item!r}: fold {int(fold)} is out of range: the run's folds are 0..{k - 1}")
+        if (model, int(fold)) not in pairs:
+            pairs.append((model, int(fold)))
+    return tuple(pairs)
 
 
 def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = False, log=print) -> None:
     """Predict every model's OOF rows and the test set with TTA (only `models` when given)."""
     paths = run_paths(cfg)
     data, _, specs, tta = base_configs(cfg)
+    engine = engine_config(cfg)
     from .jobs import StageOptions, predict_oof
     if models:
         unknown = sorted(set(models) - {s.name for s in specs})
         if unknown:
             raise StackerError(f"--models: {unknown} are not models of the run {[s.name for s in specs]}")
         specs = [s for s in specs if s.name in models]
-    predict_oof(paths, specs, load_folds(paths.folds), tta, data, StageOptions(force=force, log=log))
+    options = StageOptions(force=force, log=log, engine=engine)
+    predict_oof(paths, specs, load_folds(paths.folds), tta, data, options)
 
 
 def predict_stage(cfg: dict, images, out_dir, models: list[str], force: bool = False, log=print) -> None:

@@ -4,7 +4,7 @@
     <run>/folds.parquet                     id, label, fold (+ K, seed, classes, sha256); folds.csv from other tools
     <run>/targets.parquet                   id + the train CSV's other columns (extra targets, weights)
     <run>/cache/<split>.u8, <split>.json    decoded uint8 images + index, split train or test
-    <run>/models/<model>/fold<k>.*          weights, history, resume checkpoint
+    <run>/models/<model>/fold<k>.*          weights, history, job log, resume checkpoint, lock
     <run>/preds/<model>/oof.parquet         OOF probabilities (oof.csv from other tools)
     <run>/preds/<model>/test.parquet        test probabilities, mean over fold models (test.csv likewise)
     <run>/preds/<model>/test_fold<k>.parquet
@@ -126,6 +126,9 @@ class RunPaths:
 
     def history(self, model: str, fold: int) -> Path:
         return self.model_dir(model) / f"fold{fold}.history.json"
+
+    def job_log(self, model: str, fold: int) -> Path:
+        return self.model_dir(model) / f"fold{fold}.log"
 
     def checkpoint(self, model: str, fold: int) -> Path:
         return self.model_dir(model) / f"fold{fold}.checkpoint.pt"

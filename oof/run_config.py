@@ -24,7 +24,7 @@ from .atomic import write_text
 from .errors import StackerError
 from .paths import RunPaths
 
-SECTIONS = ("run_dir", "data", "folds", "train", "models", "tta", "stack", "submit")
+SECTIONS = ("run_dir", "data", "folds", "train", "models", "tta", "engine", "stack", "submit")
 RUN_HERE = "."  # run.yaml's run_dir: the folder the file is in, wherever the run has moved
 
 

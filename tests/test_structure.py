@@ -158,12 +158,12 @@ def _spells(name: str, pattern: re.Pattern, text: str) -> bool:
 
 
 def test_every_config_field_has_a_rule():
-    from base_models.config import (AugmentConfig, DataConfig, FoldsConfig, Phase, SamplingConfig,
+    from base_models.config import (AugmentConfig, DataConfig, EngineConfig, FoldsConfig, Phase, SamplingConfig,
                                     TrainConfig, TTAConfig)
     from stacker.config import StackConfig, SubmitConfig
     from dataclasses import fields
 
-    for cls in (AugmentConfig, DataConfig, FoldsConfig, Phase, SamplingConfig, TrainConfig, TTAConfig,
+    for cls in (AugmentConfig, DataConfig, EngineConfig, FoldsConfig, Phase, SamplingConfig, TrainConfig, TTAConfig,
                 StackConfig, SubmitConfig):
         unruled = sorted({f.name for f in fields(cls)} - set(cls.RULES))
         assert not unruled, f"{cls.__name__}: fields without a rule: {unruled}"

@@ -1,0 +1,239 @@
+"""Engines: where and when train-base's (model, fold) jobs run; never what a job computes.
+
+An engine gets a picklable `work(job) -> seconds inside train_fold (None: skipped)` and the jobs,
+runs each job once, and returns one `JobResult` per job. A job is idempotent (its file lock, its
+resume checkpoint, the skip of a job finished meanwhile live in the work itself), so an engine may
+rerun a job whose worker died: it resumes from its last epoch checkpoint.
+
+- `local`: one worker process per visible GPU (or `parallel` on CPU), fed from one shared queue, so
+  a free worker takes the next job; each worker is pinned to one GPU (CUDA_VISIBLE_DEVICES).
+- `ray`: one Ray task per job (`max_calls=1`: a fresh process per job); a dead worker is retried up to
+  `max_retries` times, an error the job raises is not.
+
+A job that fails ends the stage with one line naming it, after the other jobs finish (their results
+are kept); a summary table (job, state, seconds, worker) ends every engine run.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from oof import StackerError
+
+from .config import EngineConfig
+
+RAY_MISSING = "engine.name ray: Ray is not installed; pip install 'stacker[ray]'"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What an engine reports of one job: `state` is done, skipped (finished elsewhere) or failed."""
+
+    model: str
+    fold: int
+    state: str
+    seconds: float  # the job's wall time in its worker, placing the cache included
+    train_seconds: float  # inside train_fold; seconds - train_seconds is the engine's own per-job cost
+    worker: str  # host:pid and the GPUs the worker saw
+    error: str = ""
+
+
+class JobLog:
+    """A job's log: each line appended to its own file (`RunPaths.job_log`), then to `echo`, or, in a
+    worker (echo None), printed with the job's prefix for the driver's console.
+
+    Picklable without an echo (no lambdas), so it travels with the job to a worker process or a Ray node.
+    """
+
+    def __init__(self, path, prefix: str, echo: Callable[[str], None] | None = None):
+        self.path, self.prefix, self.echo = Path(path), prefix, echo
+
+    def __call__(self, line: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        if self.echo is not None:
+            self.echo(line)
+        else:
+            line = line.strip()
+            print(line if line.startswith(self.prefix) else f"[{self.prefix}] {line}", flush=True)
+
+
+def worker_name() -> str:
+    """host:pid and the GPUs this process may use, for the summary and for errors."""
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{socket.gethostname()}:{os.getpid()}" + (f" gpu {gpus}" if gpus else "")
+
+
+def timed_job(work: Callable, job) -> JobResult:
+    """Run one job in this process and time it."""
+    t0 = time.perf_counter()
+    train_seconds = work(job)
+    state = "skipped" if train_seconds is None else "done"
+    return JobResult(job.model.name, job.fold, state, time.perf_counter() - t0, train_seconds or 0.0, worker_name())
+
+
+def run_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log=print) -> list[JobResult]:
+    """Every job through the engine `cfg.name` names, `workers` at once on the local engine.
+
+    Raises:
+        StackerError: a job failed (one line naming the first, with how many others failed too).
+    """
+    results = (_ray_jobs if cfg.name == "ray" else _local_jobs)(work, jobs, cfg, workers, log)
+    log_summary(results, log)
+    raise_failures(results)
+    return results
+
+
+def raise_failures(results: list[JobResult]) -> None:
+    failed = [r for r in results if r.state == "failed"]
+    if failed:
+        first = failed[0]
+        more = f"; {len(failed) - 1} other job(s) failed too, see the summary" if len(failed) > 1 else ""
+        raise StackerError(f"{first.model} fold {first.fold}: {first.error}{more}")
+
+
+def log_summary(results: list[JobResult], log=print) -> None:
+    """One row per job: job, state, seconds, worker/device."""
+    log(f"  {'job':<28} {'state':<8} {'seconds':>8}  worker")
+    for r in results:
+        job = f"{r.model} fold {r.fold}"
+        log(f"  {job:<28} {r.state:<8} {r.seconds:>8.1f}  {r.worker}" + (f"  ({r.error})" if r.error else ""))
+
+
+def failed(job, error: str, worker: str = "") -> JobResult:
+    return JobResult(job.model.name, job.fold, "failed", 0.0, 0.0, worker, error)
+
+
+# ---------------------------------------------------------------- local: one process per GPU, one queue
+
+
+def _pin_worker(slots, threads: int) -> None:
+    """A local worker's initializer: take one GPU slot from the shared queue and see that GPU alone;
+    use its share of the CPU cores (as Ray gives a task OMP_NUM_THREADS = its num_cpus)."""
+    slot = slots.get()
+    if slot is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slot)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def worker_threads(workers: int) -> int:
+    """CPU threads per local worker: OMP_NUM_THREADS when set, else the cores shared out.
+
+    On CPU a job's weights are bit-identical across engines for the same threads per job; another
+    thread count may sum in another order (torch's CPU kernels split reductions by thread)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // workers))
+
+
+def _local_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log) -> list[JobResult]:
+    """`workers` spawned processes; each takes the next job when free (one submitted task per job)."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
+    slots = ctx.Queue()
+    for slot in range(workers):
+        slots.put(slot if gpus else None)
+    log(f"train-base: local engine, {workers} workers" + (f" on GPUs 0..{workers - 1}" if gpus else " on CPU"))
+    results = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pin_worker,
+                             initargs=(slots, worker_threads(workers))) as pool:
+        futures = {pool.submit(timed_job, work, job): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            i = futures[future]
+            results[i] = _local_result(future, jobs[i])
+    return [results[i] for i in range(len(jobs))]
+
+
+def _local_result(future, job) -> JobResult:
+    try:
+        return future.result()
+    except StackerError as e:
+        return failed(job, str(e))
+    except BrokenProcessPool:
+        return failed(job, "its worker process died (killed, or out of memory); run train-base again to "
+                           "resume it from its last checkpoint")
+
+
+# ---------------------------------------------------------------- ray: one task per job
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise StackerError(RAY_MISSING) from None
+    return ray
+
+
+def _ray_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log) -> list[JobResult]:
+    """One Ray task per job, results gathered as they finish; the workers' lines stream to this console."""
+    ray = _import_ray()
+    _ray_init(ray, cfg, workers)
+    resources = ray.cluster_resources()
+    log(f"train-base: ray engine, cluster {int(resources.get('CPU', 0))} CPUs, {resources.get('GPU', 0):g} GPUs")
+    task = ray.remote(max_calls=1, max_retries=cfg.max_retries)(timed_job)
+    gpus = [job_gpus(cfg, job, resources) for job in jobs]  # every refusal before the first job starts
+    refs = {task.options(num_gpus=g, num_cpus=cfg.num_cpus).remote(work, job): i
+            for i, (job, g) in enumerate(zip(jobs, gpus))}
+    results, pending = {}, list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        i = refs[done[0]]
+        results[i] = _ray_result(ray, done[0], jobs[i], cfg)
+    return [results[i] for i in range(len(jobs))]
+
+
+def _ray_init(ray, cfg: EngineConfig, workers: int) -> None:
+    """Join `cfg.address` (or RAY_ADDRESS), else start a local cluster of `workers` x num_cpus CPUs."""
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized() or address:
+        ray.init(address=address, ignore_reinit_error=True)
+    else:
+        ray.init(num_cpus=max(1, int(workers * cfg.num_cpus)), ignore_reinit_error=True)
+
+
+def job_gpus(cfg: EngineConfig, job, resources: dict) -> float:
+    """GPUs a job asks Ray for; refused up front when no node of the cluster could ever give them."""
+    cluster = resources.get("GPU", 0)
+    gpus = cfg.num_gpus
+    if gpus is None:
+        gpus = 1 if cluster and job.model.train.device != "cpu" else 0
+    if gpus > cluster:
+        raise StackerError(f"engine.num_gpus: {job.model.name} asks {gpus:g} GPUs per job, the cluster has "
+                           f"{cluster:g}; the jobs could never start")
+    if gpus > 1 and gpus != int(gpus):
+        raise StackerError(f"engine.num_gpus: {gpus:g} is neither a whole number nor a fraction of one GPU")
+    if cfg.num_cpus > resources.get("CPU", 0):
+        raise StackerError(f"engine.num_cpus: {cfg.num_cpus:g} per job, the cluster has "
+                           f"{resources.get('CPU', 0):g} CPUs; the jobs could never start")
+    return gpus
+
+
+def _ray_result(ray, ref, job, cfg: EngineConfig) -> JobResult:
+    """The job's result, or one line saying how it failed: its own error (not retried), Ray's memory
+    monitor, or a worker that died on every try."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(e.cause, StackerError) else None
+        if cause is None:
+            print(str(e), file=sys.stderr)  # a bug, not a user error: its traceback
+        return failed(job, str(cause) if cause else f"{type(e.cause).__name__}: {e.cause}")
+    except ray.exceptions.OutOfMemoryError:
+        return failed(job, "killed by Ray's memory monitor (its node ran out of host memory) and not retried "
+                           "again; give it more memory (engine.num_cpus reserves more of a node) or run fewer "
+                           "jobs per node")
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.TaskCancelledError):
+        return failed(job, f"its worker died on each of its {cfg.max_retries + 1} tries (engine.max_retries "
+                           f"{cfg.max_retries}); its last checkpoint is kept, run train-base again to resume it")

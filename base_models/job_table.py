@@ -1,0 +1,209 @@
+"""`stacker jobs`: where every (model, fold) job of a run stands, read from the run's files alone.
+
+A job's state, the first that holds:
+
+    running   another process holds the job's lock: train-base is training it (or --force deleting it)
+    stale     finished, but from other folds, train images, settings or weights (`job_state.stale_reason`):
+              train-base refuses it until --force
+    done      its history marks it finished and it is current
+    partial   an interrupted job's checkpoint: the next train-base resumes it after that epoch
+    pending   nothing yet
+
+Pure reading: nothing is created or written in the run (a read-only Kaggle dataset, a run being
+trained by a Slurm array), and torch is never imported. A checkpoint's epoch records are read from
+its pickle with every torch object left out; a lock is probed by taking a shared flock on the lock
+file opened read-only, for an instant (a train-base trying that very lock in that instant would
+find it held and skip the job, to be picked up by the next train-base).
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+
+from oof import RunPaths, StackerError, load_folds, read_json, run_paths
+
+from .cache import load_cache
+from .config import ModelSpec, base_configs
+from .job_state import Sources, is_trained, stale_reason
+
+COLUMNS = ("model", "fold", "state", "epoch", "device", "amp", "seconds", "valid_loss", "error_rate", "reason")
+STATES = ("running", "stale", "done", "partial", "pending")
+
+
+def job_table(cfg: dict, log=print) -> pd.DataFrame:
+    """Every (model, fold) job of the run a config names, its state, device, time and score; printed.
+
+    Args:
+        cfg: a raw config (`oof.load_config`): the run's run.yaml, or the config train-base is given.
+        log: where the printed table's lines go.
+
+    Returns:
+        One row per job, model by model (`COLUMNS`): state one of `STATES`; epoch the last finished
+        epoch (a finished job's kept epoch); seconds the sum of its epochs' times; valid_loss and
+        error_rate that epoch's; reason why a stale job is stale.
+    """
+    paths = run_paths(cfg)
+    if not cfg.get("models"):
+        raise StackerError(f"{paths.config}: not found and no models configured; pass the run's --config")
+    _, folds_cfg, specs, _ = base_configs(cfg)
+    folds = load_folds(paths.folds) if paths.folds.is_file() else None
+    sources, unchecked = _current_sources(paths, folds)
+    k = folds.k if folds is not None else folds_cfg.k
+    table = pd.DataFrame([_job_row(paths, spec, fold, sources) for spec in specs for fold in range(k)],
+                         columns=list(COLUMNS))
+    for line in format_job_table(table):
+        log(line)
+    if unchecked and (table["state"] == "done").any():
+        log(f"done jobs not checked for staleness: {unchecked}")
+    return table
+
+
+def _current_sources(paths: RunPaths, folds) -> tuple[Sources | None, str | None]:
+    """The folds and train cache a job would train on now, by digest; or None and why they are unknown."""
+    if folds is None:
+        return None, f"{paths.folds} not found"
+    try:
+        return Sources(folds.sha256, load_cache(paths, "train").digest), None
+    except (StackerError, OSError, ValueError) as e:  # no cache, or its data file missing or cut short
+        return None, str(e)
+
+
+def _job_row(paths: RunPaths, spec: ModelSpec, fold: int, sources: Sources | None) -> dict:
+    """One job's row: the finished job's history, else its checkpoint's epoch records, else nothing."""
+    name = spec.name
+    row = {"model": name, "fold": fold, "state": "pending"}
+    if is_trained(paths, name, fold):
+        history = read_json(paths.history(name, fold))
+        reason = stale_reason(paths, spec, fold, sources) if sources is not None else None
+        row.update(_scores(history.get("epochs", []), history.get("kept_epoch")), state="stale" if reason else "done",
+                   device=history.get("device_name"), amp=history.get("amp"), reason=reason)
+    elif paths.checkpoint(name, fold).is_file():
+        row.update(_scores(checkpoint_history(paths.checkpoint(name, fold)) or [], None), state="partial")
+    if lock_held(paths.job_lock(name, fold)):
+        row["state"] = "running"
+    return row
+
+
+def _scores(epochs: list[dict], kept: int | None) -> dict:
+    """The kept epoch's (else the last one's) number, losses, and the time of all epochs."""
+    if not epochs:
+        return {}
+    record = next((e for e in epochs if e.get("epoch") == kept), epochs[-1])
+    return {"epoch": record.get("epoch"), "seconds": sum(e.get("seconds", 0.0) for e in epochs),
+            "valid_loss": record.get("valid_loss"), "error_rate": record.get("error_rate")}
+
+
+def lock_held(path: Path) -> bool:
+    """Whether another process holds a job's lock (FileLock's flock), probed without creating or writing
+    anything: the lock file, when there is one, is opened read-only and a shared lock tried without waiting."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: FileLock's own probe, which opens the file for writing
+        return _held_by_filelock(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file: never taken; an unreadable one: nothing to tell
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the shared lock
+    return False
+
+
+def _held_by_filelock(path: Path) -> bool:
+    from filelock import FileLock, Timeout
+
+    if not path.is_file():
+        return False
+    try:
+        FileLock(path, timeout=0).acquire().lock.release()
+    except Timeout:
+        return True
+    return False
+
+
+class _WithoutTensors(pickle.Unpickler):
+    """torch.save's pickle with every torch object (tensors, storages) read as None: plain values survive.
+    Nothing but torch's names, OrderedDict and numpy scalars may be named, as torch's weights_only allows."""
+
+    PLAIN = {("collections", "OrderedDict"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+             ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if module.split(".")[0] == "torch":
+            return _nothing
+        if (module, name) in self.PLAIN:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint")
+
+    def persistent_load(self, pid):
+        return None  # a tensor's storage, kept in the archive beside the pickle
+
+
+def _nothing(*args, **kwargs) -> None:
+    return None
+
+
+def checkpoint_history(path: Path) -> list[dict] | None:
+    """An interrupted job's per-epoch records, read from its checkpoint without torch; None when unreadable.
+
+    torch.save writes a zip: `<archive>/data.pkl` (the structure) beside one file per tensor storage.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            with archive.open(pickled) as f:
+                return list(_WithoutTensors(f).load()["history"])
+    except Exception:  # a status view reports what it can: this job is partial, its epoch unknown
+        return None
+
+
+# ---------------------------------------------------------------- printing
+
+
+def format_job_table(table: pd.DataFrame) -> list[str]:
+    """The table as aligned lines, then one line of counts per state."""
+    header = ("model", "fold", "state", "device", "amp", "time", "valid_loss", "error_rate", "note")
+    cells = [header] + [_cells(row) for row in table.itertuples(index=False)]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header) - 1)]
+    lines = ["  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip() for row in cells]
+    counts = table["state"].value_counts()
+    summary = ", ".join(f"{counts[s]} {s}" for s in STATES if s in counts)
+    return lines + [f"{len(table)} jobs: {summary}"]
+
+
+def _cells(row) -> tuple[str, ...]:
+    state = row.state
+    if state == "partial":
+        state = "partial" if _missing(row.epoch) else f"partial at epoch {int(row.epoch)}"
+    return (row.model, str(row.fold), state, _text(row.device), _text(row.amp), _duration(row.seconds),
+            _number(row.valid_loss), _number(row.error_rate), "" if _missing(row.reason) else row.reason)
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _text(value) -> str:
+    return "-" if _missing(value) else str(value)
+
+
+def _number(value) -> str:
+    return "-" if _missing(value) else f"{value:.4f}"
+
+
+def _duration(seconds) -> str:
+    if _missing(seconds):
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{s:02d}s"
