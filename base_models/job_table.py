@@ -10,8 +10,9 @@ A job's state, the first that holds:
     pending   nothing yet
 
 Pure reading: nothing is created or written in the run (a read-only Kaggle dataset, a run being
-trained by a Slurm array), and torch is never imported. A checkpoint's epoch records are read from
-its pickle with every torch object left out; a lock is probed by taking a shared flock on the lock
+trained by a Slurm array). torch is needed only for a partial job's epoch, read from its checkpoint
+with `torch.load(weights_only=True)` as every checkpoint is; without torch that job is shown
+partial, its epoch unknown. A lock is probed by taking a shared flock on the lock
 file opened read-only, for an instant (a train-base trying that very lock in that instant would
 find it held and skip the job, to be picked up by the next train-base).
 """
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -130,38 +129,18 @@ def _held_by_filelock(path: Path) -> bool:
     return False
 
 
-class _WithoutTensors(pickle.Unpickler):
-    """torch.save's pickle with every torch object (tensors, storages) read as None: plain values survive.
-    Nothing but torch's names, OrderedDict and numpy scalars may be named, as torch's weights_only allows."""
-
-    PLAIN = {("collections", "OrderedDict"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-             ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module, name):
-        if module.split(".")[0] == "torch":
-            return _nothing
-        if (module, name) in self.PLAIN:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint")
-
-    def persistent_load(self, pid):
-        return None  # a tensor's storage, kept in the archive beside the pickle
-
-
-def _nothing(*args, **kwargs) -> None:
-    return None
-
-
 def checkpoint_history(path: Path) -> list[dict] | None:
-    """An interrupted job's per-epoch records, read from its checkpoint without torch; None when unreadable.
+    """An interrupted job's per-epoch records, read from its checkpoint; None when unreadable or without torch.
 
-    torch.save writes a zip: `<archive>/data.pkl` (the structure) beside one file per tensor storage.
+    Read as every checkpoint is, with `torch.load(weights_only=True)` (never a general unpickler); without
+    torch the job is still shown as partial, its epoch unknown.
     """
     try:
-        with zipfile.ZipFile(path) as archive:
-            pickled = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
-            with archive.open(pickled) as f:
-                return list(_WithoutTensors(f).load()["history"])
+        import torch
+    except ImportError:
+        return None
+    try:
+        return list(torch.load(path, map_location="cpu", weights_only=True)["history"])
     except Exception:  # a status view reports what it can: this job is partial, its epoch unknown
         return None
 
