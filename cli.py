@@ -99,8 +99,19 @@ def cmd_submit(args, log=print) -> int:
     sample = args.sample_submission or sample_submission_path(cfg)
     fmt = submit_config(cfg).format
     write_submission(run_paths(cfg).root, sample, args.out, source=args.source, force=args.force, log=log,
-                     fmt=fmt, metric=stack_config(cfg).metric)
+                     fmt=fmt, metric=submit_metric(cfg, args.source, stack_config(cfg).metric))
     return 0
+
+
+def submit_metric(cfg: dict, source: str | None, configured: str) -> str:
+    """The metric that decides an ambiguous submission layout: the stack's own (fit-stack --metric may
+    differ from run.yaml), else the configured one (a single model's table, or no stack yet)."""
+    from oof import read_json
+
+    decision = run_paths(cfg).decision
+    if source is None and decision.is_file():
+        return read_json(decision).get("metric") or configured
+    return configured
 
 
 def cmd_predict(args, log=print) -> int:

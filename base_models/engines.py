@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -140,11 +141,16 @@ def _local_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log
     import torch
 
     gpus = torch.cuda.device_count()
+    # The devices this process may use, as CUDA_VISIBLE_DEVICES names them (indices, UUIDs or MIG ids):
+    # a worker pinned to "slot 2" of a Slurm allocation "4,5,6" must see device 6, not device 2.
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    names = (visible or [str(i) for i in range(gpus)])[:gpus]
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
     slots = ctx.Queue()
     for slot in range(workers):
-        slots.put(slot if gpus else None)
-    log(f"train-base: local engine, {workers} workers" + (f" on GPUs 0..{workers - 1}" if gpus else " on CPU"))
+        slots.put(names[slot % len(names)] if gpus else None)
+    log(f"train-base: local engine, {workers} workers" + (f" on GPUs {', '.join(names[:workers])}" if gpus
+                                                          else " on CPU"))
     results = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pin_worker,
                              initargs=(slots, worker_threads(workers))) as pool:
@@ -163,6 +169,9 @@ def _local_result(future, job) -> JobResult:
     except BrokenProcessPool:
         return failed(job, "its worker process died (killed, or out of memory); run train-base again to "
                            "resume it from its last checkpoint")
+    except Exception as e:  # anything else a job raised (CUDA out of memory, a damaged weights file): named
+        traceback.print_exception(e)
+        return failed(job, f"{type(e).__name__}: {e}".splitlines()[0])
 
 
 # ---------------------------------------------------------------- ray: one task per job

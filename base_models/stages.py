@@ -31,7 +31,9 @@ def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=prin
     if force:
         remove_job_outputs(paths, select_jobs(job_grid(specs, folds_cfg.k), chosen, folds_cfg.k), log)
     _, folds = prepare_run(paths, data, folds_cfg, cache_size(specs), force and not chosen, log)
-    write_run_config(paths, {**resolved_sections(data, folds_cfg, specs, tta), "stack": cfg.get("stack") or {}})
+    # stack and submit are kept as given (their own stages check them); engine is how this call runs, not the run
+    how = {key: cfg[key] for key in ("stack", "submit") if cfg.get(key)}
+    write_run_config(paths, {**resolved_sections(data, folds_cfg, specs, tta), "stack": {}, **how})
     # the outputs are gone already: deleting them again could delete a job another process finished since
     train_base(paths, specs, folds, data, StageOptions(force=False, parallel=parallel, log=log, only=chosen,
                                                        engine=engine))

@@ -124,13 +124,15 @@ def run_paths(cfg: dict) -> RunPaths:
 
 
 def write_run_config(paths: RunPaths, sections: dict) -> None:
-    """Write the resolved config as `<run>/run.yaml`; models already in the run and not in `sections` are kept."""
+    """Write the resolved config as `<run>/run.yaml`; models already in the run and not in `sections` are kept,
+    and so are `submit:` and `engine:` sections the file has and `sections` does not (set by hand)."""
     paths.root.mkdir(parents=True, exist_ok=True)
     with FileLock(paths.config_lock):  # two train-base processes on one run: each keeps the other's models
-        previous = read_yaml(paths.config).get("models") if paths.config.is_file() else None
-        models = {m["name"]: m for m in previous or [] if isinstance(m, dict) and "name" in m}
+        saved = read_yaml(paths.config) if paths.config.is_file() else {}
+        models = {m["name"]: m for m in saved.get("models") or [] if isinstance(m, dict) and "name" in m}
         models.update({m["name"]: m for m in sections.get("models", [])})
-        resolved = {"run_dir": RUN_HERE, **_relocatable(paths, sections), "models": list(models.values())}
+        kept = {k: saved[k] for k in ("submit", "engine") if k in saved and k not in sections}  # set by hand
+        resolved = {"run_dir": RUN_HERE, **kept, **_relocatable(paths, sections), "models": list(models.values())}
         resolved = {k: resolved[k] for k in SECTIONS if k in resolved}
         write_text(paths.config, yaml.safe_dump(_plain(resolved), sort_keys=False))
 

@@ -57,6 +57,7 @@ Z_FLAG = 4.0  # a leak is flagged beyond 4 robust standard deviations of the hon
 MIN_MODELS_FOR_SPREAD = 3  # median and MAD of at least two other models
 # Fold models trained on different rows differ by far more than float32 storage rounding (~6e-8).
 SAME_TABLE_ATOL = 1e-6
+MIN_OPEN_ROWS = 10  # test rows on which some fold model is unsure: fewer cannot show K models apart
 
 
 @dataclass
@@ -131,11 +132,20 @@ def _model_gaps(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]) -
 
 
 def _identical_folds(data: LeakInputs, m: int) -> bool:
-    """Whether the model's K fold test tables are one table (K >= 2, at least one test row)."""
+    """Whether the model's K fold test tables are one table, on rows where fold models could differ.
+
+    Rows on which every fold model is sure (top probability past 1 - 1e-3: float32 softmax
+    saturates) say nothing: honest fold models agree there too. At least MIN_OPEN_ROWS rows
+    below that must exist, and match, for the tables to count as one model's.
+    """
     tests = data.test_folds
     if tests is None or len(tests) < 2 or tests.shape[1] == 0:
         return False
-    return bool(np.abs(tests[1:, :, m] - tests[0, :, m]).max() <= SAME_TABLE_ATOL)
+    t = tests[:, :, m]  # (K, T, C)
+    open_rows = (t.max(axis=2) < 1 - 1e-3).any(axis=0)
+    if open_rows.sum() < MIN_OPEN_ROWS:
+        return False
+    return bool(np.abs(t[1:, open_rows] - t[0, open_rows]).max() <= SAME_TABLE_ATOL)
 
 
 def _fold_rightness(data: LeakInputs, m: int, oof_sum: np.ndarray, folds: np.ndarray) -> list[tuple[float, float]]:

@@ -194,3 +194,24 @@ def test_a_missing_ray_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(StackerError, match=r"^engine\.name ray: Ray is not installed; pip install 'stacker\[ray\]'$"):
         engines.run_jobs(print, [], RAY, 1)
+
+
+def crash_on_fold_one(job):
+    """A job function for the local engine: fold 1 raises what torch would (not a StackerError)."""
+    if job.fold == 1:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    return 0.0
+
+
+def test_any_error_in_a_local_job_is_one_line_naming_it_after_the_others_ran():
+    from types import SimpleNamespace
+
+    from base_models.config import EngineConfig
+    from base_models.engines import run_jobs
+
+    jobs = [SimpleNamespace(model=SimpleNamespace(name="m"), fold=f) for f in range(3)]
+    lines = []
+    with pytest.raises(StackerError, match=r"^m fold 1: RuntimeError: CUDA out of memory\. Tried to allocate "
+                                           r"2\.00 GiB$"):
+        run_jobs(crash_on_fold_one, jobs, EngineConfig(), 2, lines.append)
+    assert sum(" done " in line for line in lines) == 2, lines  # the other jobs ran and are in the summary

@@ -196,3 +196,15 @@ def test_a_run_without_a_test_set_still_stacks(tmp_path):
     root = write_run(tmp_path / "run", folds, oof, {m: np.zeros((0, 3)) for m in oof}, [])
     decision = fit_stack(root, fast_config(), log=None)
     assert decision["used"] == ["a", "b", "c"] and not decision["excluded"]
+
+
+def test_saturated_or_tiny_test_sets_are_not_taken_for_identical_fold_tables():
+    """Honest fold models agree on rows where all are sure, and one test row proves nothing."""
+    rng = np.random.default_rng(0)
+    y, fold = rng.integers(0, 3, 300), np.arange(300) % 5
+    oof = np.stack([np.eye(3)[y] * 0.8 + 0.2 / 3] * 3, axis=1)  # (N, M, C), three alike honest models
+    for t in (1, 40):
+        sure = np.full((5, t, 3, 3), 1e-8)
+        sure[..., 0] = 1 - 2e-8  # every fold model certain of class 0 on every test row
+        report = leak_report(LeakInputs(y, fold, oof, sure.mean(axis=0), sure, ["a", "b", "c"]))
+        assert not any(r["identical_folds"] or r["flagged"] for r in report.values()), (t, report)

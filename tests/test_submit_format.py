@@ -213,3 +213,19 @@ def test_the_cli_format_flag_and_set_key(binary, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == ("stacker: error: submit.format: expected one of "
                                                    "['auto', 'labels', 'proba'], got 'probs'")
+
+
+def test_the_cli_follows_the_metric_the_stack_was_fitted_on(tmp_path):
+    """fit-stack --metric neg_log_loss does not change run.yaml: submit must read the decision's metric."""
+    rng = np.random.default_rng(1)
+    labels = [str(c) for c in rng.integers(0, 2, 200)]
+    folds = make_folds([f"r{i:03d}" for i in range(200)], labels, k=5, seed=0)
+    y_test = rng.integers(0, 2, len(TEST_IDS))
+    oof = {m: noisy_copy(folds.y, 2, a, rng) for m, a in (("a", 0.8), ("b", 0.7))}
+    test = {m: noisy_copy(y_test, 2, a, rng) for m, a in (("a", 0.8), ("b", 0.7))}
+    root = write_run(tmp_path / "run", folds, oof, test, TEST_IDS)
+    fit_stack(root, fast_config(candidates=["mean"], metric="neg_log_loss"), log=None)
+    sample = sample_csv(tmp_path / "sample.csv", TEST_IDS, {"label": "0"})
+    done = stacker_cli("submit", "--run", root, "--sample-submission", sample)
+    assert done.returncode == 0, done.stderr
+    assert read_json(record_of(root / "submission.csv"))["format"] == "positive-class probability", done.stdout
