@@ -202,7 +202,8 @@ def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, data: Data
     Raises:
         StackerError: finished jobs trained on other folds, other train images, another recipe, or
             whose weights changed since (one line naming them; --force retrains them); a job that
-            failed (one line naming it, once the other jobs finished).
+            failed (one line naming it: with several workers once the others finished, in-process at
+            once, the jobs after it left pending for the next call).
     """
     log = options.log
     jobs = select_jobs(job_grid(specs, folds.k), options.only, folds.k)

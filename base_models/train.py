@@ -563,7 +563,13 @@ def _save_result(state: TrainState) -> None:
 def load_fold_model(paths: RunPaths, spec: ModelSpec, fold: int, targets: list[Target], device) -> torch.nn.Module:
     """A trained fold model, weights from safetensors (no pickle, no pretrained file needed)."""
     model = build_model(spec, targets, pretrained=False)
-    load_model(model, str(paths.weights(spec.name, fold)))
+    path = paths.weights(spec.name, fold)
+    try:
+        load_model(model, str(path))
+    except (RuntimeError, OSError, ValueError) as e:  # another arch or timm version, a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StackerError(f"{path}: does not load into {spec.arch} ({first}); was the model's arch or "
+                           "model_kwargs changed, or the weights replaced?") from None
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -282,3 +282,21 @@ def test_history_json_is_plain(fp16_run):
     paths, _, _ = fp16_run
     text = paths.history("test_resnet", 0).read_text()
     assert "NaN" not in text and json.loads(text)["device_name"] == "cpu"
+
+
+def test_weights_that_do_not_fit_the_arch_are_one_line_naming_the_file(tmp_path):
+    """Another arch's (or timm version's) weights under a model's name: a StackerError, not a torch traceback."""
+    import numpy as np
+    from safetensors.torch import save_model
+
+    from base_models.config import model_specs
+    from base_models.train import Target, build_model, load_fold_model
+    from oof import RunPaths, StackerError
+
+    specs = model_specs([{"arch": "test_resnet"}, {"arch": "test_efficientnet", "name": "wrong"}], {"size": 16})
+    targets = [Target(None, ("a", "b"), np.array([0, 1]))]
+    paths = RunPaths(tmp_path)
+    paths.model_dir("test_resnet").mkdir(parents=True)
+    save_model(build_model(specs[1], targets, pretrained=False), str(paths.weights("test_resnet", 0)))
+    with pytest.raises(StackerError, match=r"fold0\.safetensors: does not load into test_resnet \("):
+        load_fold_model(paths, specs[0], 0, targets, torch.device("cpu"))
