@@ -21,15 +21,21 @@ TEST_IDS = ["007", "010", "0a1", "123", "999", "042"]
 @pytest.fixture(scope="module")
 def binary(tmp_path_factory):
     """A stacked run of two classes "0"/"1" whose test ids keep leading zeros; returns (root, stack test table)."""
-    rng = np.random.default_rng(0)
+    root = binary_run(tmp_path_factory.mktemp("binary") / "run", seed=0)
+    return root, read_table(RunPaths(root).stack_test, ("0", "1"), "test")
+
+
+def binary_run(root: Path, seed: int, **stack) -> Path:
+    """Two models of a two-class run ("0"/"1"), stacked with the mean under `stack`'s settings."""
+    rng = np.random.default_rng(seed)
     labels = [str(c) for c in rng.integers(0, 2, 200)]
     folds = make_folds([f"r{i:03d}" for i in range(200)], labels, k=5, seed=0)
     y_test = rng.integers(0, 2, len(TEST_IDS))
     oof = {m: noisy_copy(folds.y, 2, a, rng) for m, a in (("a", 0.8), ("b", 0.7))}
     test = {m: noisy_copy(y_test, 2, a, rng) for m, a in (("a", 0.8), ("b", 0.7))}
-    root = write_run(tmp_path_factory.mktemp("binary") / "run", folds, oof, test, TEST_IDS)
-    fit_stack(root, fast_config(candidates=["mean"]), log=None)
-    return root, read_table(RunPaths(root).stack_test, folds.classes, "test")
+    write_run(root, folds, oof, test, TEST_IDS)
+    fit_stack(root, fast_config(candidates=["mean"], **stack), log=None)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -217,14 +223,7 @@ def test_the_cli_format_flag_and_set_key(binary, tmp_path):
 
 def test_the_cli_follows_the_metric_the_stack_was_fitted_on(tmp_path):
     """fit-stack --metric neg_log_loss does not change run.yaml: submit must read the decision's metric."""
-    rng = np.random.default_rng(1)
-    labels = [str(c) for c in rng.integers(0, 2, 200)]
-    folds = make_folds([f"r{i:03d}" for i in range(200)], labels, k=5, seed=0)
-    y_test = rng.integers(0, 2, len(TEST_IDS))
-    oof = {m: noisy_copy(folds.y, 2, a, rng) for m, a in (("a", 0.8), ("b", 0.7))}
-    test = {m: noisy_copy(y_test, 2, a, rng) for m, a in (("a", 0.8), ("b", 0.7))}
-    root = write_run(tmp_path / "run", folds, oof, test, TEST_IDS)
-    fit_stack(root, fast_config(candidates=["mean"], metric="neg_log_loss"), log=None)
+    root = binary_run(tmp_path / "run", seed=1, metric="neg_log_loss")
     sample = sample_csv(tmp_path / "sample.csv", TEST_IDS, {"label": "0"})
     done = stacker_cli("submit", "--run", root, "--sample-submission", sample)
     assert done.returncode == 0, done.stderr
