@@ -79,10 +79,16 @@ def read_run_yaml(path: Path) -> dict:
     """A config file; a run's own run.yaml (`run_dir: .`) relocated to the folder it is in now.
 
     Its `run_dir` becomes that folder and a relative `data.root` is resolved against it, so a
-    run copied elsewhere keeps working; any other config's relative paths are the caller's.
+    run copied elsewhere keeps working; so does an older run.yaml with an absolute `run_dir` that
+    sits beside its run's folds. Any other config's relative paths are the caller's.
     """
     cfg = read_yaml(path)
-    if cfg.get("run_dir") != RUN_HERE or path.name != RunPaths(path.parent).config.name:
+    beside = RunPaths(path.parent)
+    if path.name != beside.config.name:
+        return cfg
+    # An older run.yaml names its run by absolute path; inside a run (its folds beside it) it is that run now.
+    moved = cfg.get("run_dir") != RUN_HERE and (beside.folds.is_file() or beside.folds_csv.is_file())
+    if cfg.get("run_dir") != RUN_HERE and not moved:
         return cfg
     here = path.parent.resolve()
     cfg["run_dir"] = str(here)
