@@ -543,7 +543,7 @@ def _predict_fold(run: _PredictRun, preds: _ModelPredictions, k: int) -> None:
         else:  # an empty test set gives one (V, 0, 0) array, not one per target: add nothing
             p = preds.test_sum[t]
         preds.test_sum[t] += p
-        _write_test(run.paths.test_fold(spec.name, k, target.name), p, test_ids, target, {**preds.meta, "fold": k})
+        write_test(run.paths.test_fold(spec.name, k, target.name), p, test_ids, target, {**preds.meta, "fold": k})
     run.log(f"  {spec.name} fold {k}: {len(rows)} OOF rows, {len(test_ids)} test rows")
 
 
@@ -555,10 +555,11 @@ def _write_model_tables(run: _PredictRun, preds: _ModelPredictions) -> None:
                             table=folds.table.assign(label=[target.classes[i] for i in target.y]))
         table = PredictionTable(folds.ids, preds.oof[t], target.classes, folds.fold, preds.meta)
         write_table(run.paths.oof(name, target.name), validate_oof(table, fold_view))
-        _write_test(run.paths.test(name, target.name), preds.test_sum[t] / folds.k, run.test.ids, target, preds.meta)
+        write_test(run.paths.test(name, target.name), preds.test_sum[t] / folds.k, run.test.ids, target, preds.meta)
 
 
-def _write_test(path, proba, ids, target: Target, meta) -> None:
+def write_test(path, proba, ids, target: Target, meta) -> None:
+    """A test table (one fold model's or the mean), checked against the ids and classes, written atomically."""
     proba = proba.reshape(len(ids), len(target.classes))
     table = PredictionTable(ids, proba, target.classes, None, meta, str(path))
     write_table(path, validate_test(table, ids, target.classes))

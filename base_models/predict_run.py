@@ -32,15 +32,15 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-from oof import (PredictionTable, RunPaths, StackerError, file_digest, load_folds, read_json, read_table,
-                 remove_temps, validate_test, write_table)
+from oof import (RunPaths, StackerError, file_digest, load_folds, read_json, read_table,
+                 remove_temps, validate_test)
 
 from .augment import PLAIN, tta_views
 from .batches import ImageSource
 from .cache import CacheOptions, ImageCache, build_cache
 from .config import DataConfig, ModelSpec, TTAConfig
 from .dataset import NewTestImages, resolve_new_test
-from .jobs import UNCOMPARED_META, StageOptions, cache_size, load_targets
+from .jobs import UNCOMPARED_META, StageOptions, cache_size, load_targets, write_test
 from .models import model_norm, resolve_device
 from .predict import ViewPlan, combine_tta, predict_views, resolve_amp
 from .train import Target, load_fold_model
@@ -202,7 +202,7 @@ def _predict_model(job: _NewTest, model: _UsedModel) -> None:
         for t, p in enumerate(kept[fold]):
             sums[t] += p
     for t, target in enumerate(job.targets):
-        _write_test(job.out.test(name, target.name), sums[t] / job.k, job.cache.ids, target, meta)
+        write_test(job.out.test(name, target.name), sums[t] / job.k, job.cache.ids, target, meta)
 
 
 def _current_fold(job: _NewTest, name: str, fold: int, meta: dict) -> list[np.ndarray] | None:
@@ -237,12 +237,8 @@ def _predict_fold(job: _NewTest, model: _UsedModel, fold: int, images: ImageSour
     views = predict_views(forward, images, np.arange(len(ids)), plan)  # per target (V, N, C_t)
     probs = [combine_tta(v[0], v[1:], tta["combine"], tta["beta"]) for v in views]
     for p, target in zip(probs, job.targets):
-        _write_test(job.out.test_fold(spec.name, fold, target.name), p, ids, target, meta)
+        write_test(job.out.test_fold(spec.name, fold, target.name), p, ids, target, meta)
     job.options.log(f"  {spec.name} fold {fold}: {len(ids)} test rows")
     return probs
 
-
-def _write_test(path, proba: np.ndarray, ids, target: Target, meta: dict) -> None:
-    table = PredictionTable(ids, proba.reshape(len(ids), len(target.classes)), target.classes, None, meta, str(path))
-    write_table(path, validate_test(table, ids, target.classes))
 
