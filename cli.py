@@ -72,7 +72,7 @@ def cmd_predict_oof(args, log=print) -> int:
     need_training_packages("predict-oof")
     from base_models.stages import predict_oof_stage
 
-    predict_oof_stage(resolve_config(args), args.models, args.force, log)
+    predict_oof_stage(resolve_config(args), args.models, args.force, log, args.parallel, args.only)
     return 0
 
 
@@ -169,10 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_base_arguments(stage("train-base", cmd_train_base, "make folds and the image cache, train every "
                                "(model, fold)"))
 
-    p = stage("predict-oof", cmd_predict_oof, "predict OOF rows and the test set with TTA")
+    p = stage("predict-oof", cmd_predict_oof, "predict OOF rows and the test set with TTA, one job per "
+              "(model, fold)")
     p.add_argument("--tta-n", type=int, help="augmented TTA views (tta.n)")
     p.add_argument("--models", nargs="+", help="only these models")
-    engine_arguments(p)
+    job_arguments(p, "predict just this job, e.g. resnet26d:0 (repeatable); a model's tables are written once "
+                     "all its folds are predicted")
 
     p = stage("fit-stack", cmd_fit_stack, "fit and guard the meta level; write stack/decision.json")
     p.add_argument("--metric", help="stack.metric, e.g. accuracy or neg_log_loss")
@@ -206,14 +208,14 @@ def train_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="train.epochs for every model")
     p.add_argument("--device", help="train.device: auto, cpu or cuda")
     p.add_argument("--k", type=int, help="folds.k")
+    job_arguments(p, "train just this job, e.g. resnet26d:0 (repeatable; one per Slurm array task); the folds "
+                     "and cache are still made; with --force only these jobs are redone")
+
+
+def job_arguments(p: argparse.ArgumentParser, only_help: str) -> None:
+    """The (model, fold) job grid's flags: how many at once, which ones, on which engine."""
     p.add_argument("--parallel", type=int, default=1, help="jobs at once on CPU (on CUDA: one per visible GPU)")
-    p.add_argument("--only", action="append", metavar="MODEL:FOLD",
-                   help="train just this job, e.g. resnet26d:0 (repeatable; one per Slurm array task); the folds "
-                        "and cache are still made; with --force only these jobs are redone")
-    engine_arguments(p)
-
-
-def engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", action="append", metavar="MODEL:FOLD", help=only_help)
     p.add_argument("--engine", choices=("local", "ray"), help="engine.name: where the jobs run (default local)")
     p.add_argument("--address", help="engine.address: the Ray cluster to join (default RAY_ADDRESS or a new one)")
 

@@ -1,4 +1,4 @@
-"""Engines: where and when train-base's (model, fold) jobs run; never what a job computes.
+"""Engines: where and when a stage's (model, fold) jobs run (train-base's, predict-oof's); never what a job computes.
 
 An engine gets a picklable `work(job) -> seconds inside train_fold (None: skipped)` and the jobs,
 runs each job once, and returns one `JobResult` per job. A job is idempotent (its file lock, its
@@ -7,8 +7,10 @@ rerun a job whose worker died: it resumes from its last epoch checkpoint.
 
 - `local`: one worker process per visible GPU (or `parallel` on CPU), fed from one shared queue, so
   a free worker takes the next job; each worker is pinned to one GPU (CUDA_VISIBLE_DEVICES).
-- `ray`: one Ray task per job (`max_calls=1`: a fresh process per job); a dead worker is retried up to
-  `max_retries` times, an error the job raises is not.
+- `ray`: one Ray task per job; a dead worker is retried up to `max_retries` times, an error the job
+  raises is not. A GPU job's worker is retired after it (`max_calls=1`), so the next job starts on a
+  GPU whose memory is all free; CPU workers are reused (a fresh process per job costs 5-10 s here, the
+  import of torch, for nothing: a CPU job leaves no device memory behind).
 
 A job that fails ends the stage with one line naming it, after the other jobs finish (their results
 are kept); a summary table (job, state, seconds, worker) ends every engine run.
@@ -82,13 +84,14 @@ def timed_job(work: Callable, job) -> JobResult:
     return JobResult(job.model.name, job.fold, state, time.perf_counter() - t0, train_seconds or 0.0, worker_name())
 
 
-def run_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log=print) -> list[JobResult]:
-    """Every job through the engine `cfg.name` names, `workers` at once on the local engine.
+def run_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log=print,
+             stage: str = "train-base") -> list[JobResult]:
+    """Every job of `stage` through the engine `cfg.name` names, `workers` at once on the local engine.
 
     Raises:
         StackerError: a job failed (one line naming the first, with how many others failed too).
     """
-    results = (_ray_jobs if cfg.name == "ray" else _local_jobs)(work, jobs, cfg, workers, log)
+    results = (_ray_jobs if cfg.name == "ray" else _local_jobs)(work, jobs, cfg, workers, log, stage)
     log_summary(results, log)
     raise_failures(results)
     return results
@@ -136,7 +139,7 @@ def worker_threads(workers: int) -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // workers))
 
 
-def _local_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log) -> list[JobResult]:
+def _local_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log, stage: str) -> list[JobResult]:
     """`workers` spawned processes; each takes the next job when free (one submitted task per job)."""
     import torch
 
@@ -149,7 +152,7 @@ def _local_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log
     slots = ctx.Queue()
     for slot in range(workers):
         slots.put(names[slot % len(names)] if gpus else None)
-    log(f"train-base: local engine, {workers} workers" + (f" on GPUs {', '.join(names[:workers])}" if gpus
+    log(f"{stage}: local engine, {workers} workers" + (f" on GPUs {', '.join(names[:workers])}" if gpus
                                                           else " on CPU"))
     results = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pin_worker,
@@ -157,18 +160,18 @@ def _local_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log
         futures = {pool.submit(timed_job, work, job): i for i, job in enumerate(jobs)}
         for future in as_completed(futures):
             i = futures[future]
-            results[i] = _local_result(future, jobs[i])
+            results[i] = _local_result(future, jobs[i], stage)
     return [results[i] for i in range(len(jobs))]
 
 
-def _local_result(future, job) -> JobResult:
+def _local_result(future, job, stage: str) -> JobResult:
     try:
         return future.result()
     except StackerError as e:
         return failed(job, str(e))
     except BrokenProcessPool:
-        return failed(job, "its worker process died (killed, or out of memory); run train-base again to "
-                           "resume it from its last checkpoint")
+        return failed(job, f"its worker process died (killed, or out of memory); run {stage} again to "
+                           "resume it (training resumes from its last checkpoint)")
     except Exception as e:  # anything else a job raised (CUDA out of memory, a damaged weights file): named
         traceback.print_exception(e)
         return failed(job, f"{type(e).__name__}: {e}".splitlines()[0])
@@ -185,22 +188,28 @@ def _import_ray():
     return ray
 
 
-def _ray_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log) -> list[JobResult]:
+def _ray_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log, stage: str) -> list[JobResult]:
     """One Ray task per job, results gathered as they finish; the workers' lines stream to this console."""
     ray = _import_ray()
     _ray_init(ray, cfg, workers)
     resources = ray.cluster_resources()
-    log(f"train-base: ray engine, cluster {int(resources.get('CPU', 0))} CPUs, {resources.get('GPU', 0):g} GPUs")
-    task = ray.remote(max_calls=1, max_retries=cfg.max_retries)(timed_job)
+    log(f"{stage}: ray engine, cluster {int(resources.get('CPU', 0))} CPUs, {resources.get('GPU', 0):g} GPUs")
+    gpu_task = ray.remote(max_calls=1, max_retries=cfg.max_retries)(timed_job)  # retired after each job
+    cpu_task = ray.remote(max_retries=cfg.max_retries)(_timed_cpu_job)  # reused: max_calls is per function
     gpus = [job_gpus(cfg, job, resources) for job in jobs]  # every refusal before the first job starts
-    refs = {task.options(num_gpus=g, num_cpus=cfg.num_cpus).remote(work, job): i
+    refs = {(gpu_task if g else cpu_task).options(num_gpus=g, num_cpus=cfg.num_cpus).remote(work, job): i
             for i, (job, g) in enumerate(zip(jobs, gpus))}
     results, pending = {}, list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         i = refs[done[0]]
-        results[i] = _ray_result(ray, done[0], jobs[i], cfg)
+        results[i] = _ray_result(ray, done[0], jobs[i], cfg, stage)
     return [results[i] for i in range(len(jobs))]
+
+
+def _timed_cpu_job(work: Callable, job) -> JobResult:
+    """`timed_job` as a Ray function of its own: Ray keeps max_calls per function, and CPU workers are reused."""
+    return timed_job(work, job)
 
 
 def _ray_init(ray, cfg: EngineConfig, workers: int) -> None:
@@ -229,7 +238,7 @@ def job_gpus(cfg: EngineConfig, job, resources: dict) -> float:
     return gpus
 
 
-def _ray_result(ray, ref, job, cfg: EngineConfig) -> JobResult:
+def _ray_result(ray, ref, job, cfg: EngineConfig, stage: str) -> JobResult:
     """The job's result, or one line saying how it failed: its own error (not retried), Ray's memory
     monitor, or a worker that died on every try."""
     try:
@@ -245,4 +254,4 @@ def _ray_result(ray, ref, job, cfg: EngineConfig) -> JobResult:
                            "jobs per node")
     except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.TaskCancelledError):
         return failed(job, f"its worker died on each of its {cfg.max_retries + 1} tries (engine.max_retries "
-                           f"{cfg.max_retries}); its last checkpoint is kept, run train-base again to resume it")
+                           f"{cfg.max_retries}); run {stage} again to resume it (training from its last checkpoint)")

@@ -15,9 +15,9 @@ import torch
 
 from oof import StackerError
 
-from .augment import View, normalize, view_batch
+from .augment import PLAIN, View, normalize, tta_views, view_batch
 from .batches import ImageSource
-from .models import logits_list
+from .models import logits_list, model_norm
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -151,3 +151,23 @@ def combine_tta(plain: np.ndarray, augmented: np.ndarray, combine: str, beta: fl
     else:
         p = (plain + augmented.sum(axis=0)) / (augmented.shape[0] + 1)
     return p / p.sum(axis=1, keepdims=True)
+
+
+def predict_with_tta(net: torch.nn.Module, images: ImageSource, rows: np.ndarray, meta: dict, batch_size: int,
+                     compile_model: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One fold model's predictions of `rows` as a prediction table's metadata records them.
+
+    predict-oof and `stacker predict` both call this, so a new test set is predicted exactly as the
+    run's own was: `meta["tta"]` gives the views (n), how they combine (combine, beta) and the size,
+    `meta["amp"]` the precision. `compile_model` compiles with a fixed batch shape (CUDA only).
+
+    Returns:
+        Per target (main first): (plain view alone, views combined), each (len(rows), C_t).
+    """
+    tta = meta["tta"]
+    compiled = compile_model and images.device.type == "cuda"
+    forward = torch.compile(net) if compiled else net
+    plan = ViewPlan(tuple(tta["size"]), [PLAIN, *tta_views(tta["n"])], model_norm(net), batch_size,
+                    fixed_shape=compiled, amp=meta["amp"])
+    views = predict_views(forward, images, rows, plan)  # per target (V, n, C_t)
+    return [(v[0], combine_tta(v[0], v[1:], tta["combine"], tta["beta"])) for v in views]

@@ -28,21 +28,21 @@ same device, the very numbers predict-oof wrote.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
-import torch
 from filelock import FileLock, Timeout
 
 from oof import (RunPaths, StackerError, file_digest, load_folds, read_json, read_table,
                  remove_temps, validate_test)
 
-from .augment import PLAIN, tta_views
 from .batches import ImageSource
 from .cache import CacheOptions, ImageCache, build_cache
 from .config import DataConfig, ModelSpec, TTAConfig
 from .dataset import NewTestImages, resolve_new_test
-from .jobs import UNCOMPARED_META, StageOptions, cache_size, load_targets, write_test
-from .models import model_norm, resolve_device
-from .predict import ViewPlan, combine_tta, predict_views, resolve_amp
+from .jobs import StageOptions, cache_size, load_targets
+from .models import resolve_device
+from .predict import predict_with_tta, resolve_amp
+from .predict_oof import UNCOMPARED_META, write_test
 from .train import Target, load_fold_model
 
 # What a run's test table must record for its model to be predicted again the same way.
@@ -228,14 +228,10 @@ def _predict_fold(job: _NewTest, model: _UsedModel, fold: int, images: ImageSour
     Returns:
         Per target (N, C_t) probabilities, also written as that fold's tables.
     """
-    spec, tta, ids = model.spec, model.meta["tta"], job.cache.ids
-    compiled = spec.train.compile and images.device.type == "cuda"
+    spec, ids = model.spec, job.cache.ids
     net = load_fold_model(job.run.paths, spec, fold, job.targets, images.device)
-    forward = torch.compile(net) if compiled else net
-    plan = ViewPlan(tuple(tta["size"]), [PLAIN, *tta_views(tta["n"])], model_norm(net), job.run.tta.batch_size,
-                    fixed_shape=compiled, amp=meta["amp"])
-    views = predict_views(forward, images, np.arange(len(ids)), plan)  # per target (V, N, C_t)
-    probs = [combine_tta(v[0], v[1:], tta["combine"], tta["beta"]) for v in views]
+    probs = [tta for _, tta in predict_with_tta(net, images, np.arange(len(ids)), meta, job.run.tta.batch_size,
+                                                spec.train.compile)]
     for p, target in zip(probs, job.targets):
         write_test(job.out.test_fold(spec.name, fold, target.name), p, ids, target, meta)
     job.options.log(f"  {spec.name} fold {fold}: {len(ids)} test rows")

@@ -62,19 +62,24 @@ def parse_only(items, specs: list[ModelSpec], k: int) -> tuple[tuple[str, int], 
     return tuple(pairs)
 
 
-def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = False, log=print) -> None:
-    """Predict every model's OOF rows and the test set with TTA (only `models` when given)."""
+def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = False, log=print,
+                      parallel: int = 1, only=None) -> None:
+    """Predict every pending (model, fold) job's OOF rows and the test set with TTA (only `models` when
+    given; with `only`, "MODEL:FOLD" items, just those jobs), and each model's tables once all its folds are in."""
     paths = run_paths(cfg)
     data, _, specs, tta = base_configs(cfg)
     engine = engine_config(cfg)
-    from .jobs import StageOptions, predict_oof
+    from .jobs import StageOptions
+    from .predict_oof import predict_oof
     if models:
         unknown = sorted(set(models) - {s.name for s in specs})
         if unknown:
             raise StackerError(f"--models: {unknown} are not models of the run {[s.name for s in specs]}")
         specs = [s for s in specs if s.name in models]
-    options = StageOptions(force=force, log=log, engine=engine)
-    predict_oof(paths, specs, load_folds(paths.folds), tta, data, options)
+    folds = load_folds(paths.folds)
+    options = StageOptions(force=force, parallel=parallel, log=log, only=parse_only(only, specs, folds.k),
+                           engine=engine)
+    predict_oof(paths, specs, folds, tta, data, options)
 
 
 def predict_stage(cfg: dict, images, out_dir, models: list[str], force: bool = False, log=print) -> None:

@@ -7,7 +7,8 @@
     <run>/models/<model>/fold<k>.*          weights, history, job log, resume checkpoint, lock
     <run>/preds/<model>/oof.parquet         OOF probabilities (oof.csv from other tools)
     <run>/preds/<model>/test.parquet        test probabilities, mean over fold models (test.csv likewise)
-    <run>/preds/<model>/test_fold<k>.parquet
+    <run>/preds/<model>/oof_fold<k>.parquet      fold model k's held-out rows (predict-oof's per-job part)
+    <run>/preds/<model>/test_fold<k>.parquet     fold model k's test probabilities
     <run>/preds/<model>/metrics.json        OOF scores with and without TTA
     <run>/stack/                            decision.json, the chosen candidate, leaderboard, report, test.parquet
     <run>/submission.csv
@@ -151,6 +152,10 @@ class RunPaths:
 
     def test(self, model: str, target: str | None = None) -> Path:
         return self.preds_dir(model) / f"test{_suffix(target)}.parquet"
+
+    def oof_fold(self, model: str, fold: int, target: str | None = None) -> Path:
+        """Fold model k's held-out rows alone: predict-oof's per-job part of the OOF table."""
+        return self.preds_dir(model) / f"oof_fold{fold}{_suffix(target)}.parquet"
 
     def test_fold(self, model: str, fold: int, target: str | None = None) -> Path:
         return self.preds_dir(model) / f"test_fold{fold}{_suffix(target)}.parquet"

@@ -18,7 +18,8 @@ from base_models.augment import PLAIN, tta_views
 from base_models.batches import ImageSource
 from base_models.cache import load_cache
 from base_models.config import DataConfig, FoldsConfig, TrainConfig, TTAConfig, model_specs
-from base_models.jobs import StageOptions, load_targets, predict_oof, prepare_run, train_base
+from base_models.jobs import StageOptions, load_targets, prepare_run, train_base
+from base_models.predict_oof import predict_oof
 from base_models.models import model_norm
 from base_models.predict import ViewPlan, autocast_supported, choose_amp, predict_views, resolve_amp
 from base_models.train import (Sources, TrainInputs, _load_checkpoint, _optimizer_step, _setup, _start_segment,

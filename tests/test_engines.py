@@ -187,7 +187,7 @@ def test_ray_refuses_gpus_that_never_schedule(num_gpus, resources, match):
 
 def test_a_worker_that_cannot_see_the_run_says_where(tmp_path):
     with pytest.raises(StackerError, match=rf"^.+: cannot read {tmp_path}/nowhere/folds.*shared storage"):
-        jobs._check_run_visible(RunPaths(tmp_path / "nowhere"))
+        jobs.check_run_visible(RunPaths(tmp_path / "nowhere"))
 
 
 def test_a_missing_ray_says_how_to_install_it(monkeypatch):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from base_models.config import DataConfig, FoldsConfig, TTAConfig, model_specs
-from base_models.jobs import StageOptions, predict_oof, prepare_run, train_base
+from base_models.jobs import StageOptions, prepare_run, train_base
+from base_models.predict_oof import predict_oof
 from base_models.predict import combine_tta
 from oof import RunPaths, StackerError, read_table, validate_oof
 

@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import save_model
 
 from base_models.config import DataConfig, FoldsConfig, TTAConfig, model_specs
-from base_models.jobs import StageOptions, load_targets, predict_oof, prepare_run, train_base
+from base_models.jobs import StageOptions, load_targets, prepare_run, train_base
+from base_models.predict_oof import predict_oof
 from base_models.stages import train_base_stage
 from base_models.models import timm_model
 from base_models.train import build_model

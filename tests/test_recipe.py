@@ -12,7 +12,8 @@ from base_models.augment import PLAIN
 from base_models.batches import ImageSource
 from base_models.cache import load_cache
 from base_models.config import DataConfig, FoldsConfig, SamplingConfig, TrainConfig, TTAConfig, model_specs
-from base_models.jobs import StageOptions, load_targets, predict_oof, prepare_run, train_base
+from base_models.jobs import StageOptions, load_targets, prepare_run, train_base
+from base_models.predict_oof import predict_oof
 from base_models.models import create_model, model_norm, timm_model
 from base_models.predict import ViewPlan, predict_views
 from base_models.train import (TrainInputs, _segment_optimizer, build_model, epoch_order, load_fold_model,
