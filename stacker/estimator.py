@@ -12,6 +12,7 @@ reads them from a run).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ from threadpoolctl import threadpool_limits
 import oof
 from oof import Folds, PredictionTable, StackerError, build_config, check_rows, log_loss, validate_test
 
-from .candidates import candidate_class, create_candidate, normalise_rows
+from .candidates import candidate_class, create_candidate, normalise_rows, suited_candidates
 from .config import StackConfig
 from .guard import fit_seed, run_guard
 from .inputs import MetaData, align_test_tables, as_oof_tables, meta_features, sure_share, suspicious_models
@@ -102,7 +103,7 @@ class StackGuard:
         # One BLAS thread: OpenBLAS threads spinning after a logistic-regression fit
         # slowed the next LightGBM fit's OpenMP threads 3x on the 2-core bench machine.
         with threadpool_limits(limits=1, user_api="blas"):
-            decision, self.oof_, self.timings_ = run_guard(data, config, metric, log)
+            decision, self.oof_, self.timings_ = _run_suited(data, config, metric, log)
             self.candidate_ = create_candidate(decision["chosen"], config, metric, fit_seed(config.seed, ()),
                                                data.models, data.classes).fit(data.X, y)
         self.decision_ = {
@@ -110,7 +111,7 @@ class StackGuard:
             "reason": decision["reason"], "best": decision["best"],
             "rows": len(y), "k": folds.k, "classes": list(self.classes_), "folds_sha256": folds.sha256,
             "models": _model_scores(y, X, names, metric, (suspicious, excluded, consistency)),
-            "used": list(self.models_), "excluded": excluded,
+            "used": list(self.models_), "excluded": excluded, "left_out": decision["left_out"],
             "candidates": decision["candidates"], "nested": decision["nested"],
             "test_features": config.test_features, "config": config.to_dict(),
         }
@@ -191,6 +192,16 @@ class StackGuard:
 
     def _predict(self, tables: dict[str, PredictionTable]) -> np.ndarray:
         return self.candidate_.predict_proba(meta_features(tables))
+
+
+def _run_suited(data: MetaData, config: StackConfig, metric: Metric, log):
+    """`run_guard` over the candidates that can differ from the mean under `metric`; decision["left_out"]
+    holds {candidate: why} of the others (`Candidate.unsuited`), each announced in the log."""
+    names, left_out = suited_candidates(config.candidates, metric)
+    for name, why in left_out.items():
+        log(f"fit-stack: candidate {name} left out: {why}")
+    decision, oof_probas, timings = run_guard(data, replace(config, candidates=names), metric, log)
+    return {**decision, "left_out": left_out}, oof_probas, timings
 
 
 def _exclude(suspicious: dict, allow: bool, log) -> dict:

@@ -12,18 +12,22 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from .base import LOG_EPS, Candidate, logits, normalise_rows, softmax
-from .blends import BestSingle, EnsembleSelection, LogitMean, Mean, ensemble_selection
+from .blends import (BestSingle, EnsembleSelection, LogitMean, Mean, SimplexWeights, TemperatureMean, WeightedBlend,
+                     ensemble_selection, fit_temperature, simplex_weights)
 from .lgbm import LGBMClassShared, LGBMWide
 from .linear import LogRegLogits
 
 # Complexity order: the guard prefers an earlier candidate when scores are within
 # noise. `mean` is the floor (no fitted state); the logit mean has none either
-# but changes the blend's shape; `best_single` fits one discrete choice; ensemble
-# selection fits M non-negative weights; the class-shared booster learns one
-# monotone function of M features shared by all classes; logistic regression fits
-# C x (M*C) free weights; the wide booster learns C tree ensembles over M*C
-# features, the most freedom of all.
-BUILTIN = (Mean, LogitMean, BestSingle, EnsembleSelection, LGBMClassShared, LogRegLogits, LGBMWide)
+# but changes the blend's shape; `best_single` fits one discrete choice;
+# `temperature` fits one scalar on top of the mean and keeps its labels;
+# ensemble selection fits M non-negative weights in steps of 1/steps; `weights`
+# fits M continuous ones; the class-shared booster learns one monotone function
+# of M features shared by all classes; logistic regression fits C x (M*C) free
+# weights; the wide booster learns C tree ensembles over M*C features, the most
+# freedom of all.
+BUILTIN = (Mean, LogitMean, BestSingle, TemperatureMean, EnsembleSelection, SimplexWeights, LGBMClassShared,
+           LogRegLogits, LGBMWide)
 FLOOR = Mean.name  # the candidate every other one must beat
 
 _registry: dict[str, type[Candidate]] = {cls.name: cls for cls in BUILTIN}  # name -> class, in order
@@ -45,6 +49,15 @@ def candidate_class(name: str) -> type[Candidate]:
 def create_candidate(name: str, config, metric, seed: int, models=(), classes=()) -> Candidate:
     """A fresh, unfitted candidate `name`, its hyperparameters from `config` (see `Candidate.from_config`)."""
     return candidate_class(name).from_config(config, metric, seed, models, classes)
+
+
+def suited_candidates(names, metric) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(the candidates of `names` that can differ from the mean under `metric`, {left out: why}).
+
+    `Candidate.unsuited` gives the reason; the floor is always kept.
+    """
+    left_out = {n: why for n in names if n != FLOOR and (why := candidate_class(n).unsuited(metric))}
+    return tuple(n for n in names if n not in left_out), left_out
 
 
 def register(cls: type[Candidate], before: str | None = None) -> type[Candidate]:
@@ -93,7 +106,8 @@ def registered(cls: type[Candidate], before: str | None = None):
 
 __all__ = [
     "BUILTIN", "CANDIDATES", "FLOOR", "LOG_EPS", "BestSingle", "Candidate", "EnsembleSelection",
-    "LGBMClassShared", "LGBMWide", "LogRegLogits", "LogitMean", "Mean", "candidate_class", "candidate_names",
-    "create_candidate", "ensemble_selection", "logits", "normalise_rows", "register", "registered",
-    "softmax", "unregister",
+    "LGBMClassShared", "LGBMWide", "LogRegLogits", "LogitMean", "Mean", "SimplexWeights", "TemperatureMean",
+    "WeightedBlend", "candidate_class", "candidate_names", "create_candidate", "ensemble_selection",
+    "fit_temperature", "logits", "normalise_rows", "register", "registered", "simplex_weights", "softmax",
+    "suited_candidates", "unregister",
 ]

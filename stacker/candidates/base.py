@@ -44,7 +44,7 @@ class Candidate:
     A subclass sets `name` (its word in `stack.candidates` and decision.json) and
     overrides `predict_proba`, and where it learns something `fit`, `state`,
     `from_state` (and `booster_text` for a LightGBM model); `from_config` where
-    it has hyperparameters.
+    it has hyperparameters; `unsuited` where some metrics cannot see what it changes.
     """
 
     name: ClassVar[str] = ""
@@ -68,6 +68,15 @@ class Candidate:
         Hyperparameters only steer `fit`, so they are not needed here.
         """
         return cls()
+
+    @classmethod
+    def unsuited(cls, metric) -> str | None:
+        """Why this candidate cannot score differently from the mean under `metric`, or None.
+
+        A reason leaves the candidate out of that fit (`suited_candidates`): it could
+        only tie the floor, so fitting and scoring it would cost time and say nothing.
+        """
+        return None
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "Candidate":
         self.n_models_ = X.shape[1]
