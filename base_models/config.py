@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from oof import (BOOL, NULL, SEED, STRING, ConfigSection, Rule, StackerError, build_config, check_fields,
-                 check_model_name, each, instance, number, one_of)
+                 check_groups_whole, check_model_name, each, instance, make_folds, make_group_folds, number, one_of,
+                 read_fold_file)
+from oof.folds import group_values
 
 from .images import RESIZE_MODES
 
@@ -282,18 +284,57 @@ class TTAConfig(ConfigSection):
 
 @dataclass
 class FoldsConfig(ConfigSection):
-    """The `folds:` section: stratified K-fold drawn once per run.
+    """The `folds:` section: the fold assignment, drawn (or read) once per run.
 
     Attributes:
         k: number of folds (5, as the Paddy notebooks' cross-validation).
-        seed: seed of the assignment.
+        seed: seed of the assignment (repeat r > 0 draws with `oof.folds.repeat_seed(seed, r)`).
+        repeats: assignments drawn; the base and meta levels use each. 1 is the single
+            assignment of a run without repeats, bit for bit.
+        group_column: a column of the train CSV (a patient, plant or field id): stratified group
+            K-fold, so a group's images never straddle folds.
+        file: a fold assignment made elsewhere (CSV or parquet: id, fold[, repeat]); a relative
+            name is resolved when the config is built, as `data.root` is. The file decides the
+            folds, so `k` and `repeats` must say what it holds (the job grid and `--only` read them
+            before the file is); `seed` is unused, and with `group_column` the file's folds are
+            checked to keep every group whole.
     """
 
     SECTION: ClassVar[str] = "folds"
-    RULES: ClassVar[dict] = {"k": (number(2, integer=True),), "seed": (SEED,)}
+    RULES: ClassVar[dict] = {"k": (number(2, integer=True),), "seed": (SEED,),
+                             "repeats": (number(1, integer=True),), "group_column": (STRING, NULL),
+                             "file": (STRING, NULL)}
 
     k: int = 5
     seed: int = 42
+    repeats: int = 1
+    group_column: str | None = None
+    file: str | None = None
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.file is not None:
+            self.file = str(Path(self.file).resolve())
+
+    def assign(self, train, classes):
+        """The run's fold assignment (`oof.Folds`) for a train table: a DataFrame of `id`, `label` and the
+        train CSV's other columns.
+
+        Raises:
+            StackerError: the maker's or the file's one-line error, or a file whose K or number of
+                repeats differs from `k` and `repeats`.
+        """
+        if self.file is None and self.group_column is None:
+            return make_folds(train["id"], train["label"], self.k, self.seed, classes, self.repeats)
+        if self.file is None:
+            return make_group_folds(train, self.group_column, self.k, self.seed, classes, self.repeats)
+        folds = read_fold_file(self.file, train["id"], train["label"], classes)
+        if (folds.k, folds.repeats) != (self.k, self.repeats):
+            raise StackerError(f"folds.file: {self.file} holds k={folds.k} folds in {folds.repeats} repeat(s), but "
+                               f"folds.k is {self.k} and folds.repeats {self.repeats}; set them to the file's")
+        if self.group_column is not None:
+            check_groups_whole(folds, group_values(train, self.group_column), f"folds.file: {self.file}")
+        return folds
 
 
 ENGINES = ("local", "ray")

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from filelock import FileLock, Timeout
 
-from oof import Folds, RunPaths, StackerError, atomic_path, load_folds, make_folds, remove_temps, write_folds
+from oof import Folds, RunPaths, StackerError, atomic_path, load_folds, remove_temps, write_folds
 
 from .batches import ImageSource
 from .cache import CacheOptions, ImageCache, build_cache, load_cache

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from oof import StackerError, folds_from_table, load_folds, make_folds, write_folds
+from oof import StackerError, folds_from_table, load_folds, make_folds, repeat_seed, write_folds
 from oof.folds import META_KEY
 
 # 3 classes of unequal size (23 + 17 + 11 = 51 rows), labels interleaved so row order says nothing.
@@ -223,3 +223,126 @@ def test_a_folds_file_of_stacker_0_1_0_keeps_its_row_order_digest(tmp_path):
     meta = {"k": 2, "seed": 0, "classes": ["a", "b"], "sha256": legacy}
     pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), tmp_path / "f.parquet")
     assert load_folds(tmp_path / "f.parquet").sha256 == legacy != folds.sha256
+
+
+# ---------------------------------------------------------------- repeats
+
+# The assignment and digest of `make_folds(_rows(), k=5, seed=7)` as stacker made them before repeats existed.
+TODAY_SHA256 = "7533144c0effd84980a6acf24ba2002d4ee8013b81d23a3cb2441be5bcc2fdfe"
+TODAY_FOLDS = "422004332410120102111123042340400304101423334342231"
+
+
+def test_one_repeat_is_todays_assignment_file_and_digest(tmp_path, folds):
+    one = make_folds(*_rows(), k=5, seed=7, repeats=1)
+    assert one.repeats == 1 and one.sha256 == folds.sha256 == TODAY_SHA256
+    assert "".join(map(str, one.fold)) == TODAY_FOLDS
+    assert one.for_repeat(0) is one and one.each_repeat() == [one]
+    write_folds(tmp_path / "default.parquet", folds)
+    write_folds(tmp_path / "one.parquet", one)
+    assert (tmp_path / "one.parquet").read_bytes() == (tmp_path / "default.parquet").read_bytes()
+    assert pq.read_schema(tmp_path / "one.parquet").names == ["id", "label", "fold"]
+    assert set(json.loads(pq.read_schema(tmp_path / "one.parquet").metadata[META_KEY])) == {"k", "seed", "classes",
+                                                                                          "sha256"}
+
+
+def test_repeats_round_trip_through_the_file_with_their_digest(tmp_path):
+    ids, labels = _rows()
+    three = make_folds(ids, labels, k=5, seed=7, repeats=3)
+    path = tmp_path / "folds.parquet"
+    write_folds(path, three)
+    meta = json.loads(pq.read_schema(path).metadata[META_KEY])
+    assert meta == {"k": 5, "seed": 7, "classes": ["blast", "healthy", "tungro"], "sha256": three.sha256, "repeats": 3}
+    saved = pd.read_parquet(path)
+    assert list(saved.columns) == ["id", "label", "fold", "repeat"] and len(saved) == 3 * len(ids)
+    assert list(saved["repeat"]) == [r for r in range(3) for _ in ids]
+    back = load_folds(path)
+    assert (back.repeats, back.k, back.seed, back.classes, back.sha256) == (3, 5, 7, three.classes, three.sha256)
+    np.testing.assert_array_equal(back.fold_matrix, three.fold_matrix)
+    assert list(back.ids) == ids and list(back.y) == [back.classes.index(y) for y in labels]
+    # repeat 0 is the single assignment; each view is what one repeat drawn with its own seed is
+    assert back.for_repeat(0).sha256 == TODAY_SHA256
+    for r, view in enumerate(back.each_repeat()):
+        alone = make_folds(ids, labels, k=5, seed=repeat_seed(7, r))
+        assert (view.repeats, view.seed, view.sha256) == (1, repeat_seed(7, r), alone.sha256)
+        pd.testing.assert_frame_equal(view.table, alone.table)
+    assert three.sha256 not in {v.sha256 for v in three.each_repeat()}
+    assert make_folds(ids, labels, k=5, seed=7, repeats=3).sha256 == three.sha256  # deterministic
+    assert make_folds(ids, labels, k=5, seed=7, repeats=2).sha256 != three.sha256
+
+
+def test_repeats_differ_and_each_is_stratified():
+    ids, labels = _rows()
+    folds = make_folds(ids, labels, k=5, seed=7, repeats=3)
+    assert repeat_seed(7, 0) == 7 and len({repeat_seed(7, r) for r in range(3)}) == 3
+    m = folds.fold_matrix
+    assert m.shape == (3, len(ids))
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert (m[a] != m[b]).mean() > 0.5, (a, b)
+    for fold in m:
+        t = pd.DataFrame({"label": labels, "fold": fold})
+        for c, n in COUNTS.items():
+            per_fold = t.loc[t["label"] == c, "fold"].value_counts().reindex(range(5), fill_value=0)
+            assert per_fold.min() == n // 5 and per_fold.max() == -(-n // 5)
+
+
+@pytest.mark.parametrize("use", [lambda f: f.fold, lambda f: f.train_rows(0), lambda f: f.valid_rows(0)],
+                         ids=["fold", "train_rows", "valid_rows"])
+def test_one_assignment_accessors_refuse_several_repeats(use):
+    folds = make_folds(*_rows(), k=5, seed=7, repeats=2)
+    with pytest.raises(StackerError, match=r"hold 2 repeats; take one with Folds\.for_repeat\(r\)"):
+        use(folds)
+    view = folds.for_repeat(1)
+    assert len(view.valid_rows(0)) + len(view.train_rows(0)) == len(folds.ids) == 51
+
+
+@pytest.mark.parametrize("repeat", [2, -1, "0"])
+def test_for_repeat_outside_the_run_is_refused(repeat):
+    with pytest.raises(StackerError, match=r"is not a repeat of the run \(0\.\.1\)"):
+        make_folds(*_rows(), k=5, seed=7, repeats=2).for_repeat(repeat)
+
+
+@pytest.mark.parametrize("repeats", [0, 1.0, True])
+def test_make_folds_refuses_bad_repeats(repeats):
+    with pytest.raises(StackerError, match=r"repeats must be an integer of at least 1"):
+        make_folds(*_rows(), k=5, seed=7, repeats=repeats)
+
+
+def _move_one_row_of_the_last_repeat(df):
+    row = len(df) - 1
+    df.loc[row, "fold"] = (df.loc[row, "fold"] + 1) % 5
+    return df
+
+
+def test_tampered_repeat_is_refused(tmp_path):
+    path = tmp_path / "folds.parquet"
+    write_folds(path, make_folds(*_rows(), k=5, seed=7, repeats=3))
+    _rewrite_keeping_metadata(path, _move_one_row_of_the_last_repeat)
+    with pytest.raises(StackerError, match=r"folds\.parquet: ids, labels or folds were changed.*sha256"):
+        load_folds(path)
+
+
+def test_foreign_csv_with_repeats_loads_in_first_repeat_order(tmp_path):
+    path = tmp_path / "folds.csv"
+    path.write_text("id,label,fold,repeat\n1,a,0,0\n2,b,0,0\n3,a,1,0\n4,b,1,0\n"
+                    "4,b,0,1\n3,a,1,1\n2,b,1,1\n1,a,0,1\n")
+    f = load_folds(path)
+    assert (f.repeats, f.k, f.seed) == (2, 2, None)
+    assert list(f.ids) == ["1", "2", "3", "4"]
+    assert f.fold_matrix.tolist() == [[0, 0, 1, 1], [0, 1, 1, 0]]
+    assert f.for_repeat(1).sha256 == folds_from_table(f.for_repeat(1).table, "memory").sha256
+
+
+@pytest.mark.parametrize("rows, match", [
+    ("1,a,0,0\n2,b,1,0\n1,a,0,2\n2,b,1,2\n", r"repeats must be 0\.\.R-1 with every repeat used, got \[0, 2\]"),
+    ("1,a,0,0\n2,b,1,0\n1,a,0,1\n", r"bad\.csv repeat 1: 1 train id\(s\) missing, first '2'"),
+    ("1,a,0,0\n2,b,1,0\n1,a,0,1\n1,a,1,1\n", r"bad\.csv repeat 1: duplicate ids, first '1'"),
+    ("1,a,0,0\n2,b,1,0\n1,b,0,1\n2,b,1,1\n", r"bad\.csv: ids with another label in another repeat, first '1'"),
+    ("1,a,0,0\n2,b,1,0\n3,a,0,0\n1,a,0,1\n2,b,1,1\n3,a,2,1\n",
+     r"bad\.csv: repeat 1 has 3 folds, repeat 0 has 2; every repeat needs the same K"),
+    ("1,a,0,0\n2,b,1,0\n1,a,0,x\n2,b,1,1\n", r"bad\.csv: repeat must be an integer; first bad ids '1'"),
+])
+def test_bad_foreign_repeats(tmp_path, rows, match):
+    path = tmp_path / "bad.csv"
+    path.write_text("id,label,fold,repeat\n" + rows)
+    with pytest.raises(StackerError, match=match):
+        load_folds(path)
