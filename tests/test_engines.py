@@ -3,6 +3,7 @@ a killed worker's job resumes from its checkpoint; a failing job is named and th
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from dataclasses import replace
@@ -10,10 +11,11 @@ from dataclasses import replace
 import pytest
 
 from base_models import engines, jobs
-from base_models.config import DataConfig, EngineConfig, FoldsConfig, engine_config, model_specs
+from base_models.config import DataConfig, EngineConfig, FoldsConfig, TTAConfig, engine_config, model_specs
 from base_models.jobs import StageOptions, prepare_run, train_base
+from base_models.predict_oof import predict_oof
 from base_models.train import is_trained
-from oof import RunPaths, StackerError, file_digest
+from oof import RunPaths, StackerError, file_digest, read_table
 
 TINY = {"size": 16, "epochs": 2, "batch_size": 32, "lr": 3e-3}
 MODELS = ("test_resnet", "test_efficientnet")
@@ -60,11 +62,17 @@ def one_thread_per_job():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, small_digits_dir):
-    """The grid trained by one worker, in this process: the weights every engine must reproduce."""
+def reference_run(tmp_path_factory, small_digits_dir):
+    """The grid trained by one worker, in this process."""
     paths, folds = new_run(tmp_path_factory.mktemp("reference") / "run", small_digits_dir)
     train_base(paths, specs(), folds, options=quiet())
-    return digests(paths, GRID)
+    return paths, folds
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    """The weights every engine must reproduce."""
+    return digests(reference_run[0], GRID)
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +115,11 @@ class KillAfterFirstEpoch:
                     marker.touch()
                     os.kill(os.getpid(), signal.SIGKILL)
 
-        jobs.JobLog = KillingLog  # in this worker process alone: max_calls=1 gives each job a fresh one
-        return self.work(job)
+        original, jobs.JobLog = jobs.JobLog, KillingLog  # in this worker process alone, for this job alone
+        try:
+            return self.work(job)
+        finally:
+            jobs.JobLog = original  # Ray reuses CPU workers
 
 
 def test_ray_retries_a_killed_worker_and_the_job_resumes(tmp_path, small_digits_dir, reference, ray_cluster,
@@ -215,3 +226,82 @@ def test_any_error_in_a_local_job_is_one_line_naming_it_after_the_others_ran():
                                            r"2\.00 GiB$"):
         run_jobs(crash_on_fold_one, jobs, EngineConfig(), 2, lines.append)
     assert sum(" done " in line for line in lines) == 2, lines  # the other jobs ran and are in the summary
+
+
+# ---------------------------------------------------------------- predict-oof: one job per (model, fold)
+
+TTA = TTAConfig(n=1)
+
+
+def tables(paths: RunPaths, folds) -> dict:
+    """Every table predict-oof writes for the grid, as probabilities: the assembled ones and each fold's."""
+    out = {}
+    for m in MODELS:
+        out[m, "oof"] = read_table(paths.oof(m), folds.classes, "oof").proba
+        out[m, "test"] = read_table(paths.test(m), folds.classes, "test").proba
+        for f in range(K):
+            out[m, f] = read_table(paths.test_fold(m, f), folds.classes, "test").proba
+    return out
+
+
+def same_tables(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all((a[key] == b[key]).all() for key in a)
+
+
+def trained_copy(reference_run, root):
+    """A copy of the trained reference run, predicted nowhere yet."""
+    shutil.copytree(reference_run[0].root, root)
+    return RunPaths(root), reference_run[1]
+
+
+@pytest.fixture(scope="module")
+def predicted_reference(reference_run, tmp_path_factory):
+    """The grid predicted by one worker, in this process: the tables every engine must reproduce."""
+    paths, folds = trained_copy(reference_run, tmp_path_factory.mktemp("predicted") / "run")
+    predict_oof(paths, specs(), folds, TTA, options=quiet())
+    return tables(paths, folds)
+
+
+def test_predict_oof_on_an_engine_gives_the_one_worker_tables(tmp_path, reference_run, predicted_reference,
+                                                              engine):
+    paths, folds = trained_copy(reference_run, tmp_path / "run")
+    lines = []
+    metrics = predict_oof(paths, specs(), folds, TTA, options=replace(engine, log=lines.append))
+    assert same_tables(tables(paths, folds), predicted_reference)
+    assert set(metrics) == set(MODELS) and sum(" done " in line for line in lines) == len(GRID)
+    assert "test_resnet fold 2: " in paths.job_log("test_resnet", 2).read_text()  # the job's own log
+
+
+def test_predict_oof_only_writes_a_model_once_all_its_folds_are_in(tmp_path, reference_run, predicted_reference):
+    paths, folds = trained_copy(reference_run, tmp_path / "run")
+    lines = []
+    predict_oof(paths, specs(), folds, TTA, options=quiet(only=(("test_resnet", 0), ("test_resnet", 2))))
+    assert paths.oof_fold("test_resnet", 2).is_file() and not paths.oof("test_resnet").exists()
+    assert not paths.oof_fold("test_efficientnet", 0).exists()
+    metrics = predict_oof(paths, specs(), folds, TTA, options=StageOptions(only=(("test_resnet", 1),),
+                                                                          log=lines.append))
+    assert "2 already predicted, 1 to run" not in " ".join(lines)  # --only counts its own jobs alone
+    assert "1 fold jobs, 0 already predicted, 1 to run" in " ".join(lines) and set(metrics) == {"test_resnet"}
+    predict_oof(paths, specs(), folds, TTA, options=quiet())
+    assert same_tables(tables(paths, folds), predicted_reference)
+
+
+def test_an_interrupted_predict_oof_resumes_at_the_missing_fold(tmp_path, reference_run, predicted_reference):
+    paths, folds = trained_copy(reference_run, tmp_path / "run")
+    predict_oof(paths, specs(), folds, TTA, options=quiet())
+    for path in (paths.oof("test_resnet"), paths.oof_fold("test_resnet", 1), paths.predict_metrics("test_resnet")):
+        path.unlink()  # as a call killed while fold 1's job ran leaves it
+    lines = []
+    predict_oof(paths, specs(), folds, TTA, options=StageOptions(log=lines.append))
+    assert "predict-oof: 3 fold jobs, 2 already predicted, 1 to run" in lines
+    assert "test_efficientnet already predicted" in " ".join(lines)
+    assert same_tables(tables(paths, folds), predicted_reference)
+
+
+def test_predict_oof_only_refuses_a_fold_not_trained(tmp_path, small_digits_dir):
+    paths, folds = new_run(tmp_path / "run", small_digits_dir)
+    train_base(paths, specs(), folds, options=quiet(only=(("test_resnet", 0),)))
+    predict_oof(paths, specs(), folds, TTA, options=quiet(only=(("test_resnet", 0),)))  # its own fold: fine
+    assert paths.oof_fold("test_resnet", 0).is_file()
+    with pytest.raises(StackerError, match=r"^test_resnet: folds \[1\] are not trained yet; run train-base first$"):
+        predict_oof(paths, specs(), folds, TTA, options=quiet(only=(("test_resnet", 1),)))

@@ -38,7 +38,8 @@ def test_fit_stack_writes_the_stack_directory(run):
     saved = json.loads((stack / "decision.json").read_text())
     assert saved == json.loads(json.dumps(decision))
     assert saved["used"] == ["middle", "strong", "weak"] and saved["folds_sha256"] == folds.sha256
-    assert set(saved["candidates"]) | set(saved["left_out"]) == set(fast_config().candidates) and saved["nested"]["score"] > 0
+    assert set(saved["candidates"]) | set(saved["left_out"]) == set(fast_config().candidates)
+    assert saved["nested"]["score"] > 0
     for scores in saved["candidates"].values():
         assert {"score", "log_loss", "interval", "gain", "win_probability", "admissible"} <= set(scores)
     assert json.loads((stack / "combiner.json").read_text())["candidate"] == decision["chosen"]
