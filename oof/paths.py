@@ -5,10 +5,12 @@
     <run>/targets.parquet                   id + the train CSV's other columns (extra targets, weights)
     <run>/cache/<split>.u8, <split>.json    decoded uint8 images + index, split train or test
     <run>/models/<model>/fold<k>.*          weights, history, job log, resume checkpoint, lock
+    <run>/models/<model>/repeat<r>/fold<k>.*   the same for repeat r > 0 (folds.repeats)
     <run>/preds/<model>/oof.parquet         OOF probabilities (oof.csv from other tools)
     <run>/preds/<model>/test.parquet        test probabilities, mean over fold models (test.csv likewise)
     <run>/preds/<model>/oof_fold<k>.parquet      fold model k's held-out rows (predict-oof's per-job part)
     <run>/preds/<model>/test_fold<k>.parquet     fold model k's test probabilities
+    <run>/preds/<model>/repeat<r>/{oof,test}_fold<k>.parquet   the fold tables of repeat r > 0
     <run>/preds/<model>/metrics.json        OOF scores with and without TTA
     <run>/stack/                            decision.json, the chosen candidate, leaderboard, report, test.parquet
     <run>/submission.csv
@@ -55,10 +57,23 @@ def table_file(path: Path) -> Path:
 
 @dataclass(frozen=True)
 class RunPaths:
-    root: Path
+    """A run's files; `repeat` r > 0 (`for_repeat`) puts one repeat's fold models and fold tables in a
+    `repeat<r>` folder of each model's folders, and everything else where the run keeps it."""
 
-    def __init__(self, root: str | os.PathLike):
+    root: Path
+    repeat: int = 0
+
+    def __init__(self, root: str | os.PathLike, repeat: int = 0):
         object.__setattr__(self, "root", Path(root))
+        object.__setattr__(self, "repeat", int(repeat))
+
+    def for_repeat(self, repeat: int) -> RunPaths:
+        """The paths of repeat `repeat`'s jobs (`folds.repeats`): repeat 0 is the run's own layout, so a run
+        without repeats and repeat 0 of one with repeats keep the same files."""
+        return RunPaths(self.root, repeat)
+
+    def _repeat_dir(self, folder: Path) -> Path:
+        return folder / f"repeat{self.repeat}" if self.repeat else folder
 
     # ------------------------------------------------------------ run level
 
@@ -120,7 +135,7 @@ class RunPaths:
     # ------------------------------------------------------------ base models
 
     def model_dir(self, model: str) -> Path:
-        return self.root / "models" / check_model_name(model)
+        return self._repeat_dir(self.root / "models" / check_model_name(model))
 
     def weights(self, model: str, fold: int) -> Path:
         return self.model_dir(model) / f"fold{fold}.safetensors"
@@ -145,7 +160,7 @@ class RunPaths:
         return self.root / "preds"
 
     def preds_dir(self, model: str) -> Path:
-        return self.preds / check_model_name(model)
+        return self._repeat_dir(self.preds / check_model_name(model))
 
     def oof(self, model: str, target: str | None = None) -> Path:
         return self.preds_dir(model) / f"oof{_suffix(target)}.parquet"
