@@ -47,6 +47,16 @@ class JobResult:
     train_seconds: float  # inside train_fold; seconds - train_seconds is the engine's own per-job cost
     worker: str  # host:pid and the GPUs the worker saw
     error: str = ""
+    repeat: int = 0
+
+    @property
+    def job(self) -> str:
+        return job_label(self.model, self.fold, self.repeat)
+
+
+def job_label(model: str, fold: int, repeat: int = 0) -> str:
+    """How a job is named in logs and errors: "resnet26d fold 3", or "resnet26d repeat 1 fold 3"."""
+    return f"{model} fold {fold}" if not repeat else f"{model} repeat {repeat} fold {fold}"
 
 
 class JobLog:
@@ -81,7 +91,8 @@ def timed_job(work: Callable, job) -> JobResult:
     t0 = time.perf_counter()
     train_seconds = work(job)
     state = "skipped" if train_seconds is None else "done"
-    return JobResult(job.model.name, job.fold, state, time.perf_counter() - t0, train_seconds or 0.0, worker_name())
+    return JobResult(job.model.name, job.fold, state, time.perf_counter() - t0, train_seconds or 0.0, worker_name(),
+                     repeat=getattr(job, "repeat", 0))
 
 
 def run_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log=print,
@@ -102,19 +113,18 @@ def raise_failures(results: list[JobResult]) -> None:
     if failed:
         first = failed[0]
         more = f"; {len(failed) - 1} other job(s) failed too, see the summary" if len(failed) > 1 else ""
-        raise StackerError(f"{first.model} fold {first.fold}: {first.error}{more}")
+        raise StackerError(f"{first.job}: {first.error}{more}")
 
 
 def log_summary(results: list[JobResult], log=print) -> None:
     """One row per job: job, state, seconds, worker/device."""
     log(f"  {'job':<28} {'state':<8} {'seconds':>8}  worker")
     for r in results:
-        job = f"{r.model} fold {r.fold}"
-        log(f"  {job:<28} {r.state:<8} {r.seconds:>8.1f}  {r.worker}" + (f"  ({r.error})" if r.error else ""))
+        log(f"  {r.job:<28} {r.state:<8} {r.seconds:>8.1f}  {r.worker}" + (f"  ({r.error})" if r.error else ""))
 
 
 def failed(job, error: str, worker: str = "") -> JobResult:
-    return JobResult(job.model.name, job.fold, "failed", 0.0, 0.0, worker, error)
+    return JobResult(job.model.name, job.fold, "failed", 0.0, 0.0, worker, error, getattr(job, "repeat", 0))
 
 
 # ---------------------------------------------------------------- local: one process per GPU, one queue

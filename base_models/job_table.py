@@ -1,4 +1,5 @@
-"""`stacker jobs`: where every (model, fold) job of a run stands, read from the run's files alone.
+"""`stacker jobs`: where every (model, fold) job of a run stands, read from the run's files alone
+(every (model, repeat, fold) job with `folds.repeats` > 1: the table gains a repeat column).
 
 A job's state, the first that holds:
 
@@ -30,7 +31,8 @@ from .cache import load_cache
 from .config import ModelSpec, base_configs
 from .job_state import Sources, is_trained, stale_reason
 
-COLUMNS = ("model", "fold", "state", "epoch", "device", "amp", "seconds", "valid_loss", "error_rate", "reason")
+COLUMNS = ("model", "repeat", "fold", "state", "epoch", "device", "amp", "seconds", "valid_loss", "error_rate",
+           "reason")
 STATES = ("running", "stale", "done", "partial", "pending")
 
 
@@ -51,10 +53,14 @@ def job_table(cfg: dict, log=print) -> pd.DataFrame:
         raise StackerError(f"{paths.config}: not found and no models configured; pass the run's --config")
     _, folds_cfg, specs, _ = base_configs(cfg)
     folds = load_folds(paths.folds) if paths.folds.is_file() else None
-    sources, unchecked = _current_sources(paths, folds)
-    k = folds.k if folds is not None else folds_cfg.k
-    table = pd.DataFrame([_job_row(paths, spec, fold, sources) for spec in specs for fold in range(k)],
-                         columns=list(COLUMNS))
+    cache, unchecked = _current_cache(paths, folds)
+    k, repeats = (folds.k, folds.repeats) if folds is not None else (folds_cfg.k, folds_cfg.repeats)
+    rows = []
+    for spec in specs:
+        for repeat in range(repeats):
+            sources = None if cache is None else Sources(folds.for_repeat(repeat).sha256, cache)
+            rows += [_job_row(paths.for_repeat(repeat), spec, fold, sources) for fold in range(k)]
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
     for line in format_job_table(table):
         log(line)
     if unchecked and (table["state"] == "done").any():
@@ -62,20 +68,22 @@ def job_table(cfg: dict, log=print) -> pd.DataFrame:
     return table
 
 
-def _current_sources(paths: RunPaths, folds) -> tuple[Sources | None, str | None]:
-    """The folds and train cache a job would train on now, by digest; or None and why they are unknown."""
+def _current_cache(paths: RunPaths, folds) -> tuple[str | None, str | None]:
+    """The train cache a job would train on now, by digest (with the folds, what a job is checked
+    against); or None and why it is unknown."""
     if folds is None:
         return None, f"{paths.folds} not found"
     try:
-        return Sources(folds.sha256, load_cache(paths, "train").digest), None
+        return load_cache(paths, "train").digest, None
     except (StackerError, OSError, ValueError) as e:  # no cache, or its data file missing or cut short
         return None, str(e)
 
 
 def _job_row(paths: RunPaths, spec: ModelSpec, fold: int, sources: Sources | None) -> dict:
-    """One job's row: the finished job's history, else its checkpoint's epoch records, else nothing."""
+    """One job's row (`paths` its repeat's): the finished job's history, else its checkpoint's epoch
+    records, else nothing."""
     name = spec.name
-    row = {"model": name, "fold": fold, "state": "pending"}
+    row = {"model": name, "repeat": paths.repeat, "fold": fold, "state": "pending"}
     if is_trained(paths, name, fold):
         history = read_json(paths.history(name, fold))
         reason = stale_reason(paths, spec, fold, sources) if sources is not None else None
@@ -152,7 +160,10 @@ def format_job_table(table: pd.DataFrame) -> list[str]:
     """The table as aligned lines, then one line of counts per state."""
     header = ("model", "fold", "state", "device", "amp", "time", "valid_loss", "error_rate", "note")
     cells = [header] + [_cells(row) for row in table.itertuples(index=False)]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header) - 1)]
+    if len(table) and table["repeat"].max() > 0:  # a run with repeats: the repeat beside the fold
+        cells = [(c[0], "repeat" if i == 0 else str(row.repeat), *c[1:])
+                 for i, (c, row) in enumerate(zip(cells, [None, *table.itertuples(index=False)]))]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]) - 1)]
     lines = ["  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip() for row in cells]
     counts = table["state"].value_counts()
     summary = ", ".join(f"{counts[s]} {s}" for s in STATES if s in counts)

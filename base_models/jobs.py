@@ -30,7 +30,7 @@ from .batches import ImageSource
 from .cache import CacheOptions, ImageCache, build_cache, load_cache
 from .config import SAMPLING_BUILTIN, DataConfig, EngineConfig, FoldsConfig, ModelSpec
 from .dataset import DatasetSpec, resolve_dataset
-from .engines import JobLog, run_jobs
+from .engines import JobLog, job_label, run_jobs
 from .models import check_sizes, resolve_device
 from .train import Sources, Target, TrainInputs, build_model, is_trained, stale_reason, train_fold
 
@@ -45,46 +45,67 @@ class StageOptions:
         parallel: train-base jobs at once on CPU (the local engine runs one per visible GPU on CUDA);
             the size of the local cluster the Ray engine starts when it joins none.
         log: where progress lines go.
-        only: run exactly these (model, fold) jobs of train-base; empty for every job.
-        engine: where train-base's jobs run (`EngineConfig`).
+        only: run exactly these jobs: (model, fold) items, or (model, repeat, fold) with repeats;
+            empty for every job.
+        engine: where the jobs run (`EngineConfig`).
     """
 
     force: bool = False
     parallel: int = 1
     log: Callable[[str], None] = print
-    only: tuple[tuple[str, int], ...] = ()
+    only: tuple[tuple, ...] = ()
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 @dataclass(frozen=True)
 class FoldJob:
-    """The unit of train-base: one model trained with one fold held out."""
+    """The unit of train-base and predict-oof: one model with one fold of one repeat held out."""
 
     model: ModelSpec
     fold: int
+    repeat: int = 0
+
+    def paths(self, paths: RunPaths) -> RunPaths:
+        """Where the job's files live: the run's own layout for repeat 0, `repeat<r>` folders otherwise."""
+        return paths.for_repeat(self.repeat)
+
+    def folds(self, folds: Folds) -> Folds:
+        """The one assignment the job trains and predicts on: its repeat's."""
+        return folds.for_repeat(self.repeat)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return self.model.name, self.repeat, self.fold
 
 
-def job_grid(specs: list[ModelSpec], k: int) -> list[FoldJob]:
-    """Every (model, fold) job of a run, model by model."""
-    return [FoldJob(s, fold) for s in specs for fold in range(k)]
+def job_grid(specs: list[ModelSpec], k: int, repeats: int = 1) -> list[FoldJob]:
+    """Every (model, repeat, fold) job of a run, model by model, repeat by repeat."""
+    return [FoldJob(s, fold, r) for s in specs for r in range(repeats) for fold in range(k)]
 
 
-def select_jobs(jobs: list[FoldJob], only: tuple[tuple[str, int], ...], k: int) -> list[FoldJob]:
-    """The jobs `only` names, in grid order; all of them when it names none.
+def select_jobs(jobs: list[FoldJob], only: tuple[tuple, ...], k: int, repeats: int = 1) -> list[FoldJob]:
+    """The jobs `only` names ((model, fold), or (model, repeat, fold)), in grid order; all when it names none.
 
     Raises:
-        StackerError: `only` names a model not in the run or a fold outside 0..k-1.
+        StackerError: `only` names a model not in the run, a fold outside 0..k-1 or a repeat outside 0..R-1.
     """
     if not only:
         return jobs
     names = sorted({j.model.name for j in jobs})
-    for model, fold in only:
+    wanted = {_only_key(item) for item in only}
+    for model, repeat, fold in sorted(wanted, key=str):
         if model not in names:
             raise StackerError(f"only: no model {model!r} in the run; its models are {names}")
         if not (isinstance(fold, int) and 0 <= fold < k):
             raise StackerError(f"only: {model} fold {fold!r} is not a fold of the run (0..{k - 1})")
-    wanted = {(m, f) for m, f in only}
-    return [j for j in jobs if (j.model.name, j.fold) in wanted]
+        if not (isinstance(repeat, int) and 0 <= repeat < repeats):
+            raise StackerError(f"only: {model} repeat {repeat!r} is not a repeat of the run (0..{repeats - 1})")
+    return [j for j in jobs if j.key in wanted]
+
+
+def _only_key(item: tuple) -> tuple:
+    """(model, repeat, fold) of an `only` item: (model, fold) names repeat 0."""
+    return (item[0], 0, item[1]) if len(item) == 2 else tuple(item)
 
 
 def cache_size(specs: list[ModelSpec]) -> tuple[int, int]:
@@ -201,18 +222,18 @@ def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, data: Data
             once, the jobs after it left pending for the next call).
     """
     log = options.log
-    jobs = select_jobs(job_grid(specs, folds.k), options.only, folds.k)
+    jobs = select_jobs(job_grid(specs, folds.k, folds.repeats), options.only, folds.k, folds.repeats)
     if options.force:
         remove_job_outputs(paths, jobs, log)
-    sources = Sources(folds.sha256, load_cache(paths, "train").digest)
-    todo = [j for j in jobs if not is_trained(paths, j.model.name, j.fold)]
-    _refuse_stale(paths, [j for j in jobs if j not in todo], sources)
+    run = _TrainRun(paths, folds, [], load_cache(paths, "train").digest, log)
+    todo = [j for j in jobs if not is_trained(j.paths(paths), j.model.name, j.fold)]
+    run.refuse_stale([j for j in jobs if j not in todo])
     log(f"train-base: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run")
     if not todo:
         return
     targets = load_targets(paths, folds, extra_targets(data))
     check_models([s for s in specs if any(j.model is s for j in todo)], targets)
-    _dispatch(_TrainRun(paths, folds, targets, sources, log), todo, options)
+    _dispatch(replace(run, targets=targets), todo, options)
 
 
 def _dispatch(run: _TrainRun, todo: list[FoldJob], options: StageOptions) -> None:
@@ -239,44 +260,33 @@ def remove_job_outputs(paths: RunPaths, jobs: list[FoldJob], log=print) -> None:
     (or the folds rewritten), so an interrupted --force never leaves old results that look finished.
     A job whose lock another process holds is being trained there: its files are left to it."""
     for job in jobs:
-        if not paths.model_dir(job.model.name).is_dir():
+        at = job.paths(paths)
+        if not at.model_dir(job.model.name).is_dir():
             continue
         try:
             held = job_lock(paths, job).acquire()
         except Timeout:
-            log(f"  {job.model.name} fold {job.fold}: running in another process, its files are kept")
+            log(f"  {job_name(job)}: running in another process, its files are kept")
             continue
         with held:  # the history goes first: it is what marks a job finished
-            for path in (paths.history, paths.weights, paths.checkpoint, paths.job_log):
+            for path in (at.history, at.weights, at.checkpoint, at.job_log):
                 path(job.model.name, job.fold).unlink(missing_ok=True)
 
 
 def job_lock(paths: RunPaths, job: FoldJob) -> FileLock:
     """The job's lock, taken without waiting (timeout 0). An flock: the kernel releases it when
     its process dies, even by SIGKILL, so a crashed job never blocks the next run."""
-    paths.model_dir(job.model.name).mkdir(parents=True, exist_ok=True)
-    return FileLock(paths.job_lock(job.model.name, job.fold), timeout=0)
+    at = job.paths(paths)
+    at.model_dir(job.model.name).mkdir(parents=True, exist_ok=True)
+    return FileLock(at.job_lock(job.model.name, job.fold), timeout=0)
 
 
-def _refuse_stale(paths: RunPaths, finished: list[FoldJob], sources: Sources) -> None:
-    """A finished job is skipped only while it is current; stale ones are refused in one line naming them all."""
-    stale: dict[tuple[str, str], list[int]] = {}  # (model, reason) -> folds
-    for job in finished:
-        reason = stale_reason(paths, job.model, job.fold, sources)
-        if reason:
-            stale.setdefault((job.model.name, reason), []).append(job.fold)
-    if not stale:
-        return
-    (model, _), folds = next(iter(stale.items()))
-    groups = "; ".join(f"{name} {_fold_list(ks)} {'was' if len(ks) == 1 else 'were'} {reason}"
-                       for (name, reason), ks in stale.items())
-    them = "it" if sum(map(len, stale.values())) == 1 else "them"
-    raise StackerError(f"{paths.history(model, folds[0])}: {groups}; pass --force to train {them} again "
-                       "(or give a model with new settings a new name)")
-
-
-def _fold_list(folds: list[int]) -> str:
-    return f"fold {folds[0]}" if len(folds) == 1 else f"folds {', '.join(map(str, folds))}"
+def _fold_list(jobs: list[FoldJob]) -> str:
+    """"fold 1", "folds 0, 2", "repeat 1 fold 0": the jobs of one model, for a message."""
+    names = [job_name(j).removeprefix(f"{j.model.name} ") for j in jobs]
+    if all(j.repeat == 0 for j in jobs) and len(jobs) > 1:
+        return f"folds {', '.join(str(j.fold) for j in jobs)}"
+    return ", ".join(names)
 
 
 @dataclass(frozen=True)
@@ -286,8 +296,28 @@ class _TrainRun:
     paths: RunPaths
     folds: Folds
     targets: list[Target]
-    sources: Sources  # the folds and train cache every job of this call trains on
+    cache_sha256: str  # the train cache every job of this call trains on
     log: Callable[[str], None] = print
+
+    def sources(self, job: FoldJob) -> Sources:
+        """What the job's weights must be made from: its repeat's folds and this call's train cache."""
+        return Sources(job.folds(self.folds).sha256, self.cache_sha256)
+
+    def refuse_stale(self, finished: list[FoldJob]) -> None:
+        """A finished job is skipped only while it is current; stale ones are refused in one line naming them all."""
+        stale: dict[tuple[str, str], list[FoldJob]] = {}  # (model, reason) -> jobs
+        for job in finished:
+            reason = stale_reason(job.paths(self.paths), job.model, job.fold, self.sources(job))
+            if reason:
+                stale.setdefault((job.model.name, reason), []).append(job)
+        if not stale:
+            return
+        first = next(iter(stale.values()))[0]
+        groups = "; ".join(f"{name} {_fold_list(js)} {'was' if len(js) == 1 else 'were'} {reason}"
+                           for (name, reason), js in stale.items())
+        them = "it" if sum(map(len, stale.values())) == 1 else "them"
+        raise StackerError(f"{first.paths(self.paths).history(first.model.name, first.fold)}: {groups}; pass "
+                           f"--force to train {them} again (or give a model with new settings a new name)")
 
     def train(self, job: FoldJob, images: ImageSource) -> float | None:
         """Train `job` under its lock; one another process holds, or finished meanwhile, is skipped.
@@ -295,19 +325,19 @@ class _TrainRun:
         Returns:
             Seconds inside `train_fold`; None when skipped.
         """
-        name, fold = job.model.name, job.fold
+        name, fold, at = job.model.name, job.fold, job.paths(self.paths)
         try:
             held = job_lock(self.paths, job).acquire()
         except Timeout:
-            self.log(f"  {name} fold {fold}: running in another process, skipped")
+            self.log(f"  {job_name(job)}: running in another process, skipped")
             return None
         with held:
-            if is_trained(self.paths, name, fold):  # another process finished it since this one looked
-                _refuse_stale(self.paths, [job], self.sources)
-                self.log(f"  {name} fold {fold}: finished in another process meanwhile, skipped")
+            if is_trained(at, name, fold):  # another process finished it since this one looked
+                self.refuse_stale([job])
+                self.log(f"  {job_name(job)}: finished in another process meanwhile, skipped")
                 return None
-            remove_temps(self.paths.model_dir(name), f"fold{fold}.")  # a killed run's partial writes
-            inputs = TrainInputs(self.paths, self.folds, self.targets, images, self.sources.cache_sha256)
+            remove_temps(at.model_dir(name), f"fold{fold}.")  # a killed run's partial writes
+            inputs = TrainInputs(at, job.folds(self.folds), self.targets, images, self.cache_sha256)
             t0 = time.perf_counter()
             train_fold(job.model, fold, inputs, load_row_weights(self.paths, self.folds, job.model), self.log)
             return time.perf_counter() - t0
@@ -316,14 +346,14 @@ class _TrainRun:
         """One job in an engine's worker: check the run directory is visible here, log to the job's own
         file, place the cache on the worker's device (the one GPU it sees), train."""
         check_run_visible(self.paths)
-        run = replace(self, log=JobLog(self.paths.job_log(job.model.name, job.fold), job_name(job)))
+        run = replace(self, log=JobLog(job.paths(self.paths).job_log(job.model.name, job.fold), job_name(job)))
         run.log(f"  {job_name(job)}: started on {socket.gethostname()}")
         device = resolve_device(job.model.train.device)
         return run.train(job, _train_images(run, device, job.model.train.gpu_cache_gb))
 
 
 def job_name(job: FoldJob) -> str:
-    return f"{job.model.name} fold {job.fold}"
+    return job_label(job.model.name, job.fold, job.repeat)
 
 
 def check_run_visible(paths: RunPaths) -> None:
@@ -344,7 +374,7 @@ def _run_in_process(run: _TrainRun, jobs: list[FoldJob]) -> None:
         if place not in loaded:
             loaded = {place: _train_images(run, *place)}
             run.log(f"  train images: {loaded[place].shape} uint8 in {loaded[place].placement}")
-        job_log = JobLog(run.paths.job_log(job.model.name, job.fold), job_name(job), echo=run.log)
+        job_log = JobLog(job.paths(run.paths).job_log(job.model.name, job.fold), job_name(job), echo=run.log)
         replace(run, log=job_log).train(job, loaded[place])
 
 
@@ -352,7 +382,7 @@ def _train_images(run: _TrainRun, device, gpu_cache_gb: float) -> ImageSource:
     """The train cache placed on `device`: the very cache (by digest) the call checked its jobs against."""
     cache = load_cache(run.paths, "train")
     check_cache_rows(cache, run.folds.ids, run.paths)
-    if cache.digest != run.sources.cache_sha256:
+    if cache.digest != run.cache_sha256:
         raise StackerError(f"{run.paths.cache_index('train')}: the train image cache changed while train-base "
                            "ran (another process rebuilt it); run train-base again")
     return ImageSource(cache.images, device, gpu_cache_gb)

@@ -6,6 +6,13 @@ two tables of its own (per extra target too):
     preds/<model>/oof_fold<k>.parquet    the held-out rows, views combined
     preds/<model>/test_fold<k>.parquet   the test set, views combined
 
+With `folds.repeats` R > 1 there is one job per (model, repeat, fold); repeat r > 0 keeps its fold
+tables in `preds/<model>/repeat<r>/` (`RunPaths.for_repeat`), and each fold table records its own
+repeat's folds digest, so repeat 0's tables are those of a run without repeats. The model's OOF table
+then holds every repeat (R x N rows, a `repeat` column: the meta level scores each repeat on its own
+OOF, never their mean, which leaks through the other repeats' models) and its test table is the mean
+over all R x K fold models.
+
 Jobs run in this process (the caches placed once per device) or through an engine, as train-base's do
 (`engines.py`): one local worker per GPU fed from one queue, or one Ray task per job, so the K fold
 models of a large model predict on K GPUs at once; `--only MODEL:FOLD` predicts single jobs (a Slurm
@@ -59,14 +66,20 @@ class PredictRun:
     caches: tuple[str, str]  # the (train, test) cache digests this call predicts from
     test_ids: np.ndarray
     metas: dict  # model -> what its tables record (`table_meta`), but the weights
-    weights: dict  # model -> each fold model's weights sha256 (None: not trained yet)
+    weights: dict  # model -> [repeat][fold] each fold model's weights sha256 (None: not trained yet)
     log: Callable[[str], None] = print
 
-    def fold_meta(self, model: str, fold: int) -> dict:
-        return {**self.metas[model], "fold": fold, "weights_sha256": self.weights[model][fold]}
+    def fold_meta(self, job: FoldJob) -> dict:
+        """What a fold job's tables record: its repeat's folds and its own fold model's weights."""
+        meta = {**self.metas[job.model.name], "folds_sha256": job.folds(self.folds).sha256, "fold": job.fold,
+                "weights_sha256": self.weights[job.model.name][job.repeat][job.fold]}
+        return {**meta, "repeat": job.repeat} if job.repeat else meta
 
     def model_meta(self, model: str) -> dict:
-        return {**self.metas[model], "weights_sha256": self.weights[model]}
+        """What a model's OOF and test tables record: every fold model's weights, repeat-major."""
+        weights = [w for repeat in self.weights[model] for w in repeat]
+        meta = {**self.metas[model], "weights_sha256": weights}
+        return {**meta, "repeats": self.folds.repeats} if self.folds.repeats > 1 else meta
 
     def predict(self, job: FoldJob, train: ImageSource, test: ImageSource) -> float | None:
         """Predict `job` under its lock; one another process holds, or predicted meanwhile, is skipped.
@@ -74,18 +87,18 @@ class PredictRun:
         Returns:
             Seconds predicting; None when skipped.
         """
-        name, fold = job.model.name, job.fold
+        folder = job.paths(self.paths).preds_dir(job.model.name)
         try:
             held = job_lock(self.paths, job).acquire()
         except Timeout:
-            self.log(f"  {name} fold {fold}: busy in another process (training or predicting), skipped")
+            self.log(f"  {job_name(job)}: busy in another process (training or predicting), skipped")
             return None
         with held:
-            if read_fold(self, job.model, fold) is not None:
-                self.log(f"  {name} fold {fold}: predicted in another process meanwhile, skipped")
+            if read_fold(self, job) is not None:
+                self.log(f"  {job_name(job)}: predicted in another process meanwhile, skipped")
                 return None
-            remove_temps(self.paths.preds_dir(name), f"oof_fold{fold}")  # a killed job's partial writes
-            remove_temps(self.paths.preds_dir(name), f"test_fold{fold}")
+            remove_temps(folder, f"oof_fold{job.fold}")  # a killed job's partial writes
+            remove_temps(folder, f"test_fold{job.fold}")
             t0 = time.perf_counter()
             _predict_fold(self, job, train, test)
             return time.perf_counter() - t0
@@ -94,7 +107,7 @@ class PredictRun:
         """One job in an engine's worker: check the run directory is visible here, log to the job's own
         file, open and place both caches on the worker's device, predict."""
         check_run_visible(self.paths)
-        run = replace(self, log=JobLog(self.paths.job_log(job.model.name, job.fold), job_name(job)))
+        run = replace(self, log=JobLog(job.paths(self.paths).job_log(job.model.name, job.fold), job_name(job)))
         return run.predict(job, *_placed_caches(run, resolve_device(job.model.train.device),
                                                 job.model.train.gpu_cache_gb))
 
@@ -126,10 +139,11 @@ def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAC
     run = PredictRun(paths, folds, load_targets(paths, folds, extra_targets(data)), tta.batch_size,
                      (train.digest, test.digest), test.ids, {s.name: table_meta(s, folds, tta, train, test)
                                                              for s in specs}, weights, options.log)
-    _check_trained(run, select_jobs(job_grid(specs, folds.k), options.only, folds.k))  # before anything is removed
-    models = _models_to_predict(run, specs, options)
-    jobs = select_jobs(job_grid(models, folds.k), options.only, folds.k)
-    todo = [j for j in jobs if read_fold(run, j.model, j.fold) is None]
+    grid = select_jobs(job_grid(specs, folds.k, folds.repeats), options.only, folds.k, folds.repeats)
+    _check_trained(run, grid)  # before anything is removed
+    models = _models_to_predict(run, specs, grid, options.force)
+    jobs = [j for j in grid if j.model in models]
+    todo = [j for j in jobs if read_fold(run, j) is None]
     if models:
         options.log(f"predict-oof: {len(jobs)} fold jobs, {len(jobs) - len(todo)} already predicted, "
                     f"{len(todo)} to run")
@@ -138,32 +152,42 @@ def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAC
     return {spec.name: result for spec in models if (result := _assemble(run, spec)) is not None}
 
 
-def _fold_weights(paths: RunPaths, spec: ModelSpec, folds: Folds, cache: str) -> list[str | None]:
-    """Each fold model's weights digest (None: not trained yet), once trained on these folds and train
-    images, as configured.
+def _fold_weights(paths: RunPaths, spec: ModelSpec, folds: Folds, cache: str) -> list[list[str | None]]:
+    """[repeat][fold] each fold model's weights digest (None: not trained yet), once trained on its repeat's
+    folds and these train images, as configured.
 
     Raises:
         StackerError: stale weights (named, with the command that retrains them).
     """
-    missing = [f for f in range(folds.k) if not is_trained(paths, spec.name, f)]
-    sources = Sources(folds.sha256, cache)
-    for fold in sorted(set(range(folds.k)) - set(missing)):
-        reason = stale_reason(paths, spec, fold, sources)
+    out = []
+    for job in job_grid([spec], folds.k, folds.repeats):
+        if job.fold == 0:
+            out.append([])
+        at = job.paths(paths)
+        if not is_trained(at, spec.name, job.fold):
+            out[-1].append(None)
+            continue
+        reason = stale_reason(at, spec, job.fold, Sources(job.folds(folds).sha256, cache))
         if reason:
-            raise StackerError(f"{paths.weights(spec.name, fold)}: {spec.name} fold {fold} was {reason}; "
+            raise StackerError(f"{at.weights(spec.name, job.fold)}: {job_name(job)} was {reason}; "
                                "run train-base --force to retrain it")
-    return [None if f in missing else weights_digest(paths, spec.name, f) for f in range(folds.k)]
+        out[-1].append(weights_digest(at, spec.name, job.fold))
+    return out
 
 
 def _check_trained(run: PredictRun, jobs: list[FoldJob]) -> None:
-    """Every job to predict has its fold model trained, else one line naming the folds per model."""
-    missing: dict[str, list[int]] = {}
+    """Every job to predict has its fold model trained, else one line naming the jobs of the first model."""
+    missing: dict[str, list[FoldJob]] = {}
     for job in jobs:
-        if run.weights[job.model.name][job.fold] is None:
-            missing.setdefault(job.model.name, []).append(job.fold)
+        if run.weights[job.model.name][job.repeat][job.fold] is None:
+            missing.setdefault(job.model.name, []).append(job)
     if missing:
-        name, ks = next(iter(missing.items()))
-        raise StackerError(f"{name}: folds {ks} are not trained yet; run train-base first")
+        name, untrained = next(iter(missing.items()))
+        if all(j.repeat == 0 for j in untrained):
+            which = f"folds {[j.fold for j in untrained]} are"
+        else:
+            which = ", ".join(job_name(j).removeprefix(f"{name} ") for j in untrained) + " are"
+        raise StackerError(f"{name}: {which} not trained yet; run train-base first")
 
 
 def table_meta(spec: ModelSpec, folds: Folds, tta: TTAConfig, train, test) -> dict:
@@ -178,24 +202,22 @@ def table_meta(spec: ModelSpec, folds: Folds, tta: TTAConfig, train, test) -> di
     return json.loads(json.dumps(meta))  # as a table's metadata reads back: lists, plain numbers
 
 
-def _models_to_predict(run: PredictRun, specs: list[ModelSpec], options: StageOptions) -> list[ModelSpec]:
-    """The models with a table to (re)write, their assembled tables deleted (with --force, the fold tables
-    of the jobs this call runs too); the others logged as already predicted."""
-    chosen = {m for m, _ in options.only}
+def _models_to_predict(run: PredictRun, specs: list[ModelSpec], grid: list[FoldJob], force: bool) -> list[ModelSpec]:
+    """The models with a job in `grid` and a table to (re)write, their assembled tables deleted (with
+    `force`, the fold tables of their jobs in `grid` too); the others logged as already predicted."""
     models = []
     for spec in specs:
-        if chosen and spec.name not in chosen:
+        jobs = [j for j in grid if j.model is spec]
+        if not jobs:
             continue
-        stale = "forced (--force)" if options.force else tables_stale(run, spec)
+        stale = "forced (--force)" if force else tables_stale(run, spec)
         if stale is None:
-            options.log(f"predict-oof: {spec.name} already predicted (--force to redo)")
+            run.log(f"predict-oof: {spec.name} already predicted (--force to redo)")
             continue
-        options.log(f"predict-oof: {spec.name}: {stale}; predicting")
+        run.log(f"predict-oof: {spec.name}: {stale}; predicting")
         remove_assembled(run.paths, spec.name, run.targets)  # a stopped run must leave no stale table behind
-        if options.force:
-            for fold in range(run.folds.k):
-                if not chosen or (spec.name, fold) in options.only:
-                    remove_fold_tables(run.paths, spec.name, fold, run.targets)
+        for job in jobs if force else ():
+            remove_fold_tables(job.paths(run.paths), spec.name, job.fold, run.targets)
         models.append(spec)
     return models
 
@@ -206,15 +228,16 @@ def _same(recorded: dict, expected: dict) -> list[str]:
                   if key not in UNCOMPARED_META and recorded.get(key) != expected.get(key))
 
 
-def model_tables(paths: RunPaths, model: str, k: int, targets: list[Target]):
-    """(path, kind, target, fold) of every table predict-oof writes for a model: per target the OOF and
-    test tables (fold None), then each fold's OOF part and test table."""
-    for t in targets:
-        yield paths.oof(model, t.name), "oof", t, None
-        yield paths.test(model, t.name), "test", t, None
-        for fold in range(k):
-            yield paths.oof_fold(model, fold, t.name), "oof", t, fold
-            yield paths.test_fold(model, fold, t.name), "test", t, fold
+def model_tables(run: PredictRun, spec: ModelSpec):
+    """(path, kind, target, job) of every table predict-oof writes for a model: per target the OOF and
+    test tables (job None), then each fold job's OOF part and test table."""
+    for t in run.targets:
+        yield run.paths.oof(spec.name, t.name), "oof", t, None
+        yield run.paths.test(spec.name, t.name), "test", t, None
+        for job in job_grid([spec], run.folds.k, run.folds.repeats):
+            at = job.paths(run.paths)
+            yield at.oof_fold(spec.name, job.fold, t.name), "oof", t, job
+            yield at.test_fold(spec.name, job.fold, t.name), "test", t, job
 
 
 def tables_stale(run: PredictRun, spec: ModelSpec) -> str | None:
@@ -223,14 +246,14 @@ def tables_stale(run: PredictRun, spec: ModelSpec) -> str | None:
     name = spec.name
     if not run.paths.oof(name).is_file():
         return "not predicted yet"
-    if None in run.weights[name]:
+    if any(None in repeat for repeat in run.weights[name]):
         return "not every fold is trained"
-    for path, kind, target, fold in model_tables(run.paths, name, run.folds.k, run.targets):
+    for path, kind, target, job in model_tables(run, spec):
         try:
             recorded = read_table(path, target.classes, kind).meta
         except StackerError:
             return f"{path.name} is missing or unreadable"
-        differ = _same(recorded, run.model_meta(name) if fold is None else run.fold_meta(name, fold))
+        differ = _same(recorded, run.model_meta(name) if job is None else run.fold_meta(job))
         if differ:
             return f"{path.name} was made from other {', '.join(differ)}"
     if not run.paths.predict_metrics(name).is_file():  # written last: the tables before it may be all there
@@ -254,22 +277,23 @@ def remove_fold_tables(paths: RunPaths, model: str, fold: int, targets: list[Tar
         paths.test_fold(model, fold, t.name).unlink(missing_ok=True)
 
 
-def read_fold(run: PredictRun, spec: ModelSpec, fold: int) -> list[tuple[PredictionTable, PredictionTable]] | None:
-    """Fold job `fold`'s (OOF part, test table) per target when every one is current; None: a table is
+def read_fold(run: PredictRun, job: FoldJob) -> list[tuple[PredictionTable, PredictionTable]] | None:
+    """Fold job `job`'s (OOF part, test table) per target when every one is current; None: a table is
     missing, damaged, made from something else, or its fold model is not trained."""
-    if run.weights[spec.name][fold] is None:
+    name, at = job.model.name, job.paths(run.paths)
+    if run.weights[name][job.repeat][job.fold] is None:
         return None
-    expected, rows = run.fold_meta(spec.name, fold), run.folds.valid_rows(fold)
+    expected, rows = run.fold_meta(job), job.folds(run.folds).valid_rows(job.fold)
     out = []
     for t in run.targets:
         try:
-            part = read_table(run.paths.oof_fold(spec.name, fold, t.name), t.classes, "oof")
-            test = validate_test(read_table(run.paths.test_fold(spec.name, fold, t.name), t.classes, "test"),
+            part = read_table(at.oof_fold(name, job.fold, t.name), t.classes, "oof")
+            test = validate_test(read_table(at.test_fold(name, job.fold, t.name), t.classes, "test"),
                                  run.test_ids, t.classes)
         except StackerError:
             return None
         if (_same(part.meta, expected) or _same(test.meta, expected) or len(part.ids) != len(rows)
-                or (part.ids != run.folds.ids[rows]).any() or (part.fold != fold).any()):
+                or (part.ids != run.folds.ids[rows]).any() or (part.fold != job.fold).any()):
             return None
         out.append((part, test))
     return out
@@ -277,25 +301,25 @@ def read_fold(run: PredictRun, spec: ModelSpec, fold: int) -> list[tuple[Predict
 
 def _predict_fold(run: PredictRun, job: FoldJob, train: ImageSource, test: ImageSource) -> None:
     """Fold model k on its held-out rows and the test set; its tables per target, the OOF part last."""
-    spec, fold = job.model, job.fold
-    meta, rows = run.fold_meta(spec.name, fold), run.folds.valid_rows(fold)
+    spec, fold, at = job.model, job.fold, job.paths(run.paths)
+    meta, rows = run.fold_meta(job), job.folds(run.folds).valid_rows(fold)
     t0 = time.perf_counter()
-    net = load_fold_model(run.paths, spec, fold, run.targets, train.device)
+    net = load_fold_model(at, spec, fold, run.targets, train.device)
     oof = predict_with_tta(net, train, rows, meta, run.batch_size, spec.train.compile)
     tests = predict_with_tta(net, test, np.arange(len(run.test_ids)), meta, run.batch_size, spec.train.compile)
     seconds = time.perf_counter() - t0
     for t, target in enumerate(run.targets):
         # an empty test set gives one (V, 0, 0) array, not one per target
         p = tests[t][1] if len(run.test_ids) else np.zeros((0, len(target.classes)))
-        write_test(run.paths.test_fold(spec.name, fold, target.name), p, run.test_ids, target, meta)
+        write_test(at.test_fold(spec.name, fold, target.name), p, run.test_ids, target, meta)
         plain, combined = oof[t]
         y = target.y[rows]
         scores = {"seconds": seconds, "plain_correct": accuracy(y, plain) * len(rows),
                   "plain_log_loss_sum": log_loss(y, plain) * len(rows)}
         part = PredictionTable(run.folds.ids[rows], combined, target.classes, np.full(len(rows), fold),
                                {**meta, "job": scores})
-        write_table(run.paths.oof_fold(spec.name, fold, target.name), part)
-    run.log(f"  {spec.name} fold {fold}: {len(rows)} OOF rows, {len(run.test_ids)} test rows")
+        write_table(at.oof_fold(spec.name, fold, target.name), part)
+    run.log(f"  {job_name(job)}: {len(rows)} OOF rows, {len(run.test_ids)} test rows")
 
 
 def write_test(path, proba, ids, target: Target, meta) -> None:
@@ -317,7 +341,7 @@ def _dispatch(run: PredictRun, todo: list[FoldJob], options: StageOptions) -> No
         place = (resolve_device(job.model.train.device), job.model.train.gpu_cache_gb)
         if place not in placed:
             placed = {place: _placed_caches(run, *place)}
-        job_log = JobLog(run.paths.job_log(job.model.name, job.fold), job_name(job), echo=run.log)
+        job_log = JobLog(job.paths(run.paths).job_log(job.model.name, job.fold), job_name(job), echo=run.log)
         replace(run, log=job_log).predict(job, *placed[place])
 
 
@@ -332,38 +356,58 @@ def _placed_caches(run: PredictRun, device, gpu_cache_gb: float) -> tuple[ImageS
 
 
 def _assemble(run: PredictRun, spec: ModelSpec) -> dict | None:
-    """The model's OOF and test tables and metrics from its K fold tables, when all are current; None (and
-    a line naming the folds still missing) otherwise."""
-    folds, name = run.folds, spec.name
-    parts = [read_fold(run, spec, fold) for fold in range(folds.k)]
-    waiting = [fold for fold, p in enumerate(parts) if p is None]
+    """The model's OOF and test tables and metrics from its fold tables, when all are current; None (and
+    a line naming the jobs still missing) otherwise."""
+    name = spec.name
+    parts = [(job, read_fold(run, job)) for job in job_grid([spec], run.folds.k, run.folds.repeats)]
+    waiting = [job_name(job).removeprefix(f"{name} ") for job, p in parts if p is None]
     if waiting:
-        run.log(f"predict-oof: {name}: folds {waiting} not predicted yet; its tables are written once they are")
+        run.log(f"predict-oof: {name}: {', '.join(waiting)} not predicted yet; its tables are written once they are")
         return None
     meta = run.model_meta(name)
     for t, target in enumerate(run.targets):
-        oof = np.zeros((len(folds.ids), len(target.classes)))
-        for fold, p in enumerate(parts):
-            oof[folds.valid_rows(fold)] = p[t][0].proba
-        fold_view = replace(folds, classes=target.classes,
-                            table=folds.table.assign(label=[target.classes[i] for i in target.y]))
-        table = PredictionTable(folds.ids, oof, target.classes, folds.fold, meta)
-        write_table(run.paths.oof(name, target.name), validate_oof(table, fold_view))
-        test_mean = sum(p[t][1].proba for p in parts) / folds.k
+        oofs = [np.zeros((len(run.folds.ids), len(target.classes))) for _ in range(run.folds.repeats)]
+        for job, p in parts:  # each repeat's rows from its own fold models
+            oofs[job.repeat][job.folds(run.folds).valid_rows(job.fold)] = p[t][0].proba
+        write_table(run.paths.oof(name, target.name), _oof_table(run, oofs, target, meta))
+        test_mean = sum(p[t][1].proba for _, p in parts) / len(parts)  # every repeat's fold models
         write_test(run.paths.test(name, target.name), test_mean, run.test_ids, target, meta)
         if t == 0:
-            result = _report(run, name, oof, [p[0][0].meta["job"] for p in parts])
+            result = _report(run, name, oofs, [p[0][0].meta["job"] for _, p in parts])
     return result
 
 
-def _report(run: PredictRun, name: str, oof: np.ndarray, jobs: list[dict]) -> dict:
-    """OOF scores of the main target with and without TTA, written beside the tables and logged."""
-    y, n = run.folds.y, len(run.folds.ids)
-    result = {"accuracy": accuracy(y, oof), "log_loss": log_loss(y, oof),
-              "accuracy_no_tta": sum(j["plain_correct"] for j in jobs) / n,
-              "log_loss_no_tta": sum(j["plain_log_loss_sum"] for j in jobs) / n,
+def _oof_table(run: PredictRun, oofs: list[np.ndarray], target: Target, meta: dict) -> PredictionTable:
+    """The OOF table of one target, checked against the folds: N rows, or with repeats R x N rows,
+    repeat-major, with a `repeat` column."""
+    folds = run.folds
+    labels = np.tile([target.classes[i] for i in target.y], folds.repeats)
+    fold_view = replace(folds, classes=target.classes, table=folds.table.assign(label=labels))
+    if folds.repeats == 1:
+        table = PredictionTable(folds.ids, oofs[0], target.classes, folds.fold, meta)
+    else:
+        repeat = np.repeat(np.arange(folds.repeats), len(folds.ids))
+        table = PredictionTable(np.tile(folds.ids, folds.repeats), np.concatenate(oofs), target.classes,
+                                folds.fold_matrix.ravel(), meta, repeat=repeat)
+    return validate_oof(table, fold_view)
+
+
+def _report(run: PredictRun, name: str, oofs: list[np.ndarray], jobs: list[dict]) -> dict:
+    """OOF scores of the main target with and without TTA (with repeats: the mean over repeats, each
+    repeat's own and their spread), written beside the tables and logged."""
+    y, rows = run.folds.y, len(run.folds.ids) * len(oofs)
+    each = [{"accuracy": accuracy(y, oof), "log_loss": log_loss(y, oof)} for oof in oofs]
+    result = {"accuracy": float(np.mean([r["accuracy"] for r in each])),
+              "log_loss": float(np.mean([r["log_loss"] for r in each])),
+              "accuracy_no_tta": sum(j["plain_correct"] for j in jobs) / rows,
+              "log_loss_no_tta": sum(j["plain_log_loss_sum"] for j in jobs) / rows,
               "seconds": sum(j["seconds"] for j in jobs)}
+    if len(oofs) > 1:  # the split-to-split noise: how far one split's score is from another's
+        result.update(repeats=each, accuracy_std=float(np.std([r["accuracy"] for r in each], ddof=1)))
     write_json(run.paths.predict_metrics(name), result)
     run.log(f"predict-oof: {name}  OOF accuracy {result['accuracy_no_tta']:.4f} -> {result['accuracy']:.4f} "
             f"with TTA, log-loss {result['log_loss_no_tta']:.4f} -> {result['log_loss']:.4f}")
+    if len(oofs) > 1:
+        scores = ", ".join(f"{r['accuracy']:.4f}" for r in each)
+        run.log(f"predict-oof: {name}  OOF accuracy per repeat {scores} (std {result['accuracy_std']:.4f})")
     return result

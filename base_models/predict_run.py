@@ -39,6 +39,7 @@ from .batches import ImageSource
 from .cache import CacheOptions, ImageCache, build_cache
 from .config import DataConfig, ModelSpec, TTAConfig
 from .dataset import NewTestImages, resolve_new_test
+from .engines import job_label
 from .jobs import StageOptions, cache_size, load_targets
 from .models import resolve_device
 from .predict import predict_with_tta, resolve_amp
@@ -84,6 +85,12 @@ class _NewTest:
     cache: ImageCache  # the new images, decoded into OUT
     k: int
     options: StageOptions
+    repeats: int = 1
+
+    @property
+    def slots(self) -> list[tuple[int, int]]:
+        """(repeat, fold) of every fold model, in the order the run's tables record their weights."""
+        return [(r, f) for r in range(self.repeats) for f in range(self.k)]
 
 
 def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, out: RunPaths,
@@ -107,7 +114,7 @@ def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, ou
     folds = load_folds(run.paths.folds)
     targets = load_targets(run.paths, folds, list(run.data.extra_targets))
     table = resolve_new_test(images)
-    used = [_used_model(run, name, targets[0].classes, folds.k) for name in models]
+    used = [_used_model(run, name, targets[0].classes, folds) for name in models]
     out.root.mkdir(parents=True, exist_ok=True)
     try:
         held = FileLock(out.predict_lock, timeout=0).acquire()
@@ -115,10 +122,10 @@ def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, ou
         raise StackerError(f"{out.root}: another stacker predict is writing there; wait for it, or give "
                            "another --out") from None
     with held:
-        options.log(f"predict: {len(table)} images of {images.images}, {len(used)} models x {folds.k} fold "
-                    f"models of the run {run.paths.root}")
+        options.log(f"predict: {len(table)} images of {images.images}, {len(used)} models x "
+                    f"{folds.k * folds.repeats} fold models of the run {run.paths.root}")
         cache = build_cache(out, "test", table["id"], table["path"], _cache_options(run, used), options.log)
-        job = _NewTest(run, out, targets, cache, folds.k, options)
+        job = _NewTest(run, out, targets, cache, folds.k, options, folds.repeats)
         for model in used:
             _predict_model(job, model)
 
@@ -133,7 +140,7 @@ def _check_out(run: RunPaths, out: RunPaths) -> None:
                            "a folder of its own")
 
 
-def _used_model(run: SavedRun, name: str, classes, k: int) -> _UsedModel:
+def _used_model(run: SavedRun, name: str, classes, folds) -> _UsedModel:
     """A model of the stack, checked: listed in run.yaml, its run table records how it predicted, weights present."""
     spec = next((s for s in run.specs if s.name == name), None)
     if spec is None:
@@ -145,17 +152,19 @@ def _used_model(run: SavedRun, name: str, classes, k: int) -> _UsedModel:
     if missing:
         raise StackerError(f"{path}: records no {', '.join(missing)} (not written by predict-oof); stacker "
                            "predict repeats how the run predicted its test set, so run predict-oof first")
-    _check_weights(run.paths, name, meta["weights_sha256"], k)
+    _check_weights(run.paths, name, meta["weights_sha256"], folds)
     return _UsedModel(spec, meta)
 
 
-def _check_weights(paths: RunPaths, name: str, digests: list[str], k: int) -> None:
-    """Every fold model's weights are in the run and are those the run's tables (and so the stack) came from."""
-    if len(digests) != k:
-        raise StackerError(f"{paths.test(name)}: records {len(digests)} fold models' weights for {k} folds; "
-                           "run predict-oof and fit-stack again")
-    for fold, digest in enumerate(digests):
-        path = paths.weights(name, fold)
+def _check_weights(paths: RunPaths, name: str, digests: list[str], folds) -> None:
+    """Every fold model's weights (of every repeat) are in the run and are those the run's tables (and so
+    the stack) came from."""
+    slots = [(r, f) for r in range(folds.repeats) for f in range(folds.k)]
+    if len(digests) != len(slots):
+        raise StackerError(f"{paths.test(name)}: records {len(digests)} fold models' weights for {len(slots)} "
+                           "fold models; run predict-oof and fit-stack again")
+    for (repeat, fold), digest in zip(slots, digests):
+        path = paths.for_repeat(repeat).weights(name, fold)
         if not path.is_file():
             raise StackerError(f"{path}: weights missing from the run; the stack uses {name}, so every fold "
                                "model's weights must travel with the run")
@@ -185,30 +194,38 @@ def _predict_model(job: _NewTest, model: _UsedModel) -> None:
     # the run's record, but for the new cache and the precision this device runs at (as predict-oof resolves it)
     meta = {**model.meta, "cache_sha256": {**(model.meta.get("cache_sha256") or {}), "test": job.cache.digest},
             "amp": resolve_amp(model.spec.train.amp, device, name)}
-    kept = {} if job.options.force else {f: p for f in range(job.k) if (p := _current_fold(job, name, f, meta))}
-    if len(kept) == job.k and all(_current(job, job.out.test(name, t.name), t, meta) is not None
-                                  for t in job.targets):
+    slots = job.slots
+    kept = {} if job.options.force else {s: p for s in slots if (p := _current_fold(job, name, s, meta))}
+    if len(kept) == len(slots) and all(_current(job, job.out.test(name, t.name), t, meta) is not None
+                                       for t in job.targets):
         log(f"predict: {name} already predicted (--force to redo)")
         return
-    log(f"predict: {name}: {job.k - len(kept)} of {job.k} fold models to run")
+    log(f"predict: {name}: {len(slots) - len(kept)} of {len(slots)} fold models to run")
     remove_temps(job.out.preds_dir(name))  # a killed call's partial writes (under OUT's lock)
     sums = [np.zeros((len(job.cache.ids), len(t.classes))) for t in job.targets]  # per target (N, C_t)
     images = None
-    for fold in range(job.k):
-        if fold not in kept:
+    for slot in slots:
+        if slot not in kept:
             images = images if images is not None else ImageSource(job.cache.images, device,
                                                                    model.spec.train.gpu_cache_gb)
-            kept[fold] = _predict_fold(job, model, fold, images, {**meta, "fold": fold})
-        for t, p in enumerate(kept[fold]):
+            kept[slot] = _predict_fold(job, model, slot, images, _fold_meta(meta, slot))
+        for t, p in enumerate(kept[slot]):
             sums[t] += p
     for t, target in enumerate(job.targets):
-        write_test(job.out.test(name, target.name), sums[t] / job.k, job.cache.ids, target, meta)
+        write_test(job.out.test(name, target.name), sums[t] / len(slots), job.cache.ids, target, meta)
 
 
-def _current_fold(job: _NewTest, name: str, fold: int, meta: dict) -> list[np.ndarray] | None:
-    """Fold model `fold`'s probabilities per target from OUT's tables, when every one is current; else None."""
-    expected = {**meta, "fold": fold}
-    out = [_current(job, job.out.test_fold(name, fold, t.name), t, expected) for t in job.targets]
+def _fold_meta(meta: dict, slot: tuple[int, int]) -> dict:
+    """What fold model (repeat, fold)'s table in OUT records: the model's record and which fold model it is."""
+    repeat, fold = slot
+    return {**meta, "fold": fold, "repeat": repeat} if repeat else {**meta, "fold": fold}
+
+
+def _current_fold(job: _NewTest, name: str, slot: tuple[int, int], meta: dict) -> list[np.ndarray] | None:
+    """Fold model (repeat, fold)'s probabilities per target from OUT's tables, when every one is current;
+    else None."""
+    at = job.out.for_repeat(slot[0])
+    out = [_current(job, at.test_fold(name, slot[1], t.name), t, _fold_meta(meta, slot)) for t in job.targets]
     return None if any(p is None for p in out) else out
 
 
@@ -222,19 +239,20 @@ def _current(job: _NewTest, path, target: Target, expected: dict) -> np.ndarray 
     return table.proba if all(table.meta.get(k) == expected.get(k) for k in keys) else None
 
 
-def _predict_fold(job: _NewTest, model: _UsedModel, fold: int, images: ImageSource, meta: dict):
-    """Fold model `fold` on every new image with the run's TTA, as predict-oof predicts the run's test set.
+def _predict_fold(job: _NewTest, model: _UsedModel, slot: tuple[int, int], images: ImageSource, meta: dict):
+    """Fold model (repeat, fold) on every new image with the run's TTA, as predict-oof predicts the run's
+    test set.
 
     Returns:
-        Per target (N, C_t) probabilities, also written as that fold's tables.
+        Per target (N, C_t) probabilities, also written as that fold model's tables.
     """
-    spec, ids = model.spec, job.cache.ids
-    net = load_fold_model(job.run.paths, spec, fold, job.targets, images.device)
+    (repeat, fold), spec, ids = slot, model.spec, job.cache.ids
+    net = load_fold_model(job.run.paths.for_repeat(repeat), spec, fold, job.targets, images.device)
     probs = [tta for _, tta in predict_with_tta(net, images, np.arange(len(ids)), meta, job.run.tta.batch_size,
                                                 spec.train.compile)]
     for p, target in zip(probs, job.targets):
-        write_test(job.out.test_fold(spec.name, fold, target.name), p, ids, target, meta)
-    job.options.log(f"  {spec.name} fold {fold}: {len(ids)} test rows")
+        write_test(job.out.for_repeat(repeat).test_fold(spec.name, fold, target.name), p, ids, target, meta)
+    job.options.log(f"  {job_label(spec.name, fold, repeat)}: {len(ids)} test rows")
     return probs
 
 

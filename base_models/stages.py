@@ -22,14 +22,15 @@ def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=prin
     """
     paths = run_paths(cfg)
     data, folds_cfg, specs, tta = base_configs(cfg)  # a config error is reported before torch is imported
-    chosen, engine = parse_only(only, specs, folds_cfg.k), engine_config(cfg)
+    chosen, engine = parse_only(only, specs, folds_cfg.k, folds_cfg.repeats), engine_config(cfg)
     for spec in specs:
         if spec.train.keep == "best":
             log(f"note: {spec.name}: keep: best picks each fold's epoch on that fold's validation rows, which are "
                 "its OOF rows; fit-stack will leave it out as optimistic unless --allow-suspicious")
     from .jobs import StageOptions, cache_size, job_grid, prepare_run, remove_job_outputs, select_jobs, train_base
     if force:
-        remove_job_outputs(paths, select_jobs(job_grid(specs, folds_cfg.k), chosen, folds_cfg.k), log)
+        grid = job_grid(specs, folds_cfg.k, folds_cfg.repeats)
+        remove_job_outputs(paths, select_jobs(grid, chosen, folds_cfg.k, folds_cfg.repeats), log)
     _, folds = prepare_run(paths, data, folds_cfg, cache_size(specs), force and not chosen, log)
     # stack and submit are kept as given (their own stages check them); engine is how this call runs, not the run
     how = {key: cfg[key] for key in ("stack", "submit") if cfg.get(key)}
@@ -39,27 +40,34 @@ def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=prin
                                                        engine=engine))
 
 
-def parse_only(items, specs: list[ModelSpec], k: int) -> tuple[tuple[str, int], ...]:
-    """--only's "MODEL:FOLD" items as (model, fold) pairs, each checked; () (every job) for none.
+def parse_only(items, specs: list[ModelSpec], k: int, repeats: int = 1) -> tuple[tuple[str, int, int], ...]:
+    """--only's "MODEL:FOLD" items (or "MODEL:REPEAT:FOLD" with folds.repeats > 1) as (model, repeat,
+    fold) triples, each checked; () (every job) for none.
 
     Raises:
-        StackerError: one line naming the first item that is not MODEL:FOLD with a model of the run
-            and a fold in 0..k-1.
+        StackerError: one line naming the first item that is not MODEL:FOLD (MODEL:REPEAT:FOLD) with a
+            model of the run, a repeat in 0..R-1 and a fold in 0..k-1.
     """
     names = [s.name for s in specs]
-    pairs = []
+    form = "MODEL:FOLD" if repeats == 1 else "MODEL:REPEAT:FOLD"
+    example = f"{names[0]}:0" if repeats == 1 else f"{names[0]}:1:0"
+    triples = []
     for item in items or ():
-        model, sep, fold = str(item).rpartition(":")
-        if not sep or not re.fullmatch(r"\d+", fold.strip()):
-            raise StackerError(f"--only {item!r}: expected MODEL:FOLD, a model name and a fold number, "
-                               f"e.g. {names[0]}:0")
+        model, *numbers = str(item).split(":")
+        if len(numbers) != (1 if repeats == 1 else 2) or not all(re.fullmatch(r"\d+", n.strip()) for n in numbers):
+            why = "" if repeats == 1 else f" (the run has {repeats} repeats: name the repeat)"
+            raise StackerError(f"--only {item!r}: expected {form}{why}, e.g. {example}")
+        repeat, fold = (0, int(numbers[0])) if repeats == 1 else (int(numbers[0]), int(numbers[1]))
         if model not in names:
             raise StackerError(f"--only {item!r}: {model!r} is not a model of the run {names}")
-        if int(fold) >= k:
-            raise StackerError(f"--only {item!r}: fold {int(fold)} is out of range: the run's folds are 0..{k - 1}")
-        if (model, int(fold)) not in pairs:
-            pairs.append((model, int(fold)))
-    return tuple(pairs)
+        if fold >= k:
+            raise StackerError(f"--only {item!r}: fold {fold} is out of range: the run's folds are 0..{k - 1}")
+        if repeat >= repeats:
+            raise StackerError(f"--only {item!r}: repeat {repeat} is out of range: the run's repeats are "
+                               f"0..{repeats - 1}")
+        if (model, repeat, fold) not in triples:
+            triples.append((model, repeat, fold))
+    return tuple(triples)
 
 
 def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = False, log=print,
@@ -77,7 +85,8 @@ def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = 
             raise StackerError(f"--models: {unknown} are not models of the run {[s.name for s in specs]}")
         specs = [s for s in specs if s.name in models]
     folds = load_folds(paths.folds)
-    options = StageOptions(force=force, parallel=parallel, log=log, only=parse_only(only, specs, folds.k),
+    options = StageOptions(force=force, parallel=parallel, log=log,
+                           only=parse_only(only, specs, folds.k, folds.repeats),
                            engine=engine)
     predict_oof(paths, specs, folds, tta, data, options)
 
