@@ -9,6 +9,7 @@
     <run>/preds/<model>/oof.parquet         OOF probabilities (oof.csv from other tools)
     <run>/preds/<model>/test.parquet        test probabilities, mean over fold models (test.csv likewise)
     <run>/preds/<model>/oof_fold<k>.parquet      fold model k's held-out rows (predict-oof's per-job part)
+    <run>/preds/<model>/oof_plain[_fold<k>].parquet   the same without TTA (the plain view alone)
     <run>/preds/<model>/test_fold<k>.parquet     fold model k's test probabilities
     <run>/preds/<model>/repeat<r>/{oof,test}_fold<k>.parquet   the fold tables of repeat r > 0
     <run>/preds/<model>/metrics.json        OOF scores with and without TTA
@@ -167,6 +168,13 @@ class RunPaths:
 
     def test(self, model: str, target: str | None = None) -> Path:
         return self.preds_dir(model) / f"test{_suffix(target)}.parquet"
+
+    def oof_plain(self, model: str, target: str | None = None) -> Path:
+        """The OOF table of the plain view alone (no TTA): what TTA changed, for the report."""
+        return self.preds_dir(model) / f"oof_plain{_suffix(target)}.parquet"
+
+    def oof_plain_fold(self, model: str, fold: int, target: str | None = None) -> Path:
+        return self.preds_dir(model) / f"oof_plain_fold{fold}{_suffix(target)}.parquet"
 
     def oof_fold(self, model: str, fold: int, target: str | None = None) -> Path:
         """Fold model k's held-out rows alone: predict-oof's per-job part of the OOF table."""
