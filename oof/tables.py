@@ -3,6 +3,11 @@
 OOF table:  `id`, `fold`, one probability column per class (classes' order from
             folds.parquet); one row per train id, exactly once; `fold` equal to
             folds.parquet's; finite; each row in [0, 1] and summing to 1 within 1e-4.
+            With repeats (folds.repeats R > 1): `id`, `repeat`, `fold`, classes; R x N rows,
+            every train id once per repeat, `fold` equal to that repeat's fold
+            (`Folds.for_repeat(r)`); the metadata's folds_sha256 is the whole Folds' digest.
+            A table without a `repeat` column is a one-repeat table, and each kind is
+            refused against folds of the other (a `repeat` column holding only 0 is one repeat).
 Test table: `id`, one column per class, same rules, one row per test id.
 
 Parquet metadata (key `stacker`) carries the model name, the folds' sha256, the
@@ -40,6 +45,7 @@ class PredictionTable:
         fold: (N,) fold of each row for OOF tables, None for test tables.
         meta: the writer's metadata (model, folds_sha256, tta, version), {} for foreign files.
         source: the file it came from, for error messages.
+        repeat: (N,) repeat of each row for an OOF table of R > 1 repeats (rows repeat-major), else None.
     """
 
     ids: np.ndarray
@@ -48,9 +54,12 @@ class PredictionTable:
     fold: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
     source: str = "<memory>"
+    repeat: np.ndarray | None = None
 
     def to_frame(self) -> pd.DataFrame:
         cols = {"id": self.ids}
+        if self.repeat is not None:
+            cols["repeat"] = self.repeat
         if self.fold is not None:
             cols["fold"] = self.fold
         df = pd.DataFrame(cols)
@@ -99,27 +108,37 @@ def table_from_frame(df: pd.DataFrame, classes, kind: str, source: str, meta=Non
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise StackerError(f"{source}: missing column(s) {missing}; a {kind} table has {key} and one column per class")
-    extra = [c for c in df.columns if c not in need]
+    optional = ["repeat"] if kind == "oof" else []  # repeats: one block of rows per fold assignment
+    extra = [c for c in df.columns if c not in need + optional]
     if extra:
         raise StackerError(f"{source}: unexpected column(s) {extra}; classes are {list(classes)}")
     ids = df["id"].astype(str).to_numpy(dtype=object)
     proba = df[list(classes)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    fold = None
-    if kind == "oof":
-        f = pd.to_numeric(df["fold"], errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(f) | (f != np.round(f))
-        if bad.any():
-            raise StackerError(f"{source}: fold must be an integer; first bad ids {preview(ids[bad])}")
-        fold = f.astype(np.int64)
-    table = PredictionTable(ids, proba, classes, fold, dict(meta or {}), source)
+    fold = _integer_column(df, "fold", ids, source) if kind == "oof" else None
+    repeat = _integer_column(df, "repeat", ids, source) if "repeat" in df.columns and kind == "oof" else None
+    table = PredictionTable(ids, proba, classes, fold, dict(meta or {}), source, repeat)
     check_rows(table)
     return table
 
 
+def _integer_column(df: pd.DataFrame, column: str, ids: np.ndarray, source: str) -> np.ndarray:
+    f = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(f) | (f != np.round(f))
+    if bad.any():
+        raise StackerError(f"{source}: {column} must be an integer; first bad ids {preview(ids[bad])}")
+    return f.astype(np.int64)
+
+
 def check_rows(table: PredictionTable) -> None:
-    """Unique ids, finite probabilities in [0, 1], rows summing to 1 within 1e-4."""
+    """Unique ids (within each repeat), finite probabilities in [0, 1], rows summing to 1 within 1e-4."""
     src, ids, p = table.source, table.ids, table.proba
-    check_unique(ids, src)
+    if table.repeat is None:
+        check_unique(ids, src)
+    elif (table.repeat < 0).any():
+        raise StackerError(f"{src}: repeat must be 0..R-1; first bad ids {preview(ids[table.repeat < 0])}")
+    else:
+        for r in np.unique(table.repeat):
+            check_unique(ids[table.repeat == r], f"{src} repeat {r}")
     blank = np.array([str(i).strip() == "" for i in ids], dtype=bool)
     if blank.any():
         raise StackerError(f"{src}: blank id in row(s) {preview(np.flatnonzero(blank))} (0-based)")
@@ -135,11 +154,12 @@ def check_rows(table: PredictionTable) -> None:
 
 
 def validate_oof(table: PredictionTable, folds: Folds) -> PredictionTable:
-    """Check an OOF table against the run's folds; return it in folds row order.
+    """Check an OOF table against the run's folds; return it in folds row order (repeat-major with repeats).
 
     Raises:
-        StackerError: another fold assignment, missing, extra or duplicate ids,
-            a fold that differs from folds.parquet, or classes in another order.
+        StackerError: another fold assignment, missing, extra or duplicate ids, a fold that
+            differs from folds.parquet (in any repeat), classes in another order, or a table
+            with repeats against folds without (or the other way round, or another count).
     """
     check_rows(table)
     src = table.source
@@ -149,13 +169,31 @@ def validate_oof(table: PredictionTable, folds: Folds) -> PredictionTable:
                            f"{folds.sha256[:12]}); stacking across fold assignments leaks labels")
     if tuple(table.classes) != tuple(folds.classes):
         raise StackerError(f"{src}: classes {list(table.classes)} differ from the folds' {list(folds.classes)}")
-    order = align(table.ids, folds.ids, src, "train")
-    fold = table.fold[order]
-    bad = fold != folds.fold
+    repeats = 1 if table.repeat is None else int(table.repeat.max(initial=0)) + 1
+    if repeats != folds.repeats:
+        has = "no repeat column" if table.repeat is None else f"{repeats} repeat(s) in its repeat column"
+        raise StackerError(f"{src}: has {has}, but the folds hold {folds.repeats} repeat(s); an OOF table needs "
+                           "one block of rows per repeat (id, repeat, fold), made on the run's folds")
+    if folds.repeats == 1:
+        order = _repeat_order(table, np.arange(len(table.ids)), folds.ids, folds.fold, src)
+        return PredictionTable(folds.ids, table.proba[order], folds.classes, folds.fold, table.meta, src)
+    # each repeat against its own assignment (`Folds.for_repeat(r)`'s ids and folds), rows repeat-major
+    order = np.concatenate([_repeat_order(table, np.flatnonzero(table.repeat == r), folds.ids, fold,
+                                          f"{src} repeat {r}") for r, fold in enumerate(folds.fold_matrix)])
+    return PredictionTable(np.tile(folds.ids, folds.repeats), table.proba[order], folds.classes,
+                           folds.fold_matrix.ravel(), table.meta, src,
+                           np.repeat(np.arange(folds.repeats, dtype=np.int64), folds.n_rows))
+
+
+def _repeat_order(table: PredictionTable, rows: np.ndarray, ids: np.ndarray, fold: np.ndarray, src: str
+                  ) -> np.ndarray:
+    """Indices of `table`'s rows `rows` (one repeat) in the order of `ids`, after checking their folds."""
+    order = rows[align(table.ids[rows], ids, src, "train")]
+    bad = table.fold[order] != fold
     if bad.any():
         raise StackerError(f"{src}: fold differs from folds.parquet (another fold assignment leaks labels); "
-                           f"first bad ids {preview(folds.ids[bad])}")
-    return PredictionTable(folds.ids, table.proba[order], folds.classes, fold, table.meta, src)
+                           f"first bad ids {preview(ids[bad])}")
+    return order
 
 
 def validate_test(table: PredictionTable, ids, classes) -> PredictionTable:

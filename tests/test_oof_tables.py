@@ -203,3 +203,91 @@ def test_exception_inside_atomic_path_keeps_old_file(tmp_path):
     assert target.read_text() == "old"
     assert _files_in(tmp_path) == ["oof.parquet"]
 
+
+
+# ---------------------------------------------------------------- repeats (folds.repeats R > 1)
+
+@pytest.fixture
+def folds3():
+    ids = [f"id{i:02d}" for i in range(N)]
+    return make_folds(ids, [CLASSES[i % 3] for i in range(N)], k=3, seed=1, repeats=3)
+
+
+def _repeat_frame(folds3) -> pd.DataFrame:
+    """An OOF frame of every repeat: id, repeat, fold, classes; repeat-major, each repeat's rows shuffled."""
+    rng = np.random.default_rng(0)
+    parts = []
+    for r, one in enumerate(folds3.each_repeat()):
+        p = rng.dirichlet(np.ones(len(CLASSES)), size=N)
+        part = pd.concat([pd.DataFrame({"id": one.ids, "repeat": r, "fold": one.fold}),
+                          pd.DataFrame(p, columns=list(CLASSES))], axis=1)
+        parts.append(part.iloc[rng.permutation(N)])
+    return pd.concat(parts, ignore_index=True)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_repeat_tables_round_trip_and_come_back_repeat_major_in_folds_order(tmp_path, folds3, suffix):
+    df = _repeat_frame(folds3)
+    path = tmp_path / f"oof.{suffix}"
+    df.to_csv(path, index=False) if suffix == "csv" else df.to_parquet(path, index=False)
+    out = validate_oof(read_table(path, CLASSES, "oof"), folds3)
+    assert list(out.ids) == list(folds3.ids) * 3
+    np.testing.assert_array_equal(out.repeat, np.repeat([0, 1, 2], N))
+    np.testing.assert_array_equal(out.fold, folds3.fold_matrix.ravel())
+    want = df.set_index(["repeat", "id"]).loc[list(zip(out.repeat, out.ids)), list(CLASSES)].to_numpy()
+    np.testing.assert_allclose(out.proba, want, rtol=1e-15, atol=0)
+    written = tmp_path / "back.parquet"
+    write_table(written, PredictionTable(out.ids, out.proba, CLASSES, out.fold, {"folds_sha256": folds3.sha256},
+                                         repeat=out.repeat))
+    assert list(pq.read_schema(written).names) == ["id", "repeat", "fold", *CLASSES]
+    np.testing.assert_array_equal(validate_oof(read_table(written, CLASSES, "oof"), folds3).proba, out.proba)
+
+
+def _other_repeat_fold(df):
+    df = df.copy()
+    row = df.index[(df["repeat"] == 2) & (df["id"] == "id05")][0]
+    df.loc[row, "fold"] = (df.loc[row, "fold"] + 1) % 3
+    return df
+
+
+REPEAT_ERRORS = [
+    ("no-repeat-column", lambda df: df[df["repeat"] == 0].drop(columns=["repeat"]),
+     r": has no repeat column, but the folds hold 3 repeat\(s\)"),
+    ("two-repeats", lambda df: df[df["repeat"] < 2], r": has 2 repeat\(s\) in its repeat column, but the folds hold 3"),
+    ("other-fold", _other_repeat_fold, r" repeat 2: fold differs from folds\.parquet.*first bad ids 'id05'"),
+    ("duplicate-in-repeat", lambda df: pd.concat([df, df[(df["repeat"] == 1) & (df["id"] == "id03")]]),
+     r" repeat 1: duplicate ids, first 'id03'"),
+    ("missing-in-repeat", lambda df: df[~((df["repeat"] == 1) & (df["id"] == "id07"))],
+     r" repeat 1: 1 train id\(s\) missing, first 'id07'"),
+    ("negative-repeat", lambda df: df.assign(repeat=df["repeat"].where(df["id"] != "id09", -1)),
+     r": repeat must be 0\.\.R-1; first bad ids 'id09'"),
+    ("fractional-repeat", lambda df: df.assign(repeat=df["repeat"].astype(float).where(df["id"] != "id01", 0.5)),
+     r": repeat must be an integer; first bad ids 'id01'"),
+]
+
+
+@pytest.mark.parametrize("edit, match", [c[1:] for c in REPEAT_ERRORS], ids=[c[0] for c in REPEAT_ERRORS])
+def test_bad_repeat_table_is_refused(tmp_path, folds3, edit, match):
+    path = tmp_path / "oof_bad.csv"
+    edit(_repeat_frame(folds3)).to_csv(path, index=False)
+    with pytest.raises(StackerError, match=rf"oof_bad\.csv{match}"):
+        validate_oof(read_table(path, CLASSES, "oof"), folds3)
+
+
+def test_repeat_table_against_one_assignment_is_refused_and_repeat_zero_alone_is_one(tmp_path, folds, folds3):
+    path = tmp_path / "oof_bad.csv"
+    _repeat_frame(folds3).to_csv(path, index=False)
+    with pytest.raises(StackerError, match=r"oof_bad\.csv: has 3 repeat\(s\) in its repeat column, but the folds "
+                                           r"hold 1 repeat\(s\)"):
+        validate_oof(read_table(path, CLASSES, "oof"), folds)
+    # another tool's single assignment may still write repeat = 0: that is one repeat, read as today's table
+    one = tmp_path / "oof.csv"
+    _oof_frame(folds).assign(repeat=0).to_csv(one, index=False)
+    out = validate_oof(read_table(one, CLASSES, "oof"), folds)
+    assert out.repeat is None and list(out.ids) == list(folds.ids)
+    # a one-repeat table records that repeat's digest, which is not the whole run's
+    single = tmp_path / "oof_one.parquet"
+    write_table(single, PredictionTable(folds.ids, _table(folds).proba, CLASSES, folds.fold,
+                                        {"folds_sha256": folds3.for_repeat(0).sha256}))
+    with pytest.raises(StackerError, match=r"oof_one\.parquet: was made on another fold assignment"):
+        validate_oof(read_table(single, CLASSES, "oof"), folds3)
