@@ -27,7 +27,8 @@ import numpy as np
 from filelock import FileLock
 from joblib import Parallel, delayed
 
-from oof import RunPaths, StackerError, atomic_path, json_digest, read_json, remove_temps, write_json
+from oof import RunPaths, StackerError, atomic_path, bar, info, json_digest, read_json, remove_temps, write_json
+from oof.progress import bars_enabled
 
 from .config import DataConfig
 from .images import decode
@@ -81,7 +82,7 @@ class CacheOptions:
         return cls(size, data.resize, data.decode_workers, data.check_all_images)
 
 
-def build_cache(paths: RunPaths, split: str, ids, files, options: CacheOptions, log=print) -> ImageCache:
+def build_cache(paths: RunPaths, split: str, ids, files, options: CacheOptions, log=info) -> ImageCache:
     """Decode `files` into the run's cache: nothing when the cache is current, only the changed files when the
     ids, size and resize mode are the same, everything otherwise.
 
@@ -194,13 +195,16 @@ def _decode_rows(data_file: Path, rows: list[int], files: list[str], options: Ca
         chunks = [rows[s:s + CHUNK] for s in range(0, len(rows), CHUNK)]
         tasks = (delayed(_decode_chunk)(tmp, shape, chunk, [files[i] for i in chunk], options) for chunk in chunks)
         bad, digests, done = [], {}, 0
+        shown = bar(total=len(rows), desc=f"decode {data_file.stem}", unit="img")  # a terminal's bar, else none
         for chunk_bad, chunk_digests, count in Parallel(n_jobs=min(workers, max(len(chunks), 1)),
                                                         return_as="generator")(tasks):
             bad += chunk_bad
             digests.update(chunk_digests)
             done += count
-            if len(chunks) > 1 and (done == len(rows) or done % (CHUNK * 16) == 0):
-                progress(done)
+            shown.update(count)
+            if len(chunks) > 1 and (done == len(rows) or done % (CHUNK * 16) == 0) and not bars_enabled():
+                progress(done)  # the plain line, where there is no bar
+        shown.close()
         if bad:
             raise StackerError(_bad_images_message(bad))
     return digests

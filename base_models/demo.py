@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from oof import RunPaths, write_json, write_text
+from oof import RunPaths, info, write_json, write_text
 
 from .demo_data import write_digits_dataset
 
@@ -30,7 +30,7 @@ def demo_config(out: Path) -> dict:
     }
 
 
-def prepare_demo(out: str | Path, log=print) -> Path:
+def prepare_demo(out: str | Path, log=info) -> Path:
     """Write the dataset and the config under `out`; returns the config file."""
     out = Path(out).resolve()
     data_dir = write_digits_dataset(out / "data")
@@ -40,7 +40,7 @@ def prepare_demo(out: str | Path, log=print) -> Path:
     return config
 
 
-def finish_demo(out: str | Path, seconds: float, log=print) -> dict:
+def finish_demo(out: str | Path, seconds: float, log=info) -> dict:
     """Score the demo's submission against the kept test labels; save and print the result."""
     out = Path(out).resolve()
     submission = RunPaths(out / "run").submission

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from oof import StackerError
+from oof import GridProgress, StackerError, info
 
 from .config import EngineConfig
 
@@ -95,7 +95,7 @@ def timed_job(work: Callable, job) -> JobResult:
                      repeat=getattr(job, "repeat", 0))
 
 
-def run_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log=print,
+def run_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log=info,
              stage: str = "train-base") -> list[JobResult]:
     """Every job of `stage` through the engine `cfg.name` names, `workers` at once on the local engine.
 
@@ -116,7 +116,7 @@ def raise_failures(results: list[JobResult]) -> None:
         raise StackerError(f"{first.job}: {first.error}{more}")
 
 
-def log_summary(results: list[JobResult], log=print) -> None:
+def log_summary(results: list[JobResult], log=info) -> None:
     """One row per job: job, state, seconds, worker/device."""
     log(f"  {'job':<28} {'state':<8} {'seconds':>8}  worker")
     for r in results:
@@ -164,13 +164,14 @@ def _local_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log
         slots.put(names[slot % len(names)] if gpus else None)
     log(f"{stage}: local engine, {workers} workers" + (f" on GPUs {', '.join(names[:workers])}" if gpus
                                                           else " on CPU"))
-    results = {}
+    results, grid = {}, GridProgress(len(jobs), log)
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pin_worker,
                              initargs=(slots, worker_threads(workers))) as pool:
         futures = {pool.submit(timed_job, work, job): i for i, job in enumerate(jobs)}
         for future in as_completed(futures):
             i = futures[future]
             results[i] = _local_result(future, jobs[i], stage)
+            grid.step(f"{results[i].job} {results[i].state}")
     return [results[i] for i in range(len(jobs))]
 
 
@@ -209,11 +210,12 @@ def _ray_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log, 
     gpus = [job_gpus(cfg, job, resources) for job in jobs]  # every refusal before the first job starts
     refs = {(gpu_task if g else cpu_task).options(num_gpus=g, num_cpus=cfg.num_cpus).remote(work, job): i
             for i, (job, g) in enumerate(zip(jobs, gpus))}
-    results, pending = {}, list(refs)
+    results, pending, grid = {}, list(refs), GridProgress(len(jobs), log)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         i = refs[done[0]]
         results[i] = _ray_result(ray, done[0], jobs[i], cfg, stage)
+        grid.step(f"{results[i].job} {results[i].state}")
     return [results[i] for i in range(len(jobs))]
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from oof import RunPaths, StackerError, load_folds, read_json, run_paths
+from oof import RunPaths, StackerError, duration, info, load_folds, read_json, run_paths
 
 from .cache import load_cache
 from .config import ModelSpec, base_configs
@@ -36,7 +36,7 @@ COLUMNS = ("model", "repeat", "fold", "state", "epoch", "device", "amp", "second
 STATES = ("running", "stale", "done", "partial", "pending")
 
 
-def job_table(cfg: dict, log=print) -> pd.DataFrame:
+def job_table(cfg: dict, log=info) -> pd.DataFrame:
     """Every (model, fold) job of the run a config names, its state, device, time and score; printed.
 
     Args:
@@ -174,7 +174,8 @@ def _cells(row) -> tuple[str, ...]:
     state = row.state
     if state == "partial":
         state = "partial" if _missing(row.epoch) else f"partial at epoch {int(row.epoch)}"
-    return (row.model, str(row.fold), state, _text(row.device), _text(row.amp), _duration(row.seconds),
+    time = "-" if _missing(row.seconds) else duration(row.seconds)
+    return (row.model, str(row.fold), state, _text(row.device), _text(row.amp), time,
             _number(row.valid_loss), _number(row.error_rate), "" if _missing(row.reason) else row.reason)
 
 
@@ -188,12 +189,3 @@ def _text(value) -> str:
 
 def _number(value) -> str:
     return "-" if _missing(value) else f"{value:.4f}"
-
-
-def _duration(seconds) -> str:
-    if _missing(seconds):
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, s = divmod(round(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{s:02d}s"

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from filelock import FileLock, Timeout
 
-from oof import Folds, RunPaths, StackerError, atomic_path, load_folds, remove_temps, write_folds
+from oof import Folds, GridProgress, RunPaths, StackerError, atomic_path, info, load_folds, remove_temps, write_folds
 
 from .batches import ImageSource
 from .cache import CacheOptions, ImageCache, build_cache, load_cache
@@ -52,7 +52,7 @@ class StageOptions:
 
     force: bool = False
     parallel: int = 1
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = info
     only: tuple[tuple, ...] = ()
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -115,7 +115,7 @@ def cache_size(specs: list[ModelSpec]) -> tuple[int, int]:
 
 
 def prepare_run(paths: RunPaths, data: DataConfig, folds_cfg: FoldsConfig, size, force: bool = False,
-                log=print) -> tuple[DatasetSpec, Folds]:
+                log=info) -> tuple[DatasetSpec, Folds]:
     """Resolve the dataset, make (or check) the folds, decode the train and test caches."""
     spec = resolve_dataset(data)
     log(f"dataset: {len(spec.train)} train images in {len(spec.classes)} classes, {len(spec.test)} test images")
@@ -255,7 +255,7 @@ def local_workers(todo: list[FoldJob], options: StageOptions) -> int:
     return max(1, min(torch.cuda.device_count() if cuda else options.parallel, len(todo)))
 
 
-def remove_job_outputs(paths: RunPaths, jobs: list[FoldJob], log=print) -> None:
+def remove_job_outputs(paths: RunPaths, jobs: list[FoldJob], log=info) -> None:
     """--force's first step: delete each job's history, weights and checkpoint before anything is trained
     (or the folds rewritten), so an interrupted --force never leaves old results that look finished.
     A job whose lock another process holds is being trained there: its files are left to it."""
@@ -269,7 +269,7 @@ def remove_job_outputs(paths: RunPaths, jobs: list[FoldJob], log=print) -> None:
             log(f"  {job_name(job)}: running in another process, its files are kept")
             continue
         with held:  # the history goes first: it is what marks a job finished
-            for path in (at.history, at.weights, at.checkpoint, at.job_log):
+            for path in (at.history, at.weights, at.checkpoint, at.job_log, at.history_csv):
                 path(job.model.name, job.fold).unlink(missing_ok=True)
 
 
@@ -297,7 +297,7 @@ class _TrainRun:
     folds: Folds
     targets: list[Target]
     cache_sha256: str  # the train cache every job of this call trains on
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = info
 
     def sources(self, job: FoldJob) -> Sources:
         """What the job's weights must be made from: its repeat's folds and this call's train cache."""
@@ -368,7 +368,7 @@ def check_run_visible(paths: RunPaths) -> None:
 
 def _run_in_process(run: _TrainRun, jobs: list[FoldJob]) -> None:
     """The jobs one after another; the cache is placed once per device and budget, shared by the jobs."""
-    loaded = {}
+    loaded, grid = {}, GridProgress(len(jobs), run.log)
     for job in jobs:
         place = (resolve_device(job.model.train.device), job.model.train.gpu_cache_gb)
         if place not in loaded:
@@ -376,6 +376,7 @@ def _run_in_process(run: _TrainRun, jobs: list[FoldJob]) -> None:
             run.log(f"  train images: {loaded[place].shape} uint8 in {loaded[place].placement}")
         job_log = JobLog(job.paths(run.paths).job_log(job.model.name, job.fold), job_name(job), echo=run.log)
         replace(run, log=job_log).train(job, loaded[place])
+        grid.step(job_name(job))
 
 
 def _train_images(run: _TrainRun, device, gpu_cache_gb: float) -> ImageSource:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from oof import StackerError
+from oof import StackerError, bar
 
 from .augment import PLAIN, View, normalize, tta_views, view_batch
 from .batches import ImageSource
@@ -123,7 +123,9 @@ def predict_views(model: torch.nn.Module, images: ImageSource, rows: np.ndarray,
     device = images.device
     amp = resolve_amp(plan.amp, device)
     out = []  # per batch: per target (V, B, C_t)
-    for batch, n in images.batches(rows, plan.batch_size, pad=plan.fixed_shape):  # (B, H, W, 3) uint8
+    batches = bar(images.batches(rows, plan.batch_size, pad=plan.fixed_shape), total=-(-len(rows) // plan.batch_size),
+                  desc=f"predict {len(plan.views)} view(s)", unit="batch")
+    for batch, n in batches:  # (B, H, W, 3) uint8
         per_view = []
         for view in plan.views:
             x = normalize(view_batch(batch, plan.size, view), *plan.norm)  # (B, 3, h, w)

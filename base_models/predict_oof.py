@@ -3,8 +3,9 @@
 A fold job loads fold model k, predicts its held-out rows and the whole test set with TTA, and writes
 two tables of its own (per extra target too):
 
-    preds/<model>/oof_fold<k>.parquet    the held-out rows, views combined
-    preds/<model>/test_fold<k>.parquet   the test set, views combined
+    preds/<model>/oof_fold<k>.parquet         the held-out rows, views combined
+    preds/<model>/oof_plain_fold<k>.parquet   the held-out rows, the plain view alone (what TTA changed)
+    preds/<model>/test_fold<k>.parquet        the test set, views combined
 
 With `folds.repeats` R > 1 there is one job per (model, repeat, fold); repeat r > 0 keeps its fold
 tables in `preds/<model>/repeat<r>/` (`RunPaths.for_repeat`), and each fold table records its own
@@ -17,8 +18,9 @@ Jobs run in this process (the caches placed once per device) or through an engin
 (`engines.py`): one local worker per GPU fed from one queue, or one Ray task per job, so the K fold
 models of a large model predict on K GPUs at once; `--only MODEL:FOLD` predicts single jobs (a Slurm
 array task right after its training job). Once every fold of a model is current, whichever call sees
-the last one in writes the model's OOF table (the K parts, checked against the folds), its test table
-(the mean of the K fold tables) and metrics.json (scores with and without TTA).
+the last one in writes the model's OOF table (the K parts, checked against the folds), its plain-view
+twin `oof_plain.parquet`, its test table (the mean of the K fold tables) and metrics.json (scores with
+and without TTA).
 
 Current means: a table records exactly what this call would predict from (`table_meta`: the folds,
 the fold model's weights, both caches, the TTA settings, the precision). A rerun predicts only the
@@ -36,8 +38,8 @@ from typing import Callable
 import numpy as np
 from filelock import Timeout
 
-from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, accuracy, log_loss, read_table,
-                 remove_temps, validate_oof, validate_test, write_json, write_table)
+from oof import (Folds, GridProgress, PredictionTable, RunPaths, StackerError, __version__, accuracy, info, log_loss,
+                 read_table, remove_temps, validate_oof, validate_test, write_json, write_table)
 
 from .batches import ImageSource
 from .cache import load_cache
@@ -50,7 +52,7 @@ from .predict import predict_with_tta, resolve_amp
 from .train import Sources, Target, is_trained, load_fold_model, stale_reason, weights_digest
 
 # Recorded but not compared: a new version of the toolkit predicts the same weights the same way, and a
-# fold table's `job` holds what its job measured (seconds, the no-TTA score sums), not what it came from.
+# fold table's `job` holds what its job measured (its seconds), not what it came from.
 UNCOMPARED_META = ("version", "job")
 
 
@@ -67,7 +69,7 @@ class PredictRun:
     test_ids: np.ndarray
     metas: dict  # model -> what its tables record (`table_meta`), but the weights
     weights: dict  # model -> [repeat][fold] each fold model's weights sha256 (None: not trained yet)
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = info
 
     def fold_meta(self, job: FoldJob) -> dict:
         """What a fold job's tables record: its repeat's folds and its own fold model's weights."""
@@ -98,6 +100,7 @@ class PredictRun:
                 self.log(f"  {job_name(job)}: predicted in another process meanwhile, skipped")
                 return None
             remove_temps(folder, f"oof_fold{job.fold}")  # a killed job's partial writes
+            remove_temps(folder, f"oof_plain_fold{job.fold}")
             remove_temps(folder, f"test_fold{job.fold}")
             t0 = time.perf_counter()
             _predict_fold(self, job, train, test)
@@ -229,14 +232,16 @@ def _same(recorded: dict, expected: dict) -> list[str]:
 
 
 def model_tables(run: PredictRun, spec: ModelSpec):
-    """(path, kind, target, job) of every table predict-oof writes for a model: per target the OOF and
-    test tables (job None), then each fold job's OOF part and test table."""
+    """(path, kind, target, job) of every table predict-oof writes for a model: per target the OOF, plain
+    OOF and test tables (job None), then each fold job's OOF parts and test table."""
     for t in run.targets:
         yield run.paths.oof(spec.name, t.name), "oof", t, None
+        yield run.paths.oof_plain(spec.name, t.name), "oof", t, None
         yield run.paths.test(spec.name, t.name), "test", t, None
         for job in job_grid([spec], run.folds.k, run.folds.repeats):
             at = job.paths(run.paths)
             yield at.oof_fold(spec.name, job.fold, t.name), "oof", t, job
+            yield at.oof_plain_fold(spec.name, job.fold, t.name), "oof", t, job
             yield at.test_fold(spec.name, job.fold, t.name), "test", t, job
 
 
@@ -265,21 +270,21 @@ def remove_assembled(paths: RunPaths, model: str, targets: list[Target]) -> None
     """Delete a model's OOF and test tables (per target) and its metrics: they are made again from its folds."""
     paths.predict_metrics(model).unlink(missing_ok=True)
     for t in targets:
-        paths.oof(model, t.name).unlink(missing_ok=True)
-        paths.test(model, t.name).unlink(missing_ok=True)
-    remove_temps(paths.preds_dir(model), "oof.")  # a killed assembly's partial writes
-    remove_temps(paths.preds_dir(model), "test.")
+        for path in (paths.oof, paths.oof_plain, paths.test):
+            path(model, t.name).unlink(missing_ok=True)
+    for prefix in ("oof.", "oof_plain.", "test."):
+        remove_temps(paths.preds_dir(model), prefix)  # a killed assembly's partial writes
 
 
 def remove_fold_tables(paths: RunPaths, model: str, fold: int, targets: list[Target]) -> None:
     for t in targets:
-        paths.oof_fold(model, fold, t.name).unlink(missing_ok=True)
-        paths.test_fold(model, fold, t.name).unlink(missing_ok=True)
+        for path in (paths.oof_fold, paths.oof_plain_fold, paths.test_fold):
+            path(model, fold, t.name).unlink(missing_ok=True)
 
 
-def read_fold(run: PredictRun, job: FoldJob) -> list[tuple[PredictionTable, PredictionTable]] | None:
-    """Fold job `job`'s (OOF part, test table) per target when every one is current; None: a table is
-    missing, damaged, made from something else, or its fold model is not trained."""
+def read_fold(run: PredictRun, job: FoldJob) -> list[tuple[PredictionTable, ...]] | None:
+    """Fold job `job`'s (OOF part, plain-view OOF part, test table) per target when every one is current;
+    None: a table is missing, damaged, made from something else, or its fold model is not trained."""
     name, at = job.model.name, job.paths(run.paths)
     if run.weights[name][job.repeat][job.fold] is None:
         return None
@@ -287,16 +292,22 @@ def read_fold(run: PredictRun, job: FoldJob) -> list[tuple[PredictionTable, Pred
     out = []
     for t in run.targets:
         try:
-            part = read_table(at.oof_fold(name, job.fold, t.name), t.classes, "oof")
+            parts = [read_table(path(name, job.fold, t.name), t.classes, "oof")
+                     for path in (at.oof_fold, at.oof_plain_fold)]
             test = validate_test(read_table(at.test_fold(name, job.fold, t.name), t.classes, "test"),
                                  run.test_ids, t.classes)
         except StackerError:
             return None
-        if (_same(part.meta, expected) or _same(test.meta, expected) or len(part.ids) != len(rows)
-                or (part.ids != run.folds.ids[rows]).any() or (part.fold != job.fold).any()):
+        if _same(test.meta, expected) or not all(_is_part(p, expected, run.folds.ids[rows], job.fold) for p in parts):
             return None
-        out.append((part, test))
+        out.append((*parts, test))
     return out
+
+
+def _is_part(part: PredictionTable, expected: dict, ids: np.ndarray, fold: int) -> bool:
+    """Whether an OOF part records `expected` and holds exactly the fold's held-out rows."""
+    return (not _same(part.meta, expected) and len(part.ids) == len(ids) and (part.ids == ids).all()
+            and (part.fold == fold).all())
 
 
 def _predict_fold(run: PredictRun, job: FoldJob, train: ImageSource, test: ImageSource) -> None:
@@ -313,12 +324,10 @@ def _predict_fold(run: PredictRun, job: FoldJob, train: ImageSource, test: Image
         p = tests[t][1] if len(run.test_ids) else np.zeros((0, len(target.classes)))
         write_test(at.test_fold(spec.name, fold, target.name), p, run.test_ids, target, meta)
         plain, combined = oof[t]
-        y = target.y[rows]
-        scores = {"seconds": seconds, "plain_correct": accuracy(y, plain) * len(rows),
-                  "plain_log_loss_sum": log_loss(y, plain) * len(rows)}
-        part = PredictionTable(run.folds.ids[rows], combined, target.classes, np.full(len(rows), fold),
-                               {**meta, "job": scores})
-        write_table(at.oof_fold(spec.name, fold, target.name), part)
+        for path, proba in ((at.oof_plain_fold, plain), (at.oof_fold, combined)):  # the OOF part last
+            write_table(path(spec.name, fold, target.name),
+                        PredictionTable(run.folds.ids[rows], proba, target.classes, np.full(len(rows), fold),
+                                        {**meta, "job": {"seconds": seconds}}))
     run.log(f"  {job_name(job)}: {len(rows)} OOF rows, {len(run.test_ids)} test rows")
 
 
@@ -336,13 +345,14 @@ def _dispatch(run: PredictRun, todo: list[FoldJob], options: StageOptions) -> No
         work = replace(run, log=print).run_job  # what travels to a worker: picklable, its log replaced there
         run_jobs(work, todo, options.engine, local_workers(todo, options), options.log, stage="predict-oof")
         return
-    placed = {}
+    placed, grid = {}, GridProgress(len(todo), run.log)
     for job in todo:
         place = (resolve_device(job.model.train.device), job.model.train.gpu_cache_gb)
         if place not in placed:
             placed = {place: _placed_caches(run, *place)}
         job_log = JobLog(job.paths(run.paths).job_log(job.model.name, job.fold), job_name(job), echo=run.log)
         replace(run, log=job_log).predict(job, *placed[place])
+        grid.step(job_name(job))
 
 
 def _placed_caches(run: PredictRun, device, gpu_cache_gb: float) -> tuple[ImageSource, ImageSource]:
@@ -356,8 +366,8 @@ def _placed_caches(run: PredictRun, device, gpu_cache_gb: float) -> tuple[ImageS
 
 
 def _assemble(run: PredictRun, spec: ModelSpec) -> dict | None:
-    """The model's OOF and test tables and metrics from its fold tables, when all are current; None (and
-    a line naming the jobs still missing) otherwise."""
+    """The model's OOF, plain OOF and test tables and metrics from its fold tables, when all are current;
+    None (and a line naming the jobs still missing) otherwise."""
     name = spec.name
     parts = [(job, read_fold(run, job)) for job in job_grid([spec], run.folds.k, run.folds.repeats)]
     waiting = [job_name(job).removeprefix(f"{name} ") for job, p in parts if p is None]
@@ -366,14 +376,16 @@ def _assemble(run: PredictRun, spec: ModelSpec) -> dict | None:
         return None
     meta = run.model_meta(name)
     for t, target in enumerate(run.targets):
-        oofs = [np.zeros((len(run.folds.ids), len(target.classes))) for _ in range(run.folds.repeats)]
-        for job, p in parts:  # each repeat's rows from its own fold models
-            oofs[job.repeat][job.folds(run.folds).valid_rows(job.fold)] = p[t][0].proba
-        write_table(run.paths.oof(name, target.name), _oof_table(run, oofs, target, meta))
-        test_mean = sum(p[t][1].proba for _, p in parts) / len(parts)  # every repeat's fold models
+        oofs = {}
+        for view, path in ((1, run.paths.oof_plain), (0, run.paths.oof)):  # plain first: oof.parquet is last
+            oofs[view] = [np.zeros((len(run.folds.ids), len(target.classes))) for _ in range(run.folds.repeats)]
+            for job, p in parts:  # each repeat's rows from its own fold models
+                oofs[view][job.repeat][job.folds(run.folds).valid_rows(job.fold)] = p[t][view].proba
+            write_table(path(name, target.name), _oof_table(run, oofs[view], target, meta))
+        test_mean = sum(p[t][2].proba for _, p in parts) / len(parts)  # every repeat's fold models
         write_test(run.paths.test(name, target.name), test_mean, run.test_ids, target, meta)
         if t == 0:
-            result = _report(run, name, oofs, [p[0][0].meta["job"] for _, p in parts])
+            result = _report(run, name, oofs, sum(p[0][0].meta["job"]["seconds"] for _, p in parts))
     return result
 
 
@@ -392,22 +404,22 @@ def _oof_table(run: PredictRun, oofs: list[np.ndarray], target: Target, meta: di
     return validate_oof(table, fold_view)
 
 
-def _report(run: PredictRun, name: str, oofs: list[np.ndarray], jobs: list[dict]) -> dict:
-    """OOF scores of the main target with and without TTA (with repeats: the mean over repeats, each
-    repeat's own and their spread), written beside the tables and logged."""
-    y, rows = run.folds.y, len(run.folds.ids) * len(oofs)
-    each = [{"accuracy": accuracy(y, oof), "log_loss": log_loss(y, oof)} for oof in oofs]
+def _report(run: PredictRun, name: str, oofs: dict[int, list[np.ndarray]], seconds: float) -> dict:
+    """OOF scores of the main target with (`oofs[0]`) and without TTA (`oofs[1]`, the plain view); with
+    repeats the mean over repeats, each repeat's own and their spread; written beside the tables and logged."""
+    y = run.folds.y
+    each = [{"accuracy": accuracy(y, oof), "log_loss": log_loss(y, oof)} for oof in oofs[0]]
+    plain = [(accuracy(y, oof), log_loss(y, oof)) for oof in oofs[1]]
     result = {"accuracy": float(np.mean([r["accuracy"] for r in each])),
               "log_loss": float(np.mean([r["log_loss"] for r in each])),
-              "accuracy_no_tta": sum(j["plain_correct"] for j in jobs) / rows,
-              "log_loss_no_tta": sum(j["plain_log_loss_sum"] for j in jobs) / rows,
-              "seconds": sum(j["seconds"] for j in jobs)}
-    if len(oofs) > 1:  # the split-to-split noise: how far one split's score is from another's
+              "accuracy_no_tta": float(np.mean([a for a, _ in plain])),
+              "log_loss_no_tta": float(np.mean([ll for _, ll in plain])), "seconds": seconds}
+    if len(oofs[0]) > 1:  # the split-to-split noise: how far one split's score is from another's
         result.update(repeats=each, accuracy_std=float(np.std([r["accuracy"] for r in each], ddof=1)))
     write_json(run.paths.predict_metrics(name), result)
     run.log(f"predict-oof: {name}  OOF accuracy {result['accuracy_no_tta']:.4f} -> {result['accuracy']:.4f} "
             f"with TTA, log-loss {result['log_loss_no_tta']:.4f} -> {result['log_loss']:.4f}")
-    if len(oofs) > 1:
+    if len(each) > 1:
         scores = ", ".join(f"{r['accuracy']:.4f}" for r in each)
         run.log(f"predict-oof: {name}  OOF accuracy per repeat {scores} (std {result['accuracy_std']:.4f})")
     return result

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import re
 
-from oof import RunPaths, StackerError, load_folds, run_paths, write_run_config
+from oof import RunPaths, StackerError, info, load_folds, run_paths, write_run_config
 
 from .config import ModelSpec, base_configs, engine_config, resolved_sections
 
 
-def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=print, only=None) -> None:
+def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=info, only=None) -> None:
     """Make the folds and the image cache, save run.yaml, train every pending (model, fold) job.
 
     With `force` every job's weights, history and checkpoint are deleted before the folds
@@ -70,7 +70,7 @@ def parse_only(items, specs: list[ModelSpec], k: int, repeats: int = 1) -> tuple
     return tuple(triples)
 
 
-def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = False, log=print,
+def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = False, log=info,
                       parallel: int = 1, only=None) -> None:
     """Predict every pending (model, fold) job's OOF rows and the test set with TTA (only `models` when
     given; with `only`, "MODEL:FOLD" items, just those jobs), and each model's tables once all its folds are in."""
@@ -91,7 +91,7 @@ def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = 
     predict_oof(paths, specs, folds, tta, data, options)
 
 
-def predict_stage(cfg: dict, images, out_dir, models: list[str], force: bool = False, log=print) -> None:
+def predict_stage(cfg: dict, images, out_dir, models: list[str], force: bool = False, log=info) -> None:
     """`stacker predict`'s image half: decode a new test set into `out_dir` and write the test tables of
     every fold model of `models` (the models the saved stack uses) there; the run is only read.
 

@@ -4,6 +4,8 @@ The job trains on every fold but its own and writes only its own files under
 `<run>/models/<model>/`:
 
     fold<k>.safetensors       final weights (the last epoch unless keep: best)
+    fold<k>.history.csv       the epochs as a table (epoch, phase, size, lr, losses, error rate, seconds),
+                              rewritten after every epoch: `tail -f`-able progress, timm's summary.csv
     fold<k>.history.json      per-epoch phase, size, train/valid loss, error rate, lr, seconds, non-finite
                               batches and fp16's loss scale; the recipe, the folds' and the train cache's
                               sha256 it was trained on, the weights' sha256, the precision and the device
@@ -39,13 +41,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from timm.data import Mixup
 from timm.utils import ModelEmaV3
 
-from oof import Folds, RunPaths, StackerError, accuracy, atomic_path, file_digest, log_loss, write_json
+from oof import Folds, RunPaths, StackerError, accuracy, atomic_path, bar, file_digest, info, log_loss, write_json
 
 from .augment import PLAIN, normalize, train_batch
 from .batches import ImageSource
@@ -182,7 +185,7 @@ class TrainState:
 
 
 def train_fold(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.ndarray | None = None,
-               log=print) -> list[dict]:
+               log=info) -> list[dict]:
     """Train `spec` on every fold but `fold`, validate on `fold`, save the kept weights.
 
     Args:
@@ -364,7 +367,9 @@ def _train_epoch(state: TrainState, order: np.ndarray, size: tuple[int, int]) ->
     # The last partial batch is dropped (as fastai does when shuffling): every step
     # has the same shape (a compiled model never recompiles), and BatchNorm never
     # sees a batch of one.
-    for i, (batch, _) in enumerate(state.inputs.images.batches(order, cfg.batch_size, micro)):
+    batches = bar(state.inputs.images.batches(order, cfg.batch_size, micro), total=micro, unit="batch",
+                  desc=f"{state.spec.name} fold {state.fold} epoch {len(state.history) + 1}/{state.total_epochs}")
+    for i, (batch, _) in enumerate(batches):
         idx = torch.as_tensor(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], device=device)  # (B,)
         x = normalize(train_batch(batch, size, cfg.augment, state.generator), *state.norm)  # (B, 3, h, w)
         if device.type == "cuda":
@@ -486,6 +491,16 @@ def _save_checkpoint(state: TrainState) -> None:
                   "scaler": state.scaler.state_dict() if state.scaler else None}
     with atomic_path(state.checkpoint_path) as tmp:
         torch.save(checkpoint, tmp)
+    write_history_csv(state.inputs.paths.history_csv(state.spec.name, state.fold), state.history)
+
+
+def write_history_csv(path: Path, epochs: list[dict]) -> None:
+    """The epochs as a CSV table, one row per epoch, the size as HxW."""
+    table = pd.DataFrame([{**e, "size": "x".join(map(str, e["size"]))} for e in epochs])
+    first = [c for c in ("epoch", "phase", "frozen", "size", "lr", "train_loss", "valid_loss", "error_rate",
+                         "seconds") if c in table.columns]
+    with atomic_path(path) as tmp:
+        table[first + [c for c in table.columns if c not in first]].to_csv(tmp, index=False)
 
 
 def _load_checkpoint(path: Path, spec: ModelSpec, sources: Sources) -> dict | None:
@@ -556,7 +571,8 @@ def _save_result(state: TrainState) -> None:
               "cache_sha256": sources.cache_sha256, "weights_sha256": weights_sha256, "kept_epoch": kept,
               "amp": state.amp, "device_name": device_name(state.device), "seconds": state.clock,
               "epochs": state.history}
-    write_json(paths.history(spec.name, fold), record)
+    write_history_csv(paths.history_csv(spec.name, fold), state.history)
+    write_json(paths.history(spec.name, fold), record)  # last: it marks the job finished
     state.checkpoint_path.unlink(missing_ok=True)
 
 

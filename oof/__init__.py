@@ -13,6 +13,7 @@ from .ids import align, check_unique
 from .metrics import EPS, accuracy, log_loss, log_loss_rows
 from .provenance import file_digest, json_digest
 from .paths import RunPaths, check_model_name, record_of, table_file
+from .progress import LOGGER, GridProgress, bar, duration, info
 from .run_config import load_config, read_yaml, run_paths, write_run_config
 from .tables import (PredictionTable, check_rows, read_table, table_from_frame, validate_oof,
                      validate_test, write_table)
@@ -27,5 +28,6 @@ __all__ = [
     "remove_temps", "repeat_seed", "read_json", "read_table", "read_yaml", "run_paths", "table_file",
     "table_from_frame", "validate_oof", "validate_test", "write_bytes", "write_folds", "write_json",
     "write_run_config", "write_table", "write_text", "BOOL", "ConfigSection", "EPS", "Folds", "NULL",
-    "PredictionTable", "Rule", "RunPaths", "SEED", "STRING", "StackerError",
+    "PredictionTable", "Rule", "RunPaths", "SEED", "STRING", "StackerError", "LOGGER", "GridProgress", "bar",
+    "duration", "info",
 ]

@@ -14,6 +14,8 @@
     <run>/preds/<model>/repeat<r>/{oof,test}_fold<k>.parquet   the fold tables of repeat r > 0
     <run>/preds/<model>/metrics.json        OOF scores with and without TTA
     <run>/stack/                            decision.json, the chosen candidate, leaderboard, report, test.parquet
+    <run>/logs/<stage>.log                  what each stage logged, appended (the command line's stages)
+    <run>/report.html                       the run in one self-contained page (plots embedded)
     <run>/submission.csv
 
 `stacker predict` writes a new test set's files into its own folder OUT in the same layout
@@ -92,6 +94,10 @@ class RunPaths:
         """Held by `stacker predict` in its output folder, so two processes never write one OUT at once."""
         return self.root / ".predict.lock"
 
+    def stage_log(self, stage: str) -> Path:
+        """Every line a stage logged, appended run after run."""
+        return self.root / "logs" / f"{stage}.log"
+
     @property
     def folds(self) -> Path:
         return self.root / "folds.parquet"
@@ -105,6 +111,11 @@ class RunPaths:
     def targets(self) -> Path:
         """Extra train columns (extra targets, weight columns) by id, beside folds.parquet."""
         return self.root / "targets.parquet"
+
+    @property
+    def report(self) -> Path:
+        """The run's HTML report: one self-contained page (`stacker report`, and the end of fit-stack)."""
+        return self.root / "report.html"
 
     @property
     def submission(self) -> Path:
@@ -143,6 +154,10 @@ class RunPaths:
 
     def history(self, model: str, fold: int) -> Path:
         return self.model_dir(model) / f"fold{fold}.history.json"
+
+    def history_csv(self, model: str, fold: int) -> Path:
+        """The history's epochs as a table, rewritten after every epoch (timm's summary.csv)."""
+        return self.model_dir(model) / f"fold{fold}.history.csv"
 
     def job_log(self, model: str, fold: int) -> Path:
         return self.model_dir(model) / f"fold{fold}.log"
@@ -210,8 +225,9 @@ class RunPaths:
 
     @property
     def stack_booster(self) -> Path:
-        """The chosen candidate's LightGBM model in text format, when it has one."""
-        return self.stack / "combiner.lgbm.txt"
+        """The chosen candidate's LightGBM model in text format, when it has one (repeat r > 0's meta-model:
+        in stack/repeat<r>/)."""
+        return self._repeat_dir(self.stack) / "combiner.lgbm.txt"
 
     @property
     def leaderboard(self) -> Path:

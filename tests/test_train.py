@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -63,6 +64,11 @@ def test_train_saves_last_epoch_weights_and_history(run):
         weights = load_file(paths.weights("test_resnet", k))
         assert weights and all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
         assert not paths.checkpoint("test_resnet", k).exists()  # removed once the job finished
+        table = pd.read_csv(paths.history_csv("test_resnet", k))
+        assert list(table.columns[:9]) == ["epoch", "phase", "frozen", "size", "lr", "train_loss", "valid_loss",
+                                           "error_rate", "seconds"]
+        assert table["epoch"].tolist() == [1, 2] and table["size"].tolist() == ["16x16", "16x16"]
+        np.testing.assert_allclose(table["valid_loss"], [h["valid_loss"] for h in history])
 
 
 def interrupted_after_first_epoch(root, data_dir, spec):
