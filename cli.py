@@ -7,6 +7,8 @@
     stacker predict     --run DIR --images D --out OUT   a new test set through a finished (moved,
                                               read-only) run's stack: OUT/submission.csv
     stacker jobs        --run DIR             every (model, fold) job: done, running, partial, pending, stale
+    stacker leaderboard --run DIR [--csv P]   each model's OOF scores, ECE and times; the stack's candidates
+    stacker report      --run DIR             DIR/report.html: plots and tables of the whole run, one file
     stacker demo        [--out DIR]           all four on the bundled digits dataset
 
 The stages that need torch import it inside their handler: fit-stack and submit
@@ -15,11 +17,14 @@ run in a process that never imports torch.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
-from oof import StackerError, load_config, run_paths
+from oof import LOGGER, RunPaths, StackerError, info, load_config, run_paths
 
 # Named flags and the config key each one overrides; their argparse default is
 # "not given", so every default lives in the config dataclasses alone.
@@ -57,7 +62,7 @@ def need_training_packages(stage: str) -> None:
                            "pip install 'stacker[train]' (fit-stack and submit run without them)")
 
 
-def cmd_train_base(args, log=print) -> int:
+def cmd_train_base(args, log=info) -> int:
     need_training_packages("train-base")
     from base_models.stages import train_base_stage
     from stacker import stack_config
@@ -68,7 +73,7 @@ def cmd_train_base(args, log=print) -> int:
     return 0
 
 
-def cmd_predict_oof(args, log=print) -> int:
+def cmd_predict_oof(args, log=info) -> int:
     need_training_packages("predict-oof")
     from base_models.stages import predict_oof_stage
 
@@ -76,22 +81,39 @@ def cmd_predict_oof(args, log=print) -> int:
     return 0
 
 
-def cmd_jobs(args, log=print) -> int:
+def cmd_jobs(args, log=print) -> int:  # a view: its table is the output, -q or not
     from base_models.job_table import job_table
 
     job_table(resolve_config(args), log)
     return 0
 
 
-def cmd_fit_stack(args, log=print) -> int:
-    from stacker import fit_stack, stack_config
+def cmd_report(args, log=info) -> int:
+    from stacker.html_report import write_report
 
-    cfg = resolve_config(args)
-    fit_stack(run_paths(cfg).root, stack_config(cfg), models=args.models, force=args.force, log=log)
+    log(f"report: {write_report(run_paths(resolve_config(args)).root)}")
     return 0
 
 
-def cmd_submit(args, log=print) -> int:
+def cmd_leaderboard(args, log=print) -> int:  # a view: its table is the output, -q or not
+    from stacker.leaderboard import print_leaderboard
+
+    print_leaderboard(run_paths(resolve_config(args)).root, args.csv, log)
+    return 0
+
+
+def cmd_fit_stack(args, log=info) -> int:
+    from stacker import fit_stack, stack_config
+
+    from stacker.html_report import write_report
+
+    cfg = resolve_config(args)
+    fit_stack(run_paths(cfg).root, stack_config(cfg), models=args.models, force=args.force, log=log)
+    log(f"fit-stack: the run in one page: {write_report(run_paths(cfg).root)}")  # a view: remade each time
+    return 0
+
+
+def cmd_submit(args, log=info) -> int:
     from base_models.config import sample_submission_path
     from stacker import stack_config, submit_config, write_submission
 
@@ -114,7 +136,7 @@ def submit_metric(cfg: dict, source: str | None, configured: str) -> str:
     return configured
 
 
-def cmd_predict(args, log=print) -> int:
+def cmd_predict(args, log=info) -> int:
     need_training_packages("predict")
     from base_models.dataset import NewTestImages
     from base_models.stages import predict_stage
@@ -133,7 +155,7 @@ STAGES = (("train-base", cmd_train_base), ("predict-oof", cmd_predict_oof), ("fi
           ("submit", cmd_submit))
 
 
-def cmd_demo(args, log=print) -> int:
+def cmd_demo(args, log=info) -> int:
     need_training_packages("demo")
     from base_models.demo import finish_demo, prepare_demo
 
@@ -144,7 +166,8 @@ def cmd_demo(args, log=print) -> int:
                                     only=None)
     for name, stage in STAGES:
         log(f"\n== stacker {name} --config {config}")
-        stage(stage_args, log)
+        with stage_log(RunPaths(resolve_config(stage_args)["run_dir"]).stage_log(name)):
+            stage(stage_args, log)
     finish_demo(args.out, time.perf_counter() - t0, log)
     return 0
 
@@ -183,24 +206,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep models whose OOF looks leaked (stack.allow_suspicious)")
     p.add_argument("--models", nargs="+", help="only these models (default: all under preds/)")
 
-    p = stage("submit", cmd_submit, "write the submission CSV in sample_submission's layout")
-    p.add_argument("--sample-submission", help="default <data.root>/sample_submission.csv")
-    p.add_argument("--out", help="default <run>/submission.csv")
-    p.add_argument("--source", help="submit one model's test predictions instead of the stack")
-    p.add_argument("--format", choices=("auto", "labels", "proba"),
-                   help="submit.format: labels, per-class probabilities, or auto (default: from the sample "
-                        "and stack.metric)")
+    submit_arguments(stage("submit", cmd_submit, "write the submission CSV in sample_submission's layout"))
 
     predict_arguments(stage("predict", cmd_predict, "predict a new test set with a finished run (which may be "
                             "moved and read-only): every fold model its stack uses, the stack, OUT/submission.csv"))
-    jobs_parser(sub)
+    read_only_parsers(sub)
 
     p = sub.add_parser("demo", help="run all stages on the bundled digits dataset",
                        description="write the digits dataset, run the four stages, report test accuracy")
     p.set_defaults(handler=cmd_demo)
     p.add_argument("--out", default="stacker-demo", help="folder for data, config and run")
     p.add_argument("--force", action="store_true", help="redo finished work")
+    for p in sub.choices.values():  # -q / -v on every command
+        verbosity_arguments(p)
     return parser
+
+
+def submit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sample-submission", help="default <data.root>/sample_submission.csv")
+    p.add_argument("--out", help="default <run>/submission.csv")
+    p.add_argument("--source", help="submit one model's test predictions instead of the stack")
+    p.add_argument("--format", choices=("auto", "labels", "proba"),
+                   help="submit.format: labels, per-class probabilities, or auto (default: from the sample "
+                        "and stack.metric)")
 
 
 def train_base_arguments(p: argparse.ArgumentParser) -> None:
@@ -230,6 +258,24 @@ def jobs_parser(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
 
 
+def read_only_parsers(sub) -> None:
+    """`jobs`, `report` and `leaderboard`: they read the run and write only their own output; the last two
+    need no torch."""
+    jobs_parser(sub)
+    texts = {"report": "write <run>/report.html: leaderboard, training curves, OOF correlations, calibration, "
+                       "the stack's decision, confusion matrix, config; one self-contained file",
+             "leaderboard": "print each model's OOF scores (with and without TTA), log-loss, ECE and times as "
+                            "soon as one model has predictions; the stack's candidates once fit-stack has run"}
+    for name, handler in (("report", cmd_report), ("leaderboard", cmd_leaderboard)):
+        p = sub.add_parser(name, help=texts[name], description=texts[name])
+        p.set_defaults(handler=handler)
+        p.add_argument("--config", help="run.yaml; default <run>/run.yaml")
+        p.add_argument("--run", help="run directory (config key run_dir)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+        if name == "leaderboard":
+            p.add_argument("--csv", metavar="PATH", help="also write the leaderboard as CSV to PATH")
+
+
 def predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder of the new test images (ids: file names)")
     p.add_argument("--csv", help="CSV listing the images instead: an id column, optionally a path column")
@@ -242,12 +288,64 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("auto", "labels", "proba"), help="submit.format, as for submit")
 
 
+def verbosity_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no progress)")
+    group.add_argument("-v", "--verbose", action="store_true", help="also debug lines")
+
+
+def configure_logging(args) -> None:
+    """The `stacker` logger to the console: INFO lines as plain text (WARNING with -q, DEBUG with -v)."""
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.DEBUG if getattr(args, "verbose", False) \
+        else logging.INFO
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    LOGGER.handlers = [console]
+    LOGGER.setLevel(level)
+    LOGGER.propagate = False
+    logging.captureWarnings(True)  # warnings.warn from our code and the libraries: logged, not bare stderr
+    logging.getLogger("py.warnings").handlers = [console]
+
+
+@contextmanager
+def stage_log(path: Path | None):
+    """Everything the stage logs is also appended to `path` (<run>/logs/<stage>.log), with a timestamp."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(min(LOGGER.level, logging.INFO))  # -q quiets the console, never the file
+    try:
+        yield
+    finally:
+        LOGGER.removeHandler(handler)
+        handler.close()
+
+
+def stage_log_path(args) -> Path | None:
+    """Where a stage's log file goes: <run>/logs/<stage>.log; `stacker predict` writes into OUT, never the
+    run; commands that only read (jobs, report views) and a config that does not resolve: none."""
+    if args.stage in ("jobs", "leaderboard") or args.stage not in {name for name, _ in STAGES} | {"predict"}:
+        return None
+    try:
+        root = Path(args.out) if args.stage == "predict" else run_paths(resolve_config(args)).root
+    except StackerError:
+        return None  # the stage itself reports the config error
+    return RunPaths(root).stage_log(args.stage)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in pipes
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files, never the hub
+    configure_logging(args)
     try:
-        return args.handler(args)
+        with stage_log(stage_log_path(args)):
+            return args.handler(args)
     except StackerError as e:
         print(f"stacker: error: {e}", file=sys.stderr)
         return 2

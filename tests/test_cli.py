@@ -79,6 +79,48 @@ def test_rerun_skips_finished_work(pipeline):
     assert stacker("submit", "--run", root / "run", "--force").returncode == 0
 
 
+def test_each_stage_logs_to_its_file_and_quiet_prints_nothing(pipeline):
+    root, _, results = pipeline
+    logs = root / "run" / "logs"
+    assert {p.name for p in logs.iterdir()} >= {"train-base.log", "predict-oof.log", "fit-stack.log", "submit.log"}
+    assert "OOF accuracy" in (logs / "predict-oof.log").read_text()
+    quiet = stacker("fit-stack", "--run", root / "run", "--force", "-q")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert (logs / "fit-stack.log").read_text().count("fit-stack:") > results["fit-stack"].stdout.count("fit-stack:")
+
+
+def test_progress_is_plain_lines_in_a_pipe_and_bars_on_a_terminal(pipeline):
+    root, _, _ = pipeline
+    piped = stacker("predict-oof", "--run", root / "run", "--force", "--models", "test_resnet")
+    assert piped.returncode == 0 and "\r" not in piped.stdout + piped.stderr  # no bar control characters
+    assert re.search(r"^job 3/3, .* so far \(test_resnet fold 2\)$", piped.stdout, re.M)  # the grid's progress
+    terminal = on_a_terminal("predict-oof", "--run", root / "run", "--force", "--models", "test_resnet")
+    assert re.search(r"predict \d view\(s\).*\d+(\.\d+)?(batch/s|s/batch)", terminal)  # tqdm's rate
+    assert "\r" in terminal and "job 3/3" in terminal
+
+
+def on_a_terminal(*args) -> str:
+    """A stage's output (stdout and stderr) when both are a pseudo-terminal, as a user's shell gives."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], stdout=follower, stderr=follower,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=600) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
 def test_fit_stack_and_submit_never_import_torch(pipeline):
     root, _, _ = pipeline
     code = ("import sys, cli; rc = cli.main(['fit-stack', '--run', sys.argv[1], '--force']); "
