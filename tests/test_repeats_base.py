@@ -112,3 +112,26 @@ def test_only_names_the_repeat_when_there_are_repeats():
         parse_only(["test_resnet:2"], specs(), K, R)
     with pytest.raises(StackerError, match=r"repeat 2 is out of range: the run's repeats are 0\.\.1"):
         parse_only(["test_resnet:2:0"], specs(), K, R)
+
+
+def test_stacker_predict_runs_every_repeats_fold_models(runs, small_digits_dir, tmp_path):
+    """A new test set (here the run's own test images) through all R x K fold models: each fold table
+    equals the run's own, and the mean table the run's test table."""
+    from base_models.config import DataConfig as Data
+    from base_models.dataset import NewTestImages
+    from base_models.predict_run import SavedRun, predict_new_test
+
+    _, (two, folds, _) = runs
+    images = NewTestImages(small_digits_dir / "test_images",
+                           sample_submission=small_digits_dir / "sample_submission.csv")
+    out = RunPaths(tmp_path / "out")
+    predict_new_test(SavedRun(two, Data(root=str(small_digits_dir)), specs(), TTA), ["test_resnet"], images, out,
+                     QUIET)
+    for repeat in range(R):
+        for fold in range(K):
+            mine = read_table(out.for_repeat(repeat).test_fold("test_resnet", fold), folds.classes, "test")
+            run = read_table(two.for_repeat(repeat).test_fold("test_resnet", fold), folds.classes, "test")
+            row = {i: n for n, i in enumerate(run.ids)}  # the sample's id order may differ from the run's
+            np.testing.assert_array_equal(mine.proba, run.proba[[row[i] for i in mine.ids]])
+    np.testing.assert_allclose(read_table(out.test("test_resnet"), folds.classes, "test").proba.sum(),
+                               read_table(two.test("test_resnet"), folds.classes, "test").proba.sum(), rtol=1e-9)
