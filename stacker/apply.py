@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from oof import PredictionTable, RunPaths, StackerError, file_digest, read_table, write_table
+from oof import PredictionTable, RunPaths, StackerError, file_digest, info, read_table, write_table
 
 from .estimator import StackGuard
 from .fit import load_stack
@@ -55,7 +55,7 @@ def saved_stack(run_dir: str | os.PathLike) -> StackGuard:
 
 
 def apply_stack(run_dir: str | os.PathLike, out_dir: str | os.PathLike, sample_submission=None,
-                force: bool = False, log=print, fmt: str = "auto") -> Path:
+                force: bool = False, log=info, fmt: str = "auto") -> Path:
     """Apply the run's stack to OUT's test tables; write OUT's stack test table and submission.
 
     Args:
@@ -90,19 +90,22 @@ def apply_stack(run_dir: str | os.PathLike, out_dir: str | os.PathLike, sample_s
 
 
 def _new_tables(run: RunPaths, out: RunPaths, guard: StackGuard, folds) -> tuple[dict, list[dict]]:
-    """OUT's test tables of the stack's models, and per fold k theirs (only for test_features per_fold)."""
+    """OUT's test tables of the stack's models, and per repeat and fold theirs (only for test_features
+    per_fold; repeat-major, repeat r's in `OUT.for_repeat(r)`'s folders)."""
     k = folds.k if guard.config.test_features == "per_fold" else 0
     weights = {m: read_table(run.test(m), folds.classes, "test").meta.get("weights_sha256") for m in guard.models_}
     tables = {m: _new_table(out.test(m), weights[m], folds) for m in guard.models_}
-    fold_tables = [{m: _new_table(out.test_fold(m, f), weights[m], folds) for m in guard.models_} for f in range(k)]
+    fold_tables = [{m: _new_table(out.for_repeat(r).test_fold(m, f), weights[m], folds.for_repeat(r), folds.sha256)
+                    for m in guard.models_} for r in range(folds.repeats if k else 0) for f in range(k)]
     return tables, fold_tables
 
 
-def _new_table(path: Path, weights: list | None, folds) -> PredictionTable:
-    """A new test table, made by the run's fold models where it records which."""
+def _new_table(path: Path, weights: list | None, folds, run_sha256: str | None = None) -> PredictionTable:
+    """A new test table, made by the run's fold models where it records which (a fold table of one
+    repeat records that repeat's folds, `folds`, or the whole run's, `run_sha256`)."""
     table = read_table(path, folds.classes, "test")
     sha, own = table.meta.get("folds_sha256"), table.meta.get("weights_sha256")
-    if sha is not None and sha != folds.sha256:
+    if sha is not None and sha not in (folds.sha256, run_sha256):
         raise StackerError(f"{path}: predicted by another run's fold models (folds sha256 {sha[:12]} != "
                            f"{folds.sha256[:12]}); run stacker predict again")
     if own is not None and weights is not None and own != weights:

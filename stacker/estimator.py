@@ -9,6 +9,10 @@ Tables are `oof.PredictionTable`s or DataFrames in the contract's layout (`id`,
 (`oof.load_folds("folds.csv")` reads one made by any tool). `StackGuard.from_state`
 rebuilds a fitted guard from its saved decision and state (`stacker.load_stack`
 reads them from a run).
+
+With repeated folds (`folds.repeats` R > 1, OOF tables with a `repeat` column) every
+candidate is scored per repeat and the chosen one fitted per repeat (`stacker.repeats`
+says why); R = 1 is the one-assignment path, unchanged.
 """
 from __future__ import annotations
 
@@ -19,14 +23,16 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import oof
-from oof import Folds, PredictionTable, StackerError, build_config, check_rows, log_loss, validate_test
+from oof import Folds, PredictionTable, StackerError, build_config, check_rows, info, log_loss, validate_test
 
 from .candidates import candidate_class, create_candidate, normalise_rows, suited_candidates
 from .config import StackConfig
-from .guard import fit_seed, run_guard
-from .inputs import MetaData, align_test_tables, as_oof_tables, meta_features, sure_share, suspicious_models
+from .guard import decide, fit_seed, run_guard
+from .inputs import (MetaData, align_test_tables, as_oof_tables, meta_features, repeat_features, sure_share,
+                     suspicious_models)
 from .leak import LeakInputs, declared_leaks, leak_report
 from .metrics import Metric
+from .repeats import (RepeatAverage, combine_model_scores, combine_repeats, merge_leak_checks, repeat_config)
 
 
 class StackGuard:
@@ -34,18 +40,19 @@ class StackGuard:
 
     Args:
         config: meta-level options; default `StackConfig()`.
-        log: callable for progress lines and warnings (print by default; None is silent).
+        log: callable for progress lines and warnings (the `stacker` logger by default; None is silent).
 
     Attributes (after fit):
         decision_: the JSON-able decision: scores, intervals, choice, reason, nested estimate.
         models_: the models used, in input order (suspicious ones excluded).
         classes_: class names, the column order of `predict_proba`.
         candidate_: the chosen candidate, fitted on every OOF row.
-        oof_: {candidate: (N, C)} meta-level out-of-fold probabilities.
+        oof_: {candidate: (N, C)} meta-level out-of-fold probabilities; (R, N, C) with R > 1 repeats.
+        repeats_: R, the fold assignments the meta-level was fitted on (one fit of the choice each).
         timings_: {candidate: seconds} of its meta-level fits.
     """
 
-    def __init__(self, config: StackConfig | None = None, log=print):
+    def __init__(self, config: StackConfig | None = None, log=info):
         self.config = config
         self.log = log
 
@@ -57,7 +64,8 @@ class StackGuard:
         Args:
             decision: the saved `decision_`; its "config" is checked like the YAML's.
             state: the saved `state()`: the chosen candidate's name and learned state, models, classes.
-            booster_text: the chosen candidate's LightGBM model, when it has one.
+            booster_text: the chosen candidate's LightGBM model, when it has one; with repeats a list
+                of R texts (None for a repeat without one).
             source: where the decision comes from, for the config's error messages.
 
         Raises:
@@ -66,7 +74,13 @@ class StackGuard:
         """
         guard = cls(build_config(StackConfig, decision["config"], f"{source}: config"))
         guard.decision_, guard.models_, guard.classes_ = decision, list(state["models"]), tuple(state["classes"])
-        guard.candidate_ = candidate_class(state["candidate"]).from_state(state, booster_text)
+        fitted = candidate_class(state["candidate"])
+        if "repeats" in state:  # one fit per repeat; booster_text is then a list, one per repeat
+            texts = booster_text or [None] * len(state["repeats"])
+            guard.candidate_ = RepeatAverage([fitted.from_state(s, t) for s, t in zip(state["repeats"], texts)])
+        else:
+            guard.candidate_ = fitted.from_state(state, booster_text)
+        guard.repeats_ = len(state.get("repeats", [state]))
         return guard
 
     def fit(self, oof_tables: Mapping, folds: Folds, test_tables: Mapping | None = None,
@@ -79,14 +93,15 @@ class StackGuard:
             test_tables: {model: test table}, optional: the leak check compares each model's OOF rows
                 with its test rows (`stacker.leak`); without them only near-certain memorisers are found.
             fold_tables: per fold k, {model: fold model k's test table}, optional: the leak check's
-                like-for-like reference (one fold model on unseen rows, as the OOF rows are).
+                like-for-like reference (one fold model on unseen rows, as the OOF rows are). With
+                repeats, R x K of them, repeat-major (repeat r's fold k at r * K + k).
         """
         config = self.config or StackConfig()
         log = self.log or (lambda *a: None)
         tables = as_oof_tables(oof_tables, folds)
         names, y = list(tables), folds.y
-        X = meta_features(tables)  # (N, M, C)
-        suspicious, consistency = self._check_leaks(X, folds, names, test_tables, fold_tables)
+        Xs = repeat_features(tables, folds.repeats)  # R x (N, M, C); R = 1 without repeats
+        suspicious, consistency = self._check_repeat_leaks(Xs, folds, names, test_tables, fold_tables)
         for name, why in declared_leaks({m: t.meta for m, t in tables.items()}).items():
             suspicious.setdefault(name, why)
         excluded = _exclude(suspicious, config.allow_suspicious, log)
@@ -94,30 +109,55 @@ class StackGuard:
             raise StackerError(f"fit-stack: every model looks leaked ({', '.join(names)}); nothing is left to "
                                "stack. Pass --allow-suspicious (stack.allow_suspicious: true) to keep them")
         self.models_ = [m for m in names if m not in excluded]
-        self.classes_ = tuple(folds.classes)
-        data = MetaData(X[:, [names.index(m) for m in self.models_]], y, folds.fold, tuple(self.models_),
-                        self.classes_)
+        self.classes_, self.repeats_ = tuple(folds.classes), folds.repeats
+        used = [names.index(m) for m in self.models_]
+        datas = [MetaData(X[:, used], y, one.fold, tuple(self.models_), self.classes_)
+                 for X, one in zip(Xs, folds.each_repeat())]
         metric = Metric(config.metric, len(self.classes_))
+        repeats = f" x {folds.repeats} repeats" if folds.repeats > 1 else ""
         log(f"fit-stack: {len(self.models_)} models, {len(self.classes_)} classes, {len(y)} rows, "
-            f"{folds.k} folds; metric {config.metric}")
+            f"{folds.k} folds{repeats}; metric {config.metric}")
         # One BLAS thread: OpenBLAS threads spinning after a logistic-regression fit
         # slowed the next LightGBM fit's OpenMP threads 3x on the 2-core bench machine.
         with threadpool_limits(limits=1, user_api="blas"):
-            decision, self.oof_, self.timings_ = _run_suited(data, config, metric, log)
-            self.candidate_ = create_candidate(decision["chosen"], config, metric, fit_seed(config.seed, ()),
-                                               data.models, data.classes).fit(data.X, y)
-        self.decision_ = {
+            decision = self._fit_repeats(datas, config, metric, log)
+        scores = [_model_scores(y, X, names, metric, (suspicious, excluded, consistency)) for X in Xs]
+        self.decision_ = self._record(decision, config, folds,
+                                      scores[0] if len(scores) == 1 else combine_model_scores(scores), excluded)
+        return self
+
+    def _record(self, decision: dict, config: StackConfig, folds: Folds, models: dict, excluded: dict) -> dict:
+        """`decision_`: the guard's decision with what it was fitted on; repeats' keys only when R > 1."""
+        record = {
             "version": oof.__version__, "metric": config.metric, "chosen": decision["chosen"],
             "reason": decision["reason"], "best": decision["best"],
-            "rows": len(y), "k": folds.k, "classes": list(self.classes_), "folds_sha256": folds.sha256,
-            "models": _model_scores(y, X, names, metric, (suspicious, excluded, consistency)),
-            "used": list(self.models_), "excluded": excluded, "left_out": decision["left_out"],
+            "rows": folds.n_rows, "k": folds.k, "classes": list(self.classes_), "folds_sha256": folds.sha256,
+            "models": models, "used": list(self.models_), "excluded": excluded, "left_out": decision["left_out"],
             "candidates": decision["candidates"], "nested": decision["nested"],
             "test_features": config.test_features, "config": config.to_dict(),
         }
         if "nested_note" in decision:
-            self.decision_["nested_note"] = decision["nested_note"]
-        return self
+            record["nested_note"] = decision["nested_note"]
+        if folds.repeats > 1:  # a one-assignment decision keeps today's keys (and digest)
+            record.update({key: decision[key] for key in ("repeat_decisions", "agreement")}, repeats=folds.repeats)
+        return record
+
+    def _fit_repeats(self, datas: list[MetaData], config: StackConfig, metric: Metric, log) -> dict:
+        """Score and choose (on one repeat, or combined over repeats), then fit the choice once per repeat.
+
+        Sets `oof_`, `timings_` and `candidate_` (a `RepeatAverage` of the R fits when R > 1).
+        """
+        if len(datas) == 1:
+            decision, self.oof_, self.timings_ = _run_suited(datas[0], config, metric, log)
+        else:
+            decision, self.oof_, self.timings_ = _run_repeats(datas, config, metric, log)
+        members = []
+        for r, data in enumerate(datas):
+            seed = fit_seed(repeat_config(config, r).seed, ())
+            candidate = create_candidate(decision["chosen"], config, metric, seed, data.models, data.classes)
+            members.append(candidate.fit(data.X, data.y))
+        self.candidate_ = members[0] if len(members) == 1 else RepeatAverage(members)
+        return decision
 
     def state(self) -> dict:
         """The chosen candidate's learned state as JSON-able values (no pickle)."""
@@ -137,6 +177,7 @@ class StackGuard:
         Args:
             test_tables: {model: test table}, the mean over each model's fold models.
             fold_tables: per fold k, {model: that fold model's test table}; needed for "per_fold".
+                With repeats, R x K of them, repeat-major: repeat r's meta-model reads repeat r's fold tables.
         """
         config = self.config or StackConfig()
         tables = self._test_tables(test_tables)
@@ -145,7 +186,9 @@ class StackGuard:
             if not fold_tables:
                 raise StackerError("stack.test_features: 'per_fold' needs each fold model's test table "
                                    "(preds/<model>/test_fold<k>.parquet)")
-            proba = np.mean([self._predict(self._test_tables(t, ids)) for t in fold_tables], axis=0)
+            per_repeat = self._tables_per_repeat(len(fold_tables))
+            proba = np.mean([self._predict(self._test_tables(t, ids), i // per_repeat)
+                             for i, t in enumerate(fold_tables)], axis=0)
         else:
             proba = self._predict(tables)
         meta = {"model": "stack", "candidate": self.decision_["chosen"], "models": list(self.models_),
@@ -190,8 +233,40 @@ class StackGuard:
             aligned = {m: validate_test(t, ids, self.classes_) for m, t in aligned.items()}
         return aligned
 
-    def _predict(self, tables: dict[str, PredictionTable]) -> np.ndarray:
-        return self.candidate_.predict_proba(meta_features(tables))
+    def _predict(self, tables: dict[str, PredictionTable], repeat: int | None = None) -> np.ndarray:
+        """The chosen candidate on the tables: every repeat's fit averaged, or repeat `repeat`'s alone."""
+        candidate = self.candidate_
+        if repeat is not None and isinstance(candidate, RepeatAverage):
+            candidate = candidate.members_[repeat]
+        return candidate.predict_proba(meta_features(tables))
+
+    def _tables_per_repeat(self, n_tables: int) -> int:
+        """K: per-fold test tables given per repeat (all of them without repeats)."""
+        repeats = getattr(self, "repeats_", 1)
+        if n_tables % repeats:
+            raise StackerError(f"fold test tables: {n_tables} given for {repeats} repeats; give each repeat's K "
+                               "tables, repeat-major")
+        return n_tables // repeats
+
+    def _check_repeat_leaks(self, Xs: list[np.ndarray], folds: Folds, names: list[str], test_tables, fold_tables):
+        """The leak check of every repeat: ({model: reason} flagged in any repeat, {model: worst repeat's report}).
+
+        Per repeat, not on repeat 0 alone: each repeat's OOF rows come from fold models of their own,
+        and a leak in any one repeat's fold models (a resumed job that trained on every row, a fold
+        file edited between repeats) leaks that repeat's rows into its meta-level fits. The check is
+        numpy over rows (no model is fitted): one repeat took 3.2 s on the 2-core dev machine at the
+        bench's size (10,000 rows x 35 models x 10 classes, 3,469 test rows, 5 fold tables), against
+        15 fits per candidate per repeat (one wide LightGBM fit alone about 1.3 s there). The test
+        reference (the mean over all R x K fold models) is shared; the per-fold tables are the repeat's own.
+        """
+        if folds.repeats == 1:
+            return self._check_leaks(Xs[0], folds, names, test_tables, fold_tables)
+        k = folds.k
+        if fold_tables and len(fold_tables) != folds.repeats * k:
+            raise StackerError(f"fold test tables: {len(fold_tables)} given for {folds.repeats} repeats x {k} folds; "
+                               "give one per repeat and fold, repeat-major")
+        return merge_leak_checks([self._check_leaks(X, one, names, test_tables, list(fold_tables)[r * k:(r + 1) * k])
+                                  for r, (X, one) in enumerate(zip(Xs, folds.each_repeat()))])
 
 
 def _run_suited(data: MetaData, config: StackConfig, metric: Metric, log):
@@ -202,6 +277,25 @@ def _run_suited(data: MetaData, config: StackConfig, metric: Metric, log):
         log(f"fit-stack: candidate {name} left out: {why}")
     decision, oof_probas, timings = run_guard(data, replace(config, candidates=names), metric, log)
     return {**decision, "left_out": left_out}, oof_probas, timings
+
+
+def _run_repeats(datas: list[MetaData], config: StackConfig, metric: Metric, log):
+    """`_run_suited` per repeat (that repeat's OOF rows and folds), then the decision on all of them.
+
+    Returns:
+        (decision, oof, timings): `decide` on each candidate's (R, N, C) meta-level OOF, with
+        `combine_repeats`' per-repeat scores, decisions and nested estimate; {candidate: (R, N, C)};
+        {candidate: seconds summed over repeats}.
+    """
+    runs = []
+    for r, data in enumerate(datas):
+        log(f"fit-stack: repeat {r} ({r + 1} of {len(datas)}): meta-level OOF on its own OOF rows and folds")
+        runs.append(_run_suited(data, repeat_config(config, r), metric, log))
+    names = list(runs[0][1])
+    oof_probas = {name: np.stack([run[1][name] for run in runs]) for name in names}
+    decision = decide(datas[0].y, oof_probas, metric, config, seed=[config.seed, 7])
+    decision = combine_repeats({**decision, "left_out": runs[0][0]["left_out"]}, [run[0] for run in runs])
+    return decision, oof_probas, {name: sum(run[2][name] for run in runs) for name in names}
 
 
 def _exclude(suspicious: dict, allow: bool, log) -> dict:

@@ -4,6 +4,10 @@
                                    and the sha256 of every table read (`provenance`)
     <run>/stack/combiner.json      the chosen candidate's learned state (weights, coefficients)
     <run>/stack/combiner.lgbm.txt  its LightGBM booster in text format, when it has one
+    <run>/stack/repeat<r>/combiner.lgbm.txt   with repeats (folds.repeats R > 1), repeat r's booster
+                                   (r > 0; repeat 0's is the file above): the choice is fitted once
+                                   per repeat, and combiner.json then holds {"candidate", "models",
+                                   "classes", "repeats": [each repeat's state, naming its booster]}
     <run>/stack/leaderboard.csv    the leaderboard as a table
     <run>/stack/report.txt         the leaderboard as printed
     <run>/stack/test.parquet       the stack's test probabilities (a contract test table);
@@ -19,18 +23,19 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from oof import (PredictionTable, RunPaths, StackerError, atomic_path, check_model_name, read_json, write_json,
+from oof import (PredictionTable, RunPaths, StackerError, atomic_path, check_model_name, info, read_json, write_json,
                  write_table, write_text)
 
 from .config import StackConfig
 from .estimator import StackGuard
 from .inputs import has_fold_tables, load_run_folds, read_run_tables
 from .provenance import clear_stack, decision_digest, describe, stack_changes, stack_inputs
+from .repeats import RepeatAverage
 from .report import format_report, leaderboard_frame
 
 
 def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, models: list[str] | None = None,
-              force: bool = False, log=print) -> dict:
+              force: bool = False, log=info) -> dict:
     """Fit the guarded stack of a run and write `<run>/stack/`; skip it when it is current.
 
     The stack is current when decision.json records the folds, the models, every table
@@ -58,8 +63,9 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
     if not names:
         raise StackerError(f"{paths.preds}: no model has an oof.parquet or oof.csv to stack")
     # Per-fold test tables feed "per_fold" test features, and the leak check whenever they exist.
-    per_fold = config.test_features == "per_fold" or has_fold_tables(paths, names, folds.k)
-    inputs = stack_inputs(paths, names, folds.k if per_fold else 0, given=bool(models))  # digests before reading
+    per_fold = config.test_features == "per_fold" or has_fold_tables(paths, names, folds)
+    inputs = stack_inputs(paths, names, folds.k if per_fold else 0, given=bool(models),  # digests before reading
+                          repeats=folds.repeats)
     if force:
         clear_stack(paths)  # an interrupted --force leaves no decision, so nothing looks finished
     elif paths.decision.exists():
@@ -92,12 +98,24 @@ def write_stack(paths: RunPaths, guard: StackGuard, test: PredictionTable, decis
     if booster is not None:
         write_text(paths.stack_booster, booster)
         state["booster"] = paths.stack_booster.name  # the state names its booster file, beside it in stack/
+    texts = guard.candidate_.booster_texts() if isinstance(guard.candidate_, RepeatAverage) else []
+    for r, text in enumerate(texts):
+        if text is not None:  # each repeat's state names its booster, relative to stack/
+            path = repeat_booster(paths, r)
+            write_text(path, text)
+            state["repeats"][r]["booster"] = path.relative_to(paths.stack).as_posix()
     write_json(paths.stack_state, state)
     write_table(paths.stack_test, replace(test, meta={**test.meta, "decision_sha256": decision_digest(decision)}))
     with atomic_path(paths.leaderboard) as tmp:
         leaderboard_frame(guard.decision_).to_csv(tmp, index=False)
     write_text(paths.stack_report, format_report(guard.decision_, guard.timings_))
     write_json(paths.decision, decision)
+
+
+def repeat_booster(paths: RunPaths, repeat: int):
+    """Repeat `repeat`'s booster file: the run's booster file, in stack/'s folder of that repeat
+    (RunPaths' `repeat<r>` folders: repeat 0 is the run's own `stack_booster`)."""
+    return paths.for_repeat(repeat).stack_booster
 
 
 def load_stack(run_dir: str | os.PathLike) -> StackGuard:
@@ -113,6 +131,9 @@ def load_stack(run_dir: str | os.PathLike) -> StackGuard:
         decision = read_json(paths.decision)
         state = read_json(paths.stack_state)
         booster = (paths.stack / state["booster"]).read_text(encoding="utf-8") if "booster" in state else None
+        if "repeats" in state:  # one fit per repeat, each naming its own booster
+            booster = [(paths.stack / s["booster"]).read_text(encoding="utf-8") if "booster" in s else None
+                       for s in state["repeats"]]
         return StackGuard.from_state(decision, state, booster, source=str(paths.decision))
     except StackerError as e:  # a damaged JSON file names itself; a saved config that no longer passes does not
         raise StackerError(str(e) if str(paths.stack) in str(e) else f"{paths.decision}: {e}; run fit-stack --force") \

@@ -64,9 +64,10 @@ def load_run_folds(paths: RunPaths) -> Folds:
     return load_folds(paths.folds if paths.folds.is_file() or not csv.is_file() else csv)
 
 
-def has_fold_tables(paths: RunPaths, models: list[str], k: int) -> bool:
-    """Every model has each fold model's test table (stacker's own runs do; other tools' may not)."""
-    return all(table_file(paths.test_fold(m, f)).is_file() for m in models for f in range(k))
+def has_fold_tables(paths: RunPaths, models: list[str], folds: Folds) -> bool:
+    """Every model has each fold model's test table, of every repeat (stacker's own runs do; other tools' may not)."""
+    return all(table_file(paths.for_repeat(r).test_fold(m, f)).is_file()
+               for m in models for r in range(folds.repeats) for f in range(folds.k))
 
 
 def read_run_tables(paths: RunPaths, models: list[str], folds: Folds, per_fold: bool):
@@ -74,25 +75,32 @@ def read_run_tables(paths: RunPaths, models: list[str], folds: Folds, per_fold: 
 
     Returns:
         (oof, test, fold_tests): {model: table}, {model: table} aligned on the
-        first model's test ids, and a list of K such dicts (empty unless per_fold).
+        first model's test ids, and a list of R x K such dicts, repeat-major (repeat r's
+        fold k at r * K + k; R = 1: the K folds), empty unless per_fold.
     """
     oof = {m: validate_oof(_read(paths.oof(m), folds, "oof"), folds) for m in models}
     test = align_test_tables({m: _read(paths.test(m), folds, "test") for m in models})
     fold_tests = []
     ids = next(iter(test.values())).ids
-    for k in range(folds.k if per_fold else 0):
-        tables = {m: _read(paths.test_fold(m, k), folds, "test") for m in models}
-        fold_tests.append({m: validate_test(t, ids, folds.classes) for m, t in tables.items()})
+    for r in range(folds.repeats if per_fold else 0):
+        one, repeat_paths = folds.for_repeat(r), paths.for_repeat(r)
+        for k in range(folds.k):
+            tables = {m: _read(repeat_paths.test_fold(m, k), one, "test", folds.sha256) for m in models}
+            fold_tests.append({m: validate_test(t, ids, folds.classes) for m, t in tables.items()})
     return oof, test, fold_tests
 
 
-def _read(path, folds: Folds, kind: str) -> PredictionTable:
-    """One table of the run (parquet, else its CSV sibling), with rows, made on these folds."""
+def _read(path, folds: Folds, kind: str, run_sha256: str | None = None) -> PredictionTable:
+    """One table of the run (parquet, else its CSV sibling), with rows, made on these folds.
+
+    A fold model's test table of repeat r is made on `folds` = that repeat's view; it may record
+    that repeat's digest or the whole run's (`run_sha256`).
+    """
     table = read_table(table_file(path), folds.classes, kind)
     if kind == "oof":
         _require_rows(table)
     sha = table.meta.get("folds_sha256")
-    if kind == "test" and sha is not None and sha != folds.sha256:  # validate_oof does this for OOF tables
+    if kind == "test" and sha is not None and sha not in (folds.sha256, run_sha256):  # validate_oof: OOF tables
         raise StackerError(f"{table.source}: was made on another fold assignment (folds sha256 {sha[:12]} != "
                            f"{folds.sha256[:12]}); run predict-oof again")
     return table
@@ -131,7 +139,7 @@ def _as_table(table, model: str, classes, kind: str) -> PredictionTable:
         return table
     if isinstance(table, pd.DataFrame):
         if classes is None:
-            classes = [c for c in table.columns if c not in ("id", "fold")]
+            classes = [c for c in table.columns if c not in ("id", "repeat", "fold")]
         return table_from_frame(table, classes, kind, f"<{model} {kind} table>")
     raise StackerError(f"{model}: expected a PredictionTable or a DataFrame, got {type(table).__name__}")
 
@@ -139,6 +147,16 @@ def _as_table(table, model: str, classes, kind: str) -> PredictionTable:
 def meta_features(tables: Mapping[str, PredictionTable]) -> np.ndarray:
     """(N, M, C) probabilities of M models, from tables already in one row order."""
     return np.stack([t.proba for t in tables.values()], axis=1)
+
+
+def repeat_features(tables: Mapping[str, PredictionTable], repeats: int) -> list[np.ndarray]:
+    """R arrays (N, M, C): each repeat's OOF probabilities, from validated tables (repeat-major rows).
+
+    Kept apart, never averaged or pooled: the meta level scores each repeat on its own folds
+    (`stacker.repeats`).
+    """
+    X = meta_features(tables)  # (R * N, M, C)
+    return list(X.reshape(repeats, len(X) // repeats, *X.shape[1:]))
 
 
 def sure_thresholds(X: np.ndarray) -> np.ndarray:

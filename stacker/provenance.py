@@ -5,8 +5,8 @@ table replaced while fit-stack reads it is seen as changed next time, never trus
 
     "folds_sha256": the fold assignment (content digest, any row order)
     "inputs": {"selection": "all" (every model under preds/) or "given" (--models),
-               "tables": {model: {"oof" | "test" | "test_fold<k>": {"path": relative to the run,
-                                                                   "sha256": ...}}}}
+               "tables": {model: {"oof" | "test" | "test_fold<k>" | "repeat<r>/test_fold<k>":
+                                      {"path": relative to the run, "sha256": ...}}}}
     "config": the StackConfig
 
 and stack/test.parquet's metadata records `decision_sha256`, the digest of the decision
@@ -24,14 +24,17 @@ SELECTIONS = ("all", "given")  # every model with an OOF table under preds/, or 
 SHOWN_CHANGES = 3  # a message names this many changes, then counts the rest
 
 
-def table_roles(paths: RunPaths, model: str, k: int) -> dict:
-    """{role: path} of the tables fit-stack reads for `model`; k > 0 adds the K per-fold test tables."""
+def table_roles(paths: RunPaths, model: str, k: int, repeats: int = 1) -> dict:
+    """{role: path} of the tables fit-stack reads for `model`; k > 0 adds the K per-fold test tables of
+    every repeat (repeat r > 0's as "repeat<r>/test_fold<k>")."""
     roles = {"oof": paths.oof(model), "test": paths.test(model)}
-    roles.update({f"test_fold{f}": paths.test_fold(model, f) for f in range(k)})
+    for r in range(repeats):
+        prefix = f"repeat{r}/" if r else ""
+        roles.update({f"{prefix}test_fold{f}": paths.for_repeat(r).test_fold(model, f) for f in range(k)})
     return {role: table_file(path) for role, path in roles.items()}
 
 
-def stack_inputs(paths: RunPaths, models: list[str], k: int, given: bool) -> dict:
+def stack_inputs(paths: RunPaths, models: list[str], k: int, given: bool, repeats: int = 1) -> dict:
     """The "inputs" record of a decision: every table of `models` by path and sha256 (None if absent).
 
     Args:
@@ -39,10 +42,11 @@ def stack_inputs(paths: RunPaths, models: list[str], k: int, given: bool) -> dic
         models: the models stacked, in order.
         k: folds whose per-fold test tables are read (0 with test_features "mean").
         given: the models were named (--models) rather than every model under preds/.
+        repeats: the folds' repeats: each repeat's per-fold test tables are recorded.
     """
     tables = {m: {role: {"path": path.relative_to(paths.root).as_posix(),
                          "sha256": file_digest(path) if path.is_file() else None}
-                  for role, path in table_roles(paths, m, k).items()} for m in models}
+                  for role, path in table_roles(paths, m, k, repeats).items()} for m in models}
     return {"selection": SELECTIONS[given], "tables": tables}
 
 
@@ -161,7 +165,7 @@ def _inputs_now(paths: RunPaths, decision: dict) -> list[str]:
     models = list(recorded["tables"]) if given else paths.predicted_models()
     # the per-fold test tables fit-stack read (for per_fold features, or for the leak check)
     k = decision["k"] if any("test_fold0" in roles for roles in recorded["tables"].values()) else 0
-    return input_changes(recorded, stack_inputs(paths, models, k, given))
+    return input_changes(recorded, stack_inputs(paths, models, k, given, decision.get("repeats", 1)))
 
 
 def _folds_change(decision: dict, folds: Folds) -> list[str]:
@@ -207,6 +211,11 @@ def clear_stack(paths: RunPaths) -> None:
         path.unlink(missing_ok=True)
     for path in files:
         remove_temps(paths.stack, f"{path.name}.")
+    repeat = 1
+    while paths.for_repeat(repeat).stack_booster.parent.is_dir():  # repeat r > 0's meta-models, r = 1, 2, ...
+        paths.for_repeat(repeat).stack_booster.unlink(missing_ok=True)
+        remove_temps(paths.for_repeat(repeat).stack_booster.parent, f"{paths.stack_booster.name}.")
+        repeat += 1
 
 
 def _as_json(value):

@@ -1,4 +1,9 @@
-"""The leaderboard of a decision: one table for the terminal, report.txt and leaderboard.csv."""
+"""The leaderboard of a decision: one table for the terminal, report.txt and leaderboard.csv.
+
+With repeated folds (decision "repeats" R > 1) it adds each score's spread across repeats
+(std), each candidate's per-repeat scores, and each repeat's own choice with how often it
+agrees with the combined one; a one-repeat decision prints as it always did.
+"""
 from __future__ import annotations
 
 import pandas as pd
@@ -23,7 +28,29 @@ def leaderboard_frame(decision: dict) -> pd.DataFrame:
                      "status": " ".join(f["chosen"] for f in nested["folds"])})
     columns = ["kind", "name", "score", "log_loss", "low", "high", "gain", "gain_low", "gain_high",
                "win_probability", "admissible", "chosen", "status", "sure_share", "consistency"]
+    if decision.get("repeats", 1) > 1:  # the spread across repeats, and the repeats' own scores
+        columns += ["repeat_std", "repeat_scores"]
+        nested = [nested] if nested else []
+        for row, record in zip(rows, [*decision["models"].values(), *decision["candidates"].values(), *nested]):
+            row["repeat_std"] = record["repeat_std"]
+            row["repeat_scores"] = " ".join(f"{s:.6f}" for s in record["repeat_scores"])
     return pd.DataFrame(rows, columns=columns)
+
+
+def _repeat_lines(decision: dict) -> list[str]:
+    """Per-repeat scores and spread, each repeat's own choice and the agreement; [] with one repeat."""
+    repeats = decision.get("repeats", 1)
+    if repeats < 2:
+        return []
+    head = " ".join(f"{f'repeat {r}':>9}" for r in range(repeats))
+    lines = ["", f"{'per repeat (own OOF, own folds)':<34}{head}{'sd':>9}"]
+    for name, record in [*decision["models"].items(), *decision["candidates"].items()]:
+        scores = " ".join(f"{s:>9.4f}" for s in record["repeat_scores"])
+        lines.append(f"  {name:<32}{scores}{record['repeat_std']:>9.4f}")
+    own = ", ".join(f"{d['repeat']}: {d['chosen']}" for d in decision["repeat_decisions"])
+    lines.append(f"each repeat's own choice: {own}; {decision['agreement']:.0%} of repeats agree with the "
+                 f"combined choice ({decision['chosen']}, scored on all {repeats} repeats)")
+    return lines
 
 
 def format_report(decision: dict, timings: dict | None = None) -> str:
@@ -45,13 +72,15 @@ def format_report(decision: dict, timings: dict | None = None) -> str:
         seconds = "" if timings is None else f"{timings.get(name, 0):8.1f}"
         lines.append(f"{mark} {name:<26}{c['score']:>12.4f}{interval:>22}{c['gain']:>+14.4f}{win:>8}"
                      f"{c['log_loss']:>10.4f}{seconds}")
+    lines += _repeat_lines(decision)
     lines += ["", f"chosen: {decision['chosen']}: {decision['reason']}"]
     for name, why in decision["excluded"].items():
         lines.append(f"excluded as suspicious: {name}: {why}")
     nested = decision.get("nested")
     if nested:
         choices = ", ".join(f["chosen"] for f in nested["folds"])
-        lines.append(f"nested estimate of what submit uses: {metric} {nested['score']:.4f}, "
+        spread = f", sd {nested['repeat_std']:.4f} across repeats" if "repeat_std" in nested else ""
+        lines.append(f"nested estimate of what submit uses: {metric} {nested['score']:.4f}{spread}, "
                      f"log_loss {nested['log_loss']:.4f} (outer folds chose: {choices})")
     else:
         lines.append("nested estimate: off ({}); the chosen score above is optimistic".format(

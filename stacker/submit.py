@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from oof import (PredictionTable, RunPaths, StackerError, align, atomic_path, check_unique, file_digest, preview,
+from oof import (PredictionTable, RunPaths, StackerError, align, atomic_path, check_unique, file_digest, info, preview,
                  read_csv_strings, read_json, read_table, record_of, remove_temps, table_file, write_json)
 
 from .config import SubmitConfig
@@ -74,7 +74,7 @@ class SubmitOptions:
 
 
 def write_submission(run_dir: str | os.PathLike, sample_submission_path: str | os.PathLike,
-                     out_path: str | os.PathLike | None = None, log=print, **options) -> Path:
+                     out_path: str | os.PathLike | None = None, log=info, **options) -> Path:
     """Write the submission of a run, with its provenance record beside it; skip it when it is current.
 
     The source is checked first: the stack needs a decision that matches the run's folds
@@ -268,7 +268,7 @@ def _metric_says(metric: str | None, proba: bool) -> str:
 
 
 def submission_frame(sample: pd.DataFrame, table: PredictionTable, sample_name: str, layout: str,
-                     log=print) -> pd.DataFrame:
+                     log=info) -> pd.DataFrame:
     """The submission: `sample`'s columns and id order, filled from `table` in format `layout`; checked first."""
     id_col, columns = sample.columns[0], [str(c) for c in sample.columns[1:]]
     ids = sample[id_col].to_numpy(dtype=object)
