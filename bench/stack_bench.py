@@ -2,12 +2,21 @@
 OOF and test tables of 10,000 rows x 35 models x 10 classes, 5 folds.
 
     python bench/stack_bench.py [--rows 10000] [--models 35] [--classes 10] [--metric accuracy]
-                                [--n-jobs 1] [--keep DIR]
+                                [--n-jobs -1] [--keep DIR] [--profile FILE] [--scores FILE]
+
+--profile writes cProfile stats of fit_stack to FILE and prints the top functions;
+--scores writes every candidate's meta-OOF score, the choice and the nested choices as JSON
+(compare two versions with bench/compare_scores.py). The peak RSS of the process, alone and
+with its fit workers, is printed.
 
 Target: under 120 s on the 2-core CPU of the development machine (Intel Xeon,
 2 vCPUs). Measured there, idle: 44 s (accuracy; of it LightGBM wide 19 s,
 class-shared 10 s, logistic regression 4 s), 47 s with --metric f1_macro, 31 s
 with --n-jobs 2.
+Issue 15 (fits in n_jobs=-1 worker processes, LightGBM binned once per task,
+early stopping after 10 rounds): back to back on the shared machine (load ~1.5 from
+other sessions) 85.7 s before, 49.9 s after (early stopping still 20); at 100,000 rows, both under load 4-8,
+1727 s before (under cProfile), 845 s after; the same choices and scores.
 
 The models are noisy, correlated, roughly calibrated predictors of the truth,
 like CNNs trained on the same images: every model sees the same evidence (a
@@ -20,6 +29,11 @@ predict-oof writes them.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import json
+import os
+import pstats
+import resource
 import sys
 import tempfile
 import time
@@ -76,7 +90,7 @@ def make_run(root: Path, rows: int, models: int, classes: int, k: int = 5, test_
         write_table(paths.test(name), test)
 
 
-def main(argv=None) -> float:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--models", type=int, default=35)
@@ -84,18 +98,74 @@ def main(argv=None) -> float:
     parser.add_argument("--n-jobs", type=int, default=StackConfig.n_jobs, help="stack.n_jobs")
     parser.add_argument("--metric", default=StackConfig.metric, help="stack.metric")
     parser.add_argument("--keep", type=Path, help="write the run here instead of a temporary directory")
-    args = parser.parse_args(argv)
+    parser.add_argument("--profile", type=Path, help="write cProfile stats of fit_stack here and print the top")
+    parser.add_argument("--scores", type=Path, help="write each candidate's meta-OOF score and the choice as JSON")
+    return parser.parse_args(argv)
+
+
+def timed_fit(root: Path, config: StackConfig, profile: Path | None) -> tuple[dict, float]:
+    """fit_stack's decision and wall seconds, under cProfile when `profile` names a stats file."""
+    profiler = cProfile.Profile() if profile else None
+    start = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    decision = fit_stack(root, config, force=True)
+    if profiler:
+        profiler.disable()
+    seconds = time.perf_counter() - start
+    if profiler:
+        profiler.dump_stats(profile)
+        pstats.Stats(str(profile)).sort_stats("tottime").print_stats(25)
+    return decision, seconds
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids below `pid` (Linux /proc), e.g. the fit workers a process pool keeps alive."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        children += [int(c) for c in task.read_text().split()]
+    return children + [d for c in children for d in descendants(c)]
+
+
+def peak_rss_gb() -> tuple[float, float]:
+    """Peak resident memory (GB) of this process, and of it plus its live worker processes.
+
+    The sum of each process's peak (VmHWM) bounds their peak together from above.
+    """
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    workers = 0
+    for pid in descendants(os.getpid()):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        workers += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")), 0)
+    return own / 2**20, (own + workers) / 2**20
+
+
+def score_summary(decision: dict) -> dict:
+    """What two versions of the meta level must agree on: per-candidate scores and the choices."""
+    nested = decision.get("nested") or {}
+    return {"chosen": decision["chosen"], "best": decision["best"],
+            "scores": {n: r["score"] for n, r in decision["candidates"].items()},
+            "log_loss": {n: r["log_loss"] for n, r in decision["candidates"].items()},
+            "nested_score": nested.get("score"), "nested_chosen": [f["chosen"] for f in nested.get("folds", [])]}
+
+
+def main(argv=None) -> float:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp) / "run"
         start = time.perf_counter()
         make_run(root, args.rows, args.models, args.classes)
         made = time.perf_counter() - start
-        start = time.perf_counter()
-        decision = fit_stack(root, StackConfig(metric=args.metric, n_jobs=args.n_jobs), force=True)
-        seconds = time.perf_counter() - start
+        decision, seconds = timed_fit(root, StackConfig(metric=args.metric, n_jobs=args.n_jobs), args.profile)
+    if args.scores:
+        args.scores.write_text(json.dumps(score_summary(decision), indent=1))
     print(f"bench: {args.rows} rows x {args.models} models x {args.classes} classes, metric {args.metric}; "
           f"tables written in "
-          f"{made:.1f} s; fit_stack (full guard, nested) {seconds:.1f} s; chosen {decision['chosen']}")
+          f"{made:.1f} s; fit_stack (full guard, nested) {seconds:.1f} s; chosen {decision['chosen']}; "
+          "peak RSS {:.2f} GB, with its fit workers {:.2f} GB".format(*peak_rss_gb()))
     return seconds
 
 

@@ -18,20 +18,30 @@ on that outer fold. That pooled score is the expected score of what `submit`
 uses. A fit that trains on all rows but folds {a, b} serves both outer fold a
 (inner fold b) and outer fold b (inner fold a), so the nested estimate costs
 K(K-1)/2 extra fits per candidate, not K(K-1).
+
+Speed (issue 15): the 15 fits of a candidate are independent and seeded by their
+held-out folds alone (`fit_seed`), so they run in `config.n_jobs` worker processes
+(`fit_tasks`), each fit on one thread; a candidate with a `bin_rows` classmethod
+(the LightGBM ones) bins every row once per task and fits on row subsets of it
+(why that is honest: `stacker.candidates.lgbm`). The results are the same fits
+whatever the number of workers and the order of work.
 """
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 import time
 
 import numpy as np
 
 from oof import log_loss
 
-from .candidates import FLOOR, create_candidate
+from .candidates import FLOOR, candidate_class
 from .config import StackConfig
 from .inputs import MetaData
 from .metrics import Metric, bootstrap_counts
+from .repeats import repeat_log_loss, repeat_scores
 
 
 def fit_seed(seed: int, key: tuple[int, ...]) -> int:
@@ -45,13 +55,68 @@ def held_out_keys(k: int, nested: bool) -> list[tuple[int, ...]]:
     return singles + (list(itertools.combinations(range(k), 2)) if nested else [])
 
 
-def fit_held_out(data: MetaData, name: str, key: tuple[int, ...], config: StackConfig, metric: Metric):
-    """Fit candidate `name` on every fold but `key`; return ((n_key, C) predictions for folds `key`, seconds)."""
-    start = time.perf_counter()
+def fit_held_out(data: MetaData, cls, key: tuple[int, ...], config: StackConfig, metric: Metric, binned=None):
+    """Fit candidate class `cls` on every fold but `key`; return (n_key, C) predictions for folds `key`.
+
+    binned: `cls.bin_rows` of all of `data`'s rows, to fit on a subset of it instead of copying rows.
+    """
     held = np.isin(data.fold, key)
-    candidate = create_candidate(name, config, metric, fit_seed(config.seed, key), data.models, data.classes)
-    candidate.fit(data.X[~held], data.y[~held])
-    return candidate.predict_proba(data.X[held]), time.perf_counter() - start
+    candidate = cls.from_config(config, metric, fit_seed(config.seed, key), data.models, data.classes)
+    if binned is None:
+        candidate.fit(data.X[~held], data.y[~held])
+    else:
+        candidate.fit_rows(binned, np.flatnonzero(~held), data.X.shape)
+    return candidate.predict_proba(data.X[held])
+
+
+def fit_keys(data: MetaData, cls, keys: list, config: StackConfig, metric: Metric) -> tuple[dict, float]:
+    """Fit `cls` once per held-out key in `keys`; return ({key: predictions}, seconds).
+
+    One task of `fit_tasks`: a class with `bin_rows` bins every row once here for all of its keys.
+    """
+    start = time.perf_counter()
+    bin_rows = getattr(cls, "bin_rows", None)
+    binned = bin_rows(data.X, data.y, config, data.models, data.classes) if bin_rows else None
+    preds = {key: fit_held_out(data, cls, key, config, metric, binned) for key in keys}
+    return preds, time.perf_counter() - start
+
+
+# Below this many meta-features (N*M*C) the guard's fits take a few seconds in all and
+# starting worker processes (each imports LightGBM and scikit-learn, ~2 s) costs more than it saves.
+PARALLEL_MIN_VALUES = 1_000_000
+
+
+def fit_workers(config: StackConfig, data: MetaData) -> int:
+    """Worker processes for the guard's fits: `config.threads`, or 1 for small inputs."""
+    return 1 if data.X.size < PARALLEL_MIN_VALUES else max(1, min(config.threads, os.cpu_count() or 1))
+
+
+def fit_tasks(data: MetaData, names, keys: list, config: StackConfig, metric: Metric, workers: int):
+    """Run every candidate's held-out fits; return ({name: {key: predictions}}, {name: seconds}).
+
+    workers > 1: the fits of each candidate split into `workers` tasks run by a process
+    pool, most complex candidates first (the longest tasks start first). The rows go to
+    the workers as a read-only memory map, shared, not copied per task. Each worker runs
+    one thread (LightGBM `num_threads`, BLAS limited by joblib): no OpenMP barrier waits
+    for a descheduled sibling on a busy machine.
+    """
+    tasks = [(name, keys[i::workers]) for name in reversed(names) for i in range(workers) if keys[i::workers]]
+    if workers == 1:
+        done = [fit_keys(data, candidate_class(name), part, config, metric) for name, part in tasks]
+    else:
+        from joblib import Parallel, delayed
+
+        with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+            np.save(os.path.join(tmp, "X.npy"), data.X)
+            shared = MetaData(np.load(os.path.join(tmp, "X.npy"), mmap_mode="r"), data.y, data.fold,
+                              data.models, data.classes)
+            done = Parallel(n_jobs=workers, backend="loky")(
+                delayed(fit_keys)(shared, candidate_class(name), part, config, metric) for name, part in tasks)
+    preds, timings = {name: {} for name in names}, dict.fromkeys(names, 0.0)
+    for (name, _), (part, seconds) in zip(tasks, done):
+        preds[name].update(part)
+        timings[name] += seconds
+    return preds, timings
 
 
 def assemble(preds: dict, fold: np.ndarray, outer: int | None = None) -> np.ndarray:
@@ -75,22 +140,22 @@ def decide(y, probas: dict[str, np.ndarray], metric: Metric, config: StackConfig
 
     Args:
         y: (n,) labels.
-        probas: {candidate: (n, C) out-of-fold probabilities}, in complexity order, holding FLOOR.
+        probas: {candidate: (n, C) out-of-fold probabilities}, in complexity order, holding FLOOR;
+            with repeats (R, n, C), scored as `stacker.repeats.repeat_scores` says.
         seed: seed of the resamples.
 
     Returns:
         {"candidates": {name: scores}, "best": name, "chosen": name, "reason": str}.
     """
     names = list(probas)
-    boot = metric.bootstrap(y, [probas[n] for n in names], bootstrap_counts(y, config.n_bootstrap, seed))
-    score = np.array([metric.score(y, probas[n]) for n in names])
+    score, boot = repeat_scores(y, [probas[n] for n in names], metric, bootstrap_counts(y, config.n_bootstrap, seed))
     floor = names.index(FLOOR)
     tail = 100 * (1 - config.confidence) / 2
     records = {}
     for i, name in enumerate(names):
         gain = boot[:, i] - boot[:, floor]  # (B,) paired gains over the mean
         records[name] = {
-            "score": float(score[i]), "log_loss": log_loss(y, probas[name]),
+            "score": float(score[i]), "log_loss": repeat_log_loss(y, probas[name]),
             "interval": np.percentile(boot[:, i], [tail, 100 - tail]).tolist(),
             "gain": float(score[i] - score[floor]),
             "gain_interval": np.percentile(gain, [tail, 100 - tail]).tolist(),
@@ -148,11 +213,10 @@ def nested_estimate(y, fold, preds: dict, metric: Metric, config: StackConfig) -
 def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=print):
     """Meta-level OOF for every candidate of `config.candidates`, the decision, and the nested estimate.
 
-    Fits run one after another: LightGBM is not safe to train and predict in
-    several Python threads at once (seen here: std::bad_alloc and a segfault
-    when one thread built a Dataset while another predicted), so the parallelism
-    is OpenMP's inside each booster (`config.n_jobs`). Every fit has its own
-    seed (`fit_seed`), so its result does not depend on the order of work.
+    Fits run in worker processes (`fit_tasks`), not threads: LightGBM is not safe to
+    train and predict in several Python threads at once (seen here: std::bad_alloc
+    and a segfault when one thread built a Dataset while another predicted). Every
+    fit has its own seed (`fit_seed`), so its result does not depend on the order of work.
 
     Returns:
         (decision, oof, timings): `decide`'s dict plus "nested" (None when off or
@@ -161,12 +225,9 @@ def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=print):
     """
     nested = config.nested and data.k >= 3
     keys = held_out_keys(data.k, nested)
-    preds = {name: {} for name in config.candidates}
-    timings = dict.fromkeys(config.candidates, 0.0)
+    workers = fit_workers(config, data)
+    preds, timings = fit_tasks(data, config.candidates, keys, config, metric, workers)
     for name in config.candidates:
-        for key in keys:
-            preds[name][key], seconds = fit_held_out(data, name, key, config, metric)
-            timings[name] += seconds
         log(f"  {name:<20} {len(keys):>3} fits {timings[name]:7.1f} s")
     oof = {name: assemble(p, data.fold) for name, p in preds.items()}
     decision = decide(data.y, oof, metric, config, seed=[config.seed, 7])

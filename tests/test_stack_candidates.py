@@ -195,3 +195,19 @@ def test_bootstrap_counts_are_seeded_resamples_stratified_by_class():
         assert (counts[:, y == c].sum(axis=1) == n).all()
     np.testing.assert_array_equal(counts, bootstrap_counts(y, 120, seed=0))
     assert not np.array_equal(counts, bootstrap_counts(y, 120, seed=1))
+
+
+@pytest.mark.parametrize("name", ["lgbm_wide", "lgbm_class_shared"])
+def test_lgbm_fit_on_binned_rows_never_reads_the_held_out_labels(meta, name):
+    # The guard bins every row once (features only) and fits on subsets: relabelling the
+    # rows a fit holds out changes nothing of what it predicts.
+    X, y = meta
+    rows = np.arange(200)
+    y_other = y.copy()
+    y_other[200:] = (y[200:] + 1) % C
+    cls, config = candidate_class(name), fast_config(lgbm_max_rounds=10)
+    probas = [cls.from_config(config, None, 0).fit_rows(cls.bin_rows(X, labels, config), rows, X.shape)
+              .predict_proba(X[200:]) for labels in (y, y_other)]
+    np.testing.assert_array_equal(probas[0], probas[1])
+    assert probas[0].shape == (100, C)
+    np.testing.assert_allclose(probas[0].sum(axis=1), 1, atol=1e-6)

@@ -8,6 +8,8 @@ from oof import StackerError
 from stack_fixtures import (fast_config, make_run_folds, make_test_tables, noisy_copy, oof_tables, pure_noise,
                             specialists)
 from stacker import Metric, StackGuard, decide
+from stacker.guard import fit_tasks, held_out_keys
+from stacker.inputs import MetaData
 
 C = 10
 
@@ -156,3 +158,20 @@ def test_per_fold_test_features_average_the_fold_predictions():
     assert table.meta["test_features"] == "per_fold"
     with pytest.raises(StackerError, match=r"stack\.test_features: 'per_fold' needs each fold model's test"):
         guard.predict_table(mean_tables)
+
+
+def test_fits_in_worker_processes_equal_the_fits_in_process():
+    # Each fit is seeded by its held-out folds alone, so two workers (a process pool,
+    # rows shared as a memory map) give the same predictions as one process.
+    rng = np.random.default_rng(3)
+    folds = make_run_folds(300, C, seed=3)
+    X = np.stack([noisy_copy(folds.y, C, a, rng) for a in (0.8, 0.6, 0.5)], axis=1)  # (N, M, C)
+    data = MetaData(X, folds.y, folds.fold, ("a", "b", "c"), tuple(f"c{i}" for i in range(C)))
+    config = fast_config(lgbm_max_rounds=5)
+    names, keys = ("mean", "logreg", "lgbm_wide"), held_out_keys(5, nested=True)
+    one, _ = fit_tasks(data, names, keys, config, Metric("accuracy", C), workers=1)
+    two, timings = fit_tasks(data, names, keys, config, Metric("accuracy", C), workers=2)
+    for name in names:
+        assert set(two[name]) == set(keys) and timings[name] > 0
+        for key in keys:
+            np.testing.assert_allclose(two[name][key], one[name][key], rtol=1e-6, atol=1e-9)
