@@ -16,13 +16,17 @@ def check_unique(ids, source: str, what: str = "ids") -> None:
         what: how the message names them, e.g. "ids in column 'image_id'".
     """
     ids = np.asarray(ids, dtype=object)
+    if len(set(ids.tolist())) == len(ids):  # a set of Python strings: ~1 ms per 10,000 ids
+        return
     dup = pd.Series(ids).duplicated().to_numpy()
-    if dup.any():
-        raise StackerError(f"{source}: duplicate {what}, first {preview(ids[dup])}")
+    raise StackerError(f"{source}: duplicate {what}, first {preview(ids[dup])}")
 
 
 def align(have, want, source: str, what: str) -> np.ndarray:
     """Indices into `have` that put it in `want`'s order; every id of `want` exactly once.
+
+    Plain Python sets and dicts of the ids: pandas' string index (Arrow strings in pandas 3) took
+    65 ms per call at 10,000 ids, 16 s of a 35-model fit-stack that aligns every table.
 
     Args:
         have: (N,) ids of the table being read.
@@ -36,11 +40,15 @@ def align(have, want, source: str, what: str) -> np.ndarray:
     have = np.asarray(have, dtype=object)
     want = np.asarray(want, dtype=object)
     check_unique(have, source)
-    pos = pd.Index(have)
-    missing = want[~pd.Index(want).isin(pos)]
-    if len(missing):
-        raise StackerError(f"{source}: {len(missing)} {what} id(s) missing, first {preview(missing)}")
-    extra = have[~pos.isin(want)]
-    if len(extra):
-        raise StackerError(f"{source}: {len(extra)} id(s) that are not {what} ids, first {preview(extra)}")
-    return pos.get_indexer(want)
+    have_list, want_list = have.tolist(), want.tolist()
+    if have_list == want_list:  # the usual case: a table written in the run's order
+        return np.arange(len(have))
+    position = {x: i for i, x in enumerate(have_list)}
+    missing = [x for x in want_list if x not in position]
+    if missing:
+        raise StackerError(f"{source}: {len(missing)} {what} id(s) missing, first {preview(np.asarray(missing))}")
+    wanted = set(want_list)
+    extra = [x for x in have_list if x not in wanted]
+    if extra:
+        raise StackerError(f"{source}: {len(extra)} id(s) that are not {what} ids, first {preview(np.asarray(extra))}")
+    return np.array([position[x] for x in want_list], dtype=np.int64)

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from oof import log_loss
+from oof import bar, info, log_loss
 
 from .candidates import FLOOR, candidate_class
 from .config import StackConfig
@@ -102,7 +102,8 @@ def fit_tasks(data: MetaData, names, keys: list, config: StackConfig, metric: Me
     """
     tasks = [(name, keys[i::workers]) for name in reversed(names) for i in range(workers) if keys[i::workers]]
     if workers == 1:
-        done = [fit_keys(data, candidate_class(name), part, config, metric) for name, part in tasks]
+        done = [fit_keys(data, candidate_class(name), part, config, metric)
+                for name, part in bar(tasks, total=len(tasks), desc="meta-level fits", unit="task")]
     else:
         from joblib import Parallel, delayed
 
@@ -110,8 +111,9 @@ def fit_tasks(data: MetaData, names, keys: list, config: StackConfig, metric: Me
             np.save(os.path.join(tmp, "X.npy"), data.X)
             shared = MetaData(np.load(os.path.join(tmp, "X.npy"), mmap_mode="r"), data.y, data.fold,
                               data.models, data.classes)
-            done = Parallel(n_jobs=workers, backend="loky")(
-                delayed(fit_keys)(shared, candidate_class(name), part, config, metric) for name, part in tasks)
+            done = list(bar(Parallel(n_jobs=workers, backend="loky", return_as="generator")(
+                delayed(fit_keys)(shared, candidate_class(name), part, config, metric) for name, part in tasks),
+                total=len(tasks), desc="meta-level fits", unit="task"))
     preds, timings = {name: {} for name in names}, dict.fromkeys(names, 0.0)
     for (name, _), (part, seconds) in zip(tasks, done):
         preds[name].update(part)
@@ -210,7 +212,7 @@ def nested_estimate(y, fold, preds: dict, metric: Metric, config: StackConfig) -
     return {"score": metric.score(y, outer_proba), "log_loss": log_loss(y, outer_proba), "folds": per_fold}
 
 
-def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=print):
+def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=info):
     """Meta-level OOF for every candidate of `config.candidates`, the decision, and the nested estimate.
 
     Fits run in worker processes (`fit_tasks`), not threads: LightGBM is not safe to

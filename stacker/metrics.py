@@ -185,10 +185,10 @@ def bootstrap_counts(y: np.ndarray, n_bootstrap: int, seed) -> np.ndarray:
     chunks = []
     for start in range(0, n_bootstrap, _BOOTSTRAP_CHUNK):
         b = min(_BOOTSTRAP_CHUNK, n_bootstrap - start)
-        counts = np.zeros((b, n_rows), dtype=np.int64)
         offsets = n_rows * np.arange(b)[:, None]
-        for rows in classes:
-            draws = rows[rng.integers(0, len(rows), size=(b, len(rows)))] + offsets  # (b, n_c) flat indices
-            counts += np.bincount(draws.ravel(), minlength=b * n_rows).reshape(b, n_rows)
-        chunks.append(counts)
-    return np.concatenate(chunks).astype(np.float32)
+        # every class's draws (the same random numbers, in the same order, as one bincount per class) counted
+        # in one bincount: a class-by-class bincount zero-filled a (b x N) array per class
+        draws = np.concatenate([rows[rng.integers(0, len(rows), size=(b, len(rows)))] + offsets for rows in classes],
+                               axis=1)  # (b, N) flat indices
+        chunks.append(np.bincount(draws.ravel(), minlength=b * n_rows).reshape(b, n_rows).astype(np.float32))
+    return np.concatenate(chunks)
