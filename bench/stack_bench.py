@@ -62,14 +62,16 @@ def model_logits(evidence, family, rng, sharpness, noise) -> np.ndarray:
 
 
 def make_run(root: Path, rows: int, models: int, classes: int, k: int = 5, test_rows: int = 3500,
-             seed: int = 0) -> None:
-    """Write folds.parquet and preds/<model>/{oof,test}.parquet of a synthetic run under `root`."""
+             seed: int = 0, repeats: int = 1) -> None:
+    """Write folds.parquet and preds/<model>/{oof,test}.parquet of a synthetic run under `root`; with
+    `repeats` R > 1, R fold assignments and each model's OOF of every repeat (its R sets of fold models
+    differ by their own noise), R x N rows with a repeat column."""
     rng = np.random.default_rng(seed)
     prior = rng.dirichlet(np.full(classes, 8.0))  # mild class imbalance
     y = rng.choice(classes, size=rows, p=prior)
     y_test = rng.choice(classes, size=test_rows, p=prior)
     names = [f"c{i}" for i in range(classes)]
-    folds = make_folds([f"tr{i:05d}" for i in range(rows)], [names[c] for c in y], k=k, seed=seed)
+    folds = make_folds([f"tr{i:05d}" for i in range(rows)], [names[c] for c in y], k=k, seed=seed, repeats=repeats)
     y = folds.y
     paths = RunPaths(root)
     write_folds(paths.folds, folds)
@@ -81,8 +83,13 @@ def make_run(root: Path, rows: int, models: int, classes: int, k: int = 5, test_
     for m in range(models):
         name, sharpness, noise = f"model{m:02d}", rng.uniform(1.0, 2.0), rng.uniform(0.1, 0.6)
         meta = {"model": name, "folds_sha256": folds.sha256}
-        z = model_logits(evidence[0], families[m // 5][0], rng, sharpness, noise + 0.2)  # + its fold model's
-        oof = PredictionTable(folds.ids, softmax(z), folds.classes, folds.fold, meta)
+        z = [model_logits(evidence[0], families[m // 5][0], rng, sharpness, noise + 0.2)  # + its fold model's
+             for _ in range(repeats)]
+        if repeats == 1:
+            oof = PredictionTable(folds.ids, softmax(z[0]), folds.classes, folds.fold, meta)
+        else:
+            oof = PredictionTable(np.tile(folds.ids, repeats), softmax(np.concatenate(z)), folds.classes,
+                                  folds.fold_matrix.ravel(), meta, repeat=np.repeat(np.arange(repeats), rows))
         fold_models = [softmax(model_logits(evidence[1], families[m // 5][1], rng, sharpness, noise + 0.2))
                        for _ in range(k)]
         test = PredictionTable(test_ids, np.mean(fold_models, axis=0), folds.classes, None, meta)
@@ -95,6 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--models", type=int, default=35)
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1, help="folds.repeats: R fold assignments")
     parser.add_argument("--n-jobs", type=int, default=StackConfig.n_jobs, help="stack.n_jobs")
     parser.add_argument("--metric", default=StackConfig.metric, help="stack.metric")
     parser.add_argument("--keep", type=Path, help="write the run here instead of a temporary directory")
@@ -157,12 +165,13 @@ def main(argv=None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp) / "run"
         start = time.perf_counter()
-        make_run(root, args.rows, args.models, args.classes)
+        make_run(root, args.rows, args.models, args.classes, repeats=args.repeats)
         made = time.perf_counter() - start
         decision, seconds = timed_fit(root, StackConfig(metric=args.metric, n_jobs=args.n_jobs), args.profile)
     if args.scores:
         args.scores.write_text(json.dumps(score_summary(decision), indent=1))
-    print(f"bench: {args.rows} rows x {args.models} models x {args.classes} classes, metric {args.metric}; "
+    print(f"bench: {args.rows} rows x {args.models} models x {args.classes} classes x {args.repeats} repeat(s), "
+          f"metric {args.metric}; "
           f"tables written in "
           f"{made:.1f} s; fit_stack (full guard, nested) {seconds:.1f} s; chosen {decision['chosen']}; "
           "peak RSS {:.2f} GB, with its fit workers {:.2f} GB".format(*peak_rss_gb()))
