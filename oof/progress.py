@@ -23,8 +23,12 @@ LOGGER = logging.getLogger("stacker")
 
 
 def info(message: str) -> None:
-    """The stages' default `log`: one INFO message to the `stacker` logger."""
-    LOGGER.info(message)
+    """The stages' default `log`: one message to the `stacker` logger, at INFO; at WARNING when it says
+    "warning:" (a leaked-looking model left out, a sample's placeholder labels), so -q still shows it."""
+    if message.lstrip().lower().startswith("warning:"):
+        LOGGER.warning(message)
+    else:
+        LOGGER.info(message)
 
 
 def bars_enabled() -> bool:

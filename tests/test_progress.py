@@ -28,6 +28,13 @@ def test_a_library_call_prints_nothing_unless_asked(unconfigured_logger, capsys,
     assert caplog.messages == ["train-base: 6 jobs"]
 
 
+def test_warnings_reach_the_warning_level(unconfigured_logger, caplog):
+    with caplog.at_level(logging.WARNING, logger="stacker"):
+        info("fit-stack: 8 candidates")
+        info("warning: model 'x' looks leaked")
+    assert caplog.messages == ["warning: model 'x' looks leaked"]
+
+
 def test_bars_are_off_where_stderr_is_no_terminal():
     items = range(3)
     assert bar(items, total=3, desc="x") is items  # pytest captures stderr: not a terminal
