@@ -238,6 +238,11 @@ class RunPaths:
         return self.stack / "report.txt"
 
     @property
+    def stack_oof(self) -> Path:
+        """The chosen candidate's meta-level OOF probabilities (an OOF table): what the report draws."""
+        return self.stack / "oof.parquet"
+
+    @property
     def stack_test(self) -> Path:
         """The stack's test probabilities, a contract test table: what submit writes out."""
         return self.stack / "test.parquet"

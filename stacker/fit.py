@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+import numpy as np
+
 from oof import (PredictionTable, RunPaths, StackerError, atomic_path, check_model_name, info, read_json, write_json,
                  write_table, write_text)
 
@@ -78,12 +80,12 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
     oof_tables, test_tables, fold_tables = read_run_tables(paths, names, folds, per_fold)
     guard = StackGuard(config, log).fit(oof_tables, folds, test_tables, fold_tables)
     decision = {**guard.decision_, "inputs": inputs}
-    write_stack(paths, guard, guard.predict_table(test_tables, fold_tables), decision)
+    write_stack(paths, guard, guard.predict_table(test_tables, fold_tables), decision, folds)
     log(format_report(guard.decision_, guard.timings_))
     return decision
 
 
-def write_stack(paths: RunPaths, guard: StackGuard, test: PredictionTable, decision: dict) -> None:
+def write_stack(paths: RunPaths, guard: StackGuard, test: PredictionTable, decision: dict, folds=None) -> None:
     """Write every stack/ file of a fitted guard; decision.json last.
 
     Args:
@@ -106,10 +108,23 @@ def write_stack(paths: RunPaths, guard: StackGuard, test: PredictionTable, decis
             state["repeats"][r]["booster"] = path.relative_to(paths.stack).as_posix()
     write_json(paths.stack_state, state)
     write_table(paths.stack_test, replace(test, meta={**test.meta, "decision_sha256": decision_digest(decision)}))
+    if folds is not None:
+        write_table(paths.stack_oof, chosen_oof(guard, folds))
     with atomic_path(paths.leaderboard) as tmp:
         leaderboard_frame(guard.decision_).to_csv(tmp, index=False)
     write_text(paths.stack_report, format_report(guard.decision_, guard.timings_))
     write_json(paths.decision, decision)
+
+
+def chosen_oof(guard: StackGuard, folds) -> PredictionTable:
+    """The chosen candidate's meta-level OOF probabilities as an OOF table (R x N rows with repeats)."""
+    proba = guard.oof_[guard.decision_["chosen"]]
+    meta = {"model": f"stack:{guard.decision_['chosen']}", "folds_sha256": folds.sha256}
+    if folds.repeats == 1:
+        return PredictionTable(folds.ids, proba, folds.classes, folds.fold, meta)
+    repeat = np.repeat(np.arange(folds.repeats), folds.n_rows)
+    return PredictionTable(np.tile(folds.ids, folds.repeats), proba.reshape(-1, proba.shape[-1]), folds.classes,
+                           folds.fold_matrix.ravel(), meta, repeat=repeat)
 
 
 def repeat_booster(paths: RunPaths, repeat: int):

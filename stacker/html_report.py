@@ -13,10 +13,9 @@ here (per-fold accuracy, ECE, correlations, the confusion matrix) uses the same
 functions as the leaderboard (`stacker.leaderboard`). Plots are matplotlib (Agg)
 PNGs embedded as base64; every text is HTML-escaped.
 
-The ensemble of the reliability diagram and the confusion matrix: the stack keeps no
-meta-level OOF of its chosen candidate on disk, so both show the mean of the used
-models' OOF probabilities, which is the chosen candidate itself when that is `mean`
-(the page says which).
+The ensemble of the reliability diagram and the confusion matrix: the chosen candidate's
+meta-level OOF (stack/oof.parquet, written by fit-stack); for a stack fitted before that
+file existed, the mean of the used models' OOF probabilities (the page says which).
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import oof
-from oof import write_text
+from oof import read_table, table_file, validate_oof, write_text
 
 from .leaderboard import (ECE_BINS, RunView, expected_calibration_error, fold_scores, leaderboard, missing,
                           read_run, reliability_bins, repeat_mean)
@@ -233,6 +232,9 @@ def ensemble_oof(view: RunView) -> tuple[np.ndarray, np.ndarray | None, str]:
     proba = np.mean([view.models[m].oof.proba for m in used], axis=0)
     plains = [view.models[m].plain for m in used]
     plain = None if any(p is None for p in plains) else np.mean([p.proba for p in plains], axis=0)
+    if decision is not None and table_file(view.paths.stack_oof).is_file():
+        chosen = validate_oof(read_table(view.paths.stack_oof, view.folds.classes, "oof"), view.folds)
+        return chosen.proba, None, f"the chosen candidate, {decision['chosen']}: its meta-level OOF (stack/oof.parquet)"
     if decision is None:
         label = f"the mean of every model's OOF ({', '.join(used)}); no stack yet"
     elif decision["chosen"] == "mean":

@@ -206,7 +206,7 @@ def clear_stack(paths: RunPaths) -> None:
     Leftover temporaries of a killed atomic write (`.<name>.<random>.tmp`) go too.
     """
     files = (paths.decision, paths.stack_state, paths.stack_booster, paths.stack_test, paths.leaderboard,
-             paths.stack_report)
+             paths.stack_report, paths.stack_oof)
     for path in files:
         path.unlink(missing_ok=True)
     for path in files:

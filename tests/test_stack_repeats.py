@@ -72,6 +72,8 @@ def test_each_repeat_is_scored_on_its_own_folds_and_the_scores_combine(repeat_ru
         assert record["score"] == pytest.approx(np.mean(record["repeat_scores"]), abs=1e-12)
         assert record["repeat_std"] == pytest.approx(np.std(record["repeat_scores"]), abs=1e-12)
     assert decision["chosen"] == "lgbm_wide"  # the specialists need a learned combiner, in every repeat
+    chosen = read_table(RunPaths(root).stack_oof, folds.classes, "oof")  # every repeat's meta-level OOF rows
+    assert len(chosen.ids) == R * folds.n_rows and list(np.unique(chosen.repeat)) == list(range(R))
     assert [d["chosen"] for d in decision["repeat_decisions"]] == ["lgbm_wide"] * R and decision["agreement"] == 1
     assert len(decision["nested"]["repeat_scores"]) == R
     assert {f["repeat"] for f in decision["nested"]["folds"]} == set(range(R))

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from oof import PredictionTable, RunPaths, StackerError, read_table, write_table
+from oof import PredictionTable, RunPaths, StackerError, read_table, validate_oof, write_table
 from stack_fixtures import FAST, fast_config, make_run_folds, specialists, strong_weak_run, write_run
 from stacker import fit_stack, write_submission
 from stacker.inputs import meta_features
@@ -34,7 +34,10 @@ def test_fit_stack_writes_the_stack_directory(run):
     decision = fit_stack(root, fast_config(), log=lines.append)
     stack = RunPaths(root).stack
     assert sorted(p.name for p in stack.iterdir()) == [
-        "combiner.json", "decision.json", "leaderboard.csv", "report.txt", "test.parquet"]
+        "combiner.json", "decision.json", "leaderboard.csv", "oof.parquet", "report.txt", "test.parquet"]
+    chosen = validate_oof(read_table(stack / "oof.parquet", folds.classes, "oof"), folds)  # the report draws it
+    score = decision["candidates"][decision["chosen"]]["score"]
+    assert (chosen.proba.argmax(1) == folds.y).mean() == pytest.approx(score)
     saved = json.loads((stack / "decision.json").read_text())
     assert saved == json.loads(json.dumps(decision))
     assert saved["used"] == ["middle", "strong", "weak"] and saved["folds_sha256"] == folds.sha256

@@ -112,6 +112,7 @@ def run_file_names() -> dict[str, re.Pattern]:
              paths.decision, paths.stack_state, paths.stack_booster, paths.leaderboard, paths.stack_report,
              paths.stack_test, paths.model_dir("m").parent, paths.report, paths.history_csv("m", 0),
              paths.oof_fold("m", 0), paths.oof_plain("m"), paths.oof_plain_fold("m", 0), paths.stage_log("x"),
+             paths.stack_oof,
              paths.job_log("m", 0)}
     out = {}
     for p in names:
