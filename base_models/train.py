@@ -53,6 +53,7 @@ from oof import Folds, RunPaths, StackerError, accuracy, atomic_path, bar, file_
 from .augment import PLAIN, normalize, train_batch
 from .batches import ImageSource
 from .config import ModelSpec, SamplingConfig, TrainConfig
+from .engines import job_label
 # A job's record, read without torch (`stacker jobs`); the names stay importable from here.
 from .job_state import (Sources, changed_keys, is_trained, read_history, recipe, stale_reason,  # noqa: F401
                         weights_digest)
@@ -276,7 +277,7 @@ def _train_segment(state: TrainState, seg: Segment, last: int, log) -> None:
         state.clock["train"] += t1 - t0
         state.clock["evaluate"] += t2 - t1
         state.clock["checkpoint"] += time.perf_counter() - t2
-        log(_progress_line(state.spec.name, state.fold, state.total_epochs, record))
+        log(_progress_line(_job(state), state.total_epochs, record))
 
 
 def _compiled(model, cfg: TrainConfig, device, log):
@@ -368,7 +369,7 @@ def _train_epoch(state: TrainState, order: np.ndarray, size: tuple[int, int]) ->
     # has the same shape (a compiled model never recompiles), and BatchNorm never
     # sees a batch of one.
     batches = bar(state.inputs.images.batches(order, cfg.batch_size, micro), total=micro, unit="batch",
-                  desc=f"{state.spec.name} fold {state.fold} epoch {len(state.history) + 1}/{state.total_epochs}")
+                  desc=f"{_job(state)} epoch {len(state.history) + 1}/{state.total_epochs}")
     for i, (batch, _) in enumerate(batches):
         idx = torch.as_tensor(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], device=device)  # (B,)
         x = normalize(train_batch(batch, size, cfg.augment, state.generator), *state.norm)  # (B, 3, h, w)
@@ -472,9 +473,14 @@ def _finite_state(module: torch.nn.Module) -> bool:
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
 
 
-def _progress_line(name: str, fold: int, total: int, h: dict) -> str:
+def _job(state: TrainState) -> str:
+    """"resnet26d fold 3" (or "resnet26d repeat 1 fold 3"), as the engines name the job."""
+    return job_label(state.spec.name, state.fold, state.inputs.paths.repeat)
+
+
+def _progress_line(job: str, total: int, h: dict) -> str:
     tag = " frozen" if h["frozen"] else ""
-    return (f"  {name} fold {fold} epoch {h['epoch']:>2}/{total}  {h['size'][0]}x{h['size'][1]}{tag}  "
+    return (f"  {job} epoch {h['epoch']:>2}/{total}  {h['size'][0]}x{h['size'][1]}{tag}  "
             f"train_loss {h['train_loss']:.4f}  valid_loss {h['valid_loss']:.4f}  "
             f"error_rate {h['error_rate']:.4f}  {h['seconds']:.1f}s")
 
