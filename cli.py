@@ -300,8 +300,9 @@ def configure_logging(args) -> None:
         else logging.INFO
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
+    console.setLevel(level)
     LOGGER.handlers = [console]
-    LOGGER.setLevel(level)
+    LOGGER.setLevel(min(level, logging.INFO))  # the stage's log file gets INFO whatever the console shows
     LOGGER.propagate = False
     logging.captureWarnings(True)  # warnings.warn from our code and the libraries: logged, not bare stderr
     logging.getLogger("py.warnings").handlers = [console]
@@ -318,7 +319,6 @@ def stage_log(path: Path | None):
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.DEBUG)
     LOGGER.addHandler(handler)
-    LOGGER.setLevel(min(LOGGER.level, logging.INFO))  # -q quiets the console, never the file
     try:
         yield
     finally:

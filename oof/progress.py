@@ -32,10 +32,12 @@ def info(message: str) -> None:
 
 
 def bars_enabled() -> bool:
-    """Bars only on a terminal, when INFO is shown, unless STACKER_PROGRESS=0."""
-    if os.environ.get("STACKER_PROGRESS", "1") == "0":
+    """Bars only on a terminal whose console shows INFO (not with -q), unless STACKER_PROGRESS=0."""
+    if os.environ.get("STACKER_PROGRESS", "1") == "0" or not sys.stderr.isatty():
         return False
-    return sys.stderr.isatty() and LOGGER.isEnabledFor(logging.INFO) and LOGGER.hasHandlers()
+    consoles = [h for h in LOGGER.handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)]
+    return LOGGER.isEnabledFor(logging.INFO) and any(h.level <= logging.INFO for h in consoles)
 
 
 def bar(iterable=None, total: int | None = None, desc: str = "", unit: str = "it"):

@@ -95,17 +95,21 @@ def test_progress_is_plain_lines_in_a_pipe_and_bars_on_a_terminal(pipeline):
     assert piped.returncode == 0 and "\r" not in piped.stdout + piped.stderr  # no bar control characters
     assert re.search(r"^job 3/3, .* so far \(test_resnet fold 2\)$", piped.stdout, re.M)  # the grid's progress
     terminal = on_a_terminal("predict-oof", "--run", root / "run", "--force", "--models", "test_resnet")
-    assert re.search(r"predict \d view\(s\).*\d+(\.\d+)?(batch/s|s/batch)", terminal)  # tqdm's rate
+    assert re.search(r"predict \d view\(s\): +\d+%\|.*\| \d+/\d+ \[.*batch/s\]", terminal)  # a tqdm bar and its rate
     assert "\r" in terminal and "job 3/3" in terminal
 
 
 def on_a_terminal(*args) -> str:
     """A stage's output (stdout and stderr) when both are a pseudo-terminal, as a user's shell gives."""
+    import fcntl
     import pty
+    import struct
+    import termios
 
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 x 120, as a window has
     proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], stdout=follower, stderr=follower,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     os.close(follower)
     chunks = []
     while True:
