@@ -308,14 +308,25 @@ def configure_logging(args) -> None:
     logging.getLogger("py.warnings").handlers = [console]
 
 
+class StageLogFile(logging.FileHandler):
+    """A stage's log file, opened (and its folder made) at the first line: a stage that stops at its
+    checks writes nothing, so `stacker predict --out <inside the run>` never touches the run."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8", delay=True)
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 @contextmanager
 def stage_log(path: Path | None):
     """Everything the stage logs is also appended to `path` (<run>/logs/<stage>.log), with a timestamp."""
     if path is None:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = StageLogFile(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.DEBUG)
     LOGGER.addHandler(handler)
