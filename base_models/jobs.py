@@ -233,17 +233,7 @@ def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, data: Data
         return
     targets = load_targets(paths, folds, extra_targets(data))
     check_models([s for s in specs if any(j.model is s for j in todo)], targets)
-    _dispatch(replace(run, targets=targets), todo, options)
-
-
-def _dispatch(run: _TrainRun, todo: list[FoldJob], options: StageOptions) -> None:
-    """The pending jobs through the engine; one local worker trains them in this process (one placed cache)."""
-    workers = local_workers(todo, options)
-    if options.engine.name == "local" and workers <= 1:
-        _run_in_process(run, todo)
-        return
-    work = replace(run, log=print).run_job  # what travels to a worker: picklable, its log replaced there
-    run_jobs(work, todo, options.engine, workers, options.log)
+    replace(run, targets=targets).dispatch(todo, options)
 
 
 def local_workers(todo: list[FoldJob], options: StageOptions) -> int:
@@ -289,8 +279,43 @@ def _fold_list(jobs: list[FoldJob]) -> str:
     return ", ".join(names)
 
 
+class JobRun:
+    """What a stage's (model, fold) jobs share, and how they run: through an engine (`run_job` in each
+    worker), or one after another in this process, the images placed once per device and budget.
+
+    A subclass (a frozen dataclass with `paths`, `log` and the rest of its call's state) gives
+    `place(device, gpu_cache_gb)`, the images a job reads placed there, and `do(job, placed)`, the job.
+    """
+
+    stage = "train-base"
+
+    def run_job(self, job: FoldJob) -> float | None:
+        """One job in an engine's worker: check the run directory is visible here, log to the job's own
+        file, place the images on the worker's device (the one GPU it sees), run it."""
+        check_run_visible(self.paths)
+        run = replace(self, log=JobLog(job.paths(self.paths).job_log(job.model.name, job.fold), job_name(job)))
+        run.log(f"  {job_name(job)}: started on {socket.gethostname()}")
+        return run.do(job, run.place(resolve_device(job.model.train.device), job.model.train.gpu_cache_gb))
+
+    def dispatch(self, todo: list[FoldJob], options: StageOptions) -> None:
+        """The pending jobs through the engine; with one local worker, in this process."""
+        workers = local_workers(todo, options)
+        if options.engine.name != "local" or workers > 1:
+            work = replace(self, log=print).run_job  # what travels to a worker: picklable, its log replaced there
+            run_jobs(work, todo, options.engine, workers, options.log, self.stage)
+            return
+        placed, grid = {}, GridProgress(len(todo), self.log)
+        for job in todo:
+            where = (resolve_device(job.model.train.device), job.model.train.gpu_cache_gb)
+            if where not in placed:
+                placed = {where: self.place(*where)}
+            job_log = JobLog(job.paths(self.paths).job_log(job.model.name, job.fold), job_name(job), echo=self.log)
+            replace(self, log=job_log).do(job, placed[where])
+            grid.step(job_name(job))
+
+
 @dataclass(frozen=True)
-class _TrainRun:
+class _TrainRun(JobRun):
     """What every training job of one train-base call shares; the images are placed per device."""
 
     paths: RunPaths
@@ -342,14 +367,19 @@ class _TrainRun:
             train_fold(job.model, fold, inputs, load_row_weights(self.paths, self.folds, job.model), self.log)
             return time.perf_counter() - t0
 
-    def run_job(self, job: FoldJob) -> float | None:
-        """One job in an engine's worker: check the run directory is visible here, log to the job's own
-        file, place the cache on the worker's device (the one GPU it sees), train."""
-        check_run_visible(self.paths)
-        run = replace(self, log=JobLog(job.paths(self.paths).job_log(job.model.name, job.fold), job_name(job)))
-        run.log(f"  {job_name(job)}: started on {socket.gethostname()}")
-        device = resolve_device(job.model.train.device)
-        return run.train(job, _train_images(run, device, job.model.train.gpu_cache_gb))
+    def place(self, device, gpu_cache_gb: float) -> ImageSource:
+        """The train cache on `device`: the very cache (by digest) the call checked its jobs against."""
+        cache = load_cache(self.paths, "train")
+        check_cache_rows(cache, self.folds.ids, self.paths)
+        if cache.digest != self.cache_sha256:
+            raise StackerError(f"{self.paths.cache_index('train')}: the train image cache changed while train-base "
+                               "ran (another process rebuilt it); run train-base again")
+        images = ImageSource(cache.images, device, gpu_cache_gb)
+        self.log(f"  train images: {images.shape} uint8 in {images.placement}")
+        return images
+
+    def do(self, job: FoldJob, images: ImageSource) -> float | None:
+        return self.train(job, images)
 
 
 def job_name(job: FoldJob) -> str:
@@ -364,29 +394,6 @@ def check_run_visible(paths: RunPaths) -> None:
     except OSError as e:
         raise StackerError(f"{socket.gethostname()}: cannot read {paths.folds} ({e.strerror}); every worker "
                            "must see the run directory at the same path (shared storage)") from None
-
-
-def _run_in_process(run: _TrainRun, jobs: list[FoldJob]) -> None:
-    """The jobs one after another; the cache is placed once per device and budget, shared by the jobs."""
-    loaded, grid = {}, GridProgress(len(jobs), run.log)
-    for job in jobs:
-        place = (resolve_device(job.model.train.device), job.model.train.gpu_cache_gb)
-        if place not in loaded:
-            loaded = {place: _train_images(run, *place)}
-            run.log(f"  train images: {loaded[place].shape} uint8 in {loaded[place].placement}")
-        job_log = JobLog(job.paths(run.paths).job_log(job.model.name, job.fold), job_name(job), echo=run.log)
-        replace(run, log=job_log).train(job, loaded[place])
-        grid.step(job_name(job))
-
-
-def _train_images(run: _TrainRun, device, gpu_cache_gb: float) -> ImageSource:
-    """The train cache placed on `device`: the very cache (by digest) the call checked its jobs against."""
-    cache = load_cache(run.paths, "train")
-    check_cache_rows(cache, run.folds.ids, run.paths)
-    if cache.digest != run.cache_sha256:
-        raise StackerError(f"{run.paths.cache_index('train')}: the train image cache changed while train-base "
-                           "ran (another process rebuilt it); run train-base again")
-    return ImageSource(cache.images, device, gpu_cache_gb)
 
 
 def check_cache_rows(cache: ImageCache, ids: np.ndarray, paths: RunPaths) -> None:

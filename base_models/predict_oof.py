@@ -38,15 +38,14 @@ from typing import Callable
 import numpy as np
 from filelock import Timeout
 
-from oof import (Folds, GridProgress, PredictionTable, RunPaths, StackerError, __version__, accuracy, info, log_loss,
+from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, accuracy, info, log_loss,
                  read_table, remove_temps, validate_oof, validate_test, write_json, write_table)
 
 from .batches import ImageSource
 from .cache import load_cache
 from .config import DataConfig, ModelSpec, TTAConfig
-from .engines import JobLog, run_jobs
-from .jobs import (FoldJob, StageOptions, check_cache_rows, check_run_visible, extra_targets, job_grid,
-                   job_lock, job_name, load_targets, local_workers, select_jobs)
+from .jobs import (FoldJob, JobRun, StageOptions, check_cache_rows, extra_targets, job_grid, job_lock, job_name,
+                   load_targets, select_jobs)
 from .models import resolve_device
 from .predict import predict_with_tta, resolve_amp
 from .train import Sources, Target, is_trained, load_fold_model, stale_reason, weights_digest
@@ -57,7 +56,7 @@ UNCOMPARED_META = ("version", "job")
 
 
 @dataclass(frozen=True)
-class PredictRun:
+class PredictRun(JobRun):
     """What every fold job of one predict-oof call shares; picklable, so it travels to an engine's workers
     (the caches do not: each worker opens them itself and checks their digests)."""
 
@@ -70,6 +69,7 @@ class PredictRun:
     metas: dict  # model -> what its tables record (`table_meta`), but the weights
     weights: dict  # model -> [repeat][fold] each fold model's weights sha256 (None: not trained yet)
     log: Callable[[str], None] = info
+    stage = "predict-oof"
 
     def fold_meta(self, job: FoldJob) -> dict:
         """What a fold job's tables record: its repeat's folds and its own fold model's weights."""
@@ -106,13 +106,17 @@ class PredictRun:
             _predict_fold(self, job, train, test)
             return time.perf_counter() - t0
 
-    def run_job(self, job: FoldJob) -> float | None:
-        """One job in an engine's worker: check the run directory is visible here, log to the job's own
-        file, open and place both caches on the worker's device, predict."""
-        check_run_visible(self.paths)
-        run = replace(self, log=JobLog(job.paths(self.paths).job_log(job.model.name, job.fold), job_name(job)))
-        return run.predict(job, *_placed_caches(run, resolve_device(job.model.train.device),
-                                                job.model.train.gpu_cache_gb))
+    def place(self, device, gpu_cache_gb: float) -> tuple[ImageSource, ImageSource]:
+        """The train and test caches on `device`: the very caches (by digest) this call checked."""
+        train, test = load_cache(self.paths, "train"), load_cache(self.paths, "test")
+        check_cache_rows(train, self.folds.ids, self.paths)
+        if (train.digest, test.digest) != self.caches:
+            raise StackerError(f"{self.paths.cache}: the image cache changed while predict-oof ran (another "
+                               "process rebuilt it); run predict-oof again")
+        return ImageSource(train.images, device, gpu_cache_gb), ImageSource(test.images, device, gpu_cache_gb)
+
+    def do(self, job: FoldJob, placed: tuple[ImageSource, ImageSource]) -> float | None:
+        return self.predict(job, *placed)
 
 
 def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAConfig,
@@ -146,13 +150,14 @@ def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAC
     _check_trained(run, grid)  # before anything is removed
     models = _models_to_predict(run, specs, grid, options.force)
     jobs = [j for j in grid if j.model in models]
-    todo = [j for j in jobs if read_fold(run, j) is None]
+    current = {j.key: read_fold(run, j) for j in jobs}  # read once: what is current now is assembled as read
+    todo = [j for j in jobs if current[j.key] is None]
     if models:
         options.log(f"predict-oof: {len(jobs)} fold jobs, {len(jobs) - len(todo)} already predicted, "
                     f"{len(todo)} to run")
     if todo:
-        _dispatch(run, todo, options)
-    return {spec.name: result for spec in models if (result := _assemble(run, spec)) is not None}
+        run.dispatch(todo, options)
+    return {spec.name: result for spec in models if (result := _assemble(run, spec, current)) is not None}
 
 
 def _fold_weights(paths: RunPaths, spec: ModelSpec, folds: Folds, cache: str) -> list[list[str | None]]:
@@ -338,38 +343,13 @@ def write_test(path, proba, ids, target: Target, meta) -> None:
     write_table(path, validate_test(table, ids, target.classes))
 
 
-def _dispatch(run: PredictRun, todo: list[FoldJob], options: StageOptions) -> None:
-    """The pending fold jobs through the engine; one local worker predicts them in this process, each
-    cache placed once per device and budget."""
-    if options.engine.name != "local" or local_workers(todo, options) > 1:
-        work = replace(run, log=print).run_job  # what travels to a worker: picklable, its log replaced there
-        run_jobs(work, todo, options.engine, local_workers(todo, options), options.log, stage="predict-oof")
-        return
-    placed, grid = {}, GridProgress(len(todo), run.log)
-    for job in todo:
-        place = (resolve_device(job.model.train.device), job.model.train.gpu_cache_gb)
-        if place not in placed:
-            placed = {place: _placed_caches(run, *place)}
-        job_log = JobLog(job.paths(run.paths).job_log(job.model.name, job.fold), job_name(job), echo=run.log)
-        replace(run, log=job_log).predict(job, *placed[place])
-        grid.step(job_name(job))
-
-
-def _placed_caches(run: PredictRun, device, gpu_cache_gb: float) -> tuple[ImageSource, ImageSource]:
-    """The train and test caches placed on `device`: the very caches (by digest) this call checked."""
-    train, test = load_cache(run.paths, "train"), load_cache(run.paths, "test")
-    check_cache_rows(train, run.folds.ids, run.paths)
-    if (train.digest, test.digest) != run.caches:
-        raise StackerError(f"{run.paths.cache}: the image cache changed while predict-oof ran (another process "
-                           "rebuilt it); run predict-oof again")
-    return ImageSource(train.images, device, gpu_cache_gb), ImageSource(test.images, device, gpu_cache_gb)
-
-
-def _assemble(run: PredictRun, spec: ModelSpec) -> dict | None:
+def _assemble(run: PredictRun, spec: ModelSpec, current: dict) -> dict | None:
     """The model's OOF, plain OOF and test tables and metrics from its fold tables, when all are current;
-    None (and a line naming the jobs still missing) otherwise."""
+    None (and a line naming the jobs still missing) otherwise. `current`: {job key: `read_fold`} of the
+    jobs found current before this call predicted; the others are read now."""
     name = spec.name
-    parts = [(job, read_fold(run, job)) for job in job_grid([spec], run.folds.k, run.folds.repeats)]
+    parts = [(job, current.get(job.key) or read_fold(run, job))
+             for job in job_grid([spec], run.folds.k, run.folds.repeats)]
     waiting = [job_name(job).removeprefix(f"{name} ") for job, p in parts if p is None]
     if waiting:
         run.log(f"predict-oof: {name}: {', '.join(waiting)} not predicted yet; its tables are written once they are")
