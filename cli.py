@@ -340,7 +340,7 @@ def stage_log(path: Path | None):
 def stage_log_path(args) -> Path | None:
     """Where a stage's log file goes: <run>/logs/<stage>.log; `stacker predict` writes into OUT, never the
     run; commands that only read (jobs, report views) and a config that does not resolve: none."""
-    if args.stage in ("jobs", "leaderboard") or args.stage not in {name for name, _ in STAGES} | {"predict"}:
+    if args.stage not in {name for name, _ in STAGES} | {"predict"}:
         return None
     try:
         root = Path(args.out) if args.stage == "predict" else run_paths(resolve_config(args)).root
