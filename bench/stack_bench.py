@@ -36,6 +36,7 @@ import pstats
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep", type=Path, help="write the run here instead of a temporary directory")
     parser.add_argument("--profile", type=Path, help="write cProfile stats of fit_stack here and print the top")
     parser.add_argument("--scores", type=Path, help="write each candidate's meta-OOF score and the choice as JSON")
+    parser.add_argument("--candidates", nargs="+", help="stack.candidates (default: every one)")
     return parser.parse_args(argv)
 
 
@@ -131,8 +133,41 @@ def descendants(pid: int) -> list[int]:
     """Process ids below `pid` (Linux /proc), e.g. the fit workers a process pool keeps alive."""
     children = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        children += [int(c) for c in task.read_text().split()]
+        try:
+            children += [int(c) for c in task.read_text().split()]
+        except OSError:  # the thread or process ended meanwhile
+            continue
     return children + [d for c in children for d in descendants(c)]
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size of one process (kB): its private pages plus its share of shared ones."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:  # ended meanwhile, or no smaps_rollup (not Linux)
+        return 0
+    return next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+
+
+class MemorySampler(threading.Thread):
+    """Samples the summed PSS of this process and its workers every `interval` s; `peak_gb` is the largest.
+
+    PSS counts a page shared by n processes as 1/n in each, so the sum is the memory the whole job
+    holds at that moment, the fit workers' shared memory map counted once.
+    """
+
+    def __init__(self, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.interval, self.peak_kb, self.stopped = interval, 0, threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(self.interval):
+            me = os.getpid()
+            self.peak_kb = max(self.peak_kb, sum(pss_kb(p) for p in [me, *descendants(me)]))
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_kb / 2**20
 
 
 def peak_rss_gb() -> tuple[float, float]:
@@ -167,14 +202,20 @@ def main(argv=None) -> float:
         start = time.perf_counter()
         make_run(root, args.rows, args.models, args.classes, repeats=args.repeats)
         made = time.perf_counter() - start
-        decision, seconds = timed_fit(root, StackConfig(metric=args.metric, n_jobs=args.n_jobs), args.profile)
+        config = StackConfig(metric=args.metric, n_jobs=args.n_jobs,
+                             **({"candidates": tuple(args.candidates)} if args.candidates else {}))
+        sampler = MemorySampler()
+        sampler.start()
+        decision, seconds = timed_fit(root, config, args.profile)
+        sampler.stopped.set()
     if args.scores:
         args.scores.write_text(json.dumps(score_summary(decision), indent=1))
     print(f"bench: {args.rows} rows x {args.models} models x {args.classes} classes x {args.repeats} repeat(s), "
           f"metric {args.metric}; "
           f"tables written in "
           f"{made:.1f} s; fit_stack (full guard, nested) {seconds:.1f} s; chosen {decision['chosen']}; "
-          "peak RSS {:.2f} GB, with its fit workers {:.2f} GB".format(*peak_rss_gb()))
+          "peak RSS {:.2f} GB, with its fit workers {:.2f} GB; ".format(*peak_rss_gb())
+          + f"peak memory of the job (PSS, sampled every 0.2 s) {sampler.peak_gb:.2f} GB")
     return seconds
 
 
