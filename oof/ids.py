@@ -39,10 +39,10 @@ def align(have, want, source: str, what: str) -> np.ndarray:
     """
     have = np.asarray(have, dtype=object)
     want = np.asarray(want, dtype=object)
-    check_unique(have, source)
     have_list, want_list = have.tolist(), want.tolist()
-    if have_list == want_list:  # the usual case: a table written in the run's order
+    if have_list == want_list:  # the usual case: a table written in the run's order (`want` is unique)
         return np.arange(len(have))
+    check_unique(have, source)
     position = {x: i for i, x in enumerate(have_list)}
     missing = [x for x in want_list if x not in position]
     if missing:

@@ -74,11 +74,12 @@ def read_run_tables(paths: RunPaths, models: list[str], folds: Folds, per_fold: 
     """Read and validate each model's OOF and test tables (and per-fold test tables).
 
     Returns:
-        (oof, test, fold_tests): {model: table}, {model: table} aligned on the
-        first model's test ids, and a list of R x K such dicts, repeat-major (repeat r's
-        fold k at r * K + k; R = 1: the K folds), empty unless per_fold.
+        (oof, test, fold_tests): {model: table} as read (each checked row by row; `StackGuard.fit`
+        checks them against the folds, once), {model: table} aligned on the first model's test ids,
+        and a list of R x K such dicts, repeat-major (repeat r's fold k at r * K + k; R = 1: the K
+        folds), empty unless per_fold.
     """
-    oof = {m: validate_oof(_read(paths.oof(m), folds, "oof"), folds) for m in models}
+    oof = {m: _read(paths.oof(m), folds, "oof") for m in models}
     test = align_test_tables({m: _read(paths.test(m), folds, "test") for m in models})
     fold_tests = []
     ids = next(iter(test.values())).ids
