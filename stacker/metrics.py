@@ -182,13 +182,17 @@ def bootstrap_counts(y: np.ndarray, n_bootstrap: int, seed) -> np.ndarray:
     n_rows = len(y)
     rng = np.random.default_rng(seed)
     classes = [np.flatnonzero(y == c) for c in np.unique(y)]
-    chunks = []
+    counts = np.empty((n_bootstrap, n_rows), dtype=np.float32)
+    draws = np.empty((min(_BOOTSTRAP_CHUNK, n_bootstrap), n_rows), dtype=np.int64)
     for start in range(0, n_bootstrap, _BOOTSTRAP_CHUNK):
         b = min(_BOOTSTRAP_CHUNK, n_bootstrap - start)
-        offsets = n_rows * np.arange(b)[:, None]
-        # every class's draws (the same random numbers, in the same order, as one bincount per class) counted
-        # in one bincount: a class-by-class bincount zero-filled a (b x N) array per class
-        draws = np.concatenate([rows[rng.integers(0, len(rows), size=(b, len(rows)))] + offsets for rows in classes],
-                               axis=1)  # (b, N) flat indices
-        chunks.append(np.bincount(draws.ravel(), minlength=b * n_rows).reshape(b, n_rows).astype(np.float32))
-    return np.concatenate(chunks)
+        # every class's draws (the same random numbers, in the same order, as one bincount per class)
+        # side by side in one buffer, offset by resample, and counted in one bincount
+        end = 0
+        for rows in classes:
+            block = draws[:b, end:end + len(rows)]
+            np.take(rows, rng.integers(0, len(rows), size=(b, len(rows))), out=block)
+            block += n_rows * np.arange(b)[:, None]
+            end += len(rows)
+        counts[start:start + b] = np.bincount(draws[:b].ravel(), minlength=b * n_rows).reshape(b, n_rows)
+    return counts
