@@ -30,6 +30,7 @@ from oof import (PredictionTable, RunPaths, StackerError, atomic_path, check_mod
 
 from .config import StackConfig
 from .estimator import StackGuard
+from .guard import start_workers
 from .inputs import has_fold_tables, load_run_folds, read_run_tables
 from .provenance import clear_stack, decision_digest, describe, stack_changes, stack_inputs
 from .repeats import RepeatAverage
@@ -77,7 +78,10 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
                 f"{decision['chosen']}); nothing to do, --force fits it again")
             return decision
         log(f"fit-stack: {paths.decision} is stale ({describe(changes)}); fitting the stack again")
+    workers = start_workers(config, folds.n_rows * len(names) * len(folds.classes))
     oof_tables, test_tables, fold_tables = read_run_tables(paths, names, folds, per_fold)
+    if workers is not None:
+        workers.join()
     guard = StackGuard(config, log).fit(oof_tables, folds, test_tables, fold_tables)
     decision = {**guard.decision_, "inputs": inputs}
     write_stack(paths, guard, guard.predict_table(test_tables, fold_tables), decision, folds)

@@ -206,7 +206,7 @@ def test_lgbm_fit_on_binned_rows_never_reads_the_held_out_labels(meta, name):
     y_other = y.copy()
     y_other[200:] = (y[200:] + 1) % C
     cls, config = candidate_class(name), fast_config(lgbm_max_rounds=10)
-    probas = [cls.from_config(config, None, 0).fit_rows(cls.bin_rows(X, labels, config), rows, X.shape)
+    probas = [cls.from_config(config, None, 0).fit_prepared(cls.prepare(X, labels, config), rows, X.shape)
               .predict_proba(X[200:]) for labels in (y, y_other)]
     np.testing.assert_array_equal(probas[0], probas[1])
     assert probas[0].shape == (100, C)

