@@ -71,6 +71,11 @@ class Metric:
             return float(self.rows(y, proba).mean())
         return self._call(y, proba, sample_weight)
 
+    @property
+    def row_mean(self) -> bool:
+        """Whether the metric is the mean of per-row scores (`rows`)."""
+        return self.name in _ROW_MEANS
+
     def rows(self, y: np.ndarray, proba: np.ndarray) -> np.ndarray:
         """(N,) per-row scores of a row-mean metric."""
         if self.name == "accuracy":

@@ -14,6 +14,8 @@ comparison on the same rows for a gain it cannot separate from noise.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from oof import EPS, log_loss_rows
@@ -70,11 +72,31 @@ class BestSingle(Candidate):
         best.model_ = int(state["model_index"])
         return best
 
+    @classmethod
+    def prepare(cls, X, y, config, models=(), classes=()):
+        """Under a metric that is a mean over rows (accuracy, log-loss), every model's per-row scores
+        and log-losses, (N, M) each, once per guard task: a fit then only averages its rows. Under
+        other metrics, the rows."""
+        metric = Metric(config.metric, X.shape[2])
+        if not metric.row_mean:
+            return X, y
+        per_model = range(X.shape[1])
+        return _RowScores(np.stack([metric.rows(y, X[:, m]) for m in per_model], axis=1),
+                          np.stack([log_loss_rows(y, X[:, m]) for m in per_model], axis=1))
+
+    def fit_prepared(self, prepared, rows, shape):
+        if not isinstance(prepared, _RowScores):
+            return super().fit_prepared(prepared, rows, shape)
+        self.n_models_ = shape[1]
+        return self._pick(prepared.scores[rows].mean(axis=0), prepared.losses[rows].mean(axis=0))
+
     def fit(self, X, y):
         super().fit(X, y)
         scores = np.array([self.metric.score(y, X[:, m]) for m in range(X.shape[1])])
-        losses = np.array([log_loss_rows(y, X[:, m]).mean() for m in range(X.shape[1])])
-        self.model_ = int(np.lexsort((losses, -scores))[0])
+        return self._pick(scores, np.array([log_loss_rows(y, X[:, m]).mean() for m in range(X.shape[1])]))
+
+    def _pick(self, scores: np.ndarray, losses: np.ndarray) -> "BestSingle":
+        self.model_ = int(np.lexsort((losses, -scores))[0])  # best score, then lowest log-loss, then first
         return self
 
     def predict_proba(self, X):
@@ -82,6 +104,14 @@ class BestSingle(Candidate):
 
     def state(self):
         return {"model_index": self.model_}
+
+
+@dataclass
+class _RowScores:
+    """`BestSingle.prepare` under a row-mean metric: (N, M) per-row scores and log-losses."""
+
+    scores: np.ndarray
+    losses: np.ndarray
 
 
 class WeightedBlend(Candidate):
