@@ -113,7 +113,10 @@ def table_from_frame(df: pd.DataFrame, classes, kind: str, source: str, meta=Non
     if extra:
         raise StackerError(f"{source}: unexpected column(s) {extra}; classes are {list(classes)}")
     ids = df["id"].astype(str).to_numpy(dtype=object)
-    proba = df[list(classes)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    values = df[list(classes)]
+    if not all(pd.api.types.is_numeric_dtype(t) and not pd.api.types.is_bool_dtype(t) for t in values.dtypes):
+        values = values.apply(pd.to_numeric, errors="coerce")  # text (CSV): non-numbers become NaN, refused below
+    proba = values.to_numpy(dtype=np.float64)
     fold = _integer_column(df, "fold", ids, source) if kind == "oof" else None
     repeat = _integer_column(df, "repeat", ids, source) if "repeat" in df.columns and kind == "oof" else None
     table = PredictionTable(ids, proba, classes, fold, dict(meta or {}), source, repeat)
