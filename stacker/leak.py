@@ -93,8 +93,18 @@ class LeakInputs:
 
 def sharpness(p: np.ndarray) -> np.ndarray:
     """(..., C) -> (...) log-odds of the top class probability."""
-    top = np.clip(p.max(axis=-1), CLIP, 1 - CLIP)
+    top = np.clip(row_max(p), CLIP, 1 - CLIP)
     return np.log(top / (1 - top))
+
+
+# numpy reduces a short, strided last axis (C = 10 of a model's (N, M, C) slice) one row at a time:
+# 21 ms per model at 100,000 rows. One vectorised pass per class takes 7 ms, with the same result.
+def row_max(p: np.ndarray) -> np.ndarray:
+    """(..., C) -> (...) the largest value of each row, as p.max(axis=-1)."""
+    top = p[..., 0].copy()
+    for c in range(1, p.shape[-1]):
+        np.maximum(top, p[..., c], out=top)
+    return top
 
 
 def declared_leaks(metas: dict[str, dict]) -> dict[str, str]:
