@@ -5,6 +5,7 @@ OOF and test tables of 10,000 rows x 35 models x 10 classes, 5 folds.
                                 [--n-jobs -1] [--keep DIR] [--profile FILE] [--scores FILE]
 
 --profile writes cProfile stats of fit_stack to FILE and prints the top functions;
+-v prints fit-stack's log with timestamps (each candidate's fit seconds);
 --scores writes every candidate's meta-OOF score, the choice and the nested choices as JSON
 (compare two versions with bench/compare_scores.py). The peak RSS of the process, alone and
 with its fit workers, is printed.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import logging
 import os
 import pstats
 import resource
@@ -110,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, help="write cProfile stats of fit_stack here and print the top")
     parser.add_argument("--scores", type=Path, help="write each candidate's meta-OOF score and the choice as JSON")
     parser.add_argument("--candidates", nargs="+", help="stack.candidates (default: every one)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print fit-stack's log, each line with the seconds since the start")
     return parser.parse_args(argv)
 
 
@@ -197,6 +201,8 @@ def score_summary(decision: dict) -> dict:
 
 def main(argv=None) -> float:
     args = parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(relativeCreated)9.0f ms  %(message)s")
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp) / "run"
         start = time.perf_counter()
