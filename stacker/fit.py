@@ -78,10 +78,8 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
                 f"{decision['chosen']}); nothing to do, --force fits it again")
             return decision
         log(f"fit-stack: {paths.decision} is stale ({describe(changes)}); fitting the stack again")
-    workers = start_workers(config, folds.n_rows * len(names) * len(folds.classes))
+    start_workers(config, folds.n_rows * len(names) * len(folds.classes))  # ready when the fits begin
     oof_tables, test_tables, fold_tables = read_run_tables(paths, names, folds, per_fold)
-    if workers is not None:
-        workers.join()
     guard = StackGuard(config, log).fit(oof_tables, folds, test_tables, fold_tables)
     decision = {**guard.decision_, "inputs": inputs}
     write_stack(paths, guard, guard.predict_table(test_tables, fold_tables), decision, folds)

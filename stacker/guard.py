@@ -95,17 +95,22 @@ def fit_workers(config: StackConfig, n_values: int) -> int:
     return 1 if n_values < PARALLEL_MIN_VALUES else max(1, min(config.threads, os.cpu_count() or 1))
 
 
+_STARTING: list[threading.Thread] = []  # `start_workers`' threads, until `fit_tasks` waits for them
+
+
 def start_workers(config: StackConfig, n_values: int) -> threading.Thread | None:
     """Start the fit workers in a background thread, so that they spawn and import LightGBM and
-    scikit-learn (2-3 s) while the caller reads its tables; join it before fitting. None: no workers.
+    scikit-learn (2-3 s) while the caller reads its tables and checks them for leaks. None: no workers.
 
-    joblib keeps its loky workers between calls, so `fit_tasks` finds them running.
+    joblib keeps its loky workers between calls, so `fit_tasks` finds them running; it waits for
+    the thread first (one joblib call on the pool at a time).
     """
     workers = fit_workers(config, n_values)
     if workers == 1:
         return None
     thread = threading.Thread(target=_start_pool, args=(workers,), name="stacker-start-workers", daemon=True)
     thread.start()
+    _STARTING.append(thread)
     return thread
 
 
@@ -159,6 +164,8 @@ def fit_tasks(data: MetaData, names, keys: list, config: StackConfig, metric: Me
     else:
         from joblib import Parallel, delayed
 
+        while _STARTING:
+            _STARTING.pop().join()
         with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
             np.save(os.path.join(tmp, "X.npy"), data.X)
             shared = MetaData(np.load(os.path.join(tmp, "X.npy"), mmap_mode="r"), data.y, data.fold,

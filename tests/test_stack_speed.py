@@ -171,6 +171,18 @@ def test_main_decision_in_threads_equals_in_turn(meta, guard_fits):
     assert json.dumps(threaded) == json.dumps(decide(meta.y, oof, metric, config, [config.seed, 7]))
 
 
+def test_run_guard_hands_the_choice_to_then_before_it_returns_the_same_decision(meta):
+    from stacker.guard import run_guard
+
+    config = fast_config(lgbm_max_rounds=5, candidates=("mean", "best_single", "logreg"))
+    metric = Metric(config.metric, C)
+    seen = []
+    with_then, _, _ = run_guard(meta, config, metric, log=lambda *a: None, then=seen.append)
+    without, _, _ = run_guard(meta, config, metric, log=lambda *a: None)
+    assert seen == [without["chosen"]]
+    assert json.dumps(with_then) == json.dumps(without)
+
+
 # ensemble selection: float32 logs, float64 sums
 
 
