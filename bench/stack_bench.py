@@ -2,22 +2,20 @@
 OOF and test tables of 10,000 rows x 35 models x 10 classes, 5 folds.
 
     python bench/stack_bench.py [--rows 10000] [--models 35] [--classes 10] [--metric accuracy]
-                                [--n-jobs -1] [--keep DIR] [--profile FILE] [--scores FILE]
+                                [--repeats 1] [--n-jobs -1] [--candidates NAME ...] [-v]
+                                [--keep DIR] [--profile FILE] [--scores FILE]
 
 --profile writes cProfile stats of fit_stack to FILE and prints the top functions;
 -v prints fit-stack's log with timestamps (each candidate's fit seconds);
 --scores writes every candidate's meta-OOF score, the choice and the nested choices as JSON
 (compare two versions with bench/compare_scores.py). The peak RSS of the process, alone and
-with its fit workers, is printed.
+with its fit workers, is printed, and the job's peak memory: the summed PSS of the process and
+its workers, sampled every 0.2 s (their shared memory map counted once).
 
-Target: under 120 s on the 2-core CPU of the development machine (Intel Xeon,
-2 vCPUs). Measured there, idle: 44 s (accuracy; of it LightGBM wide 19 s,
-class-shared 10 s, logistic regression 4 s), 47 s with --metric f1_macro, 31 s
-with --n-jobs 2.
-Issue 15 (fits in n_jobs=-1 worker processes, LightGBM binned once per task,
-early stopping after 10 rounds): back to back on the shared machine (load ~1.5 from
-other sessions) 85.7 s before, 49.9 s after (early stopping still 20); at 100,000 rows, both under load 4-8,
-1727 s before (under cProfile), 845 s after; the same choices and scores.
+Issue 15's targets on the 2-core development machine: 100,000 rows under 120 s (measured
+100.2 s, median of 3), 10,000 rows under 20 s (21.3 s), --repeats 3 at 10,000 rows under 60 s
+(58.3 s), peak memory under 4 GB (job PSS 3.6-3.8 GB); the README's Speed section has the
+before/after tables.
 
 The models are noisy, correlated, roughly calibrated predictors of the truth,
 like CNNs trained on the same images: every model sees the same evidence (a
