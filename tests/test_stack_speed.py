@@ -1,6 +1,7 @@
 """The meta level's speed changes keep its results: row limits, prepared fits, task splits, threaded
 decisions, float32 ensemble selection, and the faster id checks."""
 import json
+from dataclasses import replace
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -90,17 +91,26 @@ def test_lgbm_trains_on_lgbm_max_rows_of_the_rows_it_is_given(meta, name):
     assert not np.allclose(small.predict_proba(held), everything.predict_proba(held))
 
 
-def test_lgbm_max_rows_and_wide_feature_fraction_are_checked():
+def test_lgbm_max_rows_and_wide_models_are_checked():
     assert StackConfig(lgbm_max_rows=-1).lgbm_max_rows == -1
     assert StackConfig(lgbm_max_rows=500).lgbm_max_rows == 500
-    assert StackConfig(lgbm_wide_feature_fraction=0.25).lgbm_wide_feature_fraction == 0.25
-    assert StackConfig(lgbm_wide_feature_fraction=1).lgbm_wide_feature_fraction == 1
+    assert StackConfig(lgbm_wide_models=2.5).lgbm_wide_models == 2.5
+    assert StackConfig(lgbm_wide_models=-1).lgbm_wide_models == -1
     for bad in (0, -2, 2.5):
         with pytest.raises(StackerError, match=r"stack\.lgbm_max_rows: expected an integer >= 1 or -1 for no limit"):
             StackConfig(lgbm_max_rows=bad)
-    for bad in (0, 1.5):
-        with pytest.raises(StackerError, match=r"stack\.lgbm_wide_feature_fraction: expected a fraction in \(0, 1\]"):
-            StackConfig(lgbm_wide_feature_fraction=bad)
+    for bad in (0, -2):
+        with pytest.raises(StackerError, match=r"stack\.lgbm_wide_models: expected"):
+            StackConfig(lgbm_wide_models=bad)
+
+
+def test_wide_booster_samples_about_lgbm_wide_models_per_class():
+    from stacker.candidates.lgbm import wide_feature_fraction
+
+    config = StackConfig(lgbm_feature_fraction=0.5, lgbm_wide_models=5)
+    assert wide_feature_fraction(config, 35) == pytest.approx(5 / 35)
+    assert wide_feature_fraction(config, 3) == 0.5  # few models: the shared fraction
+    assert wide_feature_fraction(replace(config, lgbm_wide_models=-1), 35) == 0.5
 
 
 # Candidate.prepare / fit_prepared
