@@ -13,8 +13,8 @@ with its fit workers, is printed, and the job's peak memory: the summed PSS of t
 its workers, sampled every 0.2 s (their shared memory map counted once).
 
 Issue 15's targets on the 2-core development machine: 100,000 rows under 120 s (measured
-100.2 s, median of 3), 10,000 rows under 20 s (21.3 s), --repeats 3 at 10,000 rows under 60 s
-(58.3 s), peak memory under 4 GB (job PSS 3.6-3.8 GB); the README's Speed section has the
+99.0 s, median of 3), 10,000 rows under 20 s (17.9 s), --repeats 3 at 10,000 rows under 60 s
+(50.4 s), peak memory under 4 GB (the job's PSS 3.8-3.9 GB); the README's Speed section has the
 before/after tables.
 
 The models are noisy, correlated, roughly calibrated predictors of the truth,
