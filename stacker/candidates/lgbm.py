@@ -38,7 +38,7 @@ with the rows. Measured on the 100,000-row bench (80,000 rows per fit), meta-lev
 OOF accuracy / log-loss before -> after, with the wide booster's 5 models per class
 and tree (`lgbm_wide_models`): wide 0.9189 / 0.2575 -> 0.9181 / 0.2647,
 class-shared 0.9180 / 0.2675 -> 0.9176 / 0.2692; their 15 fits in the guard 220 s
--> 48 s and 131 s -> 42 s of CPU. Log-loss pays more than accuracy: a user who
+-> 31 s and 131 s -> 35 s of CPU. Log-loss pays more than accuracy: a user who
 stacks for log-loss at this scale can raise the limit. Below it (the 10,000-row
 bench) nothing changes.
 """
