@@ -59,15 +59,13 @@ def held_out_keys(k: int, nested: bool) -> list[tuple[int, ...]]:
     return singles + (list(itertools.combinations(range(k), 2)) if nested else [])
 
 
-def fit_held_out(data: MetaData, cls, key: tuple[int, ...], config: StackConfig, metric: Metric, prepared=None):
+def fit_held_out(data: MetaData, cls, key: tuple[int, ...], config: StackConfig, metric: Metric, prepared):
     """Fit candidate class `cls` on every fold but `key`; return (n_key, C) predictions for folds `key`.
 
-    prepared: `cls.prepare` of all of `data`'s rows, shared by the fits of one task (default: made here).
+    prepared: `cls.prepare` of all of `data`'s rows, shared by the fits of one task (`fit_keys`).
     """
     held = np.isin(data.fold, key)
     candidate = cls.from_config(config, metric, fit_seed(config.seed, key), data.models, data.classes)
-    if prepared is None:
-        prepared = cls.prepare(data.X, data.y, config, data.models, data.classes)
     candidate.fit_prepared(prepared, np.flatnonzero(~held), data.X.shape)
     return candidate.predict_proba(data.X[held])
 
@@ -136,15 +134,19 @@ def split_keys(name: str, keys: list, workers: int) -> list[list]:
     there are workers (one for two); the others split finer (two tasks per worker),
     which evens out the workers' loads.
     """
-    n = max(1, workers // 2) if candidate_class(name).prepare_cost >= 1 else 2 * workers
+    n = max(1, workers // 2) if _costly_prepare(name) else 2 * workers
     return [keys[i::n] for i in range(n) if keys[i::n]]
 
 
 def task_order(names) -> list[str]:
     """Candidates in the order their tasks start: those with a costly `prepare` (the longest
     tasks), then the others, each group most complex first (the registry's order, reversed)."""
-    binned = [n for n in reversed(names) if candidate_class(n).prepare_cost >= 1]
-    return binned + [n for n in reversed(names) if n not in binned]
+    return sorted(reversed(names), key=lambda n: not _costly_prepare(n))  # stable: keeps each group's order
+
+
+def _costly_prepare(name: str) -> bool:
+    """Whether candidate `name`'s `prepare` costs about a fit or more (LightGBM's binning)."""
+    return candidate_class(name).prepare_cost >= 1
 
 
 def fit_tasks(data: MetaData, names, keys: list, config: StackConfig, metric: Metric, workers: int):

@@ -24,9 +24,10 @@ not see the held-out fold still does not: the trees, the early-stopping split
 (drawn from the training rows only, the same rows as before) and its stopping
 round. Measured on the bench (accuracy, meta-level OOF): at 10,000 rows the
 wide booster 0.9139 -> 0.9151, the class-shared 0.9143 -> 0.9140; at 100,000 rows
-0.9189 -> 0.9193 and 0.9180 -> 0.9176; the same choices. At 10,000 rows the bins
-were those of every training row before as well (LightGBM bins from up to 200,000
-sampled rows), so the change there is only which rows they come from.
+0.9189 -> 0.9193 and 0.9180 -> 0.9176; the same choices. The boundaries come from
+up to 50,000 sampled feature rows (`DATASET_PARAMS`), drawn from all rows; at 10,000
+rows that is every wide feature row, as before (LightGBM sampled up to 200,000), so
+for the wide booster there the change is only which rows they come from.
 `fit` (a candidate on its own, e.g. the final fit on all rows) bins what it is given.
 
 Rows per fit (`lgbm_max_rows`, issue 15). A booster trains on at most
