@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scores", type=Path, help="write each candidate's meta-OOF score and the choice as JSON")
     parser.add_argument("--candidates", nargs="+", help="stack.candidates (default: every one)")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="print fit-stack's log, each line with the seconds since the start")
+                        help="print fit-stack's log, each line with the milliseconds since the start")
     return parser.parse_args(argv)
 
 
