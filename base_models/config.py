@@ -12,9 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
+import pandas as pd
+
 from oof import (BOOL, NULL, SEED, STRING, ConfigSection, Rule, StackerError, build_config, check_fields,
-                 check_groups_whole, check_model_name, each, instance, make_folds, make_group_folds, number, one_of,
-                 read_fold_file)
+                 check_groups_whole, check_model_name, each, group_folds, instance, make_folds, merge_groups, number,
+                 one_of, preview, read_fold_file)
 from oof.folds import group_values
 
 from .images import RESIZE_MODES
@@ -24,6 +27,7 @@ DEVICES = ("auto", "cpu", "cuda")
 AMP = ("auto", "bf16", "fp16", "off")
 KEEP = ("last", "best")
 KEEP_METRICS = ("valid_loss", "error_rate")
+DUPLICATES = ("group", "warn", "off")
 SAMPLING_BUILTIN = ("uniform", "class_balanced")
 # TTA crops as (side fraction, centre x, centre y): the whole image, then 85% crops at the
 # centre and the corners. Every crop is a view plain and mirrored, less the plain view itself.
@@ -293,48 +297,120 @@ class FoldsConfig(ConfigSection):
             assignment of a run without repeats, bit for bit.
         group_column: a column of the train CSV (a patient, plant or field id): stratified group
             K-fold, so a group's images never straddle folds.
-        file: a fold assignment made elsewhere (CSV or parquet: id, fold[, repeat]); a relative
-            name is resolved when the config is built, as `data.root` is. The file decides the
-            folds, so `k` and `repeats` must say what it holds (the job grid and `--only` read them
-            before the file is); `seed` is unused, and with `group_column` the file's folds are
+        file: a fold assignment made elsewhere (CSV or parquet: id, fold[, repeat][, group]); a
+            relative name is resolved when the config is built, as `data.root` is. The file decides
+            the folds, so `k` and `repeats` must say what it holds (the job grid and `--only` read
+            them before the file is); `seed` is unused, and with `group_column` the file's folds are
             checked to keep every group whole.
+        duplicates: near-duplicate train images (`base_models.duplicates`, found in the decoded
+            cache when the folds are first made). `group` (the default): each cluster becomes a group,
+            joined with `group_column`'s (rows sharing either are one group, transitively), so no
+            copy of an image is OOF for a model that trained on another; with `file`, a file that
+            splits a cluster is refused (`warn` accepts it as it is). `warn`: list them
+            (`RunPaths.duplicates`) and say how many clusters the folds split, folds as without.
+            `off`: do not look. Folds without a cluster and without `group_column` are the plain
+            stratified ones. An existing folds.parquet is never regrouped (its recorded groups stand
+            for the clusters), and a run saved before this key existed reads as `off`.
+        duplicate_distance: the finder's max Hamming distance between two images' hashes; null
+            is its default (`DuplicateOptions.max_distance`).
     """
 
     SECTION: ClassVar[str] = "folds"
     RULES: ClassVar[dict] = {"k": (number(2, integer=True),), "seed": (SEED,),
                              "repeats": (number(1, integer=True),), "group_column": (STRING, NULL),
-                             "file": (STRING, NULL)}
+                             "file": (STRING, NULL), "duplicates": (one_of(*DUPLICATES),),
+                             "duplicate_distance": (number(0, integer=True), NULL)}
 
     k: int = 5
     seed: int = 42
     repeats: int = 1
     group_column: str | None = None
     file: str | None = None
+    duplicates: str = "group"
+    duplicate_distance: int | None = None
 
     def __post_init__(self):
         check_fields(self)
         if self.file is not None:
             self.file = str(Path(self.file).resolve())
 
-    def assign(self, train, classes):
-        """The run's fold assignment (`oof.Folds`) for a train table: a DataFrame of `id`, `label` and the
-        train CSV's other columns.
+    def assign(self, train: pd.DataFrame, classes, clusters: np.ndarray | None = None):
+        """The run's fold assignment (`oof.Folds`, carrying the groups it kept whole) for a train table.
+
+        Args:
+            train: `id`, `label` and the train CSV's other columns.
+            classes: the class order.
+            clusters: (N,) int64 near-duplicate cluster of each train row (-1: none), from
+                `base_models.duplicates.find_duplicates`; used with `duplicates: group` only.
 
         Raises:
-            StackerError: the maker's or the file's one-line error, or a file whose K or number of
-                repeats differs from `k` and `repeats`.
+            StackerError: the maker's or the file's one-line error, a file whose K or number of
+                repeats differs from `k` and `repeats`, or a file that splits a cluster.
         """
-        if self.file is None and self.group_column is None:
+        clusters = None if clusters is None or self.duplicates != "group" else np.asarray(clusters, dtype=np.int64)
+        if clusters is not None and clusters.shape != (len(train),):
+            raise StackerError(f"folds.duplicates: {clusters.shape} clusters for {len(train)} train rows")
+        column = None if self.group_column is None else group_values(train, self.group_column)
+        if self.file is not None:
+            return self._from_file(train, classes, column, clusters)
+        groups = merge_groups(train["id"], column, clusters)
+        if groups is None:
             return make_folds(train["id"], train["label"], self.k, self.seed, classes, self.repeats)
-        if self.file is None:
-            return make_group_folds(train, self.group_column, self.k, self.seed, classes, self.repeats)
+        rows = pd.DataFrame({"id": train["id"], "label": train["label"], "group": groups})
+        return group_folds(rows, self.k, self.seed, classes, self.repeats, self._groups_source(clusters))
+
+    def remade(self, train: pd.DataFrame, classes, groups: np.ndarray | None):
+        """The assignment an existing folds file holding `groups` ((N,) train order, None for none) must be.
+
+        Clusters are found once, when the folds are first made: the file's groups stand for them, so a
+        rerun never regroups. Without recorded groups (or with `file`) this is `assign` without clusters.
+        """
+        if groups is None or self.file is not None:
+            return self.assign(train, classes)
+        column = None if self.group_column is None else group_values(train, self.group_column)
+        rows = pd.DataFrame({"id": train["id"], "label": train["label"],
+                             "group": merge_groups(train["id"], groups, column)})
+        return group_folds(rows, self.k, self.seed, classes, self.repeats, "folds")
+
+    def _from_file(self, train: pd.DataFrame, classes, column, clusters):
         folds = read_fold_file(self.file, train["id"], train["label"], classes)
         if (folds.k, folds.repeats) != (self.k, self.repeats):
             raise StackerError(f"folds.file: {self.file} holds k={folds.k} folds in {folds.repeats} repeat(s), but "
                                f"folds.k is {self.k} and folds.repeats {self.repeats}; set them to the file's")
-        if self.group_column is not None:
-            check_groups_whole(folds, group_values(train, self.group_column), f"folds.file: {self.file}")
-        return folds
+        source = f"folds.file: {self.file}"
+        if column is not None:
+            check_groups_whole(folds, column, source)
+        split = [] if clusters is None else split_clusters(folds, clusters)
+        if len(split):
+            rows = np.flatnonzero(clusters == split[0])
+            raise StackerError(f"{source}: splits {len(split)} near-duplicate cluster(s) over folds, first the images "
+                               f"{preview(train['id'].to_numpy()[rows])}; set folds.duplicates: warn to accept the "
+                               "file as it is")
+        groups = merge_groups(train["id"], folds.groups, column, clusters)
+        return folds if groups is None else folds.with_groups(groups, source)
+
+    def _groups_source(self, clusters) -> str:
+        """What grouped folds are grouped by, the start of the maker's errors."""
+        column = None if self.group_column is None else f"folds.group_column {self.group_column!r}"
+        if clusters is None or not (clusters >= 0).any():
+            return column
+        return "folds.duplicates" if column is None else f"{column} joined with folds.duplicates"
+
+
+def split_clusters(folds, clusters: np.ndarray) -> np.ndarray:
+    """Cluster numbers (sorted) whose rows sit in more than one fold of any repeat of `folds` (`oof.Folds`).
+
+    Args:
+        folds: the assignment.
+        clusters: (N,) int64 cluster of each row in `folds.ids` order, -1 for none.
+    """
+    clusters = np.asarray(clusters, dtype=np.int64)
+    member = clusters >= 0
+    split = set()
+    for fold in folds.fold_matrix:
+        spread = pd.Series(fold[member]).groupby(clusters[member]).nunique()
+        split |= {int(c) for c in spread.index[spread > 1]}
+    return np.array(sorted(split), dtype=np.int64)
 
 
 ENGINES = ("local", "ray")

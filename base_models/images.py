@@ -39,10 +39,7 @@ def load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Ima
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                if draft_size is not None and img.format == "JPEG":
-                    # Both sides at least the larger target side: EXIF may still rotate it.
-                    m = max(draft_size)
-                    img.draft("RGB", (m, m))
+                _draft(img, draft_size)
                 img.load()  # decode now: a truncated file raises here, not later
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
@@ -50,6 +47,24 @@ def load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Ima
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         raise StackerError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def decoded_size(path: str | Path, draft_size: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """(W, H) that `load_rgb(path, draft_size)` decodes at, before EXIF rotation, from the header alone
+    (0.07 ms for a 640x480 JPEG); None when the file cannot be opened (decoding then names the problem)."""
+    try:
+        with Image.open(path) as img:
+            _draft(img, draft_size)
+            return img.size
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        return None
+
+
+def _draft(img: Image.Image, draft_size: tuple[int, int] | None) -> None:
+    """Let a JPEG's decoder reduce the image by 1/2..1/8, keeping both sides at least max(draft_size)."""
+    if draft_size is not None and img.format == "JPEG":
+        m = max(draft_size)  # both sides at least the larger target side: EXIF may still rotate it
+        img.draft("RGB", (m, m))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -28,7 +28,7 @@ from oof import Folds, GridProgress, RunPaths, StackerError, atomic_path, info, 
 
 from .batches import ImageSource
 from .cache import CacheOptions, ImageCache, build_cache, load_cache
-from .config import SAMPLING_BUILTIN, DataConfig, EngineConfig, FoldsConfig, ModelSpec
+from .config import SAMPLING_BUILTIN, DataConfig, EngineConfig, FoldsConfig, ModelSpec, split_clusters
 from .dataset import DatasetSpec, resolve_dataset
 from .engines import JobLog, job_label, run_jobs
 from .models import check_sizes, resolve_device
@@ -116,33 +116,107 @@ def cache_size(specs: list[ModelSpec]) -> tuple[int, int]:
 
 def prepare_run(paths: RunPaths, data: DataConfig, folds_cfg: FoldsConfig, size, force: bool = False,
                 log=info) -> tuple[DatasetSpec, Folds]:
-    """Resolve the dataset, make (or check) the folds, decode the train and test caches."""
+    """Resolve the dataset, make (or check) the folds, decode the train and test caches.
+
+    Folds checked against an existing folds.parquet, or made with `folds.duplicates: off`, come
+    first (a config error shows before any decoding); folds made while looking for duplicates
+    come after the caches, whose image hashes the finder compares.
+    """
     spec = resolve_dataset(data)
     log(f"dataset: {len(spec.train)} train images in {len(spec.classes)} classes, {len(spec.test)} test images")
-    folds = _folds_for(paths, spec, folds_cfg, force, log)
+    look = folds_cfg.duplicates != "off" and (force or not paths.folds.is_file())
+    folds = None if look else _folds_for(paths, spec, folds_cfg, force, log)
+    options = CacheOptions.from_data(data, size)
+    caches = {split: build_cache(paths, split, table["id"], table["path"], options, log)
+              for split, table in (("train", spec.train), ("test", spec.test))}
+    if look:
+        clusters = find_run_duplicates(paths, spec, caches, folds_cfg, log)
+        folds = _folds_for(paths, spec, folds_cfg, force, log, clusters)
     columns = spec.train.drop(columns=["path", "label"])
     with atomic_path(paths.targets) as tmp:
         columns.to_parquet(tmp, index=False)
-    options = CacheOptions.from_data(data, size)
-    for split, table in (("train", spec.train), ("test", spec.test)):
-        build_cache(paths, split, table["id"], table["path"], options, log)
     return spec, folds
 
 
-def _folds_for(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig, force: bool, log) -> Folds:
-    made = cfg.assign(spec.train, spec.classes)  # stratified, grouped or read from folds.file; R repeats
+def find_run_duplicates(paths: RunPaths, spec: DatasetSpec, caches: dict[str, ImageCache], cfg: FoldsConfig,
+                        log=info) -> np.ndarray:
+    """Find the near-duplicate images of the run's caches, list them in `paths.duplicates`, log what matters.
+
+    Returns:
+        (N,) int64 duplicate cluster of each train row, -1 for none.
+
+    Raises:
+        StackerError: a cache without image hashes.
+    """
+    from .duplicates import DuplicateOptions, SplitImages, find_duplicates, write_duplicates
+
+    for split, cache in caches.items():
+        if cache.hashes is None:
+            raise StackerError(f"{paths.cache_index(split)}: holds no image hashes, which folds.duplicates: "
+                               f"{cfg.duplicates} needs; delete {paths.cache} to decode again, or set "
+                               "folds.duplicates: off")
+    distance = {} if cfg.duplicate_distance is None else {"max_distance": cfg.duplicate_distance}
+    options = DuplicateOptions(**distance)  # the finder's defaults for the rest
+    train, test = caches["train"], caches["test"]
+    found = find_duplicates(SplitImages(train.ids, spec.train["label"], train.hashes, train.pixel_digests),
+                            SplitImages(test.ids, None, test.hashes, test.pixel_digests), options)
+    write_duplicates(paths.duplicates, found)
+    log(f"{found.summary()} -> {paths.duplicates}")
+    for line in found.warnings:
+        log(f"warning: {line}")
+    pairs = found.pairs
+    conflicts, in_test = pairs[pairs["conflict"]], pairs[pairs["kind"] == "train-test"]
+    if len(conflicts):
+        first = conflicts.iloc[0]
+        log(f"warning: {len(conflicts)} near-duplicate train pair(s) with different labels, first {first['id_a']} "
+            f"({first['label_a']}) ~ {first['id_b']} ({first['label_b']}); listed in {paths.duplicates}")
+    if len(in_test):
+        log(f"warning: {in_test['id_a'].nunique()} train image(s) with a near-duplicate in test, first "
+            f"{in_test['id_a'].iloc[0]} ~ {in_test['id_b'].iloc[0]}; listed in {paths.duplicates}")
+    return np.asarray(found.cluster, dtype=np.int64)
+
+
+def _folds_for(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig, force: bool, log,
+               clusters: np.ndarray | None = None) -> Folds:
+    """The run's folds: an existing folds.parquet checked against the config (never regrouped), else made
+    (grouped on `clusters` with `folds.duplicates: group`) and written."""
     if paths.folds.is_file() and not force:
-        folds = load_folds(paths.folds)
-        if folds.sha256 != made.sha256:
-            raise StackerError(f"{paths.folds}: made from another dataset or folds config (k, seed, repeats, "
-                               "group_column, file); every model of a run must share one fold assignment. Use a "
-                               "new run directory, or --force to start this one again")
-        return folds
+        return _existing_folds(paths, spec, cfg)
+    made = cfg.assign(spec.train, spec.classes, clusters)  # stratified, grouped or read from folds.file; R repeats
     write_folds(paths.folds, made)
-    how = "".join(f" {key}={value}" for key, value in (("repeats", made.repeats), ("group_column", cfg.group_column),
-                                                       ("file", cfg.file)) if value not in (None, 1))
-    log(f"folds: k={made.k} seed={made.seed}{how} -> {paths.folds}")
+    log(f"folds: k={made.k} seed={made.seed}{_how_folds(made, cfg, clusters)} -> {paths.folds}")
+    if cfg.duplicates == "warn" and clusters is not None and (clusters >= 0).any():
+        split = split_clusters(made, clusters)
+        log(f"warning: folds.duplicates: warn: the folds split {len(split)} of {clusters.max() + 1} near-duplicate "
+            "clusters, whose OOF rows score optimistic (folds.duplicates: group keeps them whole)")
     return made
+
+
+def _existing_folds(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig) -> Folds:
+    """folds.parquet, checked to be what the config makes over the groups it records."""
+    folds = load_folds(paths.folds)
+    groups = None
+    if folds.groups is not None:
+        groups = pd.Series(folds.groups, index=folds.ids).reindex(spec.train["id"].astype(str)).to_numpy()
+    fits = groups is None or not pd.isna(groups).any()
+    if not fits or folds.sha256 != cfg.remade(spec.train, spec.classes, groups).sha256:
+        raise StackerError(f"{paths.folds}: made from another dataset or folds config (k, seed, repeats, "
+                           "group_column, file); every model of a run must share one fold assignment. Use a "
+                           "new run directory, or --force to start this one again")
+    return folds
+
+
+def _how_folds(made: Folds, cfg: FoldsConfig, clusters: np.ndarray | None) -> str:
+    """The folds line's settings besides k and seed: those not at their plain value, groups and clusters used."""
+    settings = {"repeats": made.repeats, "group_column": cfg.group_column, "file": cfg.file}
+    how = "".join(f" {key}={value}" for key, value in settings.items() if value not in (None, 1))
+    if cfg.duplicates != "group":
+        how += f" duplicates={cfg.duplicates}"
+    if made.groups is not None:
+        how += f" groups={len(np.unique(made.groups))}"
+    if cfg.duplicates == "group" and clusters is not None and (clusters >= 0).any():
+        how += f" duplicate_clusters={int(clusters.max()) + 1}"
+    return how
 
 
 def load_targets(paths: RunPaths, folds: Folds, extra: list[str]) -> list[Target]:

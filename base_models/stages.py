@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from oof import RunPaths, StackerError, info, load_folds, run_paths, write_run_config
+from oof import RunPaths, StackerError, info, load_config, load_folds, run_paths, write_run_config
 
 from .config import ModelSpec, base_configs, engine_config, resolved_sections
 
@@ -21,6 +21,7 @@ def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=info
     a cluster array can start on a fresh run, but never rewritten by force under the other jobs.
     """
     paths = run_paths(cfg)
+    cfg = with_saved_duplicates(cfg, paths)
     data, folds_cfg, specs, tta = base_configs(cfg)  # a config error is reported before torch is imported
     chosen, engine = parse_only(only, specs, folds_cfg.k, folds_cfg.repeats), engine_config(cfg)
     for spec in specs:
@@ -38,6 +39,21 @@ def train_base_stage(cfg: dict, force: bool = False, parallel: int = 1, log=info
     # the outputs are gone already: deleting them again could delete a job another process finished since
     train_base(paths, specs, folds, data, StageOptions(force=False, parallel=parallel, log=log, only=chosen,
                                                        engine=engine))
+
+
+def with_saved_duplicates(cfg: dict, paths: RunPaths) -> dict:
+    """`cfg` with the run's saved `folds.duplicates` where the run has folds and `cfg` does not set the key.
+
+    The folds were made under the saved value (`off` for a run.yaml that predates the key), and the
+    run.yaml written next records it: the default `group` there would make a later --force regroup.
+    """
+    folds = cfg.get("folds") or {}
+    if not isinstance(folds, dict) or "duplicates" in folds or not paths.folds.is_file() or not paths.config.is_file():
+        return cfg
+    saved = load_config(run=str(paths.root)).get("folds")
+    if not isinstance(saved, dict) or "duplicates" not in saved:
+        return cfg
+    return {**cfg, "folds": {**folds, "duplicates": saved["duplicates"]}}
 
 
 def parse_only(items, specs: list[ModelSpec], k: int, repeats: int = 1) -> tuple[tuple[str, int, int], ...]:

@@ -5,6 +5,12 @@ its parquet metadata, K, the seed, the classes in order and a sha256 over the
 ids, labels and folds. Every base model and the meta level use these folds, so
 no OOF prediction ever comes from a model that saw its row.
 
+Grouped folds also hold each row's `group` (a patient, a plant, a near-duplicate
+cluster: rows that are not independent), whole in one fold in every repeat, and
+`groups_sha256` over (id, group) in the metadata. Groups are not part of `sha256`:
+that digest names which model saw which row, and a run without groups keeps its
+file bytes. The meta level resamples groups (`Folds.group_index`) instead of rows.
+
 Three ways to make the assignment, one per `folds:` key:
 
 - stratified (`make_folds`): each class dealt to the folds in turn.
@@ -13,8 +19,10 @@ Three ways to make the assignment, one per `folds:` key:
   greedy. It is written here in numpy, not imported: `oof` imports numpy, pandas and pyarrow
   only (fit-stack and other tools read folds without scikit-learn), and a run's folds must be
   remade bit for bit from this file, whatever scikit-learn version is installed.
-- made elsewhere (`read_fold_file`, `folds.file`): a table of id, fold[, repeat], checked
-  against the dataset.
+  `group_folds` is the same maker over group values (`merge_groups`: a group column joined
+  with duplicate clusters).
+- made elsewhere (`read_fold_file`, `folds.file`): a table of id, fold[, repeat][, group],
+  checked against the dataset.
 
 Repeats (`folds.repeats` = R): R assignments, repeat r drawn with `repeat_seed(seed, r)`.
 Repeat 0 uses the seed itself, so R = 1 is today's assignment (same file bytes, same
@@ -65,7 +73,8 @@ class Folds:
 
     Attributes:
         table: one row per train image (`id` str, `label` str, `fold` int in [0, k)); with repeats
-            one such block per repeat, in repeat order, and a `repeat` column.
+            one such block per repeat, in repeat order, and a `repeat` column; with groups a `group`
+            column (str, the same in every repeat, each group in one fold of each repeat).
         k: number of folds (the same in every repeat).
         seed: seed the assignment was drawn with (None for folds brought from elsewhere).
         classes: class names in the order every prediction table uses.
@@ -105,6 +114,41 @@ class Folds:
         """(R, N) fold of each row in each repeat, rows in `ids` order."""
         return self.table["fold"].to_numpy().reshape(self.repeats, self.n_rows)
 
+    @property
+    def groups(self) -> np.ndarray | None:
+        """(N,) group of each row, rows in `ids` order; None for folds without groups."""
+        if "group" not in self.table.columns:
+            return None
+        return self.table["group"].to_numpy()[: self.n_rows]
+
+    @property
+    def group_index(self) -> np.ndarray | None:
+        """(N,) int64 group number of each row, 0..G-1 in sorted group order (the meta level's bootstrap
+        units); None for folds without groups."""
+        groups = self.groups
+        return None if groups is None else np.unique(groups, return_inverse=True)[1].astype(np.int64)
+
+    @property
+    def groups_sha256(self) -> str | None:
+        """Digest of (id, group) rows sorted by id; None for folds without groups."""
+        groups = self.groups
+        return None if groups is None else groups_digest(self.ids, groups)
+
+    def with_groups(self, groups, source: str) -> Folds:
+        """These folds with each row's group (N values, `ids` order, stored as strings).
+
+        Raises:
+            StackerError: a count other than N, a blank group, or a group whose rows sit in more
+                than one fold of a repeat; each starting with `source`.
+        """
+        groups = np.asarray(groups, dtype=object)
+        if len(groups) != self.n_rows:
+            raise StackerError(f"{source}: {len(groups)} groups for {self.n_rows} rows")
+        groups = group_strings(pd.Series(groups), self.ids, source)
+        check_groups_whole(self, groups, source)
+        table = self.table.drop(columns="group", errors="ignore")
+        return replace(self, table=table.assign(group=np.tile(groups, self.repeats)))
+
     def train_rows(self, fold: int) -> np.ndarray:
         return np.flatnonzero(self.fold != fold)
 
@@ -118,7 +162,8 @@ class Folds:
         if self.repeats == 1:
             return self
         n = self.n_rows
-        table = self.table.iloc[repeat * n:(repeat + 1) * n][["id", "label", "fold"]].reset_index(drop=True)
+        columns = [c for c in ("id", "label", "fold", "group") if c in self.table.columns]
+        table = self.table.iloc[repeat * n:(repeat + 1) * n][columns].reset_index(drop=True)
         seed = None if self.seed is None else repeat_seed(self.seed, int(repeat))
         return Folds(table, self.k, seed, self.classes, folds_digest(table["id"], table["label"], table["fold"]))
 
@@ -145,6 +190,14 @@ def folds_digest(ids, labels, folds) -> str:
     h = hashlib.sha256()
     for i, y, f in sorted(zip(map(str, ids), map(str, labels), map(int, folds))):
         h.update(f"{i}\t{y}\t{f}\n".encode())
+    return h.hexdigest()
+
+
+def groups_digest(ids, groups) -> str:
+    """sha256 over (id, group) rows sorted by id."""
+    h = hashlib.sha256()
+    for i, g in sorted(zip(map(str, ids), map(str, groups))):
+        h.update(f"{i}\t{g}\n".encode())
     return h.hexdigest()
 
 
@@ -236,7 +289,7 @@ def _labelled(ids, labels, classes, source: str) -> tuple[np.ndarray, np.ndarray
 
 def make_group_folds(train: pd.DataFrame, column: str, k: int = 5, seed: int = 42, classes=None,
                      repeats: int = 1) -> Folds:
-    """Stratified group K-fold: every group's rows in one fold, each class spread as evenly as groups allow.
+    """Stratified group K-fold over a column of the train table (`group_folds` on its values).
 
     Args:
         train: the train table: `id`, `label` and the group column (the train CSV's other columns).
@@ -247,15 +300,36 @@ def make_group_folds(train: pd.DataFrame, column: str, k: int = 5, seed: int = 4
         repeats: number of assignments.
 
     Raises:
-        StackerError: the column missing or with empty values, fewer groups than folds, a group
-            larger than a fold's share of the rows (N / k), or a class left out of a fold's training part.
+        StackerError: the column missing or with empty values, or `group_folds`' refusals.
+    """
+    rows = pd.DataFrame({"id": train["id"], "label": train["label"], "group": group_values(train, column)})
+    return group_folds(rows, k, seed, classes, repeats, f"folds.group_column {column!r}")
+
+
+def group_folds(rows: pd.DataFrame, k: int = 5, seed: int = 42, classes=None, repeats: int = 1,
+                where: str = "folds") -> Folds:
+    """Stratified group K-fold: every group's rows in one fold, each class spread as evenly as groups allow.
+
+    The returned folds carry the groups. Groups are numbered in sorted name order, so the same
+    groups under other row order or other names of the same order give the same folds.
+
+    Args:
+        rows: `id`, `label` and `group` (str, not blank) of each train row.
+        k: number of folds, at least 2.
+        seed: seed of the group shuffle (repeat r > 0 uses `repeat_seed(seed, r)`).
+        classes: class order; default sorted labels.
+        repeats: number of assignments.
+        where: what the groups are, the start of every error (`folds.group_column 'plant'`).
+
+    Raises:
+        StackerError: fewer groups than folds, a group larger than a fold's share of the rows
+            (N / k), or a class left out of a fold's training part.
     """
     _check_count(k, "k", 2)
     _check_count(repeats, "repeats", 1)
-    ids, labels, classes = _labelled(train["id"], train["label"], classes, "train ids")
-    groups = group_values(train, column)
+    ids, labels, classes = _labelled(rows["id"], rows["label"], classes, "train ids")
+    groups = group_strings(rows["group"], ids, where)
     names, group_of = np.unique(groups, return_inverse=True)
-    where = f"folds.group_column {column!r}"
     if len(names) < k:
         raise StackerError(f"{where}: {len(names)} groups, fewer than k={k}; every fold needs a group of its own")
     sizes = np.bincount(group_of)
@@ -266,7 +340,7 @@ def make_group_folds(train: pd.DataFrame, column: str, k: int = 5, seed: int = 4
                            f"({len(ids)} rows / k={k} = {share:.1f}); lower k, or use a finer group column")
     y = pd.Index(classes).get_indexer(labels)
     fold = [_grouped(y, group_of, len(classes), k, repeat_seed(seed, r)) for r in range(repeats)]
-    folds = _assemble(ids, labels, fold, k, seed, classes)
+    folds = _assemble(ids, labels, fold, k, seed, classes).with_groups(groups, where)
     check_training_parts(folds, where)
     return folds
 
@@ -307,13 +381,74 @@ def group_values(train: pd.DataFrame, column: str) -> np.ndarray:
         others = [str(c) for c in train.columns if c not in ("id", "label", "path")]
         raise StackerError(f"folds.group_column {column!r}: not a column of the train table (its other columns: "
                            f"{others}); groups come from a column of data.train_csv")
-    raw = train[column]
+    return group_strings(train[column], train["id"].astype(str).to_numpy(), f"folds.group_column {column!r}")
+
+
+def group_strings(raw: pd.Series, ids: np.ndarray, source: str) -> np.ndarray:
+    """(N,) groups as strings; `ids` (the same rows) name the rows of an error.
+
+    Raises:
+        StackerError: a row's group is missing or blank.
+    """
+    raw = pd.Series(np.asarray(raw, dtype=object))
     blank = (raw.isna() | (raw.astype(str).str.strip() == "")).to_numpy()
     if blank.any():
-        ids = train["id"].astype(str).to_numpy()
-        raise StackerError(f"folds.group_column {column!r}: empty group for {int(blank.sum())} row(s), first ids "
-                           f"{preview(ids[blank])}; every row needs a group")
+        raise StackerError(f"{source}: empty group for {int(blank.sum())} row(s), first ids "
+                           f"{preview(np.asarray(ids)[blank])}; every row needs a group")
     return raw.astype(str).to_numpy(dtype=object)
+
+
+def merge_groups(ids, *relations) -> np.ndarray | None:
+    """(N,) groups joining every relation: two rows share a group when they share a value of any
+    relation, transitively (connected components).
+
+    Args:
+        ids: (N,) row ids.
+        *relations: (N,) arrays, each None (ignored) or either group values (str, every row in one:
+            a group column, a fold file's groups) or int cluster numbers with -1 for a row in none
+            (duplicate clusters).
+
+    Returns:
+        A component's name is the smallest value in it of the first relation of group values, else the
+        smallest id in it, so components equal to one relation's groups keep that relation's names (and
+        `group_folds` its folds); None when no relation joins any two rows and none names groups.
+    """
+    ids = np.asarray([str(i) for i in ids], dtype=object)
+    relations = [np.asarray(r) for r in relations if r is not None]
+    keys = [_relation_key(r) for r in relations]
+    if not any(r.dtype.kind not in "iu" for r in relations) and not any((np.bincount(k[k >= 0]) > 1).any()
+                                                                         for k in keys):
+        return None
+    component = _components(keys, len(ids))
+    named = next((r.astype(str) for r in relations if r.dtype.kind not in "iu"), ids.astype(str))
+    names = pd.Series(named).groupby(component).transform("min")
+    return names.to_numpy(dtype=object)
+
+
+def _relation_key(relation: np.ndarray) -> np.ndarray:
+    """(N,) int64 key of a relation: cluster numbers as they are (-1: none), group values numbered."""
+    if relation.dtype.kind in "iu":
+        return relation.astype(np.int64)
+    return np.unique(relation.astype(str), return_inverse=True)[1].astype(np.int64)
+
+
+def _components(keys: list[np.ndarray], n: int) -> np.ndarray:
+    """(N,) smallest row index of each row's connected component: every row takes the smallest label among
+    the rows sharing a key with it, until nothing changes (as many passes as the longest chain of joins)."""
+    label = np.arange(n)
+    changed = True
+    while changed:
+        changed = False
+        for key in keys:
+            member = np.flatnonzero(key >= 0)
+            if not len(member):
+                continue
+            low = np.full(int(key.max()) + 1, n)
+            np.minimum.at(low, key[member], label[member])
+            new = low[key[member]]
+            changed |= bool((new < label[member]).any())
+            label[member] = new
+    return label
 
 
 def check_groups_whole(folds: Folds, groups, source: str) -> None:
@@ -350,8 +485,9 @@ def check_training_parts(folds: Folds, source: str) -> None:
 
 
 def folds_from_table(table: pd.DataFrame, source: str, classes=None) -> Folds:
-    """Folds brought from another tool: a table with `id`, `label`, `fold` and, for repeats, `repeat`."""
-    _require_columns(table, ("id", "label", "fold"), source, "a folds table has id, label, fold[, repeat]")
+    """Folds brought from another tool: a table with `id`, `label`, `fold`, for repeats `repeat`, and for
+    groups `group` (each group whole in one fold of every repeat)."""
+    _require_columns(table, ("id", "label", "fold"), source, "a folds table has id, label, fold[, repeat][, group]")
     ids = table["id"].astype(str).to_numpy(dtype=object)
     labels = table["label"].astype(str).to_numpy(dtype=object)
     repeat = _repeat_column(table, ids, source)
@@ -364,22 +500,26 @@ def folds_from_table(table: pd.DataFrame, source: str, classes=None) -> Folds:
     if moved.any():
         raise StackerError(f"{source}: ids with another label in another repeat, first {preview(ids[first][moved])}")
     matrix = fold[rows]
-    return _assemble(ids[first], labels[first], matrix, _fold_count(matrix, source), None, classes)
+    folds = _assemble(ids[first], labels[first], matrix, _fold_count(matrix, source), None, classes)
+    groups = _table_groups(table, rows, ids[first], source)
+    return folds if groups is None else folds.with_groups(groups, source)
 
 
 def read_fold_file(path: str | os.PathLike, ids, labels, classes=None) -> Folds:
-    """A fold assignment made elsewhere (a Kaggle notebook's folds): id, fold[, repeat][, label], checked.
+    """A fold assignment made elsewhere (a Kaggle notebook's folds): id, fold[, repeat][, label][, group], checked.
 
-    The rows come back in the dataset's order (`ids`), with the dataset's labels.
+    The rows come back in the dataset's order (`ids`), with the dataset's labels, and the file's
+    groups when it has a `group` column.
 
     Raises:
         StackerError: naming the file, the rule and the first offending ids: an id not in the
             dataset, an id twice (in one repeat), a train id missing, folds not 0..K-1 or K < 2,
-            a label that differs from the dataset's, or a class absent from a fold's training part.
+            a label that differs from the dataset's, a blank group, a group in more than one fold
+            (named), or a class absent from a fold's training part.
     """
     path = Path(path)
     table = read_csv_strings(path) if path.suffix == ".csv" else _read_parquet(path)[0]
-    _require_columns(table, ("id", "fold"), str(path), "a folds file has id, fold[, repeat]")
+    _require_columns(table, ("id", "fold"), str(path), "a folds file has id, fold[, repeat][, group]")
     ids, labels, classes = _labelled(ids, labels, classes, "train ids")
     file_ids = table["id"].astype(str).to_numpy(dtype=object)
     unknown = ~pd.Index(file_ids).isin(ids)
@@ -394,6 +534,8 @@ def read_fold_file(path: str | os.PathLike, ids, labels, classes=None) -> Folds:
             raise StackerError(f"{path}: label differs from the train data's for ids {preview(ids[differ])}")
     matrix = _integers(table, "fold", file_ids, str(path))[rows]
     folds = _assemble(ids, labels, matrix, _fold_count(matrix, str(path)), None, classes)
+    groups = _table_groups(table, rows, ids, str(path))
+    folds = folds if groups is None else folds.with_groups(groups, str(path))
     check_training_parts(folds, str(path))
     return folds
 
@@ -402,6 +544,25 @@ def _require_columns(table: pd.DataFrame, needed, source: str, layout: str) -> N
     missing = [c for c in needed if c not in table.columns]
     if missing:
         raise StackerError(f"{source}: missing column(s) {missing}; {layout}")
+
+
+def _table_groups(table: pd.DataFrame, rows: np.ndarray, ids: np.ndarray, source: str) -> np.ndarray | None:
+    """(N,) group of each row from a table's `group` column (None without one), the same in every repeat.
+
+    Args:
+        table: the folds table as read.
+        rows: (R, N) row indices into `table` of each repeat's rows in `ids` order.
+        ids: (N,) the rows' ids.
+        source: the file, the start of an error.
+    """
+    if "group" not in table.columns:
+        return None
+    values = table["group"].to_numpy(dtype=object)
+    groups = np.stack([group_strings(values[mine], ids, source) for mine in rows])  # (R, N)
+    moved = (groups != groups[0]).any(axis=0)
+    if moved.any():
+        raise StackerError(f"{source}: ids with another group in another repeat, first {preview(ids[moved])}")
+    return groups[0]
 
 
 def _integers(table: pd.DataFrame, column: str, ids: np.ndarray, source: str) -> np.ndarray:
@@ -477,10 +638,13 @@ def check_labelled_rows(ids: np.ndarray, labels: np.ndarray, classes, source: st
 
 
 def write_folds(path: str | os.PathLike, folds: Folds) -> None:
-    """folds.parquet: the table and, in the metadata, k, seed, classes, sha256 (and repeats when > 1)."""
+    """folds.parquet: the table and, in the metadata, k, seed, classes, sha256 (and repeats when > 1,
+    groups_sha256 with groups)."""
     meta = {"k": folds.k, "seed": folds.seed, "classes": list(folds.classes), "sha256": folds.sha256}
     if folds.repeats > 1:  # one assignment keeps the metadata (and so the bytes) it always had
         meta["repeats"] = folds.repeats
+    if folds.groups is not None:  # likewise folds without groups
+        meta["groups_sha256"] = folds.groups_sha256
     table = pa.Table.from_pandas(folds.table, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
     with atomic_path(path) as tmp:
@@ -490,8 +654,8 @@ def write_folds(path: str | os.PathLike, folds: Folds) -> None:
 def load_folds(path: str | os.PathLike) -> Folds:
     """Read a folds file (ours: parquet with metadata; anyone's: CSV or parquet with id, label, fold[, repeat]).
 
-    Our own files are verified against their recorded sha256, so a hand-edited
-    file cannot silently change which model saw which row.
+    Our own files are verified against their recorded sha256 (and groups_sha256), so a hand-edited
+    file cannot silently change which model saw which row, or which rows the meta level resamples together.
     """
     path = Path(path)
     if not path.is_file():
@@ -505,6 +669,9 @@ def load_folds(path: str | os.PathLike) -> Folds:
     if folds.sha256 != meta["sha256"] and not (folds.repeats == 1 and _row_order_digest(folds) == meta["sha256"]):
         raise StackerError(f"{path}: ids, labels or folds were changed after the file was made "
                            "(sha256 differs from the one recorded); make folds again with --force")
+    if folds.groups_sha256 != meta.get("groups_sha256"):
+        raise StackerError(f"{path}: groups were changed after the file was made (groups_sha256 differs from the "
+                           "one recorded); make folds again with --force")
     if folds.k != meta["k"]:
         raise StackerError(f"{path}: has {folds.k} folds but records k={meta['k']}")
     if folds.repeats != meta.get("repeats", 1):

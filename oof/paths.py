@@ -1,7 +1,9 @@
 """The run directory: the one place that names every file a stage reads or writes.
 
     <run>/run.yaml                          resolved config
-    <run>/folds.parquet                     id, label, fold (+ K, seed, classes, sha256); folds.csv from other tools
+    <run>/folds.parquet                     id, label, fold[, group] (+ K, seed, classes, sha256); folds.csv from
+                                            other tools
+    <run>/duplicates.csv                    the near-duplicate image pairs found when the folds were made
     <run>/targets.parquet                   id + the train CSV's other columns (extra targets, weights)
     <run>/cache/<split>.u8, <split>.json    decoded uint8 images + index, split train or test
     <run>/models/<model>/fold<k>.*          weights, history, job log, resume checkpoint, lock
@@ -106,6 +108,12 @@ class RunPaths:
     def folds_csv(self) -> Path:
         """Folds brought from another tool (id, label, fold), read when folds.parquet is absent."""
         return self.root / "folds.csv"
+
+    @property
+    def duplicates(self) -> Path:
+        """The near-duplicate pairs (train, train-test, test) found when the folds were made: the listing
+        behind `folds.duplicates`' groups, label conflicts and train images also in test."""
+        return self.root / "duplicates.csv"
 
     @property
     def targets(self) -> Path:

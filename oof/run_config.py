@@ -26,6 +26,7 @@ from .paths import RunPaths
 
 SECTIONS = ("run_dir", "data", "folds", "train", "models", "tta", "engine", "stack", "submit")
 RUN_HERE = "."  # run.yaml's run_dir: the folder the file is in, wherever the run has moved
+PRE_DUPLICATES = "off"  # folds.duplicates of a run whose saved folds section predates the key
 
 
 def load_config(config: str | None = None, run: str | None = None, overrides: dict | None = None,
@@ -80,7 +81,8 @@ def read_run_yaml(path: Path) -> dict:
 
     Its `run_dir` becomes that folder and a relative `data.root` is resolved against it, so a
     run copied elsewhere keeps working; so does an older run.yaml with an absolute `run_dir` that
-    sits beside its run's folds. Any other config's relative paths are the caller's.
+    sits beside its run's folds. A saved `folds:` section without `duplicates` reads as `off`, as
+    that run's folds were made. Any other config's relative paths are the caller's.
     """
     cfg = read_yaml(path)
     beside = RunPaths(path.parent)
@@ -95,6 +97,10 @@ def read_run_yaml(path: Path) -> dict:
     data = cfg.get("data")
     if isinstance(data, dict) and isinstance(data.get("root"), str) and not Path(data["root"]).is_absolute():
         cfg["data"] = {**data, "root": os.path.normpath(here / data["root"])}
+    folds = cfg.get("folds")
+    if isinstance(folds, dict) and "duplicates" not in folds:
+        # A run saved before folds.duplicates existed made its folds without looking for duplicates.
+        cfg["folds"] = {**folds, "duplicates": PRE_DUPLICATES}
     return cfg
 
 

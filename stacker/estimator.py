@@ -33,6 +33,10 @@ from .inputs import (MetaData, align_test_tables, as_oof_tables, meta_features, 
 from .leak import LeakInputs, declared_leaks, leak_report
 from .metrics import Metric
 from .repeats import (RepeatAverage, combine_model_scores, combine_repeats, merge_leak_checks, repeat_config)
+from .split_leak import split_leak
+
+# This many models flagged by the statistics at once points at the folds, not at each model.
+MANY_FLAGGED = 3
 
 
 class StackGuard:
@@ -101,7 +105,16 @@ class StackGuard:
         tables = as_oof_tables(oof_tables, folds)
         names, y = list(tables), folds.y
         Xs = repeat_features(tables, folds.repeats)  # R x (N, M, C); R = 1 without repeats
+        self.warnings_, self.split_leak_ = [], None
         suspicious, consistency = self._check_repeat_leaks(Xs, folds, names, test_tables, fold_tables)
+        self._check_split(config, log)
+        flagged = [m for m, r in consistency.items() if r.get("flagged")]
+        if len(flagged) >= MANY_FLAGGED:
+            self.warnings_.append(
+                f"{len(flagged)} models look leaked at once ({', '.join(flagged)}): more likely the folds leak "
+                "(near-duplicate images or a group's rows split across folds) than each model; consider "
+                "folds.duplicates: group or a group column")
+            log(f"warning: {self.warnings_[-1]}")
         for name, why in declared_leaks({m: t.meta for m, t in tables.items()}).items():
             suspicious.setdefault(name, why)
         excluded = _exclude(suspicious, config.allow_suspicious, log)
@@ -111,11 +124,13 @@ class StackGuard:
         self.models_ = [m for m in names if m not in excluded]
         self.classes_, self.repeats_ = tuple(folds.classes), folds.repeats
         used = [names.index(m) for m in self.models_]
-        datas = [MetaData(X[:, used], y, one.fold, tuple(self.models_), self.classes_)
+        groups = folds.group_index
+        datas = [MetaData(X[:, used], y, one.fold, tuple(self.models_), self.classes_, groups)
                  for X, one in zip(Xs, folds.each_repeat())]
         metric = Metric(config.metric, len(self.classes_))
         repeats = f" x {folds.repeats} repeats" if folds.repeats > 1 else ""
-        log(f"fit-stack: {len(self.models_)} models, {len(self.classes_)} classes, {len(y)} rows, "
+        grouped = f" in {int(groups.max()) + 1} groups" if groups is not None else ""
+        log(f"fit-stack: {len(self.models_)} models, {len(self.classes_)} classes, {len(y)} rows{grouped}, "
             f"{folds.k} folds{repeats}; metric {config.metric}")
         # One BLAS thread: OpenBLAS threads spinning after a logistic-regression fit
         # slowed the next LightGBM fit's OpenMP threads 3x on the 2-core bench machine.
@@ -138,6 +153,14 @@ class StackGuard:
         }
         if "nested_note" in decision:
             record["nested_note"] = decision["nested_note"]
+        if folds.groups_sha256 is not None:  # an ungrouped decision keeps its keys
+            record["groups_sha256"] = folds.groups_sha256
+        if self.split_leak_ is not None:
+            record["split_leak"] = self.split_leak_
+        warnings = self.warnings_ + ([f"nested estimate: {decision['nested']['warning']}"]
+                                     if (decision.get("nested") or {}).get("warning") else [])
+        if warnings:
+            record["warnings"] = warnings
         if folds.repeats > 1:  # a one-assignment decision keeps today's keys (and digest)
             record.update({key: decision[key] for key in ("repeat_decisions", "agreement")}, repeats=folds.repeats)
         return record
@@ -149,7 +172,9 @@ class StackGuard:
         """
         def final_fit(chosen: str, r: int):
             seed, data = fit_seed(repeat_config(config, r).seed, ()), datas[r]
-            return create_candidate(chosen, config, metric, seed, data.models, data.classes).fit(data.X, data.y)
+            candidate = create_candidate(chosen, config, metric, seed, data.models, data.classes)
+            candidate.row_groups = data.groups
+            return candidate.fit(data.X, data.y)
 
         if len(datas) == 1:  # the final fit starts as soon as the choice is known (`run_guard`'s then)
             members = []
@@ -200,6 +225,21 @@ class StackGuard:
         check_rows(table)
         return table
 
+    def _check_split(self, config: StackConfig, log) -> None:
+        """Stop on a split leak (`stacker.split_leak`), or with allow_suspicious record it as a warning."""
+        split, self._splits = self._splits, None
+        if split is None:
+            return
+        self.split_leak_ = split.record()
+        if not split.leaks:
+            return
+        if not config.allow_suspicious:
+            raise StackerError(f"fit-stack: {split.message()}")
+        self.warnings_.append(f"{split.message()} (kept: allow_suspicious)")
+        log(f"warning: {self.warnings_[-1]}")
+
+    _splits = None  # the split-leak statistic of the worst repeat, while the leak checks run
+
     def _check_leaks(self, X: np.ndarray, folds: Folds, names: list[str], test_tables, fold_tables):
         """({model: reason} of the models that look leaked, {model: OOF/test consistency report})."""
         if test_tables is None:
@@ -212,7 +252,10 @@ class StackGuard:
         per_fold = (np.stack([meta_features({m: validate_test(t, ids, folds.classes)  # the test table's row order
                                              for m, t in self._leak_reference(f, names, folds).items()})
                               for f in fold_tables]) if fold_tables else None)  # (K, T, M, C)
-        report = leak_report(LeakInputs(folds.y, folds.fold, X, test, per_fold, names))
+        report = leak_report(LeakInputs(folds.y, folds.fold, X, test, per_fold, names, folds.group_index))
+        split = split_leak(X, folds.fold, test, per_fold)
+        if split is not None and (self._splits is None or split.share > self._splits.share):
+            self._splits = split  # the worst repeat's
         suspicious = suspicious_models(folds.y, X, names, test if len(names) == 1 else None)
         for name, r in report.items():
             if r["flagged"]:
@@ -295,7 +338,7 @@ def _run_repeats(datas: list[MetaData], config: StackConfig, metric: Metric, log
         runs.append(_run_suited(data, repeat_config(config, r), metric, log))
     names = list(runs[0][1])
     oof_probas = {name: np.stack([run[1][name] for run in runs]) for name in names}
-    decision = decide(datas[0].y, oof_probas, metric, config, seed=[config.seed, 7])
+    decision = decide(datas[0].y, oof_probas, metric, config, [config.seed, 7], datas[0].groups)
     decision = combine_repeats({**decision, "left_out": runs[0][0]["left_out"]}, [run[0] for run in runs])
     return decision, oof_probas, {name: sum(run[2][name] for run in runs) for name in names}
 

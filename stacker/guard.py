@@ -66,6 +66,7 @@ def fit_held_out(data: MetaData, cls, key: tuple[int, ...], config: StackConfig,
     """
     held = np.isin(data.fold, key)
     candidate = cls.from_config(config, metric, fit_seed(config.seed, key), data.models, data.classes)
+    candidate.row_groups = data.groups
     candidate.fit_prepared(prepared, np.flatnonzero(~held), data.X.shape)
     return candidate.predict_proba(data.X[held])
 
@@ -171,7 +172,7 @@ def fit_tasks(data: MetaData, names, keys: list, config: StackConfig, metric: Me
         with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
             np.save(os.path.join(tmp, "X.npy"), data.X)
             shared = MetaData(np.load(os.path.join(tmp, "X.npy"), mmap_mode="r"), data.y, data.fold,
-                              data.models, data.classes)
+                              data.models, data.classes, data.groups)
             done = list(bar(Parallel(n_jobs=workers, backend="loky", return_as="generator")(
                 delayed(fit_keys)(shared, candidate_class(name), part, config, metric) for name, part in tasks),
                 total=len(tasks), desc="meta-level fits", unit="task"))
@@ -198,7 +199,7 @@ def assemble(preds: dict, fold: np.ndarray, outer: int | None = None) -> np.ndar
     return out
 
 
-def decide(y, probas: dict[str, np.ndarray], metric: Metric, config: StackConfig, seed) -> dict:
+def decide(y, probas: dict[str, np.ndarray], metric: Metric, config: StackConfig, seed, groups=None) -> dict:
     """Score candidates on paired bootstrap resamples and choose one (module docstring, 1-3).
 
     Args:
@@ -206,12 +207,14 @@ def decide(y, probas: dict[str, np.ndarray], metric: Metric, config: StackConfig
         probas: {candidate: (n, C) out-of-fold probabilities}, in complexity order, holding FLOOR;
             with repeats (R, n, C), scored as `stacker.repeats.repeat_scores` says.
         seed: seed of the resamples.
+        groups: (n,) group of each row, or None; with groups the resamples draw whole groups
+            (`bootstrap_counts`).
 
     Returns:
         {"candidates": {name: scores}, "best": name, "chosen": name, "reason": str}.
     """
     names = list(probas)
-    score, boot = repeat_scores(y, [probas[n] for n in names], metric, bootstrap_counts(y, config.n_bootstrap, seed))
+    score, boot = repeat_scores(y, [probas[n] for n in names], metric, bootstrap_counts(y, config.n_bootstrap, seed, groups))
     floor = names.index(FLOOR)
     tail = 100 * (1 - config.confidence) / 2
     records = {}
@@ -253,24 +256,32 @@ def _reason(names, records, best, chosen, config) -> str:
     return text
 
 
-def nested_estimate(y, fold, preds: dict, metric: Metric, config: StackConfig, pool=None) -> dict:
+def nested_estimate(data: MetaData, preds: dict, metric: Metric, config: StackConfig, pool=None) -> dict:
     """Run `decide` inside each outer fold on its inner folds; score each choice on its outer fold.
 
     Args:
+        data: the rows' labels, folds and groups (`MetaData`; its X is not read).
         preds: {candidate: {key: predictions}} with single and pair keys.
         pool: an executor that runs the outer folds' decisions at once (`decide_in_threads`); None: in turn.
     """
-    return nested_result(y, fold, preds, metric, nested_jobs(y, fold, preds, metric, config, pool))
+    result = nested_result(data, preds, metric, nested_jobs(data, preds, metric, config, pool))
+    del result["proba"]
+    return result
 
 
-def nested_jobs(y, fold, preds: dict, metric: Metric, config: StackConfig, pool=None) -> list:
+def nested_jobs(data: MetaData, preds: dict, metric: Metric, config: StackConfig, pool=None) -> list:
     """`nested_estimate`'s outer-fold decisions, submitted to `pool` (run at once without one): [(fold, future)]."""
-    return [(int(o), (pool or _InTurn()).submit(_inner_decision, y, fold, preds, int(o), metric, config))
-            for o in np.unique(fold)]
+    return [(int(o), (pool or _InTurn()).submit(_inner_decision, data, preds, int(o), metric, config))
+            for o in np.unique(data.fold)]
 
 
-def nested_result(y, fold, preds: dict, metric: Metric, jobs: list) -> dict:
-    """The nested estimate from `nested_jobs`' decisions: each outer fold scored with its choice."""
+def nested_result(data: MetaData, preds: dict, metric: Metric, jobs: list) -> dict:
+    """The nested estimate from `nested_jobs`' decisions: each outer fold scored with its choice.
+
+    "proba" holds the pooled outer-fold predictions (N, C), for `nested_check`; `run_guard` drops it
+    from the decision.
+    """
+    y, fold = data.y, data.fold
     outer_proba = None
     per_fold = []
     for o, job in jobs:
@@ -280,13 +291,16 @@ def nested_result(y, fold, preds: dict, metric: Metric, jobs: list) -> dict:
         outer_proba[fold == o] = p
         per_fold.append({"fold": o, "chosen": d["chosen"], "score": metric.score(y[fold == o], p),
                          "reason": d["reason"]})
-    return {"score": metric.score(y, outer_proba), "log_loss": log_loss(y, outer_proba), "folds": per_fold}
+    return {"score": metric.score(y, outer_proba), "log_loss": log_loss(y, outer_proba), "folds": per_fold,
+            "proba": outer_proba}
 
 
-def _inner_decision(y, fold, preds: dict, outer: int, metric: Metric, config: StackConfig) -> dict:
+def _inner_decision(data: MetaData, preds: dict, outer: int, metric: Metric, config: StackConfig) -> dict:
     """`decide` on the rows outside fold `outer`, from the fits that held out `outer` and each row's fold."""
-    probas = {name: assemble(p, fold, outer=outer) for name, p in preds.items()}
-    return decide(y[fold != outer], probas, metric, config, seed=[config.seed, 7, outer])
+    inner = data.fold != outer
+    probas = {name: assemble(p, data.fold, outer=outer) for name, p in preds.items()}
+    groups = None if data.groups is None else data.groups[inner]
+    return decide(data.y[inner], probas, metric, config, [config.seed, 7, outer], groups)
 
 
 class _InTurn:
@@ -336,12 +350,46 @@ def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=info, the
     pool = decide_in_threads(workers)
     # one warnings-filter state around the threads: `Metric.bootstrap`'s catch_warnings is not thread-safe
     with warnings.catch_warnings(), pool or contextlib.nullcontext():
-        main = (pool or _InTurn()).submit(decide, data.y, oof, metric, config, [config.seed, 7])
-        jobs = nested_jobs(data.y, data.fold, preds, metric, config, pool) if nested else None
+        main = (pool or _InTurn()).submit(decide, data.y, oof, metric, config, [config.seed, 7], data.groups)
+        jobs = nested_jobs(data, preds, metric, config, pool) if nested else None
         if then is not None:
             then(main.result()["chosen"])
-        estimate = nested_result(data.y, data.fold, preds, metric, jobs) if nested else None
+        estimate = nested_result(data, preds, metric, jobs) if nested else None
         decision = {**main.result(), "nested": estimate}
+    if estimate is not None:
+        warning = nested_check(data, estimate.pop("proba"), metric, config)
+        if warning:
+            estimate["warning"] = warning
     if config.nested and not nested:
         decision["nested_note"] = f"nested estimate needs K >= 3 folds, got K={data.k}"
     return decision, oof, timings
+
+
+def nested_check(data: MetaData, outer_proba: np.ndarray, metric: Metric, config: StackConfig) -> str:
+    """A warning when the nested estimate is too good to be true, or "".
+
+    A stack gains on its best base model by combining models, a little; a nested estimate
+    above the best model's own OOF score by more than `NESTED_SDS` bootstrap standard
+    deviations of that gain, or at the metric's maximum (every row right, a log-loss of 0),
+    says that some OOF rows were seen in training, not that the stack is that good.
+    """
+    y = data.y
+    models = data.X.shape[1]
+    base = [metric.score(y, data.X[:, m]) for m in range(models)]
+    best = int(np.argmax(base))
+    estimate = metric.score(y, outer_proba)
+    perfect = metric.score(y, np.eye(data.X.shape[2])[y])
+    if estimate >= perfect - 1e-12:
+        return (f"the nested estimate is the metric's maximum ({estimate:.4f}): no honest stack is right on every "
+                "row; some OOF rows were seen in training (a leaked model or split folds)")
+    counts = bootstrap_counts(y, config.n_bootstrap, [config.seed, 11], data.groups)
+    boot = metric.bootstrap(y, [outer_proba, np.asarray(data.X[:, best], dtype=np.float64)], counts)
+    gain, sd = estimate - base[best], float(np.std(boot[:, 0] - boot[:, 1], ddof=1))
+    if gain > NESTED_SDS * sd and gain > 0:
+        return (f"the nested estimate {estimate:.4f} is above the best model's OOF score ({data.models[best]} "
+                f"{base[best]:.4f}) by {gain:+.4f}, {gain / max(sd, 1e-12):.1f} bootstrap SDs: more than stacking "
+                "gains honestly; check the models and folds for leaks")
+    return ""
+
+
+NESTED_SDS = 3.0

@@ -45,6 +45,8 @@ class MetaData:
         fold: (N,) the base models' fold of each row; the meta level holds out the same folds.
         models: the M model names, used to label LightGBM features.
         classes: the C class names.
+        groups: (N,) int group of each row (`Folds.group_index`: a duplicate cluster, a plant), or
+            None: rows are independent. The bootstrap draws groups, and inner splits keep them whole.
     """
 
     X: np.ndarray
@@ -52,6 +54,7 @@ class MetaData:
     fold: np.ndarray
     models: tuple[str, ...]
     classes: tuple[str, ...]
+    groups: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -173,6 +176,38 @@ def sure_share(y: np.ndarray, X: np.ndarray) -> np.ndarray:
     return ((X.argmax(axis=2) == y[:, None]) & (truth >= sure_thresholds(X))).mean(axis=0)
 
 
+# A memoriser is right wherever it leaves the other models' consensus: a model that saw its OOF rows
+# knows their labels. Honest models measured right on 4-45% of their disagreements (the strongest of
+# six scikit-learn families, bench/leak_bench.py); flagged: right on all but MEMO_WRONG of at least
+# MEMO_DISAGREEMENTS of them.
+MEMO_DISAGREEMENTS = 20
+MEMO_WRONG = 0.02
+
+
+def disagreements(y: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """((M,) rows where each model's top class differs from the other models' consensus, (M,) of those it gets
+    wrong); X is (N, M, C) with M >= 2."""
+    total = X.sum(axis=1)  # (N, C)
+    top = X.argmax(axis=2)  # (N, M)
+    counts, wrong = np.zeros(X.shape[1], dtype=np.int64), np.zeros(X.shape[1], dtype=np.int64)
+    for m in range(X.shape[1]):
+        differ = top[:, m] != (total - X[:, m]).argmax(axis=1)
+        counts[m], wrong[m] = int(differ.sum()), int((top[differ, m] != y[differ]).sum())
+    return counts, wrong
+
+
+def memorisers(y: np.ndarray, X: np.ndarray, models: list[str]) -> dict[str, str]:
+    """{model: reason} for models right on nearly every row where they leave the others' consensus."""
+    if X.shape[1] < 2:
+        return {}
+    counts, wrong = disagreements(y, X)
+    return {name: (f"it is right on {counts[m] - wrong[m]} of the {counts[m]} OOF rows where it disagrees with "
+                   "the other models' consensus: a model that never saw those rows misses some of them; "
+                   "trained on its own OOF rows?")
+            for m, name in enumerate(models)
+            if counts[m] >= MEMO_DISAGREEMENTS and wrong[m] <= MEMO_WRONG * counts[m]}
+
+
 def suspicious_models(y: np.ndarray, X: np.ndarray, models: list[str], X_test: np.ndarray | None = None
                       ) -> dict[str, str]:
     """{model: reason} for models whose OOF looks leaked (see LEAK_* above).
@@ -196,6 +231,8 @@ def suspicious_models(y: np.ndarray, X: np.ndarray, models: list[str], X_test: n
         if share[m] >= LEAK_SHARE and reference <= share[m] - LEAK_GAP:
             out[name] = (f"{share[m]:.1%} of OOF rows are sure of the true class while {what} "
                          f"{reference:.1%}: trained on its own OOF rows?")
+    for name, why in memorisers(y, X, models).items():
+        out.setdefault(name, why)
     return out
 
 

@@ -81,6 +81,8 @@ class LeakInputs:
         test: (T, M, C) test probabilities, the mean over fold models.
         test_folds: (K, T, M, C) each fold model's test probabilities, or None.
         models: the M model names.
+        groups: (N,) group of each OOF row, or None (independent rows): standard errors over OOF
+            rows count groups (`design_effect`), since copies of one photo are scored alike.
     """
 
     y: np.ndarray
@@ -89,6 +91,7 @@ class LeakInputs:
     test: np.ndarray
     test_folds: np.ndarray | None
     models: list[str]
+    groups: np.ndarray | None = None
 
 
 def sharpness(p: np.ndarray) -> np.ndarray:
@@ -142,8 +145,9 @@ def _model_gaps(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]) -
         s_test = [sharpness(data.test_folds[k, :, m]) for k in range(len(folds))]  # K x (T,)
     else:
         s_test = [sharpness(data.test[:, m])] * len(folds)
-    fold_gaps = [_mean_gap(s_oof[data.fold == f], s_test[i]) for i, f in enumerate(folds)]
-    out = {"sharpness": _mean_gap(s_oof, np.concatenate(s_test)), "folds": fold_gaps,
+    fold_gaps = [_mean_gap(s_oof[data.fold == f], s_test[i], _subset(data.groups, data.fold == f))
+                 for i, f in enumerate(folds)]
+    out = {"sharpness": _mean_gap(s_oof, np.concatenate(s_test), data.groups), "folds": fold_gaps,
            "own_reference": data.test_folds is not None, "identical": _identical_folds(data, m)}
     if data.oof.shape[1] > 1:
         out.update(_agreement_gap(data, m, sums))
@@ -179,7 +183,7 @@ def _fold_rightness(data: LeakInputs, m: int, oof_sum: np.ndarray, folds: np.nda
     rows = np.arange(len(data.y))
     others = (oof_sum[rows, data.y] - data.oof[rows, m, data.y]) / (data.oof.shape[1] - 1)
     diff = data.oof[rows, m, data.y] - others
-    sd = diff.std(ddof=1) if len(diff) > 1 else np.inf
+    sd = diff.std(ddof=1) * np.sqrt(design_effect(diff, data.groups)) if len(diff) > 1 else np.inf
     out = []
     for f in folds:
         d = diff[data.fold == f]
@@ -187,12 +191,35 @@ def _fold_rightness(data: LeakInputs, m: int, oof_sum: np.ndarray, folds: np.nda
     return out
 
 
-def _mean_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(mean(a) - mean(b), its standard error): the rows of each side are independent draws."""
+def _mean_gap(a: np.ndarray, b: np.ndarray, groups_a: np.ndarray | None = None) -> tuple[float, float]:
+    """(mean(a) - mean(b), its standard error): the rows of each side are independent draws, or the
+    groups of a's rows are (`groups_a`, the OOF side's groups)."""
     if len(a) < 2 or len(b) < 2:
         return 0.0, np.inf
-    se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    se = np.sqrt(a.var(ddof=1) / len(a) * design_effect(a, groups_a) + b.var(ddof=1) / len(b))
     return float(a.mean() - b.mean()), float(se + 1e-12)
+
+
+def design_effect(values: np.ndarray, groups: np.ndarray | None) -> float:
+    """How much grouping inflates the variance of the mean of `values` over independent rows: >= 1, 1 without groups.
+
+    The cluster-robust variance (the squared sums of each group's deviations) over the
+    rows' own (the sum of squared deviations). Copies of one photo move together, so
+    a mean over N rows in G groups of copies is about as uncertain as one over G rows.
+    """
+    if groups is None or len(values) < 2:
+        return 1.0
+    r = values - values.mean()
+    row_var = float(r @ r)
+    if row_var <= 0:
+        return 1.0
+    _, group_of = np.unique(groups, return_inverse=True)
+    sums = np.bincount(group_of.ravel(), weights=r)
+    return max(1.0, float(sums @ sums) / row_var)
+
+
+def _subset(groups: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    return None if groups is None else groups[rows]
 
 
 def _agreement_gap(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[float, float]]:
@@ -219,8 +246,8 @@ def _agreement_gap(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]
         consensus = (total - t[:, m]).argmax(axis=1)
         agree_test.append((t[:, m].argmax(axis=1) == consensus).astype(float))
         support_test.append(t[np.arange(len(consensus)), m, consensus])
-    return {"agreement": _mean_gap(agree_oof, np.concatenate(agree_test)),
-            "support": _mean_gap(support_oof, np.concatenate(support_test))}
+    return {"agreement": _mean_gap(agree_oof, np.concatenate(agree_test), data.groups),
+            "support": _mean_gap(support_oof, np.concatenate(support_test), data.groups)}
 
 
 def _judge(gaps: list[dict], m: int) -> dict:

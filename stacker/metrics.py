@@ -3,8 +3,8 @@
 Every score is greater-is-better (scikit-learn's scorer convention, so log-loss
 as a metric is `neg_log_loss`); `oof.log_loss` itself is reported as a loss.
 
-The bootstrap resamples rows once and scores every candidate on the same
-resamples (paired), as row-count weights: (B, N) counts, one row per resample.
+The bootstrap resamples rows (or whole groups, when the folds have them) once and
+scores every candidate on the same resamples (paired), as row-count weights: (B, N) counts, one row per resample.
 Accuracy and log-loss are means over rows, so a resample's score is one matrix
 product. Label metrics depend on the confusion matrix only: the (B, C, C)
 confusion matrices of all resamples are one sparse product, and the common ones
@@ -94,7 +94,9 @@ class Metric:
             warnings.simplefilter("ignore")  # a class absent from a resample warns, by design
             if self.name in _ROW_MEANS:
                 rows = np.stack([self.rows(y, p) for p in probas], axis=1)  # (N, K)
-                return (counts @ rows.astype(np.float32)).astype(np.float64) / len(y)
+                # over the rows drawn: N for a row bootstrap, varying with the groups' sizes for a cluster one
+                totals = counts.sum(axis=1, dtype=np.float64)[:, None]
+                return (counts @ rows.astype(np.float32)).astype(np.float64) / totals
             if self.uses_labels:
                 return np.stack([self._bootstrap_labels(y, p.argmax(axis=1), counts) for p in probas], axis=1)
             return np.array([[self._call(y, p, w) for p in probas] for w in counts])
@@ -176,14 +178,34 @@ def confusion_score(name: str, confusion: np.ndarray) -> np.ndarray:
     return (per_class * present).sum(axis=1) / present.sum(axis=1)
 
 
-def bootstrap_counts(y: np.ndarray, n_bootstrap: int, seed) -> np.ndarray:
+def bootstrap_counts(y: np.ndarray, n_bootstrap: int, seed, groups: np.ndarray | None = None) -> np.ndarray:
     """(B, N) float32 times each row is drawn in each of B resamples, stratified by class.
 
     Each class's rows are resampled with replacement among themselves, so every
     resample holds every class as often as the data does: a rare class can never
     vanish from a resample and leave a per-class metric (AUC, recall) undefined.
+
+    With `groups` ((N,) int group index: a duplicate cluster, a plant, a patient) the
+    groups are the units drawn (a cluster bootstrap): each group is drawn with
+    replacement among the groups of its majority label, and a drawn group brings all
+    of its rows. Rows of one group are not independent draws (copies of one photo are
+    scored alike), so resampling rows would make every interval too narrow. The
+    output is the same one (B, N) matrix: (B, G) group counts taken per row.
     """
     y = np.asarray(y)
+    if groups is None:
+        return _stratified_counts(y, n_bootstrap, seed)
+    groups = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()  # 0..G-1
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    votes = np.zeros((n_groups, int(y.max()) + 1 if len(y) else 1), dtype=np.int64)
+    np.add.at(votes, (groups, y), 1)
+    majority = votes.argmax(axis=1)  # ties go to the lower class index
+    group_counts = _stratified_counts(majority, n_bootstrap, seed)  # (B, G)
+    return np.take(group_counts, groups, axis=1)
+
+
+def _stratified_counts(y: np.ndarray, n_bootstrap: int, seed) -> np.ndarray:
+    """(B, N) float32 draws of each of N units, each class's units resampled among themselves."""
     n_rows = len(y)
     rng = np.random.default_rng(seed)
     classes = [np.flatnonzero(y == c) for c in np.unique(y)]

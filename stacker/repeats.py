@@ -110,8 +110,12 @@ def combine_nested(nested: list[dict | None]) -> dict | None:
         return None
     scores = [n["score"] for n in nested]
     folds = [{**f, "repeat": r} for r, n in enumerate(nested) for f in n["folds"]]
-    return {"score": float(np.mean(scores)), "log_loss": float(np.mean([n["log_loss"] for n in nested])),
-            "repeat_scores": scores, "repeat_std": float(np.std(scores)), "folds": folds}
+    combined = {"score": float(np.mean(scores)), "log_loss": float(np.mean([n["log_loss"] for n in nested])),
+                "repeat_scores": scores, "repeat_std": float(np.std(scores)), "folds": folds}
+    warnings = [f"repeat {r}: {n['warning']}" for r, n in enumerate(nested) if n.get("warning")]
+    if warnings:
+        combined["warning"] = "; ".join(warnings)
+    return combined
 
 
 def combine_model_scores(per_repeat: list[dict]) -> dict:

@@ -298,3 +298,17 @@ def test_interrupted_update_leaves_no_index(run, small):
 def _interrupt_after_update(message):
     if "re-decoded" in message:  # logged after the data file is in place, before the index is written
         raise _Interrupt
+
+
+def test_the_index_records_a_perceptual_hash_per_row_outside_the_digest(run, small):
+    from base_models.cache import HASH_DRAFT
+    from base_models.duplicates import HASH_SPEC, HASH_WORDS, hash_hex, image_hash
+    from base_models.images import load_rgb
+
+    ids, files = small
+    cache = build_cache(run, "train", ids, files, _options(), **QUIET)
+    index = read_json(run.cache_index("train"))
+    assert index["hash"] == HASH_SPEC
+    assert index["hashes"] == [hash_hex(image_hash(load_rgb(p, draft_size=HASH_DRAFT))) for p in files]
+    assert cache.hashes.shape == (5, HASH_WORDS) and list(cache.pixel_digests) == index["pixels"]
+    assert cache.digest == split_digest(ids, index["pixels"], [8, 6], "squish")  # hashes are not in it

@@ -162,9 +162,9 @@ def guard_fits(meta):
 
 def test_nested_estimate_in_threads_equals_in_turn(meta, guard_fits):
     preds, config, metric = guard_fits
-    in_turn = nested_estimate(meta.y, meta.fold, preds, metric, config, pool=None)
+    in_turn = nested_estimate(meta, preds, metric, config, pool=None)
     with warnings.catch_warnings(), ThreadPoolExecutor(2) as pool:
-        threaded = nested_estimate(meta.y, meta.fold, preds, metric, config, pool=pool)
+        threaded = nested_estimate(meta, preds, metric, config, pool=pool)
     assert [f["fold"] for f in in_turn["folds"]] == list(range(meta.k))
     assert json.dumps(threaded) == json.dumps(in_turn)
 

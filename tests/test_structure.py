@@ -112,7 +112,7 @@ def run_file_names() -> dict[str, re.Pattern]:
              paths.decision, paths.stack_state, paths.stack_booster, paths.leaderboard, paths.stack_report,
              paths.stack_test, paths.model_dir("m").parent, paths.report, paths.history_csv("m", 0),
              paths.oof_fold("m", 0), paths.oof_plain("m"), paths.oof_plain_fold("m", 0), paths.stage_log("x"),
-             paths.stack_oof,
+             paths.stack_oof, paths.duplicates,
              paths.job_log("m", 0)}
     out = {}
     for p in names:
@@ -140,7 +140,8 @@ def string_literals(tree: ast.AST):
 
 def test_run_file_names_are_spelled_only_in_run_paths():
     names = run_file_names()
-    assert {"run.yaml", "decision.json", "fold0.safetensors", "test.parquet", "stack", "train.u8"} <= set(names)
+    assert {"run.yaml", "decision.json", "fold0.safetensors", "test.parquet", "stack", "train.u8",
+            "duplicates.csv"} <= set(names)
     offenders = []
     for path in source_files():
         if path == REPO / "oof" / "paths.py":

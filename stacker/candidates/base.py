@@ -80,6 +80,11 @@ class Candidate:
         """
         return None
 
+    # (N,) group of each row of the X that `prepare` (or `fit`) sees, set by the guard before a fit; None:
+    # independent rows. A candidate that splits its training rows (LightGBM's early stopping) keeps groups
+    # whole, or copies of one photo on both sides of the split make its validation loss optimistic.
+    row_groups: np.ndarray | None = None
+
     @classmethod
     def prepare(cls, X: np.ndarray, y: np.ndarray, config, models=(), classes=()):
         """What the fits of one guard task share, made once from all N rows (`stacker.guard.fit_keys`).

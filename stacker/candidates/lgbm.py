@@ -89,10 +89,25 @@ def lgbm_params(config, seed: int) -> dict:
     }
 
 
-def inner_split(n_rows: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffled (train_rows, valid_rows) of range(n_rows) for early stopping; both non-empty."""
-    order = np.random.default_rng(seed).permutation(n_rows)
+def inner_split(n_rows: int, valid_fraction: float, seed: int, groups: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled (train_rows, valid_rows) of range(n_rows) for early stopping; both non-empty.
+
+    With `groups` ((n_rows,) group of each row) whole groups go to one side, drawn in a shuffled
+    order until the validation side holds about `valid_fraction` of the rows; one group alone
+    (nothing to split) falls back to rows.
+    """
     n_valid = min(max(1, int(round(valid_fraction * n_rows))), n_rows - 1)
+    if groups is not None:
+        names, group_of = np.unique(groups, return_inverse=True)
+        if len(names) > 1:
+            order = np.random.default_rng(seed).permutation(len(names))
+            sizes = np.bincount(group_of.ravel(), minlength=len(names))[order]
+            # the shortest prefix of shuffled groups reaching n_valid rows, leaving some group to train on
+            take = min(int(np.searchsorted(np.cumsum(sizes), n_valid)) + 1, len(names) - 1)
+            valid = np.isin(group_of.ravel(), order[:take])
+            return np.flatnonzero(~valid), np.flatnonzero(valid)
+    order = np.random.default_rng(seed).permutation(n_rows)
     return np.sort(order[n_valid:]), np.sort(order[:n_valid])
 
 
@@ -118,7 +133,8 @@ def feature_names(names) -> list[str]:
     return safe if len(set(safe)) == len(safe) else [f"f{i}_{s}" for i, s in enumerate(safe)]
 
 
-def train_booster(params: dict, binned: lgb.Dataset, rows: np.ndarray, config, groups: int = 1) -> lgb.Booster:
+def train_booster(params: dict, binned: lgb.Dataset, rows: np.ndarray, config, groups: int = 1,
+                  row_groups: np.ndarray | None = None) -> lgb.Booster:
     """Train on `binned`'s rows `rows`, early-stopping on an inner split of them seeded by `params["seed"]`.
 
     Args:
@@ -128,8 +144,9 @@ def train_booster(params: dict, binned: lgb.Dataset, rows: np.ndarray, config, g
         rows: sorted original rows to train on; the inner split keeps each one's feature
             rows together, so that one image never sits on both sides of the split.
         config: the `StackConfig` (inner split, rounds, early stopping).
+        row_groups: (len(rows),) group of each of `rows`, kept whole by the inner split; None: rows.
     """
-    train, valid = inner_split(len(rows), config.lgbm_valid_fraction, params["seed"])
+    train, valid = inner_split(len(rows), config.lgbm_valid_fraction, params["seed"], row_groups)
     train = (rows[train][:, None] * groups + np.arange(groups)).ravel()  # sorted, as subset() wants
     valid = (rows[valid][:, None] * groups + np.arange(groups)).ravel()
     booster = lgb.train(params, binned.subset(train), num_boost_round=config.lgbm_max_rounds,
@@ -193,7 +210,8 @@ class _Booster(Candidate):
         params = {**lgbm_params(self.config, self.seed), **self._objective(m, c)}
         groups = binned.num_data() // n  # feature rows per original row
         rows = sample_rows(np.asarray(rows), self.config.lgbm_max_rows, self.seed)
-        self.booster_ = train_booster(params, binned, rows, self.config, groups)
+        row_groups = None if self.row_groups is None else np.asarray(self.row_groups)[rows]
+        self.booster_ = train_booster(params, binned, rows, self.config, groups, row_groups)
         self.best_iteration_ = self.booster_.best_iteration or self.booster_.current_iteration()
         return self
 

@@ -1,0 +1,154 @@
+"""A split leak, named from the tables alone: near-duplicate rows (or one group's rows) in different folds.
+
+When the folds split copies of one photo, each copy's OOF row comes from a fold model
+that trained on another copy. Every flexible model then looks better on OOF rows than
+on test rows, all at once, so comparing models with each other (`stacker.leak`) cannot
+see it: the per-model check flags a few and keeps the rest.
+
+The trace it leaves is in the rows themselves. Copies in different folds are predicted
+alike by every model, so a typical OOF row has a near-identical twin in another fold,
+far closer than rows of a set without copies lie to each other. The test rows are that
+reference, with the same structure: with per-fold test tables each test row is taken
+from one fold model (row t from fold model t mod K) and its twins are sought among the
+rows of the other fold models, as an OOF row's are among the other folds; with a mean
+table, among all other test rows (smoother predictions lie closer: that errs towards
+not refusing). The statistic:
+
+    share = the share of OOF rows whose nearest OOF row of another fold is nearer than
+            the median test row's nearest test row (the test rows' own share is 1/2)
+
+A shifted test set moves where rows lie, not whether the OOF rows come in twins, and
+copies kept in one fold (groups) leave no cross-fold twin; `REFUSE_SHARE` is the share
+at which fit-stack stops. Rows that every model is sure of are left out: sure rows of one
+class are alike whether or not they are copies. The distance between two rows is their
+worst model's Euclidean distance between the square roots of the probabilities (Hellinger
+up to a factor): sure and unsure regions of the simplex count alike.
+
+Nearest rows are found approximately, in O(N log N): rows are sorted along a few random
+projections and compared with their `WINDOW` neighbours in each order; OOF and test rows
+are searched the same way. The nearest distance shrinks slowly as the number of rows
+grows; the test rows' median is extrapolated to the OOF rows' count from a half of them
+(a power law, its exponent measured). At most `MAX_ROWS` rows of each side are used.
+
+Measured on bench/leak_bench.py's scenarios (docs/leak.md): random folds over near-copies
+give 0.65-0.68, copies kept in one fold, grouped rows and sets without copies 0.44-0.50.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SURE = 0.99  # a row every model gives at least this to its top class says nothing about copies
+WINDOW = 16  # neighbours compared along each projection
+PROJECTIONS = 4
+MAX_ROWS = 200_000  # rows of each side searched; more cost time and change the share little
+MIN_ROWS = 50  # fewer open rows on either side: no verdict
+MIN_MODELS = 3  # twins "in every model" need several models: one model's rows coincide by chance
+REFUSE_SHARE = 0.60  # honest sets measured 0.44-0.50; random folds over copies 0.65-0.68 (docs/leak.md)
+Z_REFUSE = 4.0  # and the share beyond 1/2 by 4 binomial standard errors: small sets need a clear excess
+
+
+@dataclass(frozen=True)
+class SplitLeak:
+    """The statistic and its verdict.
+
+    Attributes:
+        share: OOF rows whose nearest row of another fold is nearer than the test reference distance.
+        reference: that distance (the test rows' median nearest distance, scaled to the OOF rows' count).
+        oof_rows, test_rows: rows searched on each side (open rows: not every model sure).
+        leaks: share >= REFUSE_SHARE, and beyond 1/2 by Z_REFUSE binomial standard errors.
+    """
+
+    share: float
+    reference: float
+    oof_rows: int
+    test_rows: int
+    leaks: bool
+
+    def message(self) -> str:
+        return (f"the folds leak: {self.share:.0%} of the OOF rows have a near-identical twin in another fold "
+                f"(nearer than the test rows' median twin, {self.reference:.3f}; a set without copies across "
+                f"folds gives about 50%, the limit is {REFUSE_SHARE:.0%}): near-duplicate images or a group's "
+                "rows were split across folds, so every model's OOF scores are optimistic. Make the folds "
+                "again with folds.duplicates: group (train-base finds the copies) or a group column "
+                "(folds.group_column, or `group` in folds.csv), and retrain; --allow-suspicious stacks anyway")
+
+    def record(self) -> dict:
+        return {"share": self.share, "reference": self.reference, "oof_rows": self.oof_rows,
+                "test_rows": self.test_rows, "limit": REFUSE_SHARE, "leaks": self.leaks}
+
+
+def split_leak(oof: np.ndarray, fold: np.ndarray, test: np.ndarray, test_folds: np.ndarray | None = None,
+               seed: int = 0) -> SplitLeak | None:
+    """The split-leak statistic (module docstring), or None when either side has too few open rows.
+
+    Args:
+        oof: (N, M, C) OOF probabilities.
+        fold: (N,) fold of each OOF row.
+        test: (T, M, C) test probabilities, the mean over fold models.
+        test_folds: (K, T, M, C) each fold model's test probabilities, or None.
+    """
+    rng = np.random.default_rng(seed)
+    if test_folds is not None and len(test_folds) > 1:
+        t_fold = np.arange(test.shape[0]) % len(test_folds)
+        reference = test_folds[t_fold, np.arange(test.shape[0])]  # (T, M, C): row t from fold model t mod K
+    else:
+        t_fold, reference = None, test
+    o_rows, t_rows = _open_rows(oof, rng), _open_rows(reference, rng)
+    if min(len(o_rows), len(t_rows)) < MIN_ROWS or oof.shape[1] < MIN_MODELS:
+        return None
+    d_oof = nearest_distance(oof[o_rows], fold[o_rows], seed)
+    d_test = nearest_distance(reference[t_rows], None if t_fold is None else t_fold[t_rows], seed)
+    half = np.sort(rng.choice(len(t_rows), len(t_rows) // 2, replace=False))
+    d_half = nearest_distance(reference[t_rows[half]], None if t_fold is None else t_fold[t_rows[half]], seed)
+    m_test, m_half = float(np.median(d_test)), float(np.median(d_half))
+    # median nearest distance ~ rows^-b; b from the full and the half test set, kept in [0, 0.5]
+    b = float(np.clip(np.log(m_half / m_test) / np.log(2), 0, 0.5)) if m_test > 0 and m_half > 0 else 0.0
+    threshold = m_test * (len(o_rows) / len(t_rows)) ** -b
+    share = float((d_oof < threshold).mean())
+    z = (share - 0.5) / np.sqrt(0.25 / len(o_rows) + 0.25 / len(t_rows))  # both sides' medians are estimates
+    return SplitLeak(share, threshold, len(o_rows), len(t_rows), bool(share >= REFUSE_SHARE and z >= Z_REFUSE))
+
+
+def _open_rows(p: np.ndarray, rng) -> np.ndarray:
+    """Sorted rows on which some model is unsure (top probability under SURE), at most MAX_ROWS of them."""
+    top = p[..., 0].copy()
+    for c in range(1, p.shape[-1]):  # one pass per class: numpy reduces a short last axis row by row
+        np.maximum(top, p[..., c], out=top)
+    rows = np.flatnonzero((top < SURE).any(axis=1))
+    return np.sort(rng.choice(rows, MAX_ROWS, replace=False)) if len(rows) > MAX_ROWS else rows
+
+
+def nearest_distance(p: np.ndarray, fold: np.ndarray | None, seed: int = 0) -> np.ndarray:
+    """(N,) approximate distance from each row of (N, M, C) `p` to its nearest other row (of another fold).
+
+    Distance: the largest over models of the Euclidean distance between square-rooted
+    probability vectors. Candidates: each row's WINDOW neighbours in the order of each of
+    PROJECTIONS random projections. A row with no candidate gets inf.
+    """
+    n, m, c = p.shape
+    roots = np.sqrt(np.clip(p, 0, 1)).astype(np.float32)  # (N, M, C)
+    directions = np.random.default_rng([seed, 3]).normal(size=(m * c, PROJECTIONS)).astype(np.float32)
+    keys = roots.reshape(n, m * c) @ directions  # (N, P)
+    best = np.full(n, np.inf, dtype=np.float32)
+    for r in range(PROJECTIONS):
+        order = np.argsort(keys[:, r], kind="stable")
+        for offset in range(1, min(WINDOW, n - 1) + 1):
+            a, b = order[:-offset], order[offset:]
+            if fold is not None:
+                other = fold[a] != fold[b]
+                a, b = a[other], b[other]
+            d = _worst_model_distance(roots, a, b)
+            np.minimum.at(best, a, d)
+            np.minimum.at(best, b, d)
+    return best
+
+
+def _worst_model_distance(roots: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """(len(a),) max over models of ||roots[a, m] - roots[b, m]||, in chunks to bound memory."""
+    out = np.empty(len(a), dtype=np.float32)
+    for s in range(0, len(a), chunk):
+        diff = roots[a[s:s + chunk]] - roots[b[s:s + chunk]]  # (n, M, C)
+        out[s:s + chunk] = np.sqrt(np.einsum("nmc,nmc->nm", diff, diff).max(axis=1))
+    return out
