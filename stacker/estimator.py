@@ -252,11 +252,16 @@ class StackGuard:
         per_fold = (np.stack([meta_features({m: validate_test(t, ids, folds.classes)  # the test table's row order
                                              for m, t in self._leak_reference(f, names, folds).items()})
                               for f in fold_tables]) if fold_tables else None)  # (K, T, M, C)
-        report = leak_report(LeakInputs(folds.y, folds.fold, X, test, per_fold, names, folds.group_index))
         split = split_leak(X, folds.fold, test, per_fold)
         if split is not None and (self._splits is None or split.share > self._splits.share):
             self._splits = split  # the worst repeat's
         suspicious = suspicious_models(folds.y, X, names, test if len(names) == 1 else None)
+        # The consensus statistics without the memorisers found above: a model right on every OOF row
+        # but not on test moves the others' consensus between OOF and test, and with it their gaps.
+        keep = [m for m, name in enumerate(names) if name not in suspicious] or list(range(len(names)))
+        report = leak_report(LeakInputs(folds.y, folds.fold, X[:, keep], test[:, keep],
+                                        None if per_fold is None else per_fold[:, :, keep],
+                                        [names[m] for m in keep], folds.group_index))
         for name, r in report.items():
             if r["flagged"]:
                 suspicious.setdefault(name, r["reason"])

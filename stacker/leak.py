@@ -262,7 +262,7 @@ def _judge(gaps: list[dict], m: int) -> dict:
     for key in ("agreement", "support") if "agreement" in mine else ():
         # two-sided: a leaked model drops the errors it shares with the others, which moves its
         # agreement with them up or down depending on how often the consensus is right
-        z[key] = abs(_z(mine[key], [g[key] for g in others], False))
+        z[key] = abs(_z(mine[key], [g[key] for g in others], False, smoothed=not mine["own_reference"]))
     fold_z = {"fold": _fold_z(mine["folds"]) if mine["own_reference"] else [],
               "fold_right": _fold_z(mine["right"]) if "right" in mine else []}
     for key, values in fold_z.items():
@@ -291,13 +291,21 @@ def _standardised(gap: tuple[float, float]) -> tuple[float, float]:
     return (value / se if np.isfinite(se) else 0.0), 1.0
 
 
-def _z(mine: tuple[float, float], others: list[tuple[float, float]], own_reference: bool) -> float:
-    """Robust z of a gap against the other models' gaps; against its own error when they are too few."""
+def _z(mine: tuple[float, float], others: list[tuple[float, float]], own_reference: bool,
+       smoothed: bool = False) -> float:
+    """Robust z of a gap against the other models' gaps; against its own error when they are too few.
+
+    smoothed: the test side is a mean over fold models. Averaging moves every model's gap by an
+    amount of its family (a mean of 1-NN fold models agrees with the others unlike a mean of
+    forests), of the order of the others' median gap, so the spread is never below half of it.
+    """
     value, se = mine
     if len(others) + 1 >= MIN_MODELS_FOR_SPREAD:
         values = np.array([v for v, _ in others])
         centre = float(np.median(values))
         spread = 1.4826 * float(np.median(np.abs(values - centre)))
+        if smoothed:
+            spread = max(spread, abs(centre) / 2)
         return (value - centre) / max(spread, se)
     if own_reference:  # one fold model against itself: honest gaps are zero up to noise
         return value / se
