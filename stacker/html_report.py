@@ -36,6 +36,7 @@ from .leaderboard import (ECE_BINS, RunView, expected_calibration_error, fold_sc
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px}
 td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f2f2f2}tr.chosen{background:#e6f4e6}
+div.warning{background:#fff3cd;border:1px solid #e0c060;padding:0 1em}
 img{max-width:100%;display:block;margin:.5em 0}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
 .note{color:#555;font-size:13px}h2{border-bottom:1px solid #ddd;margin-top:2em}"""
 
@@ -364,7 +365,16 @@ def decision_section(decision: dict | None) -> str:
             + candidates_table(decision)
             + f"<p><b>Chosen: {esc(decision['chosen'])}</b> (best: {esc(decision['best'])}). "
               f"{esc(decision['reason'])}</p>"
-            + nested_html(decision) + repeats_html(decision) + models_html(decision))
+            + warnings_html(decision) + nested_html(decision) + repeats_html(decision) + models_html(decision))
+
+
+def warnings_html(decision: dict) -> str:
+    """The decision's warnings (a split leak kept with allow_suspicious, a nested estimate too good to be true)."""
+    warnings = decision.get("warnings") or []
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{esc(w)}</li>" for w in warnings)
+    return f'<div class="warning"><p><b>Warnings</b></p><ul>{items}</ul></div>'
 
 
 # ---------------------------------------------------------------- confusion

@@ -243,6 +243,7 @@ def format_candidates(frame: pd.DataFrame, decision: dict) -> list[str]:
     lines.append(f"chosen: {decision['chosen']}: {decision['reason']}")
     if nested:
         lines.append(f"nested estimate: {metric} {nested['score']:.4f}, log_loss {nested['log_loss']:.4f}")
+    lines += [f"warning: {w}" for w in decision.get("warnings", [])]
     return lines
 
 

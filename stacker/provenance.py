@@ -4,6 +4,7 @@ decision.json records its inputs, each file by sha256 (read before the table, so
 table replaced while fit-stack reads it is seen as changed next time, never trusted):
 
     "folds_sha256": the fold assignment (content digest, any row order)
+    "groups_sha256": the folds' groups, when they have any (the meta level resamples and splits by them)
     "inputs": {"selection": "all" (every model under preds/) or "given" (--models),
                "tables": {model: {"oof" | "test" | "test_fold<k>" | "repeat<r>/test_fold<k>":
                                       {"path": relative to the run, "sha256": ...}}}}
@@ -170,9 +171,13 @@ def _inputs_now(paths: RunPaths, decision: dict) -> list[str]:
 
 def _folds_change(decision: dict, folds: Folds) -> list[str]:
     old = decision.get("folds_sha256")
-    if old == folds.sha256:
-        return []
-    return [f"the folds changed (sha256 {str(old)[:12]} -> {folds.sha256[:12]})"]
+    if old != folds.sha256:
+        return [f"the folds changed (sha256 {str(old)[:12]} -> {folds.sha256[:12]})"]
+    # the meta level's bootstrap, leak check and inner splits follow the groups
+    before, now = decision.get("groups_sha256"), folds.groups_sha256
+    if before != now:
+        return [f"the folds' groups changed (sha256 {str(before)[:12]} -> {str(now)[:12]})"]
+    return []
 
 
 def _stack_file_problems(paths: RunPaths, decision: dict) -> list[str]:

@@ -85,4 +85,5 @@ def format_report(decision: dict, timings: dict | None = None) -> str:
     else:
         lines.append("nested estimate: off ({}); the chosen score above is optimistic".format(
             decision.get("nested_note", "stack.nested is false")))
+    lines += [f"warning: {w}" for w in decision.get("warnings", [])]
     return "\n".join(lines) + "\n"
