@@ -1,6 +1,7 @@
 """Bench: the leak check's false-positive and detection rates on OOF sets with known leaks.
 
     python bench/leak_bench.py [--datasets digits breast_cancer wine synthetic] [--run RUN_DIR ...]
+                                [--scenarios dup-random ...] [--split-cost]
 
 Honest sets: for each dataset that ships with scikit-learn (and one synthetic
 5-class set of 3,000 rows), a quarter held out as test, 5 stratified folds on the
@@ -32,6 +33,18 @@ Each set is checked twice: with the per-fold test tables stacker writes, and
 with only the mean test table (what other tools may give). The tables list, per
 dataset, every honest model flagged (false positives) and, per family and leak
 type, whether the leaked model was flagged, with its consistency z.
+
+Scenarios (`--scenarios`, bench/leak_scenarios.py: six scikit-learn families on 7,181 rows,
+a test set of 2,000 rows, the whole guard as fit-stack runs it):
+- dup-random: each source row with 1-3 near-copies, random stratified folds (must be refused);
+- dup-grouped: the same rows, each source's copies in one fold, the groups given (the honest control);
+- dup-grouped-nogroups: the same folds without telling the meta level the groups;
+- grouped: 2-6 correlated rows per group (photos of one plant), group folds, groups given;
+- memoriser: the 1-NN model's OOF rows predicted by a 1-NN fitted on every row, its test tables honest;
+- strong: one strong honest model (gradient boosting) among weaker ones.
+Each row: refused or not, the models excluded, the choice, the nested estimate against the
+stack's test accuracy (off: their difference in standard errors of the difference), and the
+split-leak share (`stacker.split_leak`).
 """
 from __future__ import annotations
 
@@ -43,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # leak_scenarios
 
 from stacker.leak import LeakInputs, declared_leaks, leak_report  # noqa: E402
 
@@ -219,12 +233,76 @@ def cost(rows: int = 10_000, models: int = 35, classes: int = 10, k: int = 5, te
     return min(times)
 
 
+SCENARIOS = ("dup-random", "dup-grouped", "dup-grouped-nogroups", "grouped", "memoriser", "strong")
+
+
+def scenario_data(name: str):
+    """(tables, groups given) of one scenario."""
+    import leak_scenarios as ls
+
+    return {"dup-random": lambda: (ls.scenario("duplicates", "random"), False),
+            "dup-grouped": lambda: (ls.scenario("duplicates", "grouped"), True),
+            "dup-grouped-nogroups": lambda: (ls.scenario("duplicates", "grouped"), False),
+            "grouped": lambda: (ls.scenario("grouped", "grouped"), True),
+            "memoriser": lambda: (ls.with_memoriser(ls.scenario("plain", "random")), False),
+            "strong": lambda: (ls.strong_among_weak(), False)}[name]()
+
+
+def scenario_lines(names) -> list[str]:
+    import leak_scenarios as ls
+
+    lines = [f"{'scenario':22}{'tables':10}{'refused':9}{'excluded':24}{'chosen':20}{'nested':>8}{'test':>8}"
+             f"{'off SE':>8}{'share':>7}  warnings"]
+    for name in names:
+        data, groups = scenario_data(name)
+        for per_fold in (True, False):
+            r = ls.guard_run(data, groups, per_fold)
+            mode = "per-fold" if per_fold else "mean"
+            if r["refused"]:
+                share = r["refused"].split("the folds leak: ")[-1].split("%")[0] + "%"
+                lines.append(f"{name:22}{mode:10}{'yes':9}{'-':24}{'-':20}{'':>8}{'':>8}{'':>8}{share:>7}")
+                continue
+            excluded = ",".join(r["excluded"]) or "-"
+            share = "-" if r["split_share"] is None else f"{r['split_share']:.0%}"
+            lines.append(f"{name:22}{mode:10}{'no':9}{excluded:24}{r['chosen']:20}{r['nested']:>8.4f}"
+                         f"{r['test']:>8.4f}{r['off_by_se']:>+8.1f}{share:>7}  {len(r['warnings'])}"
+                         + "".join(f"\n{'':24}warning: {w}" for w in r["warnings"]))
+    return lines
+
+
+def split_cost(rows: int = 1_000_000, models: int = 20, classes: int = 10, test_rows: int = 100_000) -> float:
+    """Seconds of `split_leak` on random float32 tables of rows x models x classes (best of 2)."""
+    from stacker.split_leak import split_leak
+
+    rng = np.random.default_rng(0)
+    oof = rng.random((rows, models, classes), dtype=np.float32)
+    oof /= oof.sum(axis=2, keepdims=True)
+    test = rng.random((test_rows, models, classes), dtype=np.float32)
+    test /= test.sum(axis=2, keepdims=True)
+    fold = np.arange(rows) % 5
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        split_leak(oof, fold, test)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["digits", "breast_cancer", "wine", "iris", "synthetic"])
+    parser.add_argument("--datasets", nargs="*", default=["digits", "breast_cancer", "wine", "iris", "synthetic"])
     parser.add_argument("--run", nargs="*", default=[], help="stacker run directories to add as honest sets")
+    parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS), choices=SCENARIOS,
+                        help="the guard on scenarios with copies, groups and memorisers (none: skip)")
+    parser.add_argument("--split-cost", action="store_true",
+                        help="time the split-leak check at 1,000,000 rows x 20 models x 10 classes")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
+    if args.scenarios:
+        print("\n".join(scenario_lines(args.scenarios)), flush=True)
+    if args.split_cost:
+        print(f"split-leak check: {split_cost():.2f}s at 1,000,000 OOF rows x 20 models x 10 classes, "
+              "100,000 test rows", flush=True)
     for name in args.datasets:
         print("\n".join(check_dataset(name, oof_set(name))), flush=True)
     for run in args.run:

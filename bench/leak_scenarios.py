@@ -49,19 +49,23 @@ def rows(kind: str, seed: int = 0, n_train: int = 7181, n_test: int = 2000, clas
         Xtr, ytr = src_X[source] + noise, src_y[source]
         return Xtr[keep], ytr[keep], source[keep], X[n_sources:], y[n_sources:]
     if kind == "grouped":
-        n_groups = n_train // 4
-        sizes = rng.integers(2, 7, n_groups)
+        # train and test rows alike: each group (a plant) has a label and an effect shared by its 2-6 rows;
+        # the test set's groups are new ones
         X, y = make_classification(n_train + n_test, 20, n_informative=8, n_redundant=4, n_classes=classes,
                                    n_clusters_per_class=2, class_sep=1.5, flip_y=0.03, random_state=seed)
-        source = np.repeat(np.arange(n_groups), sizes)[:n_train]
-        group_y = y[:n_groups]
-        group_shift = rng.normal(0, 0.8, (n_groups, X.shape[1])) * X.std(axis=0)
-        # every row of a group shares its label and a group effect, drawn around rows of that label
-        pool = {c: np.flatnonzero(y[:n_train] == c) for c in range(classes)}
-        base = np.array([rng.choice(pool[group_y[g]]) for g in source])
-        Xtr = X[base] + group_shift[source]
-        Xte = X[n_train:] + rng.normal(0, 0.8, (n_test, X.shape[1])) * X.std(axis=0)
-        return Xtr, group_y[source], source, Xte, y[n_train:]
+        pools = {c: np.flatnonzero(y == c) for c in range(classes)}
+
+        def grouped_rows(n: int):
+            sizes = rng.integers(2, 7, n)  # more groups than needed, cut at n rows
+            group = np.repeat(np.arange(n), sizes)[:n]
+            label = rng.integers(0, classes, n)[group]
+            shift = rng.normal(0, 0.8, (n, X.shape[1])) * X.std(axis=0)
+            base = np.array([rng.choice(pools[c]) for c in label])
+            return X[base] + shift[group], label, group
+
+        Xtr, ytr, source = grouped_rows(n_train)
+        Xte, yte, _ = grouped_rows(n_test)
+        return Xtr, ytr, source, Xte, yte
     X, y = make_classification(n_train + n_test, 20, n_informative=8, n_redundant=4, n_classes=classes,
                                n_clusters_per_class=2, class_sep=1.5, flip_y=0.03, random_state=seed)
     return X[:n_train], y[:n_train], np.arange(n_train), X[n_train:], y[n_train:]
@@ -132,11 +136,64 @@ def scenario(kind: str, folds: str, seed: int = 0, models=("logreg", "nb", "knn1
 
 
 def with_memoriser(data: dict, who: str = "knn1") -> dict:
-    """The set plus `<who>_all`: model `who` fitted on every row, its own rows as OOF, honest test tables."""
+    """The set with model `who` turned memoriser: fitted on every train row, it predicts its own rows as OOF,
+    while its test tables stay the honest fold models' (a fold loop that reused the final model for OOF)."""
     m = data["models"].index(who)
     out = dict(data)
-    out["oof"] = np.concatenate([data["oof"], data["full_oof"][:, m:m + 1]], axis=1)
-    out["tests"] = np.concatenate([data["tests"], data["tests"][:, :, m:m + 1]], axis=2)
-    out["full_oof"] = np.concatenate([data["full_oof"], data["full_oof"][:, m:m + 1]], axis=1)
-    out["models"] = [*data["models"], f"{who}_all"]
+    out["oof"] = data["oof"].copy()
+    out["oof"][:, m] = data["full_oof"][:, m]
+    out["models"] = [f"{who}_all" if name == who else name for name in data["models"]]
     return out
+
+
+def strong_among_weak(seed: int = 0) -> dict:
+    """The plain set with one strong honest model (gradient boosting) beside five weaker ones."""
+    return scenario("plain", "random", seed, models=("logreg", "nb", "knn1", "knn5", "rf", "hgb"))
+
+
+def guard_run(data: dict, groups: bool, per_fold: bool, config=None) -> dict:
+    """fit-stack's guard on a scenario: refused or not, what it excluded and chose, the nested estimate against
+    the test set's score of the stack's predictions, in standard errors of their difference."""
+    import pandas as pd
+
+    from oof import StackerError, folds_from_table
+    from stacker import StackConfig, StackGuard
+
+    y, fold = data["y"], data["fold"]
+    classes = [str(c) for c in range(data["oof"].shape[2])]
+    ids = np.array([f"r{i:05d}" for i in range(len(y))], dtype=object)
+    frame = pd.DataFrame({"id": ids, "label": [classes[v] for v in y], "fold": fold})
+    if groups:
+        frame["group"] = [f"g{s}" for s in data["source"]]
+    folds = folds_from_table(frame, "<scenario folds>", classes)
+    test_ids = [f"t{i:05d}" for i in range(len(data["test_y"]))]
+
+    def table(p, rows, with_fold):
+        t = pd.DataFrame(p, columns=classes)
+        t.insert(0, "id", rows)
+        if with_fold:
+            t.insert(1, "fold", fold)
+        return t
+
+    names = data["models"]
+    oof_tables = {m: table(data["oof"][:, i], ids, True) for i, m in enumerate(names)}
+    tests = data["tests"]
+    test_tables = {m: table(tests.mean(axis=0)[:, i], test_ids, False) for i, m in enumerate(names)}
+    fold_tables = [{m: table(tests[k, :, i], test_ids, False) for i, m in enumerate(names)}
+                   for k in range(len(tests))] if per_fold else []
+    guard = StackGuard(config or StackConfig(), log=None)
+    try:
+        guard.fit(oof_tables, folds, test_tables, fold_tables)
+    except StackerError as e:
+        return {"refused": str(e)}
+    d = guard.decision_
+    proba = guard.predict_proba(test_tables)
+    test_score = float((proba.argmax(axis=1) == data["test_y"]).mean())
+    low, high = d["candidates"][d["chosen"]]["interval"]
+    # the difference's standard error: the chosen candidate's (cluster) bootstrap one, from its 95% interval,
+    # and the test score's own over its independent rows
+    se = float(np.hypot((high - low) / 3.92, np.sqrt(test_score * (1 - test_score) / len(proba))))
+    nested = d["nested"]["score"] if d.get("nested") else float("nan")
+    return {"refused": "", "excluded": sorted(d["excluded"]), "chosen": d["chosen"], "nested": nested,
+            "test": test_score, "se": se, "off_by_se": (nested - test_score) / se if se > 0 else float("nan"),
+            "warnings": d.get("warnings", []), "split_share": (d.get("split_leak") or {}).get("share")}
