@@ -27,11 +27,15 @@ up to a factor): sure and unsure regions of the simplex count alike.
 Nearest rows are found approximately, in O(N log N): rows are sorted along a few random
 projections and compared with their `WINDOW` neighbours in each order; OOF and test rows
 are searched the same way. The nearest distance shrinks slowly as the number of rows
-grows; the test rows' median is extrapolated to the OOF rows' count from a half of them
-(a power law, its exponent measured). At most `MAX_ROWS` rows of each side are used.
+grows; the test rows' median is extrapolated to the OOF rows' count (a power law, its
+exponent fitted on subsets of the test rows, clipped to MAX_EXPONENT, over at most MAX_RATIO
+times as many rows). A test set much smaller than the OOF rows leaves that extrapolation
+uncertain: it errs towards a larger exponent (a nearer threshold, a lower share), so towards
+missing a partial leak, not towards refusing honest folds. At most `MAX_ROWS` rows of each side are used.
 
-Measured on bench/leak_bench.py's scenarios (docs/leak.md): random folds over near-copies
-give 0.65-0.68, copies kept in one fold, grouped rows and sets without copies 0.44-0.50.
+Measured on bench/leak_bench.py's scenarios (docs/leak.md): random folds over near-copies give
+0.60-0.66 with 2,000 test rows (0.55-0.62 with 300-600), copies kept in one fold, grouped rows and
+sets without copies 0.35-0.50.
 """
 from __future__ import annotations
 
@@ -45,7 +49,9 @@ PROJECTIONS = 4
 MAX_ROWS = 200_000  # rows of each side searched; more cost time and change the share little
 MIN_ROWS = 50  # fewer open rows on either side: no verdict
 MIN_MODELS = 3  # twins "in every model" need several models: one model's rows coincide by chance
-REFUSE_SHARE = 0.60  # honest sets measured 0.44-0.50; random folds over copies 0.65-0.68 (docs/leak.md)
+MAX_EXPONENT = 0.1  # measured 0-0.07 on bench/leak_scenarios.py's sets of 2,000 test rows
+MAX_RATIO = 16  # the extrapolation from the test rows' count to the OOF rows' goes no further
+REFUSE_SHARE = 0.55  # honest sets measured 0.35-0.50; random folds over copies 0.55-0.66 (docs/leak.md)
 Z_REFUSE = 4.0  # and the share beyond 1/2 by 4 binomial standard errors: small sets need a clear excess
 
 
@@ -100,15 +106,32 @@ def split_leak(oof: np.ndarray, fold: np.ndarray, test: np.ndarray, test_folds: 
         return None
     d_oof = nearest_distance(oof[o_rows], fold[o_rows], seed)
     d_test = nearest_distance(reference[t_rows], None if t_fold is None else t_fold[t_rows], seed)
-    half = np.sort(rng.choice(len(t_rows), len(t_rows) // 2, replace=False))
-    d_half = nearest_distance(reference[t_rows[half]], None if t_fold is None else t_fold[t_rows[half]], seed)
-    m_test, m_half = float(np.median(d_test)), float(np.median(d_half))
-    # median nearest distance ~ rows^-b; b from the full and the half test set, kept in [0, 0.5]
-    b = float(np.clip(np.log(m_half / m_test) / np.log(2), 0, 0.5)) if m_test > 0 and m_half > 0 else 0.0
-    threshold = m_test * (len(o_rows) / len(t_rows)) ** -b
+    m_test = float(np.median(d_test))
+    threshold = m_test * min(len(o_rows) / len(t_rows), MAX_RATIO) ** -_size_exponent(
+        reference[t_rows], None if t_fold is None else t_fold[t_rows], m_test, rng, seed)
     share = float((d_oof < threshold).mean())
     z = (share - 0.5) / np.sqrt(0.25 / len(o_rows) + 0.25 / len(t_rows))  # both sides' medians are estimates
     return SplitLeak(share, threshold, len(o_rows), len(t_rows), bool(share >= REFUSE_SHARE and z >= Z_REFUSE))
+
+
+def _size_exponent(p: np.ndarray, fold: np.ndarray | None, median: float, rng, seed: int) -> float:
+    """b of median nearest distance ~ rows^-b, fitted on a quarter, a half and all of the test rows.
+
+    Clipped to [0, MAX_EXPONENT]: on small sets the window search is nearly exact while on
+    large ones it misses some nearest rows, so an exponent measured on a few hundred test rows
+    overstates how much nearer the OOF rows' nearest rows are; too large an exponent would hide
+    a leak, never invent one.
+    """
+    sizes, medians = [len(p)], [median]
+    for share in (4, 2):
+        rows = np.sort(rng.choice(len(p), len(p) // share, replace=False))
+        if len(rows) >= MIN_ROWS:
+            sizes.append(len(rows))
+            medians.append(float(np.median(nearest_distance(p[rows], None if fold is None else fold[rows], seed))))
+    if len(sizes) < 2 or min(medians) <= 0:
+        return 0.0
+    slope = np.polyfit(np.log(sizes), np.log(medians), 1)[0]
+    return float(np.clip(-slope, 0, MAX_EXPONENT))
 
 
 def _open_rows(p: np.ndarray, rng) -> np.ndarray:
