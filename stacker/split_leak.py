@@ -31,7 +31,8 @@ grows; the test rows' median is extrapolated to the OOF rows' count (a power law
 exponent fitted on subsets of the test rows, clipped to MAX_EXPONENT, over at most MAX_RATIO
 times as many rows). A test set much smaller than the OOF rows leaves that extrapolation
 uncertain: it errs towards a larger exponent (a nearer threshold, a lower share), so towards
-missing a partial leak, not towards refusing honest folds. At most `MAX_ROWS` rows of each side are used.
+missing a partial leak, not towards refusing honest folds. At most `MAX_ROWS` rows of each side
+are used: 4.4 s at 1,000,000 OOF rows x 20 models x 10 classes (bench/leak_bench.py --split-cost).
 
 Measured on bench/leak_bench.py's scenarios (docs/leak.md): random folds over near-copies give
 0.60-0.66 with 2,000 test rows (0.55-0.62 with 300-600), copies kept in one fold, grouped rows and
@@ -46,7 +47,7 @@ import numpy as np
 SURE = 0.99  # a row every model gives at least this to its top class says nothing about copies
 WINDOW = 16  # neighbours compared along each projection
 PROJECTIONS = 4
-MAX_ROWS = 200_000  # rows of each side searched; more cost time and change the share little
+MAX_ROWS = 50_000  # rows of each side searched (a random sample): more cost time, not evidence
 MIN_ROWS = 50  # fewer open rows on either side: no verdict
 MIN_MODELS = 3  # twins "in every model" need several models: one model's rows coincide by chance
 MAX_EXPONENT = 0.1  # measured 0-0.07 on bench/leak_scenarios.py's sets of 2,000 test rows
@@ -157,21 +158,14 @@ def nearest_distance(p: np.ndarray, fold: np.ndarray | None, seed: int = 0) -> n
     best = np.full(n, np.inf, dtype=np.float32)
     for r in range(PROJECTIONS):
         order = np.argsort(keys[:, r], kind="stable")
+        ranked = roots[order]  # (N, M, C) in this projection's order: each offset compares two slices
+        ranked_fold = None if fold is None else fold[order]
         for offset in range(1, min(WINDOW, n - 1) + 1):
-            a, b = order[:-offset], order[offset:]
-            if fold is not None:
-                other = fold[a] != fold[b]
-                a, b = a[other], b[other]
-            d = _worst_model_distance(roots, a, b)
-            np.minimum.at(best, a, d)
-            np.minimum.at(best, b, d)
+            diff = ranked[offset:] - ranked[:-offset]
+            d = np.sqrt(np.einsum("nmc,nmc->nm", diff, diff).max(axis=1))
+            if ranked_fold is not None:
+                d[ranked_fold[offset:] == ranked_fold[:-offset]] = np.inf
+            a, b = order[:-offset], order[offset:]  # within one offset each row appears once on each side
+            best[a] = np.minimum(best[a], d)
+            best[b] = np.minimum(best[b], d)
     return best
-
-
-def _worst_model_distance(roots: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 65_536) -> np.ndarray:
-    """(len(a),) max over models of ||roots[a, m] - roots[b, m]||, in chunks to bound memory."""
-    out = np.empty(len(a), dtype=np.float32)
-    for s in range(0, len(a), chunk):
-        diff = roots[a[s:s + chunk]] - roots[b[s:s + chunk]]  # (n, M, C)
-        out[s:s + chunk] = np.sqrt(np.einsum("nmc,nmc->nm", diff, diff).max(axis=1))
-    return out
