@@ -108,13 +108,7 @@ class StackGuard:
         self.warnings_, self.split_leak_ = [], None
         suspicious, consistency = self._check_repeat_leaks(Xs, folds, names, test_tables, fold_tables)
         self._check_split(config, log)
-        flagged = [m for m, r in consistency.items() if r.get("flagged")]
-        if len(flagged) >= MANY_FLAGGED:
-            self.warnings_.append(
-                f"{len(flagged)} models look leaked at once ({', '.join(flagged)}): more likely the folds leak "
-                "(near-duplicate images or a group's rows split across folds) than each model; consider "
-                "folds.duplicates: group or a group column")
-            log(f"warning: {self.warnings_[-1]}")
+        self._check_many_flagged(consistency, log)
         for name, why in declared_leaks({m: t.meta for m, t in tables.items()}).items():
             suspicious.setdefault(name, why)
         excluded = _exclude(suspicious, config.allow_suspicious, log)
@@ -240,6 +234,16 @@ class StackGuard:
 
     _splits = None  # the split-leak statistic of the worst repeat, while the leak checks run
 
+    def _check_many_flagged(self, consistency: dict, log) -> None:
+        """Warn when MANY_FLAGGED or more models look leaked at once: the folds are the likelier cause."""
+        flagged = [m for m, r in consistency.items() if r.get("flagged")]
+        if len(flagged) >= MANY_FLAGGED:
+            self.warnings_.append(
+                f"{len(flagged)} models look leaked at once ({', '.join(flagged)}): more likely the folds leak "
+                "(near-duplicate images or a group's rows split across folds) than each model; consider "
+                "folds.duplicates: group or a group column")
+            log(f"warning: {self.warnings_[-1]}")
+
     def _check_leaks(self, X: np.ndarray, folds: Folds, names: list[str], test_tables, fold_tables):
         """({model: reason} of the models that look leaked, {model: OOF/test consistency report})."""
         if test_tables is None:
@@ -256,12 +260,14 @@ class StackGuard:
         if split is not None and (self._splits is None or split.share > self._splits.share):
             self._splits = split  # the worst repeat's
         suspicious = suspicious_models(folds.y, X, names, test if len(names) == 1 else None)
-        # The consensus statistics without the memorisers found above: a model right on every OOF row
-        # but not on test moves the others' consensus between OOF and test, and with it their gaps.
-        keep = [m for m, name in enumerate(names) if name not in suspicious] or list(range(len(names)))
-        report = leak_report(LeakInputs(folds.y, folds.fold, X[:, keep], test[:, keep],
-                                        None if per_fold is None else per_fold[:, :, keep],
-                                        [names[m] for m in keep], folds.group_index))
+        report = leak_report(LeakInputs(folds.y, folds.fold, X, test, per_fold, names, folds.group_index))
+        keep = [m for m, name in enumerate(names) if name not in suspicious]
+        if suspicious and keep:
+            # The others judged again without the memorisers found above: a model right on every OOF row
+            # but not on test moves the others' consensus between OOF and test, and with it their gaps.
+            report.update(leak_report(LeakInputs(folds.y, folds.fold, X[:, keep], test[:, keep],
+                                                 None if per_fold is None else per_fold[:, :, keep],
+                                                 [names[m] for m in keep], folds.group_index)))
         for name, r in report.items():
             if r["flagged"]:
                 suspicious.setdefault(name, r["reason"])

@@ -48,9 +48,10 @@ SURE = 0.99  # a row every model gives at least this to its top class says nothi
 WINDOW = 16  # neighbours compared along each projection
 PROJECTIONS = 4
 MAX_ROWS = 50_000  # rows of each side searched (a random sample): more cost time, not evidence
-MIN_ROWS = 50  # fewer open rows on either side: no verdict
+MIN_ROWS = 50  # fewer open OOF rows: no verdict
+MIN_TEST_ROWS = 200  # fewer open test rows: their median nearest distance, extrapolated, is no reference
 MIN_MODELS = 3  # twins "in every model" need several models: one model's rows coincide by chance
-MAX_EXPONENT = 0.1  # measured 0-0.07 on bench/leak_scenarios.py's sets of 2,000 test rows
+MAX_EXPONENT = 0.25  # measured 0-0.07 on 2,000 test rows of six families; a 3-model set of few classes is lower-dimensional
 MAX_RATIO = 16  # the extrapolation from the test rows' count to the OOF rows' goes no further
 REFUSE_SHARE = 0.55  # honest sets measured 0.35-0.50; random folds over copies 0.55-0.66 (docs/leak.md)
 Z_REFUSE = 4.0  # and the share beyond 1/2 by 4 binomial standard errors: small sets need a clear excess
@@ -103,7 +104,7 @@ def split_leak(oof: np.ndarray, fold: np.ndarray, test: np.ndarray, test_folds: 
     else:
         t_fold, reference = None, test
     o_rows, t_rows = _open_rows(oof, rng), _open_rows(reference, rng)
-    if min(len(o_rows), len(t_rows)) < MIN_ROWS or oof.shape[1] < MIN_MODELS:
+    if len(o_rows) < MIN_ROWS or len(t_rows) < MIN_TEST_ROWS or oof.shape[1] < MIN_MODELS:
         return None
     d_oof = nearest_distance(oof[o_rows], fold[o_rows], seed)
     d_test = nearest_distance(reference[t_rows], None if t_fold is None else t_fold[t_rows], seed)

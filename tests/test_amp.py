@@ -195,9 +195,12 @@ def test_a_non_finite_epoch_fails_the_job_and_keeps_no_weights(tmp_path, small_d
 
 @needs_cpu_fp16
 def test_fp16_resume_restores_the_loss_scale_and_is_bit_identical(tmp_path, small_digits_dir, monkeypatch):
-    # A scaler that doubles its scale every step overflows again and again: which steps it skips
-    # depends on the scale it resumes with, so a resume that lost it would end with other weights.
-    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, growth_interval=1))
+    # A scaler that starts far too high and doubles its scale every step overflows again and again:
+    # which steps it skips depends on the scale it resumes with, so a resume that lost it would end
+    # with other weights. From 2^16, fp16 on an AMD EPYC's CPU ended epoch 1 back at 2^16, like a fresh one.
+    fresh = 2.0 ** 24
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        functools.partial(torch.amp.GradScaler, growth_interval=1, init_scale=fresh))
     spec = specs(amp="fp16")[0]
     paths, folds = prepared(tmp_path / "reference", small_digits_dir)
     train_fold(spec, 0, job_inputs(paths, folds), log=QUIET.log)
@@ -211,7 +214,7 @@ def test_fp16_resume_restores_the_loss_scale_and_is_bit_identical(tmp_path, smal
     with pytest.raises(KeyboardInterrupt):
         train_fold(spec, 0, job_inputs(other, folds), log=stop_after_first_epoch)
     checkpoint = _load_checkpoint(other.checkpoint("test_resnet", 0), spec, job_inputs(other, folds).sources)
-    assert checkpoint["scaler"]["scale"] == read_history(paths, "test_resnet", 0)[0]["loss_scale"] != 2.0 ** 16
+    assert checkpoint["scaler"]["scale"] == read_history(paths, "test_resnet", 0)[0]["loss_scale"] != fresh
     torch.save({**checkpoint, "scaler": None}, tmp_path / "lost_scale.pt")
     train_fold(spec, 0, job_inputs(other, folds), log=QUIET.log)  # resumes from the checkpoint (weights_only)
     resumed = load_file(other.weights("test_resnet", 0))
