@@ -106,8 +106,8 @@ class StackGuard:
         names, y = list(tables), folds.y
         Xs = repeat_features(tables, folds.repeats)  # R x (N, M, C); R = 1 without repeats
         self.warnings_, self.split_leak_ = [], None
-        suspicious, consistency = self._check_repeat_leaks(Xs, folds, names, test_tables, fold_tables)
-        self._check_split(config, log)
+        suspicious, consistency, split = self._check_repeat_leaks(Xs, folds, names, test_tables, fold_tables)
+        self._check_split(split, config, log)
         self._check_many_flagged(consistency, log)
         for name, why in declared_leaks({m: t.meta for m, t in tables.items()}).items():
             suspicious.setdefault(name, why)
@@ -219,9 +219,8 @@ class StackGuard:
         check_rows(table)
         return table
 
-    def _check_split(self, config: StackConfig, log) -> None:
+    def _check_split(self, split, config: StackConfig, log) -> None:
         """Stop on a split leak (`stacker.split_leak`), or with allow_suspicious record it as a warning."""
-        split, self._splits = self._splits, None
         if split is None:
             return
         self.split_leak_ = split.record()
@@ -231,8 +230,6 @@ class StackGuard:
             raise StackerError(f"fit-stack: {split.message()}")
         self.warnings_.append(f"{split.message()} (kept: allow_suspicious)")
         log(f"warning: {self.warnings_[-1]}")
-
-    _splits = None  # the split-leak statistic of the worst repeat, while the leak checks run
 
     def _check_many_flagged(self, consistency: dict, log) -> None:
         """Warn when MANY_FLAGGED or more models look leaked at once: the folds are the likelier cause."""
@@ -245,9 +242,10 @@ class StackGuard:
             log(f"warning: {self.warnings_[-1]}")
 
     def _check_leaks(self, X: np.ndarray, folds: Folds, names: list[str], test_tables, fold_tables):
-        """({model: reason} of the models that look leaked, {model: OOF/test consistency report})."""
+        """({model: reason} of the models that look leaked, {model: OOF/test consistency report}, the
+        split-leak statistic or None)."""
         if test_tables is None:
-            return suspicious_models(folds.y, X, names), {}
+            return suspicious_models(folds.y, X, names), {}, None
         reference = self._leak_reference(test_tables, names, folds)
         ids = next(iter(reference.values())).ids
         test = meta_features(reference)  # (T, M, C)
@@ -257,8 +255,6 @@ class StackGuard:
                                              for m, t in self._leak_reference(f, names, folds).items()})
                               for f in fold_tables]) if fold_tables else None)  # (K, T, M, C)
         split = split_leak(X, folds.fold, test, per_fold)
-        if split is not None and (self._splits is None or split.share > self._splits.share):
-            self._splits = split  # the worst repeat's
         suspicious = suspicious_models(folds.y, X, names, test if len(names) == 1 else None)
         report = leak_report(LeakInputs(folds.y, folds.fold, X, test, per_fold, names, folds.group_index))
         keep = [m for m, name in enumerate(names) if name not in suspicious]
@@ -271,7 +267,7 @@ class StackGuard:
         for name, r in report.items():
             if r["flagged"]:
                 suspicious.setdefault(name, r["reason"])
-        return suspicious, report
+        return suspicious, report, split
 
     @staticmethod
     def _leak_reference(tables: Mapping, names: list[str], folds: Folds) -> dict[str, PredictionTable]:
@@ -305,7 +301,8 @@ class StackGuard:
         return n_tables // repeats
 
     def _check_repeat_leaks(self, Xs: list[np.ndarray], folds: Folds, names: list[str], test_tables, fold_tables):
-        """The leak check of every repeat: ({model: reason} flagged in any repeat, {model: worst repeat's report}).
+        """The leak check of every repeat: ({model: reason} flagged in any repeat, {model: worst repeat's report},
+        the split-leak statistic of the repeat with the largest share, or None).
 
         Per repeat, not on repeat 0 alone: each repeat's OOF rows come from fold models of their own,
         and a leak in any one repeat's fold models (a resumed job that trained on every row, a fold
@@ -321,8 +318,11 @@ class StackGuard:
         if fold_tables and len(fold_tables) != folds.repeats * k:
             raise StackerError(f"fold test tables: {len(fold_tables)} given for {folds.repeats} repeats x {k} folds; "
                                "give one per repeat and fold, repeat-major")
-        return merge_leak_checks([self._check_leaks(X, one, names, test_tables, list(fold_tables)[r * k:(r + 1) * k])
-                                  for r, (X, one) in enumerate(zip(Xs, folds.each_repeat()))])
+        checks = [self._check_leaks(X, one, names, test_tables, list(fold_tables)[r * k:(r + 1) * k])
+                  for r, (X, one) in enumerate(zip(Xs, folds.each_repeat()))]
+        splits = [c[2] for c in checks if c[2] is not None]
+        worst = max(splits, key=lambda sp: sp.share) if splits else None  # a split leak in any repeat leaks
+        return (*merge_leak_checks([c[:2] for c in checks]), worst)
 
 
 def _run_suited(data: MetaData, config: StackConfig, metric: Metric, log, then=None):
