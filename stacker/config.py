@@ -79,9 +79,9 @@ class StackConfig:
             trees, large leaves, subsampling and L2 keep the booster from
             memorising OOF noise; early stopping uses an inner split of the
             training folds only (`lgbm_valid_fraction`) and rounds are capped.
-            Early stopping waits 10 rounds without a better validation loss
-            (20 before issue 15): on the bench the best round was the same for the
-            class-shared booster and every score within 0.0015, for ~15% fewer rounds.
+            Early stopping waits 10 rounds without a better validation loss: on the
+            bench, against 20 rounds, the best round was the same for the class-shared
+            booster and every score within 0.0015, for ~15% fewer rounds.
         lgbm_wide_models: the wide booster's trees each sample about this many of
             the M models' features per class: its feature fraction is
             min(`lgbm_feature_fraction`, this / M); -1 keeps `lgbm_feature_fraction`.
@@ -89,7 +89,7 @@ class StackConfig:
             grows with M: with 35 models (fraction 0.14 instead of 0.5) the bench's
             scores held (10k 0.9139 -> 0.9138, 100k 0.9189 -> 0.9181) for a third of
             the time; with 3 models (the demo) it keeps 0.5, where a quarter had cost
-            the demo's wide booster 0.006 of accuracy (issue 15).
+            the demo's wide booster 0.006 of accuracy.
         lgbm_max_rows: rows a booster trains on (its early-stopping rows
             included); a fit given more trains on that many drawn at random by
             its seed, -1 for all. A booster of 7-leaf trees stops after 50-150

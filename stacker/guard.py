@@ -19,7 +19,7 @@ uses. A fit that trains on all rows but folds {a, b} serves both outer fold a
 (inner fold b) and outer fold b (inner fold a), so the nested estimate costs
 K(K-1)/2 extra fits per candidate, not K(K-1).
 
-Speed (issue 15): the 15 fits of a candidate are independent and seeded by their
+Speed: the 15 fits of a candidate are independent and seeded by their
 held-out folds alone (`fit_seed`), so they run in `config.n_jobs` worker processes
 (`fit_tasks`), each fit on one thread; each task prepares a candidate's rows once
 (`Candidate.prepare`: the LightGBM ones bin every row, why that is honest:
