@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .leak import row_max
+
 SURE = 0.99  # a row every model gives at least this to its top class says nothing about copies
 WINDOW = 16  # neighbours compared along each projection
 PROJECTIONS = 4
@@ -138,10 +140,7 @@ def _size_exponent(p: np.ndarray, fold: np.ndarray | None, median: float, rng, s
 
 def _open_rows(p: np.ndarray, rng) -> np.ndarray:
     """Sorted rows on which some model is unsure (top probability under SURE), at most MAX_ROWS of them."""
-    top = p[..., 0].copy()
-    for c in range(1, p.shape[-1]):  # one pass per class: numpy reduces a short last axis row by row
-        np.maximum(top, p[..., c], out=top)
-    rows = np.flatnonzero((top < SURE).any(axis=1))
+    rows = np.flatnonzero((row_max(p) < SURE).any(axis=1))
     return np.sort(rng.choice(rows, MAX_ROWS, replace=False)) if len(rows) > MAX_ROWS else rows
 
 
