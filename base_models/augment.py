@@ -8,6 +8,9 @@ transforms and airbench's `batch_crop`/`batch_flip_lr` are the models).
 
 TTA is a short list of fixed views, each a pure description (flip, zoom,
 offset) rendered by the same warp: the plain view is the whole image.
+
+Every number made on the host (a view's matrix, a batch's random draws) reaches the
+device through `batches.to_device`, so on CUDA a step never waits for a copy.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .batches import to_device
 from .config import MAX_TTA_VIEWS, TTA_CROPS, AugmentConfig
 
 
@@ -52,8 +56,8 @@ def view_theta(view: View, batch: int, device) -> torch.Tensor:
     """(B, 2, 3) affine matrices of a fixed view."""
     margin = 1.0 - view.zoom
     theta = torch.tensor([[view.zoom * (-1.0 if view.flip else 1.0), 0.0, view.cx * margin],
-                          [0.0, view.zoom, view.cy * margin]], device=device)
-    return theta.expand(batch, 2, 3)
+                          [0.0, view.zoom, view.cy * margin]])
+    return to_device(theta, device).expand(batch, 2, 3)
 
 
 def random_theta(batch: int, cfg: AugmentConfig, generator: torch.Generator, device) -> torch.Tensor:
@@ -78,7 +82,7 @@ def random_theta(batch: int, cfg: AugmentConfig, generator: torch.Generator, dev
         torch.stack([sw * sign * cos, -sh * sin, cx], 1),
         torch.stack([sw * sign * sin, sh * cos, cy], 1),
     ], 1)  # (B, 2, 3)
-    return theta.to(device=device, dtype=torch.float32)
+    return to_device(theta.float(), device)
 
 
 def warp(images: torch.Tensor, theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -95,18 +99,31 @@ def random_lighting(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Genera
     """Per-sample brightness shift and contrast factor on (B, 3, h, w) in [0, 1]."""
     if cfg.max_lighting <= 0:
         return x
-    u = torch.rand(x.shape[0], 2, generator=generator).to(x.device)
+    u = to_device(torch.rand(x.shape[0], 2, generator=generator), x.device)
     brightness = cfg.max_lighting * (2 * u[:, 0] - 1) / 2
     contrast = torch.exp(math.log1p(cfg.max_lighting) * (2 * u[:, 1] - 1))
     b, c = brightness.view(-1, 1, 1, 1), contrast.view(-1, 1, 1, 1)
     return ((x - 0.5) * c + 0.5 + b).clamp_(0.0, 1.0)
 
 
+def norm_tensors(norm: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A model's (mean, std) as (1, 3, 1, 1) float32 tensors on `device`, made once per job or call."""
+    device = torch.device(device)
+
+    def placed(v):
+        if isinstance(v, torch.Tensor) and v.device.type == device.type and device.index in (None, v.device.index):
+            return v.float().reshape(1, -1, 1, 1)
+        return to_device(torch.tensor(v, dtype=torch.float32).reshape(1, -1, 1, 1), device)
+
+    return tuple(placed(v) for v in norm)
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """Standardise with the model's own mean and std (from its timm config)."""
-    m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
+    """Standardise with the model's own mean and std (from its timm config; `norm_tensors` of them
+    avoid a copy to the device per batch)."""
+    m, s = (v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=x.device, dtype=x.dtype)
+            for v in (mean, std))
+    return (x - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
 
 
 def train_batch(images: torch.Tensor, size, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
@@ -115,8 +132,18 @@ def train_batch(images: torch.Tensor, size, cfg: AugmentConfig, generator: torch
     return random_lighting(warp(images, theta, size), cfg, generator)
 
 
-def view_batch(images: torch.Tensor, size, view: View = PLAIN) -> torch.Tensor:
-    """A prediction batch of one fixed view: uint8 (B, H, W, 3) -> float (B, 3, h, w)."""
+def view_batch(images: torch.Tensor, size, view: View = PLAIN, thetas: dict | None = None) -> torch.Tensor:
+    """A prediction batch of one fixed view: uint8 (B, H, W, 3) -> float (B, 3, h, w).
+
+    Args:
+        thetas: a dict kept across a call's batches: each view's matrix is then made (and copied to the
+            device) once, not once per batch.
+    """
     if view == PLAIN and tuple(images.shape[1:3]) == tuple(size):
         return images.permute(0, 3, 1, 2).float().div_(255.0)  # no resampling needed
-    return warp(images, view_theta(view, images.shape[0], images.device), size)
+    batch = images.shape[0]
+    if thetas is None:
+        return warp(images, view_theta(view, batch, images.device), size)
+    if view not in thetas:
+        thetas[view] = view_theta(view, 1, images.device)
+    return warp(images, thetas[view].expand(batch, 2, 3), size)

@@ -182,8 +182,13 @@ class TrainConfig:
             `fp16` (loss scaling: overflowing steps are skipped) or `off` (float32). Part of the
             recipe: changing it makes trained weights stale; the precision it resolved to and the
             device are recorded in each job's history.
-        gpu_cache_gb: the image cache lives in GPU memory when it is at most this size,
-            else in pinned host memory with the next batch prefetched.
+        gpu_cache_gb: GPU memory the image caches may take: `auto` (the card's free memory when a job
+            starts, less `gpu_reserve_gb`) or a number of GB (refused above the free memory). Train and
+            test share it, train placed first; a split that does not fit is read from the cache file
+            through pinned host memory, the next batch prefetched. A job with a fraction of a GPU
+            (`engine.num_gpus` < 1) gets that fraction of the card.
+        gpu_reserve_gb: what `gpu_cache_gb: auto` leaves free for the model, its optimizer state and
+            activations.
         seed: seed of weights init, sampling and augmentation; a fold's seed is seed + fold.
         device: auto (CUDA when present), cpu or cuda.
         augment: batch augmentation, see `AugmentConfig`.
@@ -199,7 +204,8 @@ class TrainConfig:
         "ema_decay": (number(0, 1, open_low=True, open_high=True), NULL), "mixup_alpha": (NON_NEGATIVE,),
         "cutmix_alpha": (NON_NEGATIVE,), "sampling": (instance(SamplingConfig, "a sampling section"),),
         "target_weights": (Rule(_is_target_weights, "a mapping of extra target to a weight >= 0"),),
-        "compile": (BOOL,), "gpu_cache_gb": (NON_NEGATIVE,), "seed": (SEED,), "device": (one_of(*DEVICES),),
+        "compile": (BOOL,), "gpu_cache_gb": (one_of("auto"), NON_NEGATIVE), "gpu_reserve_gb": (NON_NEGATIVE,),
+        "seed": (SEED,), "device": (one_of(*DEVICES),),
         "amp": (one_of(*AMP),), "augment": (instance(AugmentConfig, "an augment section"),),
     }
 
@@ -226,7 +232,8 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     target_weights: dict[str, float] = field(default_factory=dict)
     compile: bool = False
-    gpu_cache_gb: float = 8.0
+    gpu_cache_gb: float | str = "auto"
+    gpu_reserve_gb: float = 6.0
     seed: int = 42
     device: str = "auto"
     amp: str = "auto"

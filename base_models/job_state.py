@@ -15,7 +15,7 @@ from oof import RunPaths, file_digest, read_json
 from .config import ModelSpec
 
 # Where and how fast a job runs does not change what it learns.
-PLACEMENT_KEYS = ("device", "compile", "gpu_cache_gb")
+PLACEMENT_KEYS = ("device", "compile", "gpu_cache_gb", "gpu_reserve_gb")
 # Nor does the size its weights later predict at: predict-oof records that in its tables.
 # (A larger predict_size grows the cache, and the train cache's digest covers that.)
 NOT_RECIPE_KEYS = (*PLACEMENT_KEYS, "predict_size")

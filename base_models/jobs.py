@@ -26,7 +26,7 @@ from filelock import FileLock, Timeout
 
 from oof import Folds, GridProgress, RunPaths, StackerError, atomic_path, info, load_folds, remove_temps, write_folds
 
-from .batches import ImageSource
+from .batches import CacheBudget, ImageSource, place_images
 from .cache import CacheOptions, ImageCache, build_cache, load_cache
 from .config import SAMPLING_BUILTIN, DataConfig, EngineConfig, FoldsConfig, ModelSpec, split_clusters
 from .dataset import DatasetSpec, resolve_dataset
@@ -358,7 +358,8 @@ class JobRun:
     worker), or one after another in this process, the images placed once per device and budget.
 
     A subclass (a frozen dataclass with `paths`, `log` and the rest of its call's state) gives
-    `place(device, gpu_cache_gb)`, the images a job reads placed there, and `do(job, placed)`, the job.
+    `place(device, budget)`, the images a job reads placed there under a `CacheBudget`, and `do(job, placed)`,
+    the job.
     """
 
     stage = "train-base"
@@ -369,7 +370,7 @@ class JobRun:
         check_run_visible(self.paths)
         run = replace(self, log=JobLog(job.paths(self.paths).job_log(job.model.name, job.fold), job_name(job)))
         run.log(f"  {job_name(job)}: started on {socket.gethostname()}")
-        return run.do(job, run.place(resolve_device(job.model.train.device), job.model.train.gpu_cache_gb))
+        return run.do(job, run.place(resolve_device(job.model.train.device), CacheBudget.of(job.model.train)))
 
     def dispatch(self, todo: list[FoldJob], options: StageOptions) -> None:
         """The pending jobs through the engine; with one local worker, in this process."""
@@ -380,9 +381,10 @@ class JobRun:
             return
         placed, grid = {}, GridProgress(len(todo), self.log)
         for job in todo:
-            where = (resolve_device(job.model.train.device), job.model.train.gpu_cache_gb)
+            where = (resolve_device(job.model.train.device), CacheBudget.of(job.model.train))
             if where not in placed:
-                placed = {where: self.place(*where)}
+                placed.clear()  # the previous placement's memory is free before the next is measured
+                placed[where] = self.place(*where)
             job_log = JobLog(job.paths(self.paths).job_log(job.model.name, job.fold), job_name(job), echo=self.log)
             replace(self, log=job_log).do(job, placed[where])
             grid.step(job_name(job))
@@ -441,14 +443,14 @@ class _TrainRun(JobRun):
             train_fold(job.model, fold, inputs, load_row_weights(self.paths, self.folds, job.model), self.log)
             return time.perf_counter() - t0
 
-    def place(self, device, gpu_cache_gb: float) -> ImageSource:
+    def place(self, device, budget: CacheBudget) -> ImageSource:
         """The train cache on `device`: the very cache (by digest) the call checked its jobs against."""
         cache = load_cache(self.paths, "train")
         check_cache_rows(cache, self.folds.ids, self.paths)
         if cache.digest != self.cache_sha256:
             raise StackerError(f"{self.paths.cache_index('train')}: the train image cache changed while train-base "
                                "ran (another process rebuilt it); run train-base again")
-        images = ImageSource(cache.images, device, gpu_cache_gb)
+        (images,) = place_images([cache.images], device, budget, self.log)
         self.log(f"  train images: {images.shape} uint8 in {images.placement}")
         return images
 

@@ -15,7 +15,7 @@ import torch
 
 from oof import StackerError, bar
 
-from .augment import PLAIN, View, normalize, tta_views, view_batch
+from .augment import PLAIN, View, norm_tensors, normalize, tta_views, view_batch
 from .batches import ImageSource
 from .models import logits_list, model_norm
 
@@ -71,6 +71,34 @@ def resolve_amp(setting: str, device: torch.device, name: str = "train") -> str:
     return amp
 
 
+# torch.compile's Triton backend refuses older cards (GPUTooOldForTriton): a P100 is 6.0.
+MIN_COMPILE_CAPABILITY = (7, 0)
+
+
+def compile_refusal(device_type: str, capability: tuple[int, int] | None, card: str = "this card") -> str | None:
+    """Why `train.compile` is ignored on a device, or None where torch.compile runs.
+
+    Args:
+        device_type: "cuda", "cpu", ...
+        capability: (major, minor) CUDA compute capability; None off CUDA.
+        card: the card's name, for the note.
+    """
+    if device_type != "cuda":
+        return "train.compile is ignored on CPU (torch.compile pays off on CUDA)"
+    if capability is not None and tuple(capability) < MIN_COMPILE_CAPABILITY:
+        major, minor = capability
+        return (f"train.compile is ignored on {card} (compute capability {major}.{minor}; torch.compile's "
+                f"Triton backend needs {MIN_COMPILE_CAPABILITY[0]}.{MIN_COMPILE_CAPABILITY[1]} or newer)")
+    return None
+
+
+def compile_note(device: torch.device) -> str | None:
+    """`compile_refusal` for a real device."""
+    if device.type != "cuda":
+        return compile_refusal(device.type, None)
+    return compile_refusal("cuda", torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device))
+
+
 def device_name(device: torch.device) -> str:
     """The card's name (recorded with a job's precision), or "cpu"."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -122,22 +150,24 @@ def predict_views(model: torch.nn.Module, images: ImageSource, rows: np.ndarray,
     model.eval()
     device = images.device
     amp = resolve_amp(plan.amp, device)
-    out = []  # per batch: per target (V, B, C_t)
+    norm = norm_tensors(plan.norm, device)
+    thetas = {}  # the views' matrices, made once per call (a full batch's; a partial one slices them)
+    out = []  # per batch: per target (V, B, C_t), kept on the device and copied to the host once at the end
     batches = bar(images.batches(rows, plan.batch_size, pad=plan.fixed_shape), total=-(-len(rows) // plan.batch_size),
                   desc=f"predict {len(plan.views)} view(s)", unit="batch")
     for batch, n in batches:  # (B, H, W, 3) uint8
         per_view = []
         for view in plan.views:
-            x = normalize(view_batch(batch, plan.size, view), *plan.norm)  # (B, 3, h, w)
+            x = normalize(view_batch(batch, plan.size, view, thetas), *norm)  # (B, 3, h, w)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
                 # padded rows (beyond n) are dropped before they reach the output
                 per_view.append([torch.softmax(z[:n].float(), dim=1) for z in logits_list(model, x)])
-        out.append([torch.stack(t).cpu() for t in zip(*per_view)])
+        out.append([torch.stack(t) for t in zip(*per_view)])
     if not out:
         return [np.zeros((len(plan.views), 0, 0))]
-    return [torch.cat(t, dim=1).double().numpy() for t in zip(*out)]
+    return [torch.cat(t, dim=1).cpu().double().numpy() for t in zip(*out)]
 
 
 def combine_tta(plain: np.ndarray, augmented: np.ndarray, combine: str, beta: float) -> np.ndarray:
@@ -167,7 +197,7 @@ def predict_with_tta(net: torch.nn.Module, images: ImageSource, rows: np.ndarray
         Per target (main first): (plain view alone, views combined), each (len(rows), C_t).
     """
     tta = meta["tta"]
-    compiled = compile_model and images.device.type == "cuda"
+    compiled = compile_model and compile_note(images.device) is None
     forward = torch.compile(net) if compiled else net
     plan = ViewPlan(tuple(tta["size"]), [PLAIN, *tta_views(tta["n"])], model_norm(net), batch_size,
                     fixed_shape=compiled, amp=meta["amp"])

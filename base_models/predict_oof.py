@@ -41,7 +41,7 @@ from filelock import Timeout
 from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, accuracy, info, log_loss,
                  read_table, remove_temps, validate_oof, validate_test, write_json, write_table)
 
-from .batches import ImageSource
+from .batches import CacheBudget, ImageSource, place_images
 from .cache import load_cache
 from .config import DataConfig, ModelSpec, TTAConfig
 from .jobs import (FoldJob, JobRun, StageOptions, check_cache_rows, extra_targets, job_grid, job_lock, job_name,
@@ -106,14 +106,15 @@ class PredictRun(JobRun):
             _predict_fold(self, job, train, test)
             return time.perf_counter() - t0
 
-    def place(self, device, gpu_cache_gb: float) -> tuple[ImageSource, ImageSource]:
+    def place(self, device, budget: CacheBudget) -> tuple[ImageSource, ImageSource]:
         """The train and test caches on `device`: the very caches (by digest) this call checked."""
         train, test = load_cache(self.paths, "train"), load_cache(self.paths, "test")
         check_cache_rows(train, self.folds.ids, self.paths)
         if (train.digest, test.digest) != self.caches:
             raise StackerError(f"{self.paths.cache}: the image cache changed while predict-oof ran (another "
                                "process rebuilt it); run predict-oof again")
-        return ImageSource(train.images, device, gpu_cache_gb), ImageSource(test.images, device, gpu_cache_gb)
+        train_images, test_images = place_images([train.images, test.images], device, budget, self.log)
+        return train_images, test_images
 
     def do(self, job: FoldJob, placed: tuple[ImageSource, ImageSource]) -> float | None:
         return self.predict(job, *placed)

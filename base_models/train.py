@@ -7,8 +7,9 @@ The job trains on every fold but its own and writes only its own files under
     fold<k>.history.csv       the epochs as a table (epoch, phase, size, lr, losses, error rate, seconds),
                               rewritten after every epoch: `tail -f`-able progress, timm's summary.csv
     fold<k>.history.json      per-epoch phase, size, train/valid loss, error rate, lr, seconds, non-finite
-                              batches and fp16's loss scale; the recipe, the folds' and the train cache's
-                              sha256 it was trained on, the weights' sha256, the precision and the device
+                              batches, fp16's skipped steps and loss scale; the recipe, the folds' and the
+                              train cache's sha256 it was trained on, the weights' sha256, the precision
+                              and the device
     fold<k>.checkpoint.pt     end-of-epoch state for resume; removed when the job finishes
 
 A finished job is current only while all of these still hold (`job_state.stale_reason`, torch-free):
@@ -27,14 +28,24 @@ epoch, and `_train_segment` runs each remaining segment's epochs
 (`_train_epoch`, `_evaluate`, `_save_checkpoint`).
 
 Precision follows `train.amp` (`predict.choose_amp`): bf16 autocast, or fp16 with a
-GradScaler that skips overflowing steps. An epoch whose weights or losses are not
+GradScaler that skips overflowing steps (counted per epoch as `skipped_steps`). An epoch whose weights or losses are not
 finite fails the job (`_check_finite`) before it reaches a checkpoint or the weights
 file: NaN weights are never saved, and a later epoch is never silently replaced by
 an earlier one.
+
+On CUDA a step never waits on the host: the epoch's row order is copied to the device once,
+augmentation draws go through pinned memory without blocking, the labels are gathered there
+by the same index, and the fused AdamW takes fp16's skip decision on the device. Setting
+`STACKER_SYNC_DEBUG=error` (a value of `torch.cuda.set_sync_debug_mode`) runs every epoch's steps
+under that mode, so a synchronisation raises (`bench/gpu_check.sh` uses it). cuDNN autotunes its
+kernels per shape (`cudnn.benchmark`: training has one shape per phase), so a resumed CUDA job
+continues from the same state but is not promised bit for bit; on CPU it is.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -50,15 +61,15 @@ from timm.utils import ModelEmaV3
 
 from oof import Folds, RunPaths, StackerError, accuracy, atomic_path, bar, file_digest, info, log_loss, write_json
 
-from .augment import PLAIN, normalize, train_batch
-from .batches import ImageSource
+from .augment import PLAIN, norm_tensors, normalize, train_batch
+from .batches import ImageSource, to_device
 from .config import ModelSpec, SamplingConfig, TrainConfig
 from .engines import job_label
 # A job's record, read without torch (`stacker jobs`); the names stay importable from here.
 from .job_state import (Sources, changed_keys, is_trained, read_history, recipe, stale_reason,  # noqa: F401
                         weights_digest)
 from .models import backbone_parameters, create_model, head_parameters, logits_list, model_norm
-from .predict import ViewPlan, autocast, device_name, predict_views, resolve_amp
+from .predict import ViewPlan, autocast, compile_note, device_name, predict_views, resolve_amp
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,7 @@ class TrainState:
     scaler: torch.amp.GradScaler | None  # fp16's loss scaler; None for bf16 and off
     ema: ModelEmaV3 | None
     mixup: Mixup | None
-    norm: tuple  # (mean, std) of the model
+    norm: tuple  # (mean, std) of the model, (1, 3, 1, 1) tensors on the device
     ys: list[torch.Tensor]  # per target: (N,) class index of every train row, on the device
     loss_weights: list[float]  # per target: 1 for the main one, train.target_weights for the extra ones
     train_rows: np.ndarray  # (n,) rows of the folds this job trains on
@@ -223,6 +234,7 @@ def _setup(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.ndar
     model = build_model(spec, targets).to(device)  # the fresh heads' init draws from the seed above
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # one input shape per phase: autotuned once, then reused
     forward = _compiled(model, cfg, device, log)
     amp = resolve_amp(cfg.amp, device, f"{spec.name} fold {fold}")
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
@@ -231,7 +243,7 @@ def _setup(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.ndar
     return TrainState(
         spec=spec, fold=fold, inputs=inputs, model=model, forward=forward, amp=amp,
         scaler=torch.amp.GradScaler(device.type) if amp == "fp16" else None, ema=ema, mixup=_mixup(cfg, targets),
-        norm=model_norm(model), ys=[torch.as_tensor(t.y, device=device) for t in targets],
+        norm=norm_tensors(model_norm(model), device), ys=[torch.as_tensor(t.y, device=device) for t in targets],
         loss_weights=[1.0] + [cfg.target_weights.get(t.name, 1.0) for t in targets[1:]],
         train_rows=train_rows, sample_w=sampling_weights(cfg.sampling, targets[0].y[train_rows], column),
         generator=torch.Generator().manual_seed(cfg.seed * 1000 + fold),
@@ -252,7 +264,10 @@ def _start_segment(state: TrainState, index: int, seg: Segment, checkpoint: dict
     """Give the state segment `index`'s optimizer and one-cycle; at the checkpoint's step if it stopped there."""
     fine_tune = state.spec.pretrained is not None
     state.segment = index
-    state.optimizer, state.scheduler = _segment_optimizer(state.model, state.cfg, seg, fine_tune, state.steps)
+    # Fused on CUDA (one kernel per step), and wherever fp16's GradScaler runs: a fused AdamW takes the
+    # scaler's skip decision on the device, a non-fused one reads found_inf on the host every step.
+    fused = state.device.type == "cuda" or state.scaler is not None
+    state.optimizer, state.scheduler = _segment_optimizer(state.model, state.cfg, seg, fine_tune, state.steps, fused)
     if checkpoint is not None and checkpoint["segment"] == index:
         state.optimizer.load_state_dict(checkpoint["optimizer"])
         state.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -263,12 +278,13 @@ def _train_segment(state: TrainState, seg: Segment, last: int, log) -> None:
     for epoch in range(len(state.history), last):
         t0 = time.perf_counter()
         order = state.train_rows[epoch_order(len(state.train_rows), state.sample_w, state.generator)]
-        loss, seen, nonfinite = _train_epoch(state, order, seg.size)
+        loss, seen, nonfinite, skipped = _train_epoch(state, order, seg.size)
         t1 = time.perf_counter()
         record = _evaluate(state, seg, epoch, loss, seen, t0)
         t2 = time.perf_counter()
         record.update(train_seconds=t1 - t0, images_per_second=len(order) / max(t1 - t0, 1e-9),
-                      nonfinite_batches=nonfinite, loss_scale=state.scaler.get_scale() if state.scaler else None)
+                      nonfinite_batches=nonfinite, skipped_steps=skipped,
+                      loss_scale=state.scaler.get_scale() if state.scaler else None)
         _check_finite(state, record)  # before the epoch reaches the history, a checkpoint or the weights
         state.history.append(record)
         _track_best(state, record)
@@ -283,8 +299,9 @@ def _train_segment(state: TrainState, seg: Segment, last: int, log) -> None:
 def _compiled(model, cfg: TrainConfig, device, log):
     if not cfg.compile:
         return model
-    if device.type != "cuda":
-        log("  note: train.compile is ignored on CPU (torch.compile pays off on CUDA)")
+    note = compile_note(device)
+    if note:
+        log(f"  note: {note}")
         return model
     return torch.compile(model)
 
@@ -339,7 +356,7 @@ def one_cycle(optimizer, max_lr, total_steps: int, pct_start: float, div: float,
         div_factor=div, final_div_factor=div_final, base_momentum=0.85, max_momentum=0.95)
 
 
-def _segment_optimizer(model, cfg: TrainConfig, seg: Segment, fine_tune: bool, steps: int):
+def _segment_optimizer(model, cfg: TrainConfig, seg: Segment, fine_tune: bool, steps: int, fused: bool = False):
     """AdamW over what the segment trains, with its one-cycle; frozen weights get no gradient."""
     head, body = head_parameters(model), backbone_parameters(model)
     for p in body:
@@ -349,61 +366,91 @@ def _segment_optimizer(model, cfg: TrainConfig, seg: Segment, fine_tune: bool, s
     else:
         body_lr = seg.lr / cfg.lr_mult if fine_tune else seg.lr
         groups, peaks = [{"params": body}, {"params": head}], [body_lr, seg.lr]
-    optimizer = torch.optim.AdamW(groups, lr=seg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=seg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     return optimizer, one_cycle(optimizer, peaks, steps * seg.epochs, seg.pct_start, cfg.div, cfg.div_final)
 
 
-def _train_epoch(state: TrainState, order: np.ndarray, size: tuple[int, int]) -> tuple[float, tuple, int]:
+def _train_epoch(state: TrainState, order: np.ndarray, size: tuple[int, int]) -> tuple[float, tuple, int, int]:
     """One epoch over `order` (rows of the folds) at `size`.
 
     Returns:
         The mean train loss of the batches whose loss was finite (NaN when none was), the (h, w) fed,
-        and how many batches had a non-finite loss (fp16: their steps were skipped by the scaler).
+        how many batches had a non-finite loss, and how many optimizer steps fp16's GradScaler skipped
+        for overflowing gradients (its scale dropped; 0 without fp16).
     """
     cfg, device = state.cfg, state.device
     state.forward.train()
-    total, micro = torch.zeros((), device=device), state.steps * cfg.accum_steps
-    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # counted on the device: no sync per step
+    micro = state.steps * cfg.accum_steps
+    # Counted on the device: read once, after the epoch's last step.
+    tally = {"loss": torch.zeros((), device=device), "nonfinite": torch.zeros((), dtype=torch.int64, device=device),
+             "skipped": torch.zeros((), dtype=torch.int64, device=device)}
+    rows = to_device(torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64)), device)  # (n,) once per epoch
     seen = None
     # The last partial batch is dropped (as fastai does when shuffling): every step
     # has the same shape (a compiled model never recompiles), and BatchNorm never
     # sees a batch of one.
     batches = bar(state.inputs.images.batches(order, cfg.batch_size, micro), total=micro, unit="batch",
                   desc=f"{_job(state)} epoch {len(state.history) + 1}/{state.total_epochs}")
-    for i, (batch, _) in enumerate(batches):
-        idx = torch.as_tensor(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], device=device)  # (B,)
-        x = normalize(train_batch(batch, size, cfg.augment, state.generator), *state.norm)  # (B, 3, h, w)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        seen = tuple(x.shape[-2:])
-        with autocast(device, state.amp):
-            loss = _loss(state, x, [y[idx] for y in state.ys])
-        scaled = loss / cfg.accum_steps
-        (state.scaler.scale(scaled) if state.scaler else scaled).backward()
-        if (i + 1) % cfg.accum_steps == 0:
-            _optimizer_step(state)
-        finite = torch.isfinite(loss.detach())
-        total += torch.where(finite, loss.detach(), 0.0)
-        nonfinite += (~finite).long()
-    bad = int(nonfinite)
-    return (float(total) / (micro - bad) if bad < micro else float("nan")), seen, bad
+    with sync_debug(device):
+        for i, (batch, _) in enumerate(batches):
+            idx = rows[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # (B,) the batch's rows, on the device
+            x = normalize(train_batch(batch, size, cfg.augment, state.generator), *state.norm)  # (B, 3, h, w)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            seen = tuple(x.shape[-2:])
+            with autocast(device, state.amp):
+                loss = _loss(state, x, [y[idx] for y in state.ys])
+            scaled = loss / cfg.accum_steps
+            (state.scaler.scale(scaled) if state.scaler else scaled).backward()
+            if (i + 1) % cfg.accum_steps == 0:
+                tally["skipped"] += _optimizer_step(state)
+            finite = torch.isfinite(loss.detach())
+            tally["loss"] += torch.where(finite, loss.detach(), 0.0)
+            tally["nonfinite"] += (~finite).long()
+    bad, skipped = int(tally["nonfinite"]), int(tally["skipped"])
+    return (float(tally["loss"]) / (micro - bad) if bad < micro else float("nan")), seen, bad, skipped
 
 
-def _optimizer_step(state: TrainState) -> None:
+SYNC_DEBUG_ENV = "STACKER_SYNC_DEBUG"
+
+
+@contextlib.contextmanager
+def sync_debug(device: torch.device):
+    """Run the enclosed steps under `torch.cuda.set_sync_debug_mode($STACKER_SYNC_DEBUG)` on CUDA
+    ("warn" or "error" flag every synchronisation with the host); nothing when unset or off CUDA."""
+    mode = os.environ.get(SYNC_DEBUG_ENV)
+    if not mode or device.type != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+def _optimizer_step(state: TrainState) -> torch.Tensor | int:
     """One step of the accumulated gradients: clip, AdamW, one-cycle, EMA.
 
     With fp16 the gradients are unscaled before clipping (the norm is of the true gradients), and
     the scaler skips the step when they overflowed, then halves its scale (timm's NativeScaler);
     the one-cycle and the EMA move on either way, so the schedule keeps its length.
+
+    Returns:
+        1 on the device when fp16's scaler skipped this step (its scale dropped in `update`), else 0.
     """
     scaler = state.scaler
     if scaler is not None:
         scaler.unscale_(state.optimizer)
     if state.cfg.clip_grad:
         torch.nn.utils.clip_grad_norm_(state.forward.parameters(), state.cfg.clip_grad)
+    skipped = 0
     if scaler is not None:
+        scale = scaler._get_scale_async().clone()  # the scale this step ran at, read without a sync
         scaler.step(state.optimizer)
         scaler.update()
+        skipped = (scaler._get_scale_async() < scale).long()  # update() lowers it only after a skipped step
     else:
         state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
@@ -413,6 +460,7 @@ def _optimizer_step(state: TrainState) -> None:
         state.scheduler.step()
     if state.ema is not None:
         state.ema.update(state.forward)
+    return skipped
 
 
 def _loss(state: TrainState, x: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
@@ -486,13 +534,13 @@ def _progress_line(job: str, total: int, h: dict) -> str:
 
 
 def _save_checkpoint(state: TrainState) -> None:
-    """End-of-epoch state, enough to resume bit-identically: weights, optimizer, schedule, fp16's loss scale,
-    every RNG."""
+    """End-of-epoch state, enough to resume where it stopped (bit for bit on CPU): weights, optimizer,
+    schedule, fp16's loss scale, every RNG."""
     sources = state.inputs.sources
     checkpoint = {"recipe": recipe(state.spec), "folds_sha256": sources.folds_sha256,
                   "cache_sha256": sources.cache_sha256, "segment": state.segment, "model": state.model.state_dict(),
                   "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                  **_rng_states(state.generator), "history": state.history,
+                  **_rng_states(state.generator, state.device), "history": state.history,
                   "ema": state.ema.module.state_dict() if state.ema else None, "best": state.best,
                   "scaler": state.scaler.state_dict() if state.scaler else None}
     with atomic_path(state.checkpoint_path) as tmp:
@@ -533,24 +581,53 @@ def _restore(state: TrainState, checkpoint: dict | None) -> None:
         state.ema.module.load_state_dict(checkpoint["ema"])
     if state.scaler is not None and checkpoint.get("scaler"):  # fp16: the loss scale it had reached
         state.scaler.load_state_dict(checkpoint["scaler"])
-    _set_rng_states(checkpoint, state.generator)
+    _set_rng_states(checkpoint, state.generator, state.device)
     state.history, state.best = list(checkpoint["history"]), checkpoint["best"]
 
 
-def _rng_states(generator: torch.Generator) -> dict:
-    """Every generator a job draws from, as tensors and numbers `torch.load(weights_only=True)` accepts."""
+def _rng_states(generator: torch.Generator, device: torch.device) -> dict:
+    """Every generator a job draws from, as tensors and numbers `torch.load(weights_only=True)` accepts.
+
+    Of the CUDA generators only the job's own device's: a job resumed where fewer GPUs are visible (an
+    engine worker pinned to one) finds the state it needs and no others.
+    """
     _, keys, pos, has_gauss, cached = np.random.get_state()  # timm's Mixup draws from it
+    own = device_index(device)
     return {"generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda_rng": [] if own is None else [torch.cuda.get_rng_state(own)], "cuda_rng_device": own,
             "numpy_rng": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
 
 
-def _set_rng_states(saved: dict, generator: torch.Generator) -> None:
-    """Undo `_rng_states`: the job's generator, torch's CPU and CUDA generators, numpy's global one."""
+def device_index(device: torch.device) -> int | None:
+    """The CUDA device a job runs on (a bare "cuda" is the current one); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def own_cuda_state(saved: dict, own: int | None) -> torch.Tensor | None:
+    """The saved CUDA generator state of device `own`, from a checkpoint's `cuda_rng`.
+
+    A checkpoint holds its job's device's state alone (`cuda_rng_device` set); one that holds every
+    visible device's (`cuda_rng_device` absent) gives entry `own`. None: nothing to restore (off CUDA,
+    saved off CUDA, or saved where device `own` did not exist).
+    """
+    states = saved.get("cuda_rng") or []
+    if own is None or not states:
+        return None
+    if "cuda_rng_device" in saved:
+        return states[0]
+    return states[own] if own < len(states) else None
+
+
+def _set_rng_states(saved: dict, generator: torch.Generator, device: torch.device) -> None:
+    """Undo `_rng_states`: the job's generator, torch's CPU generator and its device's CUDA one, numpy's global one."""
     generator.set_state(saved["generator"])
     torch.set_rng_state(saved["cpu_rng"])
-    if saved["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    own = device_index(device)
+    state = own_cuda_state(saved, own)
+    if state is not None:
+        torch.cuda.set_rng_state(state, own)
     keys, pos, has_gauss, cached = saved["numpy_rng"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 

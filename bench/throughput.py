@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from base_models.augment import PLAIN, tta_views  # noqa: E402
-from base_models.batches import ImageSource  # noqa: E402
+from base_models.batches import CacheBudget, ImageSource, place_images  # noqa: E402
 from base_models.cache import CacheOptions, build_cache  # noqa: E402
 from base_models.config import model_specs  # noqa: E402
 from base_models.models import create_model, model_norm, resolve_device  # noqa: E402
@@ -140,7 +140,7 @@ def stacker_train(args, device, cache, labels, paths: RunPaths) -> dict:
     spec = model_specs([{"arch": args.model}], {
         "size": args.size, "epochs": args.epochs, "batch_size": args.batch, "compile": args.compile,
         "device": device.type})[0]
-    source = ImageSource(cache.images, device, spec.train.gpu_cache_gb)
+    (source,) = place_images([cache.images], device, CacheBudget.of(spec.train))
     inputs = TrainInputs(paths, folds, [Target(None, folds.classes, folds.y)], source)
     t0 = time.perf_counter()
     history = train_fold(spec, 0, inputs, log=lambda s: None)

@@ -225,6 +225,45 @@ def test_fp16_resume_restores_the_loss_scale_and_is_bit_identical(tmp_path, smal
     assert not all(torch.equal(reference[k], lost[k]) for k in reference)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_resume_on_cuda_restores_the_state_and_stays_close(tmp_path, small_digits_dir):
+    # The CUDA copy of the test above. cuDNN autotunes (cudnn.benchmark) and some kernels sum with
+    # atomics, so a resumed CUDA job is not promised bit for bit: it resumes at the same epoch, loss
+    # scale and schedule, and its weights stay close to an uninterrupted job's.
+    spec = specs(amp="fp16", device="cuda")[0]
+    paths, folds = prepared(tmp_path / "reference", small_digits_dir)
+    cuda_inputs = _cuda_inputs
+    train_fold(spec, 0, cuda_inputs(paths, folds), log=QUIET.log)
+    reference = load_file(paths.weights("test_resnet", 0))
+    other, folds = prepared(tmp_path / "interrupted", small_digits_dir)
+
+    def stop_after_first_epoch(line):
+        if "epoch  1/2" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(spec, 0, cuda_inputs(other, folds), log=stop_after_first_epoch)
+    checkpoint = _load_checkpoint(other.checkpoint("test_resnet", 0), spec, cuda_inputs(other, folds).sources)
+    assert checkpoint["cuda_rng_device"] == torch.cuda.current_device() and len(checkpoint["cuda_rng"]) == 1
+    train_fold(spec, 0, cuda_inputs(other, folds), log=QUIET.log)
+    resumed = load_file(other.weights("test_resnet", 0))
+    history = read_history(other, "test_resnet", 0)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[0]["loss_scale"] == read_history(paths, "test_resnet", 0)[0]["loss_scale"]
+    for k in reference:
+        if reference[k].is_floating_point():
+            torch.testing.assert_close(resumed[k], reference[k], rtol=0.05, atol=0.05)
+
+
+def _cuda_inputs(paths, folds) -> TrainInputs:
+    from base_models.batches import place_images
+
+    cache = load_cache(paths, "train")
+    (images,) = place_images([cache.images], torch.device("cuda"))
+    return TrainInputs(paths, folds, load_targets(paths, folds, []), images, cache.digest)
+
+
 @needs_cpu_fp16
 @pytest.mark.parametrize("history_amp, spec_amp, stale", [
     ("fp16", "fp16", None),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from base_models.batches import ImageSource
+from base_models.batches import CacheBudget, ImageSource, place_images
 
 IMAGES = np.random.default_rng(0).integers(0, 256, (10, 4, 3, 3), dtype=np.uint8)  # (N, H, W, 3)
 
@@ -39,7 +39,7 @@ def test_a_fixed_count_of_training_batches_drops_the_rest():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("budget_gb, placement", [(8.0, "gpu memory"), (0.0, "pinned host memory, prefetched")])
 def test_gpu_placements_give_the_same_batches(budget_gb, placement):
-    source = ImageSource(IMAGES, torch.device("cuda"), gpu_cache_gb=budget_gb)
+    (source,) = place_images([IMAGES], torch.device("cuda"), CacheBudget(budget_gb, 0.0))
     assert source.placement == placement
     order = np.array([3, 1, 4, 1, 5, 9, 2, 6])
     got = torch.cat([b for b, _ in source.batches(order, 3)]).cpu().numpy()
