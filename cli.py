@@ -146,7 +146,7 @@ def cmd_predict(args, log=info) -> int:
     cfg = resolve_config(args)
     run = run_paths(cfg).root
     images = NewTestImages(args.images, args.csv, args.id_column, args.path_column, args.sample_submission)
-    predict_stage(cfg, images, args.out, saved_stack(run).models_, args.force, log)
+    predict_stage(cfg, images, args.out, saved_stack(run).models_, args.force, log, args.predict_device)
     apply_stack(run, args.out, args.sample_submission, args.force, log, fmt=submit_config(cfg).format)
     return 0
 
@@ -286,6 +286,10 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
                                                "with the images' ids sorted")
     p.add_argument("--out", required=True, help="output folder (cache, tables, submission.csv); never the run")
     p.add_argument("--format", choices=("auto", "labels", "proba"), help="submit.format, as for submit")
+    # its own dest: not FLAG_KEYS' train.device, which each model's own device key of run.yaml overrides
+    p.add_argument("--device", dest="predict_device", choices=("auto", "cpu", "cuda"),
+                   help="predict every model on this device (default: each model's train.device in the run); "
+                        "on the CPU in float32 (amp off)")
 
 
 def verbosity_arguments(p: argparse.ArgumentParser) -> None:

@@ -431,7 +431,9 @@ class EngineConfig(ConfigSection):
         name: `local` (one worker process per visible GPU, or `--parallel` on CPU, fed from one
             shared queue) or `ray` (one Ray task per job, on a Ray cluster).
         address: the Ray cluster to join; None reads RAY_ADDRESS, or starts a local cluster.
-        num_gpus: GPUs per Ray job (a fraction shares a card); None is 1 where the cluster has GPUs, else 0.
+        num_gpus: GPUs per Ray job (a fraction shares a card, and the job's image cache takes that
+            share of the card's budget); None is 1 where the cluster has GPUs, else 0. A local cluster
+            stacker starts has CPUs for a job on every GPU slot.
         num_cpus: CPUs per Ray job.
         max_retries: times Ray reruns a job whose worker died (a killed or lost node); a job that
             raises is never rerun. A rerun job resumes from its last epoch checkpoint.

@@ -10,13 +10,19 @@ rerun a job whose worker died: it resumes from its last epoch checkpoint.
 - `ray`: one Ray task per job; a dead worker is retried up to `max_retries` times, an error the job
   raises is not. A GPU job's worker is retired after it (`max_calls=1`), so the next job starts on a
   GPU whose memory is all free; CPU workers are reused (a fresh process per job costs 5-10 s here, the
-  import of torch, for nothing: a CPU job leaves no device memory behind).
+  import of torch, for nothing: a CPU job leaves no device memory behind). Without an address (nor
+  RAY_ADDRESS) stacker starts a local cluster with the GPUs torch sees and enough CPUs for every GPU
+  slot to run a job at once: max(workers, GPU slots) x num_cpus, a slot being a job's `num_gpus`
+  share of a card (`local_cluster_cpus`). A job given a fraction of a card (0 < num_gpus < 1) runs
+  with STACKER_GPU_SHARE set to that fraction, so its image cache takes that share of the card's
+  budget (`batches`) instead of every job on the card placing a full one.
 
 A job that fails ends the stage with one line naming it, after the other jobs finish (their results
 are kept); a summary table (job, state, seconds, worker) ends every engine run.
 """
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import socket
@@ -34,6 +40,9 @@ from oof import GridProgress, StackerError, info
 from .config import EngineConfig
 
 RAY_MISSING = "engine.name ray: Ray is not installed; pip install 'stacker[ray]'"
+# A Ray GPU job's share of its card, where it has a fraction of one (engine.num_gpus < 1): read where the
+# job places its image cache, which then takes that share of the card's budget.
+GPU_SHARE_ENV = "STACKER_GPU_SHARE"
 
 
 @dataclass(frozen=True)
@@ -202,13 +211,15 @@ def _import_ray():
 def _ray_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log, stage: str) -> list[JobResult]:
     """One Ray task per job, results gathered as they finish; the workers' lines stream to this console."""
     ray = _import_ray()
-    _ray_init(ray, cfg, workers)
+    started = _ray_init(ray, cfg, workers, jobs)
     resources = ray.cluster_resources()
-    log(f"{stage}: ray engine, cluster {int(resources.get('CPU', 0))} CPUs, {resources.get('GPU', 0):g} GPUs")
-    gpu_task = ray.remote(max_calls=1, max_retries=cfg.max_retries)(timed_job)  # retired after each job
+    log(f"{stage}: ray engine, {'local ' if started else ''}cluster {int(resources.get('CPU', 0))} CPUs, "
+        f"{resources.get('GPU', 0):g} GPUs{started}")
+    gpu_task = ray.remote(max_calls=1, max_retries=cfg.max_retries)(_timed_gpu_job)  # retired after each job
     cpu_task = ray.remote(max_retries=cfg.max_retries)(_timed_cpu_job)  # reused: max_calls is per function
     gpus = [job_gpus(cfg, job, resources) for job in jobs]  # every refusal before the first job starts
-    refs = {(gpu_task if g else cpu_task).options(num_gpus=g, num_cpus=cfg.num_cpus).remote(work, job): i
+    refs = {(gpu_task.options(num_gpus=g, num_cpus=cfg.num_cpus).remote(work, job, g) if g else
+             cpu_task.options(num_gpus=0, num_cpus=cfg.num_cpus).remote(work, job)): i
             for i, (job, g) in enumerate(zip(jobs, gpus))}
     results, pending, grid = {}, list(refs), GridProgress(len(jobs), log)
     while pending:
@@ -224,13 +235,57 @@ def _timed_cpu_job(work: Callable, job) -> JobResult:
     return timed_job(work, job)
 
 
-def _ray_init(ray, cfg: EngineConfig, workers: int) -> None:
-    """Join `cfg.address` (or RAY_ADDRESS), else start a local cluster of `workers` x num_cpus CPUs."""
+def _timed_gpu_job(work: Callable, job, share: float) -> JobResult:
+    """`timed_job` in a Ray GPU task (its worker retired after it) holding `share` GPUs: a fraction of a
+    card is told to the job in STACKER_GPU_SHARE, so its image cache takes that share of the card."""
+    if 0 < share < 1:
+        os.environ[GPU_SHARE_ENV] = str(share)
+    else:
+        os.environ.pop(GPU_SHARE_ENV, None)
+    return timed_job(work, job)
+
+
+def gpu_slots(gpus_visible: int, num_gpus_per_job: float) -> int:
+    """Jobs the visible GPUs run at once at `num_gpus_per_job` each: 4 GPUs at 0.5 are 8 slots, at 2 are 2."""
+    if gpus_visible <= 0 or num_gpus_per_job <= 0:
+        return 0
+    return int(math.floor(gpus_visible / num_gpus_per_job + 1e-9))  # 3 / 0.3 is 9.99...: still 10 slots
+
+
+def local_cluster_cpus(workers: int, num_cpus: float, gpus_visible: int, num_gpus_per_job: float) -> int:
+    """CPUs of the local Ray cluster stacker starts: enough for `workers` jobs at once, and for a job on
+    every GPU slot (`gpu_slots`), at `num_cpus` CPUs per job; at least 1."""
+    return max(1, math.ceil(round(max(workers, gpu_slots(gpus_visible, num_gpus_per_job)) * num_cpus, 6)))
+
+
+def job_share(cfg: EngineConfig, jobs: list) -> float:
+    """GPUs per job a local cluster is sized for: engine.num_gpus, else 1 where a job may use a GPU
+    (its train.device is not cpu), as `job_gpus` asks once the cluster has GPUs."""
+    if cfg.num_gpus is not None:
+        return cfg.num_gpus
+    return 1 if any(job.model.train.device != "cpu" for job in jobs) else 0
+
+
+def _ray_init(ray, cfg: EngineConfig, workers: int, jobs: list = ()) -> str:
+    """Join `cfg.address` (or RAY_ADDRESS), else start a local cluster with the GPUs torch sees and
+    `local_cluster_cpus` CPUs, so every GPU slot runs a job at once.
+
+    Returns:
+        "" for a cluster joined; for one started, what it was sized for (the end of the engine's log line).
+    """
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized() or address:
         ray.init(address=address, ignore_reinit_error=True)
-    else:
-        ray.init(num_cpus=max(1, int(workers * cfg.num_cpus)), ignore_reinit_error=True)
+        return ""
+    import torch
+
+    gpus, share = torch.cuda.device_count(), job_share(cfg, jobs)
+    slots = gpu_slots(gpus, share)
+    cpus = local_cluster_cpus(workers, cfg.num_cpus, gpus, share)
+    # the GPUs the slots were counted from: torch's count is Ray's too, so the CPUs fit the GPU slots
+    ray.init(num_cpus=cpus, num_gpus=gpus, ignore_reinit_error=True)
+    why = f"{gpus} GPUs at {share:g} GPU per job" if slots and slots >= workers else f"--parallel {workers}"
+    return f" for {max(workers, slots)} jobs at once ({why}, {cfg.num_cpus:g} CPU each)"
 
 
 def job_gpus(cfg: EngineConfig, job, resources: dict) -> float:

@@ -19,6 +19,12 @@ Everything goes to OUT, in a run directory's layout (`RunPaths(OUT)`):
 
 Each table records the run table's metadata with the new cache's digest in place of the run's, and
 the precision (`train.amp`) resolved on this device, as predict-oof records it.
+
+Each model predicts on its own `train.device` of run.yaml, at its `train.amp`, as predict-oof did;
+`device` (`stacker predict --device`) puts every model on one device instead: a run trained with
+`device: cuda` (every model of run.yaml carries its own key) predicts on a CPU-only machine with
+--device cpu. A model moved to the CPU that way predicts in float32 (amp off: CPU autocast is slower
+and changes the numbers), a model whose amp was an explicit bf16 or fp16 with a note saying so.
 A rerun keeps every fold table that records what it would predict now (an interrupted call
 resumes at the next fold, from the same decoded cache) and predicts again those made from other
 images, weights or settings; --force predicts them all again (the cache is kept: it is rebuilt
@@ -30,19 +36,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from filelock import FileLock, Timeout
 
 from oof import (RunPaths, StackerError, file_digest, load_folds, read_json, read_table,
                  remove_temps, validate_test)
 
-from .batches import ImageSource
+from .batches import CacheBudget, ImageSource, place_images
 from .cache import CacheOptions, ImageCache, build_cache
 from .config import DataConfig, ModelSpec, TTAConfig
 from .dataset import NewTestImages, resolve_new_test
 from .engines import job_label
 from .jobs import StageOptions, cache_size, load_targets
 from .models import resolve_device
-from .predict import predict_with_tta, resolve_amp
+from .predict import AMP_DTYPES, predict_with_tta, resolve_amp
 from .predict_oof import UNCOMPARED_META, write_test
 from .train import Target, load_fold_model
 
@@ -69,10 +76,13 @@ class SavedRun:
 
 @dataclass(frozen=True)
 class _UsedModel:
-    """A model the stack uses, with its run test table's metadata: how the stack's inputs were predicted."""
+    """A model the stack uses, with its run test table's metadata (how the stack's inputs were predicted)
+    and the device and precision it predicts at in this call."""
 
     spec: ModelSpec
     meta: dict
+    device: torch.device
+    amp: str
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,7 @@ class _NewTest:
 
 
 def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, out: RunPaths,
-                     options: StageOptions = StageOptions()) -> None:
+                     options: StageOptions = StageOptions(), device: str | None = None) -> None:
     """Decode `images` into `out` and write every fold model's test tables of `models` there.
 
     Args:
@@ -103,18 +113,23 @@ def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, ou
         images: the new test set.
         out: the output folder (never the run, nor inside it).
         options: force (predict every table again) and log.
+        device: auto, cpu or cuda for every model (--device), in place of each model's train.device;
+            None: each model's own.
 
     Raises:
-        StackerError: `out` inside the run or holding a run; a model run.yaml does not list, whose
+        StackerError: `out` inside the run or holding a run; a device not visible here (a model's
+            train.device cuda, or --device cuda, without CUDA); a model run.yaml does not list, whose
             run table records no TTA settings, or whose weights are missing or not those its run
             tables were predicted with; images that cannot be found, matched to the sample
             submission's ids, or decoded (each named).
     """
     _check_out(run.paths, out)
+    if device is not None:
+        _resolve(device, None)  # --device cuda without CUDA: refused before anything is read
     folds = load_folds(run.paths.folds)
     targets = load_targets(run.paths, folds, list(run.data.extra_targets))
     table = resolve_new_test(images)
-    used = [_used_model(run, name, targets[0].classes, folds) for name in models]
+    used = [_used_model(run, name, targets[0].classes, folds, device, options.log) for name in models]
     out.root.mkdir(parents=True, exist_ok=True)
     try:
         held = FileLock(out.predict_lock, timeout=0).acquire()
@@ -140,8 +155,9 @@ def _check_out(run: RunPaths, out: RunPaths) -> None:
                            "a folder of its own")
 
 
-def _used_model(run: SavedRun, name: str, classes, folds) -> _UsedModel:
-    """A model of the stack, checked: listed in run.yaml, its run table records how it predicted, weights present."""
+def _used_model(run: SavedRun, name: str, classes, folds, device: str | None = None, log=None) -> _UsedModel:
+    """A model of the stack, checked: listed in run.yaml, its run table records how it predicted, weights
+    present, its device visible here (`device` in place of its own train.device when given)."""
     spec = next((s for s in run.specs if s.name == name), None)
     if spec is None:
         raise StackerError(f"{run.paths.config}: the stack uses model {name!r}, which it does not list (tables "
@@ -153,7 +169,32 @@ def _used_model(run: SavedRun, name: str, classes, folds) -> _UsedModel:
         raise StackerError(f"{path}: records no {', '.join(missing)} (not written by predict-oof); stacker "
                            "predict repeats how the run predicted its test set, so run predict-oof first")
     _check_weights(run.paths, name, meta["weights_sha256"], folds)
-    return _UsedModel(spec, meta)
+    where = _resolve(device or spec.train.device, None if device else spec)
+    return _UsedModel(spec, meta, where, predict_amp(spec.train.amp, where, device, name, log))
+
+
+def _resolve(device: str, spec: ModelSpec | None) -> torch.device:
+    """`resolve_device`, its refusal naming where the device came from: --device, or the model's run.yaml."""
+    try:
+        return resolve_device(device)
+    except StackerError:
+        if spec is None:
+            raise StackerError(f"--device {device}: no CUDA device is visible here; use --device cpu (or "
+                               "auto)") from None
+        raise StackerError(f"{spec.name}: train.device {device} (the run's run.yaml), but no CUDA device is "
+                           "visible here; stacker predict --device cpu predicts on the CPU") from None
+
+
+def predict_amp(setting: str, device: torch.device, override: str | None, name: str, log=None) -> str:
+    """The precision a model predicts at: its `train.amp` resolved on `device` (as predict-oof did), but
+    float32 ("off") for a model that --device (`override`) put on the CPU, with a note where its amp was
+    an explicit bf16 or fp16."""
+    if override is None or device.type != "cpu":
+        return resolve_amp(setting, device, name)
+    if setting in AMP_DTYPES and log is not None:
+        log(f"note: {name}: train.amp {setting} is not used on the CPU (--device {override}): it predicts in "
+            "float32")
+    return "off"
 
 
 def _check_weights(paths: RunPaths, name: str, digests: list[str], folds) -> None:
@@ -189,11 +230,10 @@ def _cache_options(run: SavedRun, used: list[_UsedModel]) -> CacheOptions:
 
 def _predict_model(job: _NewTest, model: _UsedModel) -> None:
     """Fold tables kept where current, the others predicted, then the mean table over the K fold models."""
-    name, log = model.spec.name, job.options.log
-    device = resolve_device(model.spec.train.device)
-    # the run's record, but for the new cache and the precision this device runs at (as predict-oof resolves it)
+    name, log, device = model.spec.name, job.options.log, model.device
+    # the run's record, but for the new cache and the precision this device runs at (`predict_amp`)
     meta = {**model.meta, "cache_sha256": {**(model.meta.get("cache_sha256") or {}), "test": job.cache.digest},
-            "amp": resolve_amp(model.spec.train.amp, device, name)}
+            "amp": model.amp}
     slots = job.slots
     kept = {} if job.options.force else {s: p for s in slots if (p := _current_fold(job, name, s, meta))}
     if len(kept) == len(slots) and all(_current(job, job.out.test(name, t.name), t, meta) is not None
@@ -206,8 +246,8 @@ def _predict_model(job: _NewTest, model: _UsedModel) -> None:
     images = None
     for slot in slots:
         if slot not in kept:
-            images = images if images is not None else ImageSource(job.cache.images, device,
-                                                                   model.spec.train.gpu_cache_gb)
+            if images is None:  # placed under the model's own cache budget, as predict-oof places test
+                images = place_images([job.cache.images], device, CacheBudget.of(model.spec.train), log)[0]
             kept[slot] = _predict_fold(job, model, slot, images, _fold_meta(meta, slot))
         for t, p in enumerate(kept[slot]):
             sums[t] += p

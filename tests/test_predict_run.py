@@ -203,6 +203,86 @@ def test_a_per_fold_stack_is_applied_per_fold(uploaded, tmp_path):
                                   pd.read_csv(run / "submission.csv", dtype=str))
 
 
+# ---------------------------------------------------------------- a run trained on a GPU, predicted on CPU
+
+
+def as_trained_on_a_gpu(uploaded, root: Path) -> Path:
+    """A copy of the run whose run.yaml reads as a GPU run's: `train.device: cuda` (test_efficientnet's own
+    key dropped, so it inherits it) and test_resnet's own `device: cuda` with `amp: bf16`."""
+    run = root / "gpu-run"
+    shutil.copytree(uploaded.run, run, copy_function=shutil.copyfile)
+    set_writable(run, True)
+    config = yaml.safe_load((run / "run.yaml").read_text())
+    config["train"] = {**(config.get("train") or {}), "device": "cuda"}
+    for model in config["models"]:
+        if model["name"] == "test_resnet":
+            model.update(device="cuda", amp="bf16")
+        else:
+            model.pop("device")
+    (run / "run.yaml").write_text(yaml.safe_dump(config))
+    set_writable(run, False)  # read-only, as under /kaggle/input
+    return run
+
+
+def predict_args(uploaded, run: Path, out: Path, *more):
+    return ("predict", "--run", run, "--images", uploaded.images, "--sample-submission", uploaded.sample,
+            "--out", out, *more)
+
+
+@pytest.fixture
+def restore_logging():
+    """`cli.main` in this process points the `stacker` logger at this test's stdout; give it back after."""
+    import logging
+
+    from oof import LOGGER
+
+    handlers, level, propagate = LOGGER.handlers[:], LOGGER.level, LOGGER.propagate
+    warnings_handlers = logging.getLogger("py.warnings").handlers[:]
+    yield
+    LOGGER.handlers, LOGGER.level, LOGGER.propagate = handlers, level, propagate
+    logging.getLogger("py.warnings").handlers = warnings_handlers
+    logging.captureWarnings(False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_run_without_cuda_is_refused_in_one_line_naming_cuda(uploaded, tmp_path, capsys, restore_logging):
+    import cli
+
+    run = as_trained_on_a_gpu(uploaded, tmp_path)
+    result = stacker(*predict_args(uploaded, run, tmp_path / "pred"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert re.fullmatch(r"stacker: error: test_\w+: train\.device cuda \(the run's run\.yaml\), but no CUDA device "
+                        r"is visible here; stacker predict --device cpu predicts on the CPU", result.stderr.strip())
+    assert not (tmp_path / "pred").exists()  # refused before anything is decoded or written
+    capsys.readouterr()
+    assert cli.main([str(a) for a in predict_args(uploaded, run, tmp_path / "pred", "--device", "cuda")]) == 2
+    assert capsys.readouterr().err == ("stacker: error: --device cuda: no CUDA device is visible here; use "
+                                       "--device cpu (or auto)\n")
+    assert not (tmp_path / "pred").exists()
+    set_writable(run, True)
+
+
+def test_device_cpu_predicts_a_cuda_run_in_float32(uploaded, predicted, tmp_path):
+    """--device cpu overrides train.device and each model's own device key; the tables equal the run's own
+    `stacker predict` on CPU (float32 both times) and record amp off."""
+    ok(predicted[1])
+    run = as_trained_on_a_gpu(uploaded, tmp_path)
+    result = ok(stacker(*predict_args(uploaded, run, tmp_path / "pred", "--device", "cpu")))
+    notes = [s for s in result.stdout.splitlines() if "float32" in s]
+    assert notes == ["note: test_resnet: train.amp bf16 is not used on the CPU (--device cpu): it predicts in "
+                     "float32"]
+    new, old = RunPaths(tmp_path / "pred"), RunPaths(predicted[0])
+    for model in MODELS:
+        for path in (lambda p: p.test(model), *(lambda p, k=k: p.test_fold(model, k) for k in range(2))):
+            got, want = table(path(new), uploaded.classes), table(path(old), uploaded.classes)
+            np.testing.assert_array_equal(got.proba, want.proba)
+            assert got.meta["amp"] == "off" and got.meta == want.meta
+    pd.testing.assert_frame_equal(pd.read_csv(new.root / "submission.csv", dtype=str),
+                                  pd.read_csv(old.root / "submission.csv", dtype=str))
+    set_writable(run, True)
+
+
 # ---------------------------------------------------------------- bad input: one line naming it
 
 
@@ -294,3 +374,4 @@ def test_a_moved_run_yaml_found_in_the_run_names_the_run(tmp_path):
 def test_predict_help():
     out = stacker("predict", "--help")
     assert out.returncode == 0 and "--images" in out.stdout and "--sample-submission" in out.stdout
+    assert "--device {auto,cpu,cuda}" in out.stdout
