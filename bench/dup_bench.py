@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from base_models.cache import HASH_DRAFT  # noqa: E402
 from base_models.duplicates import _pack, image_hash, near_pairs, popcount  # noqa: E402
 from base_models.images import load_rgb  # noqa: E402
+from bench.photos import photo, scene_layouts  # noqa: E402
 
 THRESHOLDS = (8, 12, 16, 20, 24, 28, 32, 40)  # bits of 256
 THRESHOLDS_64 = (2, 4, 6, 8, 10, 12)  # bits of imagehash's 64-bit phash
@@ -89,38 +90,6 @@ TRANSFORMS = {
     "resize 0.6 + crop 3% + bright -15% + q70": (_chain(_resize(0.6), _crop(0.03), _bright(0.85)), 70),
     "resize 0.5 + crop 6% + bright +20% + q60": (_chain(_resize(0.5), _crop(0.06), _bright(1.2)), 60),
 }
-
-
-def scene_layouts(rng, h: int, w: int, n_scenes: int = 50) -> np.ndarray:
-    """(n_scenes, h, w, 3) float32 fields the photos share part of (a rice field seen from similar places)."""
-    return np.stack([_field(rng, h, w, 2.0) for _ in range(n_scenes)])
-
-
-def _field(rng, h: int, w: int, beta: float) -> np.ndarray:
-    """(h, w, 3) float32, unit variance: a random field of spectrum 1/f^beta; luma strong, chroma weaker."""
-    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
-    f = np.hypot(fx * w / 640, fy * h / 480)  # frequencies in cycles per 480x640 pixel: scale-free sizes agree
-    f[0, 0] = 1.0
-    amp = (f ** (-beta / 2)).astype(np.float32)
-    amp[0, 0] = 0.0
-    z = (rng.standard_normal((3, h, w // 2 + 1), dtype=np.float32)
-         + 1j * rng.standard_normal((3, h, w // 2 + 1), dtype=np.float32)) * amp
-    out = np.fft.irfft2(z, s=(h, w)).astype(np.float32)
-    out /= out.reshape(3, -1).std(axis=1)[:, None, None]
-    luma, cb, cr = out[0], 0.35 * out[1], 0.35 * out[2]
-    return np.stack([luma + 1.4 * cr, luma - 0.34 * cb - 0.71 * cr, luma + 1.77 * cb], axis=-1)
-
-
-def photo(rng, h: int, w: int, scenes: np.ndarray) -> np.ndarray:
-    """One photo-like (h, w, 3) uint8 image: its own field, part of a shared scene, a light-from-above layout,
-    a fine sensor noise."""
-    own = _field(rng, h, w, float(rng.uniform(1.6, 2.6)))
-    s = float(rng.uniform(0.0, 0.5))
-    scene = scenes[rng.integers(len(scenes))]  # (h, w, 3)
-    layout = np.linspace(0.6, -0.6, h, dtype=np.float32)[:, None, None]  # brighter top, as daylight
-    img = np.sqrt(1 - s) * own + np.sqrt(s) * scene + layout
-    img = img * rng.uniform(25, 50) + rng.uniform(90, 150) + rng.normal(0, 3, (h, w, 3)).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def distinct_hashes(n: int, seed: int, methods: dict) -> tuple[dict, float]:
