@@ -9,6 +9,8 @@ engine with 1 worker (ideal: the worker count), and the per-job overhead the eng
 time per job (stage wall x workers / jobs) minus the mean time inside `train_fold` (its history's
 clock). That overhead is process start and imports, scheduling, placing the cache and the model check.
 On CPU every job gets one thread (OMP_NUM_THREADS=1), so the workers do not fight over cores.
+A row whose run raises prints one line (engine, workers, error) and the others still run; the Ray rows
+are skipped with a line where `import ray` fails; the table always shows the rows that ran.
 Nothing is downloaded: test_* models are randomly initialised.
 """
 from __future__ import annotations
@@ -94,6 +96,22 @@ def print_table(rows: list[dict]) -> None:
               f"{efficiency:>10.2f} {r['train_fold']:>12.2f} {overhead:>14.2f}")
 
 
+def available_engines(engines: list[str]) -> list[str]:
+    """The engines that can run here: ray only where `import ray` works (a printed line says why not)."""
+    if "ray" not in engines:
+        return engines
+    try:
+        import ray  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - ImportError, or a broken install failing at import
+        print(f"ray: skipped, import ray failed ({type(e).__name__}: {one_line(e)})", flush=True)
+        return [name for name in engines if name != "ray"]
+    return engines
+
+
+def one_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if not args.gpus:
@@ -104,11 +122,20 @@ def main(argv=None) -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="stacker-scale-"))
     write_digits_dataset(out / "data", size=args.size, n_images=args.images)
     rows = []
-    for engine in args.engines:
-        for workers in worker_counts(args.gpus):
-            rows.append(run_grid(out, args, engine, workers))
-            print(f"{engine} x{workers}: {rows[-1]['wall']:.1f}s", flush=True)
-    print_table(rows)
+    try:
+        for engine in available_engines(args.engines):
+            for workers in worker_counts(args.gpus):
+                try:
+                    rows.append(run_grid(out, args, engine, workers))
+                except Exception as e:  # noqa: BLE001 - one row's failure is reported, the others still run
+                    print(f"{engine} x{workers}: failed, {type(e).__name__}: {one_line(e)}", flush=True)
+                else:
+                    print(f"{engine} x{workers}: {rows[-1]['wall']:.1f}s", flush=True)
+    finally:  # the rows that ran, also after an interrupt
+        if rows:
+            print_table(rows)
+        else:
+            print("no row ran")
 
 
 if __name__ == "__main__":
