@@ -139,6 +139,7 @@ def submit_metric(cfg: dict, source: str | None, configured: str) -> str:
 def cmd_predict(args, log=info) -> int:
     need_training_packages("predict")
     from base_models.dataset import NewTestImages
+    from base_models.jobs import StageOptions
     from base_models.stages import predict_stage
     from stacker import submit_config
     from stacker.apply import apply_stack, saved_stack
@@ -146,7 +147,8 @@ def cmd_predict(args, log=info) -> int:
     cfg = resolve_config(args)
     run = run_paths(cfg).root
     images = NewTestImages(args.images, args.csv, args.id_column, args.path_column, args.sample_submission)
-    predict_stage(cfg, images, args.out, saved_stack(run).models_, args.force, log, args.predict_device)
+    predict_stage(cfg, images, args.out, saved_stack(run).models_,
+                  StageOptions(force=args.force, log=log, device=args.predict_device))
     apply_stack(run, args.out, args.sample_submission, args.force, log, fmt=submit_config(cfg).format)
     return 0
 

@@ -48,6 +48,8 @@ class StageOptions:
         only: run exactly these jobs: (model, fold) items, or (model, repeat, fold) with repeats;
             empty for every job.
         engine: where the jobs run (`EngineConfig`).
+        device: `stacker predict --device`: auto, cpu or cuda for every model in place of its own
+            train.device (on the CPU in float32); None: each model's own.
     """
 
     force: bool = False
@@ -55,6 +57,7 @@ class StageOptions:
     log: Callable[[str], None] = info
     only: tuple[tuple, ...] = ()
     engine: EngineConfig = field(default_factory=EngineConfig)
+    device: str | None = None
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ class _NewTest:
 
 
 def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, out: RunPaths,
-                     options: StageOptions = StageOptions(), device: str | None = None) -> None:
+                     options: StageOptions = StageOptions()) -> None:
     """Decode `images` into `out` and write every fold model's test tables of `models` there.
 
     Args:
@@ -112,9 +112,8 @@ def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, ou
         models: the models the saved stack uses (`StackGuard.models_`).
         images: the new test set.
         out: the output folder (never the run, nor inside it).
-        options: force (predict every table again) and log.
-        device: auto, cpu or cuda for every model (--device), in place of each model's train.device;
-            None: each model's own.
+        options: force (predict every table again), log, and device: auto, cpu or cuda for every model
+            (--device) in place of each model's train.device; None: each model's own.
 
     Raises:
         StackerError: `out` inside the run or holding a run; a device not visible here (a model's
@@ -124,6 +123,7 @@ def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, ou
             submission's ids, or decoded (each named).
     """
     _check_out(run.paths, out)
+    device = options.device
     if device is not None:
         _resolve(device, None)  # --device cuda without CUDA: refused before anything is read
     folds = load_folds(run.paths.folds)

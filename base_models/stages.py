@@ -107,8 +107,7 @@ def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = 
     predict_oof(paths, specs, folds, tta, data, options)
 
 
-def predict_stage(cfg: dict, images, out_dir, models: list[str], force: bool = False, log=info,
-                  device: str | None = None) -> None:
+def predict_stage(cfg: dict, images, out_dir, models: list[str], options=None) -> None:
     """`stacker predict`'s image half: decode a new test set into `out_dir` and write the test tables of
     every fold model of `models` (the models the saved stack uses) there; the run is only read.
 
@@ -117,10 +116,8 @@ def predict_stage(cfg: dict, images, out_dir, models: list[str], force: bool = F
         images: a `base_models.dataset.NewTestImages`.
         out_dir: the output folder, never the run.
         models: the stack's models, `StackGuard.models_`.
-        force: predict every table again (the decoded cache is reused where its files did not change).
-        log: progress lines.
-        device: auto, cpu or cuda for every model in place of each model's own train.device (--device;
-            on the CPU in float32); None: each model's own, as the run predicted.
+        options: a `base_models.jobs.StageOptions`: force (predict every table again; the decoded cache
+            is reused where its files did not change), log, device (--device for every model).
     """
     paths = run_paths(cfg)
     if not paths.config.is_file():
@@ -129,4 +126,4 @@ def predict_stage(cfg: dict, images, out_dir, models: list[str], force: bool = F
     from .jobs import StageOptions
     from .predict_run import SavedRun, predict_new_test
     predict_new_test(SavedRun(paths, data, specs, tta), models, images, RunPaths(out_dir),
-                     StageOptions(force=force, log=log), device)
+                     options or StageOptions())
