@@ -25,7 +25,7 @@ Three ways to make the assignment, one per `folds:` key:
   checked against the dataset.
 
 Repeats (`folds.repeats` = R): R assignments, repeat r drawn with `repeat_seed(seed, r)`.
-Repeat 0 uses the seed itself, so R = 1 is today's assignment (same file bytes, same
+Repeat 0 uses the seed itself, so R = 1 is the one-assignment run (same file bytes, same
 digest) and repeat 0 of any R equals it. With R > 1 the file holds R x N rows, repeat-major,
 every repeat's rows in the same id order, with a `repeat` column, and `repeats` in its metadata.
 
@@ -34,7 +34,7 @@ A `Folds` with R > 1, in memory:
 - `ids`, `y`, `classes`, `k` are shared by every repeat (N rows, one per train image).
 - `for_repeat(r)` is repeat r as a one-repeat `Folds`: its own seed and its own digest, the
   digest an R = 1 run drawn with that seed has (so repeat r's models, tables and checks use it
-  exactly as today's code uses a run's folds); `each_repeat()` is all of them in order, and
+  exactly as a one-repeat run uses its folds); `each_repeat()` is all of them in order, and
   `fold_matrix` the (R, N) fold numbers.
 - `sha256` digests every repeat (their digests in repeat order); `table` is every repeat's
   rows, as in the file.

@@ -73,7 +73,7 @@ class StackGuard:
             source: where the decision comes from, for the config's error messages.
 
         Raises:
-            StackerError: a saved config that no longer passes the checks.
+            StackerError: a saved config that fails the checks.
             KeyError: a missing key (damaged files).
         """
         guard = cls(build_config(StackConfig, decision["config"], f"{source}: config"))
@@ -155,7 +155,7 @@ class StackGuard:
                                      if (decision.get("nested") or {}).get("warning") else [])
         if warnings:
             record["warnings"] = warnings
-        if folds.repeats > 1:  # a one-assignment decision keeps today's keys (and digest)
+        if folds.repeats > 1:  # a one-assignment decision has no repeat keys (its digest is a one-repeat run's)
             record.update({key: decision[key] for key in ("repeat_decisions", "agreement")}, repeats=folds.repeats)
         return record
 

@@ -152,7 +152,7 @@ def load_stack(run_dir: str | os.PathLike) -> StackGuard:
             booster = [(paths.stack / s["booster"]).read_text(encoding="utf-8") if "booster" in s else None
                        for s in state["repeats"]]
         return StackGuard.from_state(decision, state, booster, source=str(paths.decision))
-    except StackerError as e:  # a damaged JSON file names itself; a saved config that no longer passes does not
+    except StackerError as e:  # a damaged JSON file names itself; a saved config that fails the checks does not
         raise StackerError(str(e) if str(paths.stack) in str(e) else f"{paths.decision}: {e}; run fit-stack --force") \
             from None
     except (OSError, ValueError, KeyError, TypeError) as e:

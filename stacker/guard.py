@@ -327,8 +327,8 @@ def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=info, the
     """Meta-level OOF for every candidate of `config.candidates`, the decision, and the nested estimate.
 
     then: called with the chosen candidate's name as soon as the decision is made, while the
-    nested estimate's decisions run in their threads (the final fit: 6 s at 100,000 rows that
-    no longer wait for them).
+    nested estimate's decisions run in their threads (the final fit, 6 s at 100,000 rows, overlaps
+    them).
 
     Fits run in worker processes (`fit_tasks`), not threads: LightGBM is not safe to
     train and predict in several Python threads at once (seen here: std::bad_alloc

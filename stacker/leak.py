@@ -113,7 +113,7 @@ def row_max(p: np.ndarray) -> np.ndarray:
 def declared_leaks(metas: dict[str, dict]) -> dict[str, str]:
     """{model: reason} for tables whose metadata says their OOF rows were used to train or tune them.
 
-    Today one such setting exists: `keep: best` picks each fold model's epoch by its
+    One such setting exists: `keep: best` picks each fold model's epoch by its
     score on that fold's validation rows, which are its OOF rows, so they are
     mildly optimistic (the statistics above cannot see a leak that small).
     """

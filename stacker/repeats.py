@@ -74,8 +74,8 @@ def repeat_log_loss(y: np.ndarray, proba: np.ndarray) -> float:
 
 
 def repeat_config(config, repeat: int):
-    """The config repeat `repeat`'s meta-level fits use: repeat 0 keeps the seed (a one-repeat run is
-    today's), repeat r > 0 gets `repeat_seed(seed, r)`, so repeats draw their own inner splits."""
+    """The config repeat `repeat`'s meta-level fits use: repeat 0 keeps the seed (it is the
+    one-repeat run), repeat r > 0 gets `repeat_seed(seed, r)`, so repeats draw their own inner splits."""
     return config if repeat == 0 else replace(config, seed=repeat_seed(config.seed, repeat))
 
 

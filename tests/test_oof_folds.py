@@ -227,15 +227,16 @@ def test_a_folds_file_of_stacker_0_1_0_keeps_its_row_order_digest(tmp_path):
 
 # ---------------------------------------------------------------- repeats
 
-# The assignment and digest of `make_folds(_rows(), k=5, seed=7)` as stacker made them before repeats existed.
-TODAY_SHA256 = "7533144c0effd84980a6acf24ba2002d4ee8013b81d23a3cb2441be5bcc2fdfe"
-TODAY_FOLDS = "422004332410120102111123042340400304101423334342231"
+# The assignment and digest of `make_folds(_rows(), k=5, seed=7)` with one repeat: the file every one-repeat run
+# has written, pinned so that repeats can never change it.
+ONE_REPEAT_SHA256 = "7533144c0effd84980a6acf24ba2002d4ee8013b81d23a3cb2441be5bcc2fdfe"
+ONE_REPEAT_FOLDS = "422004332410120102111123042340400304101423334342231"
 
 
-def test_one_repeat_is_todays_assignment_file_and_digest(tmp_path, folds):
+def test_one_repeat_is_the_pinned_assignment_file_and_digest(tmp_path, folds):
     one = make_folds(*_rows(), k=5, seed=7, repeats=1)
-    assert one.repeats == 1 and one.sha256 == folds.sha256 == TODAY_SHA256
-    assert "".join(map(str, one.fold)) == TODAY_FOLDS
+    assert one.repeats == 1 and one.sha256 == folds.sha256 == ONE_REPEAT_SHA256
+    assert "".join(map(str, one.fold)) == ONE_REPEAT_FOLDS
     assert one.for_repeat(0) is one and one.each_repeat() == [one]
     write_folds(tmp_path / "default.parquet", folds)
     write_folds(tmp_path / "one.parquet", one)
@@ -260,7 +261,7 @@ def test_repeats_round_trip_through_the_file_with_their_digest(tmp_path):
     np.testing.assert_array_equal(back.fold_matrix, three.fold_matrix)
     assert list(back.ids) == ids and list(back.y) == [back.classes.index(y) for y in labels]
     # repeat 0 is the single assignment; each view is what one repeat drawn with its own seed is
-    assert back.for_repeat(0).sha256 == TODAY_SHA256
+    assert back.for_repeat(0).sha256 == ONE_REPEAT_SHA256
     for r, view in enumerate(back.each_repeat()):
         alone = make_folds(ids, labels, k=5, seed=repeat_seed(7, r))
         assert (view.repeats, view.seed, view.sha256) == (1, repeat_seed(7, r), alone.sha256)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,37 @@ def test_functions_are_small(path):
     too_wide = [f"{fn.name} ({param_count(fn)} parameters)" for fn in functions(tree) if param_count(fn) > MAX_PARAMS]
     assert not too_long, f"functions over {MAX_LINES} lines: {too_long}"
     assert not too_wide, f"functions over {MAX_PARAMS} parameters: {too_wide}"
+
+
+# Words that tell history (what changed, and when) instead of what is true: they belong in commit messages
+# and dated benchmark tables under docs/, never in a comment or docstring.
+HISTORY = re.compile(r"\bissues? #?\d+|\btoday'?s?\b|\bas before\b|\bno longer\b|\bbefore ?-> ?after\b", re.I)
+
+
+def comments_and_docstrings(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every comment and every module, class and function docstring."""
+    out = [(t.start[0], t.string) for t in tokenize.generate_tokens(io.StringIO(source).readline)
+           if t.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                out.append((node.body[0].lineno, doc))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("path", source_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_comments_and_docstrings_state_facts_not_history(path):
+    found = [f"line {line}: {m.group(0)!r}" for line, text in comments_and_docstrings(path.read_text(encoding="utf-8"))
+             for m in HISTORY.finditer(text)]
+    assert not found, f"history words in comments or docstrings: {found}"
+
+
+def test_the_history_check_sees_comments_and_docstrings_only():
+    source = ('"""Module. As before."""\nx = "no longer read"  # see issue 15\n'
+              'def f():\n    """Today this is fast."""\n')
+    texts = " ".join(text for _, text in comments_and_docstrings(source))
+    assert [m.group(0) for m in HISTORY.finditer(texts)] == ["As before", "issue 15", "Today"]
 
 
 def imports_of(path: Path, known: set[str]) -> set[str]:

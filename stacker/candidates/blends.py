@@ -299,7 +299,7 @@ class TemperatureMean(Candidate):
 # scikit-learn scorers that read a binary problem's P(positive) only through its order over the rows.
 _BINARY_RANK_METRICS = ("roc_auc", "average_precision")
 # The temperature's search range: T in [1/100, 100]. The bench's mean of 35 models needs T = 0.50 (its
-# log-loss 0.385 -> 0.261 out of fold); on rows the mean gets all right the loss keeps falling as T -> 0,
+# log-loss out of fold 0.261, against 0.385 at T = 1); on rows the mean gets all right the loss keeps falling as T -> 0,
 # and the bound stops it there, with a blend already near-certain (the guard scores it out of fold).
 _LOG_T_BOUNDS = (-np.log(100.0), np.log(100.0))
 
