@@ -195,9 +195,9 @@ def test_a_non_finite_epoch_fails_the_job_and_keeps_no_weights(tmp_path, small_d
 
 @needs_cpu_fp16
 def test_fp16_resume_restores_the_loss_scale_and_is_bit_identical(tmp_path, small_digits_dir, monkeypatch):
-    # A scaler that starts far too high and doubles its scale every step overflows again and again:
-    # which steps it skips depends on the scale it resumes with, so a resume that lost it would end
-    # with other weights. From 2^16, fp16 on an AMD EPYC's CPU ended epoch 1 back at 2^16, like a fresh one.
+    # A scaler that starts at 2^24 and doubles its scale every step overflows again and again on any CPU
+    # (scaled fp16 gradients pass 65,504 within a few doublings): which steps it skips depends on the scale
+    # it resumes with, so a resume that lost it would end with other weights.
     fresh = 2.0 ** 24
     monkeypatch.setattr(torch.amp, "GradScaler",
                         functools.partial(torch.amp.GradScaler, growth_interval=1, init_scale=fresh))
