@@ -22,3 +22,19 @@ def small_digits_dir(tmp_path_factory):
     from base_models.demo_data import write_digits_dataset
 
     return write_digits_dataset(tmp_path_factory.mktemp("small_digits") / "data", size=16, n_images=400)
+
+
+@pytest.fixture
+def restore_logging():
+    """`cli.main` in the test's process points the `stacker` logger at this test's stdout; give the next
+    test the logger it had."""
+    import logging
+
+    from oof import LOGGER
+
+    handlers, level, propagate = LOGGER.handlers[:], LOGGER.level, LOGGER.propagate
+    warnings_handlers = logging.getLogger("py.warnings").handlers[:]
+    yield
+    LOGGER.handlers, LOGGER.level, LOGGER.propagate = handlers, level, propagate
+    logging.getLogger("py.warnings").handlers = warnings_handlers
+    logging.captureWarnings(False)

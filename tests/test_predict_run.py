@@ -229,21 +229,6 @@ def predict_args(uploaded, run: Path, out: Path, *more):
             "--out", out, *more)
 
 
-@pytest.fixture
-def restore_logging():
-    """`cli.main` in this process points the `stacker` logger at this test's stdout; give it back after."""
-    import logging
-
-    from oof import LOGGER
-
-    handlers, level, propagate = LOGGER.handlers[:], LOGGER.level, LOGGER.propagate
-    warnings_handlers = logging.getLogger("py.warnings").handlers[:]
-    yield
-    LOGGER.handlers, LOGGER.level, LOGGER.propagate = handlers, level, propagate
-    logging.getLogger("py.warnings").handlers = warnings_handlers
-    logging.captureWarnings(False)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_cuda_run_without_cuda_is_refused_in_one_line_naming_cuda(uploaded, tmp_path, capsys, restore_logging):
     import cli

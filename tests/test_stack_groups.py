@@ -2,7 +2,6 @@
 the nested check and provenance, on small seeded synthetic OOF sets (numpy, LightGBM, files, the CLI)."""
 from __future__ import annotations
 
-import logging
 import os
 import re
 import subprocess
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 
 import cli
-from oof import LOGGER, RunPaths, StackerError, folds_from_table, read_json, write_folds
+from oof import RunPaths, StackerError, folds_from_table, read_json, write_folds
 from stack_fixtures import (fast_config, make_run_folds, make_test_tables, noisy_copy, oof_tables, smoothed_copy,
                             specialists, strong_weak_run, write_run)
 from stacker import StackGuard, fit_stack, write_submission
@@ -381,17 +380,6 @@ def test_twins_kept_in_one_fold_fit_with_a_clean_record():
     assert decision["split_leak"]["leaks"] is False and decision["split_leak"]["share"] < REFUSE_SHARE
     assert not [w for w in decision.get("warnings", []) if "folds leak" in w]
     assert "groups_sha256" in decision
-
-
-@pytest.fixture
-def restore_logging():
-    """`cli.main` points the `stacker` logger at this test's stdout; give the next test the logger it had."""
-    handlers, level, propagate = LOGGER.handlers[:], LOGGER.level, LOGGER.propagate
-    warnings_handlers = logging.getLogger("py.warnings").handlers[:]
-    yield
-    LOGGER.handlers, LOGGER.level, LOGGER.propagate = handlers, level, propagate
-    logging.getLogger("py.warnings").handlers = warnings_handlers
-    logging.captureWarnings(False)
 
 
 def test_the_cli_refuses_a_split_leak_in_one_line_and_stacks_with_allow_suspicious(tmp_path, capsys,
