@@ -259,14 +259,18 @@ def local_cluster_cpus(workers: int, num_cpus: float, gpus_visible: int, num_gpu
 
 
 def job_share(cfg: EngineConfig, jobs: list) -> float:
-    """GPUs per job a local cluster is sized for: engine.num_gpus, else 1 where a job may use a GPU
-    (its train.device is not cpu), as `job_gpus` asks once the cluster has GPUs."""
+    """GPUs per job a local cluster is sized for: what the jobs ask (`asked_gpus`) once it has GPUs."""
+    return max((asked_gpus(cfg, job, 1) for job in jobs), default=cfg.num_gpus or 0)
+
+
+def asked_gpus(cfg: EngineConfig, job, cluster_gpus: float) -> float:
+    """engine.num_gpus, else 1 for a job that may use a GPU (train.device not cpu) on a cluster with GPUs."""
     if cfg.num_gpus is not None:
         return cfg.num_gpus
-    return 1 if any(job.model.train.device != "cpu" for job in jobs) else 0
+    return 1 if cluster_gpus and job.model.train.device != "cpu" else 0
 
 
-def _ray_init(ray, cfg: EngineConfig, workers: int, jobs: list = ()) -> str:
+def _ray_init(ray, cfg: EngineConfig, workers: int, jobs: list) -> str:
     """Join `cfg.address` (or RAY_ADDRESS), else start a local cluster with the GPUs torch sees and
     `local_cluster_cpus` CPUs, so every GPU slot runs a job at once.
 
@@ -291,9 +295,7 @@ def _ray_init(ray, cfg: EngineConfig, workers: int, jobs: list = ()) -> str:
 def job_gpus(cfg: EngineConfig, job, resources: dict) -> float:
     """GPUs a job asks Ray for; refused up front when no node of the cluster could ever give them."""
     cluster = resources.get("GPU", 0)
-    gpus = cfg.num_gpus
-    if gpus is None:
-        gpus = 1 if cluster and job.model.train.device != "cpu" else 0
+    gpus = asked_gpus(cfg, job, cluster)
     if gpus > cluster:
         raise StackerError(f"engine.num_gpus: {job.model.name} asks {gpus:g} GPUs per job, the cluster has "
                            f"{cluster:g}; the jobs could never start")
