@@ -45,6 +45,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from base_models.config import as_size  # noqa: E402
 from bench.photos import PADDY_TEST, write_paddy_dataset  # noqa: E402
 from oof import RunPaths, read_json  # noqa: E402
 
@@ -229,49 +230,18 @@ def recipe_config(args, run: Path, data: Path) -> tuple[dict, dict]:
     return cfg, recipe
 
 
-def hw(size) -> tuple[int, int]:
-    return tuple(size) if isinstance(size, list) else (size, size)
-
-
 def ceilings(arch: str, phases: list, tta: int, batch: int, device: str, amp: str, steps: int) -> dict:
     """bench/throughput.py's ceilings, eager, at each phase's size and the precision the job trained at:
     AdamW steps and (1 + tta)-view inference on synthetic batches already on the device (images/s)."""
     import torch
-    import torch.nn.functional as F
 
-    from base_models.predict import autocast
-    from bench.throughput import make_model, timed
+    from bench.throughput import infer_ceiling, train_ceiling
 
     dev = torch.device(device)
-    out = {}
-    for p in phases:
-        h, w = hw(p["size"])
-        model, _ = make_model(SimpleNamespace(model=arch), dev)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        x = torch.randn(batch, 3, h, w, device=dev)
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (batch,), device=dev)
-
-        def step():
-            with autocast(dev, amp):
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        train = batch / timed(step, steps, dev)
-        model.eval()
-
-        @torch.no_grad()
-        def infer():
-            for _ in range(1 + tta):
-                with autocast(dev, amp):
-                    torch.softmax(model(x).float(), 1)
-
-        out[f"{h}x{w}"] = {"train": train, "infer": batch / timed(infer, steps, dev)}
-        del model, opt
-    return out
+    spec = SimpleNamespace(model=arch, batch=batch, steps=steps, tta=tta)
+    return {"x".join(map(str, size)): {"train": train_ceiling(spec, dev, hw=size, amp=amp),
+                                       "infer": infer_ceiling(spec, dev, hw=size, amp=amp)}
+            for size in (as_size(p["size"], "phases.size") for p in phases)}
 
 
 def gpu_rehearsal(args, full: Path, out: Path) -> dict:
@@ -297,7 +267,7 @@ def gpu_rehearsal(args, full: Path, out: Path) -> dict:
     for row in rows:
         row["train_ceiling"] = ceiling.get(row["size"], {}).get("train")
     fold_s = history["seconds"]["setup"] + sum(r["recipe_s_per_fold"] for r in rows)
-    last_size = "x".join(map(str, hw(cfg["train"]["phases"][-1]["size"])))
+    last_size = "x".join(map(str, as_size(cfg["train"]["phases"][-1]["size"], "phases.size")))
     views_per_s = (n_valid + n_test) * (1 + tta) / predict["wall_s"]
     infer = ceiling.get(last_size, {}).get("infer")
     result = {"device": history.get("device_name"), "amp": history.get("amp"), "arch": cfg["models"][0]["arch"],

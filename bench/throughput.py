@@ -99,36 +99,38 @@ def make_model(args, device, compiled=False):
     return (torch.compile(model) if compiled else model), model_norm(model)
 
 
-def sgd_step(model, opt, x, y, device) -> None:
-    """One AdamW step as train-base takes it: bf16 autocast and channels_last on CUDA."""
+def sgd_step(model, opt, x, y, device, amp: str = "auto") -> None:
+    """One AdamW step as train-base takes it: autocast to `amp` (auto: bf16 on CUDA) and channels_last on CUDA."""
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device):
+    with autocast(device, amp):
         loss = F.cross_entropy(model(x).float(), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
 
-def train_ceiling(args, device, compiled=False) -> float:
-    """Images/s of AdamW steps on one synthetic batch already on the device."""
+def train_ceiling(args, device, compiled=False, hw=None, amp: str = "auto") -> float:
+    """Images/s of AdamW steps on one synthetic batch already on the device, at (h, w) `hw` (default:
+    args.size square) and precision `amp`."""
     model, _ = make_model(args, device, compiled)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    x = torch.randn(args.batch, 3, *(hw or (args.size, args.size)), device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    return args.batch / timed(lambda: sgd_step(model, opt, x, y, device), args.steps, device)
+    return args.batch / timed(lambda: sgd_step(model, opt, x, y, device, amp), args.steps, device)
 
 
-def infer_ceiling(args, device) -> float:
-    """Images/s of (1 + tta) eval forward passes per image on synthetic data."""
+def infer_ceiling(args, device, hw=None, amp: str = "auto") -> float:
+    """Images/s of (1 + tta) eval forward passes per image on synthetic data, at (h, w) `hw` (default:
+    args.size square) and precision `amp`."""
     model, _ = make_model(args, device)
     model.eval()
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    x = torch.randn(args.batch, 3, *(hw or (args.size, args.size)), device=device)
 
     @torch.no_grad()
     def step():
         for _ in range(1 + args.tta):
-            with autocast(device):
+            with autocast(device, amp):
                 torch.softmax(model(x).float(), 1)
 
     return args.batch / timed(step, args.steps, device)
