@@ -58,7 +58,7 @@ def grid_config(data: Path, run: Path) -> dict:
 
 def stage_command(stage: str, config: Path, run: Path) -> list[str]:
     where = ["--config", str(config)] if stage == "train-base" else ["--run", str(run)]
-    return [sys.executable, "-m", "cli", stage, *where]
+    return [sys.executable, "-m", "stacker_cli", stage, *where]
 
 
 def run_stage(stage: str, config: Path, run: Path, kill_after: float | None = None) -> tuple[int, float]:

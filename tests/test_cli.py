@@ -16,7 +16,7 @@ STAGES = ("train-base", "predict-oof", "fit-stack", "submit", "predict", "demo")
 
 def stacker(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stacker_cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
 
 
@@ -108,7 +108,7 @@ def on_a_terminal(*args) -> str:
 
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 x 120, as a window has
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], stdout=follower, stderr=follower,
+    proc = subprocess.Popen([sys.executable, "-m", "stacker_cli", *map(str, args)], stdout=follower, stderr=follower,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     os.close(follower)
     chunks = []
@@ -127,7 +127,7 @@ def on_a_terminal(*args) -> str:
 
 def test_fit_stack_and_submit_never_import_torch(pipeline):
     root, _, _ = pipeline
-    code = ("import sys, cli; rc = cli.main(['fit-stack', '--run', sys.argv[1], '--force']); "
+    code = ("import sys, stacker_cli as cli; rc = cli.main(['fit-stack', '--run', sys.argv[1], '--force']); "
             "rc |= cli.main(['submit', '--run', sys.argv[1], '--force']); "
             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code, str(root / "run")], capture_output=True, text=True)
@@ -216,7 +216,7 @@ def test_flags_beat_model_entries_of_a_saved_run_yaml(tmp_path):
     """run.yaml stores each model's resolved train keys; --epochs and --set train.* must still win."""
     import argparse
 
-    import cli
+    import stacker_cli as cli
     from base_models.config import base_configs
 
     run = tmp_path / "run"

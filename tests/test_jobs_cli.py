@@ -115,7 +115,7 @@ def test_a_changed_recipe_key_makes_finished_jobs_stale(trained):
 def test_an_interrupted_job_is_running_then_partial(tmp_path, small_digits_dir):
     config = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run",
                           train={**ONE_EPOCH, "epochs": 60}, models=[{"arch": "test_resnet"}])
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "train-base", "--config", str(config), "--only",
+    proc = subprocess.Popen([sys.executable, "-m", "stacker_cli", "train-base", "--config", str(config), "--only",
                              "test_resnet:2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:
         for line in proc.stdout:  # the checkpoint is written before an epoch's progress line
@@ -147,7 +147,7 @@ def test_bad_only_items_are_one_line_errors(trained, item, message):
 
 def test_two_only_processes_at_once_on_a_fresh_run_both_succeed(tmp_path, small_digits_dir):
     config = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run", train=ONE_EPOCH)
-    procs = [subprocess.Popen([sys.executable, "-m", "cli", "train-base", "--config", str(config), "--only", job],
+    procs = [subprocess.Popen([sys.executable, "-m", "stacker_cli", "train-base", "--config", str(config), "--only", job],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
              for job in ("test_resnet:0", "test_efficientnet:1")]
     for proc in procs:

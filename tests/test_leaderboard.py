@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import cli
+import stacker_cli as cli
 from oof import (PredictionTable, RunPaths, StackerError, accuracy, log_loss, make_folds, read_json, write_bytes,
                  write_folds, write_json, write_table)
 from stack_fixtures import fast_config, noisy_copy, strong_weak_run

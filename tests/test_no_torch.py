@@ -29,7 +29,7 @@ if sys.argv[1] == "-c":
     exec(sys.argv[2])
     rc = 0
 else:
-    import cli
+    import stacker_cli as cli
     rc = cli.main(sys.argv[1:])
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in {TRAINING_ONLY!r})
 assert not loaded, loaded

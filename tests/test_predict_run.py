@@ -32,7 +32,7 @@ MODELS = ("test_efficientnet", "test_resnet")  # the stack's order: sorted names
 
 def stacker(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stacker_cli", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=600)
 
 
@@ -231,7 +231,7 @@ def predict_args(uploaded, run: Path, out: Path, *more):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_cuda_run_without_cuda_is_refused_in_one_line_naming_cuda(uploaded, tmp_path, capsys, restore_logging):
-    import cli
+    import stacker_cli as cli
 
     run = as_trained_on_a_gpu(uploaded, tmp_path)
     result = stacker(*predict_args(uploaded, run, tmp_path / "pred"))

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import cli
+import stacker_cli as cli
 from oof import RunPaths, StackerError, folds_from_table, read_json, write_folds
 from stack_fixtures import (fast_config, make_run_folds, make_test_tables, noisy_copy, oof_tables, smoothed_copy,
                             specialists, strong_weak_run, write_run)
@@ -388,7 +388,7 @@ def test_the_cli_refuses_a_split_leak_in_one_line_and_stacks_with_allow_suspicio
     root = write_run(tmp_path / "run", folds, oof, test, test_ids)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     quick = ["--set", "stack.n_bootstrap=200", "--set", "stack.candidates=[mean, logit_mean, best_single]"]
-    done = subprocess.run([sys.executable, "-m", "cli", "fit-stack", "--run", str(root), *quick],
+    done = subprocess.run([sys.executable, "-m", "stacker_cli", "fit-stack", "--run", str(root), *quick],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
