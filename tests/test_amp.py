@@ -5,7 +5,6 @@ runs on CPU, where torch autocasts to float16 too (skipped, with the reason, on 
 """
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
@@ -193,18 +192,37 @@ def test_a_non_finite_epoch_fails_the_job_and_keeps_no_weights(tmp_path, small_d
 # ---------------------------------------------------------------- resume and staleness
 
 
+def overflow_at(chosen: dict[int, set[int]]):
+    """An `_optimizer_step` whose gradients are non-finite at the chosen steps ({epoch: {step in epoch}},
+    both from 0), as an fp16 overflow leaves them, so the scaler skips exactly those steps and halves its
+    scale on any CPU. The step count restarts with each job, so a resumed job overflows where an
+    uninterrupted one does."""
+    seen = {"state": None, "epoch": -1, "step": 0}
+
+    def step(state):
+        if seen["state"] is not state or seen["epoch"] != len(state.history):
+            seen.update(state=state, epoch=len(state.history), step=0)
+        if seen["step"] in chosen.get(seen["epoch"], ()):
+            next(iter(state.model.parameters())).grad.fill_(float("inf"))
+        seen["step"] += 1
+        return _optimizer_step(state)
+    return step
+
+
 @needs_cpu_fp16
 def test_fp16_resume_restores_the_loss_scale_and_is_bit_identical(tmp_path, small_digits_dir, monkeypatch):
-    # A scaler that starts at 2^24 and doubles its scale every step overflows again and again on any CPU
-    # (scaled fp16 gradients pass 65,504 within a few doublings): which steps it skips depends on the scale
-    # it resumes with, so a resume that lost it would end with other weights.
-    fresh = 2.0 ** 24
-    monkeypatch.setattr(torch.amp, "GradScaler",
-                        functools.partial(torch.amp.GradScaler, growth_interval=1, init_scale=fresh))
+    # Overflows at chosen steps (two in epoch 1, one in epoch 2) set the loss scale: 2^14 after epoch 1 and
+    # 2^13 after epoch 2 when the resume restores it, 2^15 when it starts again from a fresh 2^16.
+    from base_models import train as train_module
+
+    monkeypatch.setattr(train_module, "_optimizer_step", overflow_at({0: {0, 2}, 1: {1}}))
+    fresh = 2.0 ** 16
     spec = specs(amp="fp16")[0]
     paths, folds = prepared(tmp_path / "reference", small_digits_dir)
     train_fold(spec, 0, job_inputs(paths, folds), log=QUIET.log)
-    reference = load_file(paths.weights("test_resnet", 0))
+    reference, reference_history = load_file(paths.weights("test_resnet", 0)), read_history(paths, "test_resnet", 0)
+    assert [h["loss_scale"] for h in reference_history] == [fresh / 4, fresh / 8]
+    assert [h["skipped_steps"] for h in reference_history] == [2, 1]
     other, folds = prepared(tmp_path / "interrupted", small_digits_dir)
 
     def stop_after_first_epoch(line):
@@ -214,15 +232,15 @@ def test_fp16_resume_restores_the_loss_scale_and_is_bit_identical(tmp_path, smal
     with pytest.raises(KeyboardInterrupt):
         train_fold(spec, 0, job_inputs(other, folds), log=stop_after_first_epoch)
     checkpoint = _load_checkpoint(other.checkpoint("test_resnet", 0), spec, job_inputs(other, folds).sources)
-    assert checkpoint["scaler"]["scale"] == read_history(paths, "test_resnet", 0)[0]["loss_scale"] != fresh
+    assert checkpoint["scaler"]["scale"] == fresh / 4
     torch.save({**checkpoint, "scaler": None}, tmp_path / "lost_scale.pt")
     train_fold(spec, 0, job_inputs(other, folds), log=QUIET.log)  # resumes from the checkpoint (weights_only)
     resumed = load_file(other.weights("test_resnet", 0))
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    assert read_history(other, "test_resnet", 0)[1]["loss_scale"] == fresh / 8
     (tmp_path / "lost_scale.pt").replace(other.checkpoint("test_resnet", 0))  # the same epoch, its scale lost
     train_fold(spec, 0, job_inputs(other, folds), log=QUIET.log)
-    lost = load_file(other.weights("test_resnet", 0))
-    assert not all(torch.equal(reference[k], lost[k]) for k in reference)
+    assert read_history(other, "test_resnet", 0)[1]["loss_scale"] == fresh / 2
 
 
 @pytest.mark.gpu
