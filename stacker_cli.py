@@ -12,7 +12,9 @@
     stacker demo        [--out DIR]           all four on the bundled digits dataset
 
 The stages that need torch import it inside their handler: fit-stack and submit
-run in a process that never imports torch.
+run in a process that never imports torch. The parser's choices come from the
+vocabularies that check the same keys (`base_models.config`, the engine registry
+`base_models.engines.ENGINES`, `oof.run_config`), modules that import no torch.
 """
 from __future__ import annotations
 
@@ -24,7 +26,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from base_models.config import DEVICES
+from base_models.engines import ENGINES
 from oof import LOGGER, RunPaths, StackerError, info, load_config, run_paths
+from oof.run_config import SUBMIT_FORMATS
 
 # Named flags and the config key each one overrides; their argparse default is
 # "not given", so every default lives in the config dataclasses alone.
@@ -228,7 +233,7 @@ def submit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-submission", help="default <data.root>/sample_submission.csv")
     p.add_argument("--out", help="default <run>/submission.csv")
     p.add_argument("--source", help="submit one model's test predictions instead of the stack")
-    p.add_argument("--format", choices=("auto", "labels", "proba"),
+    p.add_argument("--format", choices=SUBMIT_FORMATS,
                    help="submit.format: labels, per-class probabilities, or auto (default: from the sample "
                         "and stack.metric)")
 
@@ -236,7 +241,7 @@ def submit_arguments(p: argparse.ArgumentParser) -> None:
 def train_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="dataset folder (data.root)")
     p.add_argument("--epochs", type=int, help="train.epochs for every model")
-    p.add_argument("--device", help="train.device: auto, cpu or cuda")
+    p.add_argument("--device", help=f"train.device: one of {', '.join(DEVICES)}")
     p.add_argument("--k", type=int, help="folds.k")
     job_arguments(p, "train just this job, e.g. resnet26d:0 (repeatable; one per Slurm array task); the folds "
                      "and cache are still made; with --force only these jobs are redone")
@@ -246,7 +251,8 @@ def job_arguments(p: argparse.ArgumentParser, only_help: str) -> None:
     """The (model, fold) job grid's flags: how many at once, which ones, on which engine."""
     p.add_argument("--parallel", type=int, default=1, help="jobs at once on CPU (on CUDA: one per visible GPU)")
     p.add_argument("--only", action="append", metavar="MODEL:FOLD", help=only_help)
-    p.add_argument("--engine", choices=("local", "ray"), help="engine.name: where the jobs run (default local)")
+    p.add_argument("--engine", choices=tuple(ENGINES),  # read when the parser is built: registered engines count
+                   help="engine.name: where the jobs run (default local)")
     p.add_argument("--address", help="engine.address: the Ray cluster to join (default RAY_ADDRESS or a new one)")
 
 
@@ -287,9 +293,9 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-submission", help="gives the ids, their order and the columns; default: id,label "
                                                "with the images' ids sorted")
     p.add_argument("--out", required=True, help="output folder (cache, tables, submission.csv); never the run")
-    p.add_argument("--format", choices=("auto", "labels", "proba"), help="submit.format, as for submit")
+    p.add_argument("--format", choices=SUBMIT_FORMATS, help="submit.format, as for submit")
     # its own dest: not FLAG_KEYS' train.device, which each model's own device key of run.yaml overrides
-    p.add_argument("--device", dest="predict_device", choices=("auto", "cpu", "cuda"),
+    p.add_argument("--device", dest="predict_device", choices=DEVICES,
                    help="predict every model on this device (default: each model's train.device in the run); "
                         "on the CPU in float32 (amp off)")
 

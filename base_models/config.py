@@ -20,6 +20,7 @@ from oof import (BOOL, NULL, SEED, STRING, ConfigSection, Rule, StackerError, bu
                  one_of, preview, read_fold_file)
 from oof.folds import group_values
 
+from .engines import ENGINES
 from .images import RESIZE_MODES
 
 TTA_COMBINE = ("lerp", "mean")
@@ -420,16 +421,14 @@ def split_clusters(folds, clusters: np.ndarray) -> np.ndarray:
     return np.array(sorted(split), dtype=np.int64)
 
 
-ENGINES = ("local", "ray")
-
-
 @dataclass
 class EngineConfig(ConfigSection):
     """The `engine:` section: where train-base's (model, fold) jobs run.
 
     Attributes:
-        name: `local` (one worker process per visible GPU, or `--parallel` on CPU, fed from one
-            shared queue) or `ray` (one Ray task per job, on a Ray cluster).
+        name: a name of the engine registry (`base_models.engines.ENGINES`): `local` (one worker
+            process per visible GPU, or `--parallel` on CPU, fed from one shared queue) or `ray` (one
+            Ray task per job, on a Ray cluster), or an engine registered there.
         address: the Ray cluster to join; None reads RAY_ADDRESS, or starts a local cluster.
         num_gpus: GPUs per Ray job (a fraction shares a card, and the job's image cache takes that
             share of the card's budget); None is 1 where the cluster has GPUs, else 0. A local cluster
@@ -440,7 +439,7 @@ class EngineConfig(ConfigSection):
     """
 
     SECTION: ClassVar[str] = "engine"
-    RULES: ClassVar[dict] = {"name": (one_of(*ENGINES),), "address": (STRING, NULL),
+    RULES: ClassVar[dict] = {"name": (STRING,), "address": (STRING, NULL),
                              "num_gpus": (NON_NEGATIVE, NULL), "num_cpus": (POSITIVE,),
                              "max_retries": (number(0, integer=True),)}
 
@@ -449,6 +448,12 @@ class EngineConfig(ConfigSection):
     num_gpus: float | None = None
     num_cpus: float = 1
     max_retries: int = 2
+
+    def __post_init__(self):
+        registered = one_of(*ENGINES)  # read at each check: an engine registered after import counts
+        if not registered(self.name):
+            raise StackerError(f"{self.SECTION}.name: expected {registered.text}, got {self.name!r}")
+        check_fields(self)
 
 
 def engine_config(cfg: dict) -> EngineConfig:

@@ -1,7 +1,9 @@
 """Engines: where and when a stage's (model, fold) jobs run (train-base's, predict-oof's); never what a job computes.
 
-An engine gets a picklable `work(job) -> seconds inside train_fold (None: skipped)` and the jobs,
-runs each job once, and returns one `JobResult` per job. A job is idempotent (its file lock, its
+An engine is an `Engine` subclass, registered by name in `ENGINES` (the one registry: `engine.name`'s
+vocabulary and the CLI's `--engine` choices read it); a new engine is one class plus one line there.
+It gets a picklable `work(job) -> seconds inside train_fold (None: skipped)` and the jobs, runs each
+job once, and returns one `JobResult` per job. A job is idempotent (its file lock, its
 resume checkpoint, the skip of a job finished meanwhile live in the work itself), so an engine may
 rerun a job whose worker died: it resumes from its last epoch checkpoint.
 
@@ -36,8 +38,6 @@ from pathlib import Path
 from typing import Callable
 
 from oof import GridProgress, StackerError, info
-
-from .config import EngineConfig
 
 RAY_MISSING = "engine.name ray: Ray is not installed; pip install 'stacker[ray]'"
 # A Ray GPU job's share of its card, where it has a fraction of one (engine.num_gpus < 1): read where the
@@ -104,14 +104,14 @@ def timed_job(work: Callable, job) -> JobResult:
                      repeat=getattr(job, "repeat", 0))
 
 
-def run_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log=info,
-             stage: str = "train-base") -> list[JobResult]:
-    """Every job of `stage` through the engine `cfg.name` names, `workers` at once on the local engine.
+def run_jobs(work: Callable, jobs: list, cfg, workers: int, log=info, stage: str = "train-base") -> list[JobResult]:
+    """Every job of `stage` through the engine `cfg.name` names (`cfg`: the `engine:` section,
+    `config.EngineConfig`), `workers` at once where the engine runs workers of its own.
 
     Raises:
         StackerError: a job failed (one line naming the first, with how many others failed too).
     """
-    results = (_ray_jobs if cfg.name == "ray" else _local_jobs)(work, jobs, cfg, workers, log, stage)
+    results = create_engine(cfg).run(work, jobs, workers, log, stage)
     log_summary(results, log)
     raise_failures(results)
     return results
@@ -136,6 +136,32 @@ def failed(job, error: str, worker: str = "") -> JobResult:
     return JobResult(job.model.name, job.fold, "failed", 0.0, 0.0, worker, error, getattr(job, "repeat", 0))
 
 
+class Engine:
+    """Where a stage's jobs run: `run` gives one `JobResult` per job, in the jobs' order.
+
+    `__init__` only stores the `engine:` section (`config.EngineConfig`, checked already). `workers`
+    and `runs_here` have the defaults of an engine that starts workers of its own; `run` is the one
+    method a subclass must give.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def workers(self, todo: list, parallel: int) -> int:
+        """Jobs at once for the pending jobs `todo`: `parallel` (--parallel), what a cluster the engine
+        starts is sized for."""
+        return parallel
+
+    def runs_here(self, workers: int) -> bool:
+        """True where the stage runs the jobs itself, one after another in this process (the images placed
+        once per device, nothing pickled), and never calls `run`."""
+        return False
+
+    def run(self, work: Callable, jobs: list, workers: int, log, stage: str) -> list[JobResult]:
+        """Run `work(job)` once for each job; a job's error is its result (`failed`), never raised."""
+        raise NotImplementedError(f"{type(self).__name__} gives no run")
+
+
 # ---------------------------------------------------------------- local: one process per GPU, one queue
 
 
@@ -158,30 +184,46 @@ def worker_threads(workers: int) -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // workers))
 
 
-def _local_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log, stage: str) -> list[JobResult]:
-    """`workers` spawned processes; each takes the next job when free (one submitted task per job)."""
-    import torch
+class LocalEngine(Engine):
+    """`local`: `workers` spawned processes fed from one queue, each pinned to one GPU; one worker runs
+    the jobs in this process."""
 
-    gpus = torch.cuda.device_count()
-    # The devices this process may use, as CUDA_VISIBLE_DEVICES names them (indices, UUIDs or MIG ids):
-    # a worker pinned to "slot 2" of a Slurm allocation "4,5,6" must see device 6, not device 2.
-    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    names = (visible or [str(i) for i in range(gpus)])[:gpus]
-    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
-    slots = ctx.Queue()
-    for slot in range(workers):
-        slots.put(names[slot % len(names)] if gpus else None)
-    log(f"{stage}: local engine, {workers} workers" + (f" on GPUs {', '.join(names[:workers])}" if gpus
-                                                          else " on CPU"))
-    results, grid = {}, GridProgress(len(jobs), log)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pin_worker,
-                             initargs=(slots, worker_threads(workers))) as pool:
-        futures = {pool.submit(timed_job, work, job): i for i, job in enumerate(jobs)}
-        for future in as_completed(futures):
-            i = futures[future]
-            results[i] = _local_result(future, jobs[i], stage)
-            grid.step(f"{results[i].job} {results[i].state}")
-    return [results[i] for i in range(len(jobs))]
+    def workers(self, todo: list, parallel: int) -> int:
+        """One per visible GPU where a job runs on CUDA, else `parallel`; never more than jobs."""
+        import torch
+
+        from .models import resolve_device
+
+        cuda = any(resolve_device(j.model.train.device).type == "cuda" for j in todo)
+        return max(1, min(torch.cuda.device_count() if cuda else parallel, len(todo)))
+
+    def runs_here(self, workers: int) -> bool:
+        return workers == 1
+
+    def run(self, work: Callable, jobs: list, workers: int, log, stage: str) -> list[JobResult]:
+        """`workers` spawned processes; each takes the next job when free (one submitted task per job)."""
+        import torch
+
+        gpus = torch.cuda.device_count()
+        # The devices this process may use, as CUDA_VISIBLE_DEVICES names them (indices, UUIDs or MIG ids):
+        # a worker pinned to "slot 2" of a Slurm allocation "4,5,6" must see device 6, not device 2.
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        names = (visible or [str(i) for i in range(gpus)])[:gpus]
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
+        slots = ctx.Queue()
+        for slot in range(workers):
+            slots.put(names[slot % len(names)] if gpus else None)
+        log(f"{stage}: local engine, {workers} workers" + (f" on GPUs {', '.join(names[:workers])}" if gpus
+                                                              else " on CPU"))
+        results, grid = {}, GridProgress(len(jobs), log)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pin_worker,
+                                 initargs=(slots, worker_threads(workers))) as pool:
+            futures = {pool.submit(timed_job, work, job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = _local_result(future, jobs[i], stage)
+                grid.step(f"{results[i].job} {results[i].state}")
+        return [results[i] for i in range(len(jobs))]
 
 
 def _local_result(future, job, stage: str) -> JobResult:
@@ -206,28 +248,6 @@ def _import_ray():
     except ImportError:
         raise StackerError(RAY_MISSING) from None
     return ray
-
-
-def _ray_jobs(work: Callable, jobs: list, cfg: EngineConfig, workers: int, log, stage: str) -> list[JobResult]:
-    """One Ray task per job, results gathered as they finish; the workers' lines stream to this console."""
-    ray = _import_ray()
-    started = _ray_init(ray, cfg, workers, jobs)
-    resources = ray.cluster_resources()
-    log(f"{stage}: ray engine, {'local ' if started else ''}cluster {int(resources.get('CPU', 0))} CPUs, "
-        f"{resources.get('GPU', 0):g} GPUs{started}")
-    gpu_task = ray.remote(max_calls=1, max_retries=cfg.max_retries)(_timed_gpu_job)  # retired after each job
-    cpu_task = ray.remote(max_retries=cfg.max_retries)(_timed_cpu_job)  # reused: max_calls is per function
-    gpus = [job_gpus(cfg, job, resources) for job in jobs]  # every refusal before the first job starts
-    refs = {(gpu_task.options(num_gpus=g, num_cpus=cfg.num_cpus).remote(work, job, g) if g else
-             cpu_task.options(num_gpus=0, num_cpus=cfg.num_cpus).remote(work, job)): i
-            for i, (job, g) in enumerate(zip(jobs, gpus))}
-    results, pending, grid = {}, list(refs), GridProgress(len(jobs), log)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        i = refs[done[0]]
-        results[i] = _ray_result(ray, done[0], jobs[i], cfg, stage)
-        grid.step(f"{results[i].job} {results[i].state}")
-    return [results[i] for i in range(len(jobs))]
 
 
 def _timed_cpu_job(work: Callable, job) -> JobResult:
@@ -258,69 +278,104 @@ def local_cluster_cpus(workers: int, num_cpus: float, gpus_visible: int, num_gpu
     return max(1, math.ceil(round(max(workers, gpu_slots(gpus_visible, num_gpus_per_job)) * num_cpus, 6)))
 
 
-def job_share(cfg: EngineConfig, jobs: list) -> float:
-    """GPUs per job a local cluster is sized for: what the jobs ask (`asked_gpus`) once it has GPUs."""
-    return max((asked_gpus(cfg, job, 1) for job in jobs), default=cfg.num_gpus or 0)
+class RayEngine(Engine):
+    """`ray`: one Ray task per job on the cluster `engine.address` (or RAY_ADDRESS) names, else on a local
+    cluster sized for every GPU slot; a job asks `asked_gpus` GPUs and `engine.num_cpus` CPUs."""
+
+    def run(self, work: Callable, jobs: list, workers: int, log, stage: str) -> list[JobResult]:
+        """One Ray task per job, results gathered as they finish; the workers' lines stream to this console."""
+        ray, cfg = _import_ray(), self.cfg
+        started = self._init(ray, workers, jobs)
+        resources = ray.cluster_resources()
+        log(f"{stage}: ray engine, {'local ' if started else ''}cluster {int(resources.get('CPU', 0))} CPUs, "
+            f"{resources.get('GPU', 0):g} GPUs{started}")
+        gpu_task = ray.remote(max_calls=1, max_retries=cfg.max_retries)(_timed_gpu_job)  # retired after each job
+        cpu_task = ray.remote(max_retries=cfg.max_retries)(_timed_cpu_job)  # reused: max_calls is per function
+        gpus = [self.job_gpus(job, resources) for job in jobs]  # every refusal before the first job starts
+        refs = {(gpu_task.options(num_gpus=g, num_cpus=cfg.num_cpus).remote(work, job, g) if g else
+                 cpu_task.options(num_gpus=0, num_cpus=cfg.num_cpus).remote(work, job)): i
+                for i, (job, g) in enumerate(zip(jobs, gpus))}
+        results, pending, grid = {}, list(refs), GridProgress(len(jobs), log)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            i = refs[done[0]]
+            results[i] = self._result(ray, done[0], jobs[i], stage)
+            grid.step(f"{results[i].job} {results[i].state}")
+        return [results[i] for i in range(len(jobs))]
+
+    def job_share(self, jobs: list) -> float:
+        """GPUs per job a local cluster is sized for: what the jobs ask (`asked_gpus`) once it has GPUs."""
+        return max((self.asked_gpus(job, 1) for job in jobs), default=self.cfg.num_gpus or 0)
+
+    def asked_gpus(self, job, cluster_gpus: float) -> float:
+        """engine.num_gpus, else 1 for a job that may use a GPU (train.device not cpu) on a cluster with GPUs."""
+        if self.cfg.num_gpus is not None:
+            return self.cfg.num_gpus
+        return 1 if cluster_gpus and job.model.train.device != "cpu" else 0
+
+    def job_gpus(self, job, resources: dict) -> float:
+        """GPUs a job asks Ray for; refused up front when no node of the cluster could ever give them."""
+        cluster, num_cpus = resources.get("GPU", 0), self.cfg.num_cpus
+        gpus = self.asked_gpus(job, cluster)
+        if gpus > cluster:
+            raise StackerError(f"engine.num_gpus: {job.model.name} asks {gpus:g} GPUs per job, the cluster has "
+                               f"{cluster:g}; the jobs could never start")
+        if gpus > 1 and gpus != int(gpus):
+            raise StackerError(f"engine.num_gpus: {gpus:g} is neither a whole number nor a fraction of one GPU")
+        if num_cpus > resources.get("CPU", 0):
+            raise StackerError(f"engine.num_cpus: {num_cpus:g} per job, the cluster has "
+                               f"{resources.get('CPU', 0):g} CPUs; the jobs could never start")
+        return gpus
+
+    def _init(self, ray, workers: int, jobs: list) -> str:
+        """Join `engine.address` (or RAY_ADDRESS), else start a local cluster with the GPUs torch sees and
+        `local_cluster_cpus` CPUs, so every GPU slot runs a job at once.
+
+        Returns:
+            "" for a cluster joined; for one started, what it was sized for (the end of the engine's log line).
+        """
+        address = self.cfg.address or os.environ.get("RAY_ADDRESS")
+        if ray.is_initialized() or address:
+            ray.init(address=address, ignore_reinit_error=True)
+            return ""
+        import torch
+
+        gpus, share, num_cpus = torch.cuda.device_count(), self.job_share(jobs), self.cfg.num_cpus
+        slots = gpu_slots(gpus, share)
+        cpus = local_cluster_cpus(workers, num_cpus, gpus, share)
+        # the GPUs the slots were counted from: torch's count is Ray's too, so the CPUs fit the GPU slots
+        ray.init(num_cpus=cpus, num_gpus=gpus, ignore_reinit_error=True)
+        why = f"{gpus} GPUs at {share:g} GPU per job" if slots and slots >= workers else f"--parallel {workers}"
+        return f" for {max(workers, slots)} jobs at once ({why}, {num_cpus:g} CPU each)"
+
+    def _result(self, ray, ref, job, stage: str) -> JobResult:
+        """The job's result, or one line saying how it failed: its own error (not retried), Ray's memory
+        monitor, or a worker that died on every try."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(e.cause, StackerError) else None
+            if cause is None:
+                print(str(e), file=sys.stderr)  # a bug, not a user error: its traceback
+            return failed(job, str(cause) if cause else f"{type(e.cause).__name__}: {e.cause}")
+        except ray.exceptions.OutOfMemoryError:
+            return failed(job, "killed by Ray's memory monitor (its node ran out of host memory) and not retried "
+                               "again; give it more memory (engine.num_cpus reserves more of a node) or run fewer "
+                               "jobs per node")
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.TaskCancelledError):
+            retries = self.cfg.max_retries
+            return failed(job, f"its worker died on each of its {retries + 1} tries (engine.max_retries "
+                               f"{retries}); run {stage} again to resume it (training from its last checkpoint)")
 
 
-def asked_gpus(cfg: EngineConfig, job, cluster_gpus: float) -> float:
-    """engine.num_gpus, else 1 for a job that may use a GPU (train.device not cpu) on a cluster with GPUs."""
-    if cfg.num_gpus is not None:
-        return cfg.num_gpus
-    return 1 if cluster_gpus and job.model.train.device != "cpu" else 0
+# The engine registry, name -> class: `engine.name`'s vocabulary and `--engine`'s choices. A new engine is
+# an `Engine` subclass plus one line here.
+ENGINES: dict[str, type[Engine]] = {
+    "local": LocalEngine,
+    "ray": RayEngine,
+}
 
 
-def _ray_init(ray, cfg: EngineConfig, workers: int, jobs: list) -> str:
-    """Join `cfg.address` (or RAY_ADDRESS), else start a local cluster with the GPUs torch sees and
-    `local_cluster_cpus` CPUs, so every GPU slot runs a job at once.
-
-    Returns:
-        "" for a cluster joined; for one started, what it was sized for (the end of the engine's log line).
-    """
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized() or address:
-        ray.init(address=address, ignore_reinit_error=True)
-        return ""
-    import torch
-
-    gpus, share = torch.cuda.device_count(), job_share(cfg, jobs)
-    slots = gpu_slots(gpus, share)
-    cpus = local_cluster_cpus(workers, cfg.num_cpus, gpus, share)
-    # the GPUs the slots were counted from: torch's count is Ray's too, so the CPUs fit the GPU slots
-    ray.init(num_cpus=cpus, num_gpus=gpus, ignore_reinit_error=True)
-    why = f"{gpus} GPUs at {share:g} GPU per job" if slots and slots >= workers else f"--parallel {workers}"
-    return f" for {max(workers, slots)} jobs at once ({why}, {cfg.num_cpus:g} CPU each)"
-
-
-def job_gpus(cfg: EngineConfig, job, resources: dict) -> float:
-    """GPUs a job asks Ray for; refused up front when no node of the cluster could ever give them."""
-    cluster = resources.get("GPU", 0)
-    gpus = asked_gpus(cfg, job, cluster)
-    if gpus > cluster:
-        raise StackerError(f"engine.num_gpus: {job.model.name} asks {gpus:g} GPUs per job, the cluster has "
-                           f"{cluster:g}; the jobs could never start")
-    if gpus > 1 and gpus != int(gpus):
-        raise StackerError(f"engine.num_gpus: {gpus:g} is neither a whole number nor a fraction of one GPU")
-    if cfg.num_cpus > resources.get("CPU", 0):
-        raise StackerError(f"engine.num_cpus: {cfg.num_cpus:g} per job, the cluster has "
-                           f"{resources.get('CPU', 0):g} CPUs; the jobs could never start")
-    return gpus
-
-
-def _ray_result(ray, ref, job, cfg: EngineConfig, stage: str) -> JobResult:
-    """The job's result, or one line saying how it failed: its own error (not retried), Ray's memory
-    monitor, or a worker that died on every try."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause if isinstance(e.cause, StackerError) else None
-        if cause is None:
-            print(str(e), file=sys.stderr)  # a bug, not a user error: its traceback
-        return failed(job, str(cause) if cause else f"{type(e.cause).__name__}: {e.cause}")
-    except ray.exceptions.OutOfMemoryError:
-        return failed(job, "killed by Ray's memory monitor (its node ran out of host memory) and not retried "
-                           "again; give it more memory (engine.num_cpus reserves more of a node) or run fewer "
-                           "jobs per node")
-    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.TaskCancelledError):
-        return failed(job, f"its worker died on each of its {cfg.max_retries + 1} tries (engine.max_retries "
-                           f"{cfg.max_retries}); run {stage} again to resume it (training from its last checkpoint)")
+def create_engine(cfg) -> Engine:
+    """The engine `cfg.name` names (`cfg`: the `engine:` section, checked against `ENGINES`)."""
+    return ENGINES[cfg.name](cfg)

@@ -21,7 +21,6 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
 from filelock import FileLock, Timeout
 
 from oof import Folds, GridProgress, RunPaths, StackerError, atomic_path, info, load_folds, remove_temps, write_folds
@@ -30,7 +29,7 @@ from .batches import CacheBudget, ImageSource, place_images
 from .cache import CacheOptions, ImageCache, build_cache, load_cache
 from .config import SAMPLING_BUILTIN, DataConfig, EngineConfig, FoldsConfig, ModelSpec, split_clusters
 from .dataset import DatasetSpec, resolve_dataset
-from .engines import JobLog, job_label, run_jobs
+from .engines import JobLog, create_engine, job_label, run_jobs
 from .models import check_sizes, resolve_device
 from .train import Sources, Target, TrainInputs, build_model, is_trained, stale_reason, train_fold
 
@@ -313,15 +312,6 @@ def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, data: Data
     replace(run, targets=targets).dispatch(todo, options)
 
 
-def local_workers(todo: list[FoldJob], options: StageOptions) -> int:
-    """Workers the local engine starts: one per visible GPU on CUDA, else `parallel`; never more than
-    jobs. (Ray's local cluster takes `parallel` x num_cpus CPUs.)"""
-    if options.engine.name != "local":
-        return options.parallel
-    cuda = any(resolve_device(j.model.train.device).type == "cuda" for j in todo)
-    return max(1, min(torch.cuda.device_count() if cuda else options.parallel, len(todo)))
-
-
 def remove_job_outputs(paths: RunPaths, jobs: list[FoldJob], log=info) -> None:
     """--force's first step: delete each job's history, weights and checkpoint before anything is trained
     (or the folds rewritten), so an interrupted --force never leaves old results that look finished.
@@ -376,10 +366,14 @@ class JobRun:
         return run.do(job, run.place(resolve_device(job.model.train.device), CacheBudget.of(job.model.train)))
 
     def dispatch(self, todo: list[FoldJob], options: StageOptions) -> None:
-        """The pending jobs through the engine; with one local worker, in this process."""
-        workers = local_workers(todo, options)
-        if options.engine.name != "local" or workers > 1:
-            work = replace(self, log=print).run_job  # what travels to a worker: picklable, its log replaced there
+        """The pending jobs through the engine, or in this process where the engine runs them here
+        (`Engine.runs_here`: the local engine with one worker)."""
+        engine = create_engine(options.engine)
+        workers = engine.workers(todo, options.parallel)
+        if not engine.runs_here(workers):
+            # what travels to a worker, its log replaced there; `info` pickles by name wherever it runs, where
+            # builtins.print may not: Ray's driver swaps it for tqdm_ray's safe_print when a worker first logs
+            work = replace(self, log=info).run_job
             run_jobs(work, todo, options.engine, workers, options.log, self.stage)
             return
         placed, grid = {}, GridProgress(len(todo), self.log)

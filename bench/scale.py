@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from base_models.config import DataConfig, EngineConfig, FoldsConfig, model_specs  # noqa: E402
 from base_models.demo_data import write_digits_dataset  # noqa: E402
+from base_models.engines import ENGINES  # noqa: E402
 from base_models.jobs import StageOptions, job_grid, prepare_run, train_base  # noqa: E402
 from oof import RunPaths, read_json  # noqa: E402
 
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--images", type=int, default=400)
-    p.add_argument("--engines", nargs="+", default=["local", "ray"], choices=["local", "ray"])
+    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     p.add_argument("--gpus", action="store_true", help="train on CUDA, one worker per visible GPU")
     p.add_argument("--out", default=None, help="folder for the dataset and runs (default: a temporary one)")
     return p.parse_args(argv)

@@ -27,6 +27,9 @@ from .paths import RunPaths
 SECTIONS = ("run_dir", "data", "folds", "train", "models", "tta", "engine", "stack", "submit")
 RUN_HERE = "."  # run.yaml's run_dir: the folder the file is in, wherever the run has moved
 PRE_DUPLICATES = "off"  # folds.duplicates of a run whose saved folds section predates the key
+# submit.format's vocabulary: `stacker.config.SubmitConfig` checks it, the CLI offers it (without importing
+# the stacking side, whose imports take seconds)
+SUBMIT_FORMATS = ("auto", "labels", "proba")
 
 
 def load_config(config: str | None = None, run: str | None = None, overrides: dict | None = None,

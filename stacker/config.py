@@ -16,11 +16,11 @@ from typing import ClassVar
 
 from oof import (BOOL, SEED, STRING, ConfigSection, Rule, StackerError, build_config, check_fields, each,
                  number, one_of)
+from oof.run_config import SUBMIT_FORMATS  # submit.format's vocabulary, which the CLI reads too
 
 from .candidates import FLOOR, candidate_names
 
 TEST_FEATURES = ("mean", "per_fold")
-SUBMIT_FORMATS = ("auto", "labels", "proba")
 
 # scikit-learn scorers that score regressions: meaningless on class labels.
 _REGRESSION_SCORERS = ("r2", "explained_variance", "neg_max_error", "d2_absolute_error_score",

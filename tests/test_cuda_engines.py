@@ -23,7 +23,7 @@ from oof import StackerError
 
 
 @pytest.mark.parametrize("workers, num_cpus, gpus, share, cpus", [
-    (1, 1, 0, 0, 1),  # CPU only, --parallel 1: one CPU, as before
+    (1, 1, 0, 0, 1),  # CPU only, --parallel 1: one CPU
     (4, 1, 0, 0, 4),  # CPU only, --parallel 4
     (3, 0.5, 0, 0, 2),  # 3 jobs of half a CPU need 1.5: rounded up, not down to 1
     (1, 1, 4, 1, 4),  # 4 GPUs, a whole one per job: 4 jobs at once
@@ -45,7 +45,7 @@ def fake_job(fold: int, device: str = "cuda"):
 
 
 def job_share_of(cfg: EngineConfig, *devices: str) -> float:
-    return engines.job_share(cfg, [fake_job(0, d) for d in devices])
+    return engines.RayEngine(cfg).job_share([fake_job(0, d) for d in devices])
 
 
 def test_the_share_a_local_cluster_is_sized_for():

@@ -136,11 +136,11 @@ def test_ray_retries_a_killed_worker_and_the_job_resumes(tmp_path, small_digits_
     assert digests(paths, [("test_resnet", 0)]) == {("test_resnet", 0): reference[("test_resnet", 0)]}
 
 
-@pytest.fixture(params=["local", "ray"])
+@pytest.fixture(params=list(engines.ENGINES))
 def engine(request) -> StageOptions:
-    """Two jobs at once: two local worker processes, or Ray tasks."""
+    """Two jobs at once on each registered engine: two local worker processes, Ray tasks, ..."""
     if request.param == "ray":
-        request.getfixturevalue("ray_cluster")
+        request.getfixturevalue("ray_cluster")  # skipped where ray cannot be imported
     return StageOptions(log=lambda s: None, parallel=2, engine=EngineConfig(name=request.param))
 
 
@@ -193,7 +193,7 @@ def test_engine_config_errors_name_the_key(section, match):
 def test_ray_refuses_gpus_that_never_schedule(num_gpus, resources, match):
     job = jobs.job_grid(specs(), K)[0]
     with pytest.raises(StackerError, match=match):
-        engines.job_gpus(EngineConfig(name="ray", num_gpus=num_gpus), job, resources)
+        engines.RayEngine(EngineConfig(name="ray", num_gpus=num_gpus)).job_gpus(job, resources)
 
 
 def test_a_worker_that_cannot_see_the_run_says_where(tmp_path):
