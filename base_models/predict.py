@@ -15,9 +15,10 @@ import torch
 
 from oof import StackerError, bar
 
-from .augment import PLAIN, View, norm_tensors, normalize, tta_views, view_batch
+from .augment import PLAIN, View, norm_tensors, normalize, view_batch
 from .batches import ImageSource
 from .models import logits_list, model_norm
+from .table_schema import recorded_views
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -190,8 +191,12 @@ def predict_with_tta(net: torch.nn.Module, images: ImageSource, rows: np.ndarray
     """One fold model's predictions of `rows` as a prediction table's metadata records them.
 
     predict-oof and `stacker predict` both call this, so a new test set is predicted exactly as the
-    run's own was: `meta["tta"]` gives the views (n), how they combine (combine, beta) and the size,
-    `meta["amp"]` the precision. `compile_model` compiles with a fixed batch shape (CUDA only).
+    run's own was: `recorded_views(meta)` gives the views (a schema-1 table's n names the frozen
+    `SCHEMA1_VIEWS`), `meta["tta"]` how they combine (combine, beta) and the size, `meta["amp"]` the
+    precision. `compile_model` compiles with a fixed batch shape (CUDA only).
+
+    Raises:
+        StackerError: views the metadata does not record readably (`recorded_views`).
 
     Returns:
         Per target (main first): (plain view alone, views combined), each (len(rows), C_t).
@@ -199,7 +204,7 @@ def predict_with_tta(net: torch.nn.Module, images: ImageSource, rows: np.ndarray
     tta = meta["tta"]
     compiled = compile_model and compile_note(images.device) is None
     forward = torch.compile(net) if compiled else net
-    plan = ViewPlan(tuple(tta["size"]), [PLAIN, *tta_views(tta["n"])], model_norm(net), batch_size,
+    plan = ViewPlan(tuple(tta["size"]), [PLAIN, *recorded_views(meta)], model_norm(net), batch_size,
                     fixed_shape=compiled, amp=meta["amp"])
     views = predict_views(forward, images, rows, plan)  # per target (V, n, C_t)
     return [(v[0], combine_tta(v[0], v[1:], tta["combine"], tta["beta"])) for v in views]

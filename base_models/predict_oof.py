@@ -23,7 +23,8 @@ twin `oof_plain.parquet`, its test table (the mean of the K fold tables) and met
 and without TTA).
 
 Current means: a table records exactly what this call would predict from (`table_meta`: the folds,
-the fold model's weights, both caches, the TTA settings, the precision). A rerun predicts only the
+the fold model's weights, both caches, the TTA settings and views, the precision), as `is_current`
+reads it: a schema-1 table records no views and means the frozen views of its n. A rerun predicts only the
 fold jobs whose tables are missing or made from something else, so an interrupted call resumes at
 the next job; --force predicts them all again. A fold job runs under its train-base job's lock: never
 while that fold model is being trained, never twice at once.
@@ -33,7 +34,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from filelock import Timeout
@@ -41,6 +42,7 @@ from filelock import Timeout
 from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, accuracy, info, log_loss,
                  read_table, remove_temps, validate_oof, validate_test, write_json, write_table)
 
+from .augment import tta_views
 from .batches import CacheBudget, ImageSource, place_images
 from .cache import load_cache
 from .config import DataConfig, ModelSpec, TTAConfig
@@ -48,11 +50,23 @@ from .jobs import (FoldJob, JobRun, StageOptions, check_cache_rows, extra_target
                    load_targets, select_jobs)
 from .models import resolve_device
 from .predict import predict_with_tta, resolve_amp
+from .table_schema import TABLE_SCHEMA, fold_table_meta, is_current, stale_keys, view_records
 from .train import Sources, Target, is_trained, load_fold_model, stale_reason, weights_digest
 
-# Recorded but not compared: a new version of the toolkit predicts the same weights the same way, and a
-# fold table's `job` holds what its job measured (its seconds), not what it came from.
-UNCOMPARED_META = ("version", "job")
+
+class FoldTables(NamedTuple):
+    """One fold job's tables of one target."""
+
+    oof: PredictionTable  # its held-out rows, views combined
+    plain: PredictionTable  # its held-out rows, the plain view alone
+    test: PredictionTable  # the test set, views combined
+
+
+class FoldPart(NamedTuple):
+    """A fold job and its current tables, one `FoldTables` per target (main first)."""
+
+    job: FoldJob
+    tables: list[FoldTables]
 
 
 @dataclass(frozen=True)
@@ -73,9 +87,9 @@ class PredictRun(JobRun):
 
     def fold_meta(self, job: FoldJob) -> dict:
         """What a fold job's tables record: its repeat's folds and its own fold model's weights."""
-        meta = {**self.metas[job.model.name], "folds_sha256": job.folds(self.folds).sha256, "fold": job.fold,
-                "weights_sha256": self.weights[job.model.name][job.repeat][job.fold]}
-        return {**meta, "repeat": job.repeat} if job.repeat else meta
+        return fold_table_meta(self.metas[job.model.name], job.repeat, job.fold,
+                               folds_sha256=job.folds(self.folds).sha256,
+                               weights_sha256=self.weights[job.model.name][job.repeat][job.fold])
 
     def model_meta(self, model: str) -> dict:
         """What a model's OOF and test tables record: every fold model's weights, repeat-major."""
@@ -200,12 +214,15 @@ def _check_trained(run: PredictRun, jobs: list[FoldJob]) -> None:
 
 
 def table_meta(spec: ModelSpec, folds: Folds, tta: TTAConfig, train, test) -> dict:
-    """What a model's tables are made from, recorded in their parquet metadata: the folds, the TTA and
-    prediction settings (the precision `train.amp` resolves to on the model's device), both caches (pixels,
-    cache size and resize mode) by digest; the weights are added per table (`PredictRun.fold_meta`)."""
+    """What a model's tables are made from, recorded in their parquet metadata: the metadata schema
+    (`TABLE_SCHEMA`), the folds, the TTA settings with the views themselves (`tta_views(tta.n)`, in order)
+    and the prediction settings (the precision `train.amp` resolves to on the model's device), both caches
+    (pixels, cache size and resize mode) by digest; the weights are added per table (`PredictRun.fold_meta`)."""
     amp = resolve_amp(spec.train.amp, resolve_device(spec.train.device), spec.name)
-    meta = {"model": spec.name, "arch": spec.arch, "folds_sha256": folds.sha256, "version": __version__,
-            "tta": {"n": tta.n, "combine": tta.combine, "beta": tta.beta, "size": list(spec.train.prediction_size)},
+    views = view_records(tta_views(tta.n))
+    meta = {"schema": TABLE_SCHEMA, "model": spec.name, "arch": spec.arch, "folds_sha256": folds.sha256,
+            "version": __version__, "tta": {"n": tta.n, "combine": tta.combine, "beta": tta.beta,
+                                            "size": list(spec.train.prediction_size), "views": views},
             "amp": amp, "resize": train.resize, "cache_sha256": {"train": train.digest, "test": test.digest},
             "keep": spec.train.keep}  # keep: best tunes on the OOF rows (stacker.leak)
     return json.loads(json.dumps(meta))  # as a table's metadata reads back: lists, plain numbers
@@ -231,12 +248,6 @@ def _models_to_predict(run: PredictRun, specs: list[ModelSpec], grid: list[FoldJ
     return models
 
 
-def _same(recorded: dict, expected: dict) -> list[str]:
-    """The metadata keys two tables differ in, but those recorded and never compared."""
-    return sorted(key for key in set(recorded) | set(expected)
-                  if key not in UNCOMPARED_META and recorded.get(key) != expected.get(key))
-
-
 def model_tables(run: PredictRun, spec: ModelSpec):
     """(path, kind, target, job) of every table predict-oof writes for a model: per target the OOF, plain
     OOF and test tables (job None), then each fold job's OOF parts and test table."""
@@ -253,7 +264,8 @@ def model_tables(run: PredictRun, spec: ModelSpec):
 
 def tables_stale(run: PredictRun, spec: ModelSpec) -> str | None:
     """Why a model's tables are not those this call would write (missing, unreadable, or made from other
-    weights, caches or settings: the differing metadata keys); None when all are current."""
+    weights, caches, settings or tta views: the differing metadata keys, `stale_keys`); None when all are
+    current."""
     name = spec.name
     if not run.paths.oof(name).is_file():
         return "not predicted yet"
@@ -264,7 +276,7 @@ def tables_stale(run: PredictRun, spec: ModelSpec) -> str | None:
             recorded = read_table(path, target.classes, kind).meta
         except StackerError:
             return f"{path.name} is missing or unreadable"
-        differ = _same(recorded, run.model_meta(name) if job is None else run.fold_meta(job))
+        differ = stale_keys(recorded, run.model_meta(name) if job is None else run.fold_meta(job))
         if differ:
             return f"{path.name} was made from other {', '.join(differ)}"
     if not run.paths.predict_metrics(name).is_file():  # written last: the tables before it may be all there
@@ -288,9 +300,9 @@ def remove_fold_tables(paths: RunPaths, model: str, fold: int, targets: list[Tar
             path(model, fold, t.name).unlink(missing_ok=True)
 
 
-def read_fold(run: PredictRun, job: FoldJob) -> list[tuple[PredictionTable, ...]] | None:
-    """Fold job `job`'s (OOF part, plain-view OOF part, test table) per target when every one is current;
-    None: a table is missing, damaged, made from something else, or its fold model is not trained."""
+def read_fold(run: PredictRun, job: FoldJob) -> list[FoldTables] | None:
+    """Fold job `job`'s tables (OOF part, plain-view OOF part, test table) per target when every one is
+    current; None: a table is missing, damaged, made from something else, or its fold model is not trained."""
     name, at = job.model.name, job.paths(run.paths)
     if run.weights[name][job.repeat][job.fold] is None:
         return None
@@ -298,21 +310,22 @@ def read_fold(run: PredictRun, job: FoldJob) -> list[tuple[PredictionTable, ...]
     out = []
     for t in run.targets:
         try:
-            parts = [read_table(path(name, job.fold, t.name), t.classes, "oof")
-                     for path in (at.oof_fold, at.oof_plain_fold)]
-            test = validate_test(read_table(at.test_fold(name, job.fold, t.name), t.classes, "test"),
-                                 run.test_ids, t.classes)
+            tables = FoldTables(read_table(at.oof_fold(name, job.fold, t.name), t.classes, "oof"),
+                                read_table(at.oof_plain_fold(name, job.fold, t.name), t.classes, "oof"),
+                                validate_test(read_table(at.test_fold(name, job.fold, t.name), t.classes, "test"),
+                                              run.test_ids, t.classes))
         except StackerError:
             return None
-        if _same(test.meta, expected) or not all(_is_part(p, expected, run.folds.ids[rows], job.fold) for p in parts):
+        if not (is_current(tables.test.meta, expected)
+                and all(_is_part(p, expected, run.folds.ids[rows], job.fold) for p in (tables.oof, tables.plain))):
             return None
-        out.append((*parts, test))
+        out.append(tables)
     return out
 
 
 def _is_part(part: PredictionTable, expected: dict, ids: np.ndarray, fold: int) -> bool:
     """Whether an OOF part records `expected` and holds exactly the fold's held-out rows."""
-    return (not _same(part.meta, expected) and len(part.ids) == len(ids) and (part.ids == ids).all()
+    return (is_current(part.meta, expected) and len(part.ids) == len(ids) and (part.ids == ids).all()
             and (part.fold == fold).all())
 
 
@@ -349,25 +362,32 @@ def _assemble(run: PredictRun, spec: ModelSpec, current: dict) -> dict | None:
     None (and a line naming the jobs still missing) otherwise. `current`: {job key: `read_fold`} of the
     jobs found current before this call predicted; the others are read now."""
     name = spec.name
-    parts = [(job, current.get(job.key) or read_fold(run, job))
+    parts = [FoldPart(job, current.get(job.key) or read_fold(run, job))
              for job in job_grid([spec], run.folds.k, run.folds.repeats)]
-    waiting = [job_name(job).removeprefix(f"{name} ") for job, p in parts if p is None]
+    waiting = [job_name(part.job).removeprefix(f"{name} ") for part in parts if part.tables is None]
     if waiting:
         run.log(f"predict-oof: {name}: {', '.join(waiting)} not predicted yet; its tables are written once they are")
         return None
     meta = run.model_meta(name)
     for t, target in enumerate(run.targets):
-        oofs = {}
-        for view, path in ((1, run.paths.oof_plain), (0, run.paths.oof)):  # plain first: oof.parquet is last
-            oofs[view] = [np.zeros((len(run.folds.ids), len(target.classes))) for _ in range(run.folds.repeats)]
-            for job, p in parts:  # each repeat's rows from its own fold models
-                oofs[view][job.repeat][job.folds(run.folds).valid_rows(job.fold)] = p[t][view].proba
-            write_table(path(name, target.name), _oof_table(run, oofs[view], target, meta))
-        test_mean = sum(p[t][2].proba for _, p in parts) / len(parts)  # every repeat's fold models
+        plain = _oof_probs(run, [(part.job, part.tables[t].plain) for part in parts], target)
+        oof = _oof_probs(run, [(part.job, part.tables[t].oof) for part in parts], target)
+        write_table(run.paths.oof_plain(name, target.name), _oof_table(run, plain, target, meta))
+        write_table(run.paths.oof(name, target.name), _oof_table(run, oof, target, meta))  # oof.parquet last
+        test_mean = sum(part.tables[t].test.proba for part in parts) / len(parts)  # every repeat's fold models
         write_test(run.paths.test(name, target.name), test_mean, run.test_ids, target, meta)
         if t == 0:
-            result = _report(run, name, oofs, sum(p[0][0].meta["job"]["seconds"] for _, p in parts))
+            seconds = sum(part.tables[0].oof.meta["job"]["seconds"] for part in parts)
+            result = _report(run, name, oof, plain, seconds)
     return result
+
+
+def _oof_probs(run: PredictRun, parts: list[tuple[FoldJob, PredictionTable]], target: Target) -> list[np.ndarray]:
+    """Per repeat the (N, C) OOF probabilities of one target, each row from its repeat's fold model's part."""
+    oofs = [np.zeros((len(run.folds.ids), len(target.classes))) for _ in range(run.folds.repeats)]
+    for job, part in parts:
+        oofs[job.repeat][job.folds(run.folds).valid_rows(job.fold)] = part.proba
+    return oofs
 
 
 def _oof_table(run: PredictRun, oofs: list[np.ndarray], target: Target, meta: dict) -> PredictionTable:
@@ -385,17 +405,17 @@ def _oof_table(run: PredictRun, oofs: list[np.ndarray], target: Target, meta: di
     return validate_oof(table, fold_view)
 
 
-def _report(run: PredictRun, name: str, oofs: dict[int, list[np.ndarray]], seconds: float) -> dict:
-    """OOF scores of the main target with (`oofs[0]`) and without TTA (`oofs[1]`, the plain view); with
-    repeats the mean over repeats, each repeat's own and their spread; written beside the tables and logged."""
+def _report(run: PredictRun, name: str, oofs: list[np.ndarray], plain_oofs: list[np.ndarray], seconds: float) -> dict:
+    """OOF scores of the main target with (`oofs`, per repeat) and without TTA (`plain_oofs`, the plain view);
+    with repeats the mean over repeats, each repeat's own and their spread; written beside the tables and logged."""
     y = run.folds.y
-    each = [{"accuracy": accuracy(y, oof), "log_loss": log_loss(y, oof)} for oof in oofs[0]]
-    plain = [(accuracy(y, oof), log_loss(y, oof)) for oof in oofs[1]]
+    each = [{"accuracy": accuracy(y, oof), "log_loss": log_loss(y, oof)} for oof in oofs]
+    plain = [(accuracy(y, oof), log_loss(y, oof)) for oof in plain_oofs]
     result = {"accuracy": float(np.mean([r["accuracy"] for r in each])),
               "log_loss": float(np.mean([r["log_loss"] for r in each])),
               "accuracy_no_tta": float(np.mean([a for a, _ in plain])),
               "log_loss_no_tta": float(np.mean([ll for _, ll in plain])), "seconds": seconds}
-    if len(oofs[0]) > 1:  # the split-to-split noise: how far one split's score is from another's
+    if len(oofs) > 1:  # the split-to-split noise: how far one split's score is from another's
         result.update(repeats=each, accuracy_std=float(np.std([r["accuracy"] for r in each], ddof=1)))
     write_json(run.paths.predict_metrics(name), result)
     run.log(f"predict-oof: {name}  OOF accuracy {result['accuracy_no_tta']:.4f} -> {result['accuracy']:.4f} "

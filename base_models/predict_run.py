@@ -3,9 +3,10 @@
 The run is only read, and may be read-only and moved (a Kaggle dataset): run.yaml (models,
 tta batch size, decode workers), folds.parquet (classes, K), targets.parquet (extra targets'
 classes, when there are any), and for each model the stack uses its fold weights and its
-run test table, whose metadata says how the stack's inputs were predicted: TTA views,
-combine, beta, prediction size, resize mode, and each fold model's weights sha256 (checked
-against the files before anything is decoded). Neither the training images, nor the run's
+run test table, whose metadata says how the stack's inputs were predicted: TTA views (those
+the table records; a schema-1 table's n names the frozen `SCHEMA1_VIEWS`, never what `tta_views`
+gives now), combine, beta, prediction size, resize mode, and each fold model's weights sha256
+(checked against the files before anything is decoded). Neither the training images, nor the run's
 cache, nor a model's pretrained file is needed: each fold model is built without pretrained
 weights and loads its own safetensors. Nothing is written to the run: no lock, no temporary
 file, no cache.
@@ -17,8 +18,9 @@ Everything goes to OUT, in a run directory's layout (`RunPaths(OUT)`):
     OUT/preds/<model>/test.parquet            their mean over the K fold models, as predict-oof writes it
     OUT/.predict.lock                         held while a call writes OUT
 
-Each table records the run table's metadata with the new cache's digest in place of the run's, and
-the precision (`train.amp`) resolved on this device, as predict-oof records it.
+Each table records the run table's metadata in the current schema (`upgraded`: the views it rendered)
+with the new cache's digest in place of the run's, and the precision (`train.amp`) resolved on this
+device, as predict-oof records it.
 
 Each model predicts on its own `train.device` of run.yaml, at its `train.amp`, as predict-oof did;
 `device` (`stacker predict --device`) puts every model on one device instead: a run trained with
@@ -50,7 +52,8 @@ from .engines import job_label
 from .jobs import StageOptions, cache_size, load_targets
 from .models import resolve_device
 from .predict import AMP_DTYPES, predict_with_tta, resolve_amp
-from .predict_oof import UNCOMPARED_META, write_test
+from .predict_oof import write_test
+from .table_schema import fold_table_meta, is_current, recorded_views, upgraded
 from .train import Target, load_fold_model
 
 # What a run's test table must record for its model to be predicted again the same way.
@@ -118,9 +121,9 @@ def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, ou
     Raises:
         StackerError: `out` inside the run or holding a run; a device not visible here (a model's
             train.device cuda, or --device cuda, without CUDA); a model run.yaml does not list, whose
-            run table records no TTA settings, or whose weights are missing or not those its run
-            tables were predicted with; images that cannot be found, matched to the sample
-            submission's ids, or decoded (each named).
+            run table records no TTA settings or views this stacker can render (`recorded_views`), or
+            whose weights are missing or not those its run tables were predicted with; images that
+            cannot be found, matched to the sample submission's ids, or decoded (each named).
     """
     _check_out(run.paths, out)
     device = options.device
@@ -156,8 +159,9 @@ def _check_out(run: RunPaths, out: RunPaths) -> None:
 
 
 def _used_model(run: SavedRun, name: str, classes, folds, device: str | None = None, log=None) -> _UsedModel:
-    """A model of the stack, checked: listed in run.yaml, its run table records how it predicted, weights
-    present, its device visible here (`device` in place of its own train.device when given)."""
+    """A model of the stack, checked: listed in run.yaml, its run table records how it predicted (views this
+    stacker renders), weights present, its device visible here (`device` in place of its own train.device
+    when given). Its record is read in the current schema (`upgraded`)."""
     spec = next((s for s in run.specs if s.name == name), None)
     if spec is None:
         raise StackerError(f"{run.paths.config}: the stack uses model {name!r}, which it does not list (tables "
@@ -168,9 +172,10 @@ def _used_model(run: SavedRun, name: str, classes, folds, device: str | None = N
     if missing:
         raise StackerError(f"{path}: records no {', '.join(missing)} (not written by predict-oof); stacker "
                            "predict repeats how the run predicted its test set, so run predict-oof first")
+    recorded_views(meta, str(path))
     _check_weights(run.paths, name, meta["weights_sha256"], folds)
     where = _resolve(device or spec.train.device, None if device else spec)
-    return _UsedModel(spec, meta, where, predict_amp(spec.train.amp, where, device, name, log))
+    return _UsedModel(spec, upgraded(meta), where, predict_amp(spec.train.amp, where, device, name, log))
 
 
 def _resolve(device: str, spec: ModelSpec | None) -> torch.device:
@@ -248,35 +253,28 @@ def _predict_model(job: _NewTest, model: _UsedModel) -> None:
         if slot not in kept:
             if images is None:  # placed under the model's own cache budget, as predict-oof places test
                 images = place_images([job.cache.images], device, CacheBudget.of(model.spec.train), log)[0]
-            kept[slot] = _predict_fold(job, model, slot, images, _fold_meta(meta, slot))
+            kept[slot] = _predict_fold(job, model, slot, images, fold_table_meta(meta, *slot))
         for t, p in enumerate(kept[slot]):
             sums[t] += p
     for t, target in enumerate(job.targets):
         write_test(job.out.test(name, target.name), sums[t] / len(slots), job.cache.ids, target, meta)
 
 
-def _fold_meta(meta: dict, slot: tuple[int, int]) -> dict:
-    """What fold model (repeat, fold)'s table in OUT records: the model's record and which fold model it is."""
-    repeat, fold = slot
-    return {**meta, "fold": fold, "repeat": repeat} if repeat else {**meta, "fold": fold}
-
-
 def _current_fold(job: _NewTest, name: str, slot: tuple[int, int], meta: dict) -> list[np.ndarray] | None:
     """Fold model (repeat, fold)'s probabilities per target from OUT's tables, when every one is current;
     else None."""
     at = job.out.for_repeat(slot[0])
-    out = [_current(job, at.test_fold(name, slot[1], t.name), t, _fold_meta(meta, slot)) for t in job.targets]
+    out = [_current(job, at.test_fold(name, slot[1], t.name), t, fold_table_meta(meta, *slot)) for t in job.targets]
     return None if any(p is None for p in out) else out
 
 
 def _current(job: _NewTest, path, target: Target, expected: dict) -> np.ndarray | None:
-    """A table's (N, C) probabilities when it records `expected` (but the version); None: missing, damaged, other."""
+    """A table's (N, C) probabilities when it records `expected` (`is_current`); None: missing, damaged, other."""
     try:
         table = validate_test(read_table(path, target.classes, "test"), job.cache.ids, target.classes)
     except StackerError:
         return None
-    keys = (set(table.meta) | set(expected)) - set(UNCOMPARED_META)
-    return table.proba if all(table.meta.get(k) == expected.get(k) for k in keys) else None
+    return table.proba if is_current(table.meta, expected) else None
 
 
 def _predict_fold(job: _NewTest, model: _UsedModel, slot: tuple[int, int], images: ImageSource, meta: dict):

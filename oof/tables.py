@@ -10,9 +10,10 @@ OOF table:  `id`, `fold`, one probability column per class (classes' order from
             refused against folds of the other (a `repeat` column holding only 0 is one repeat).
 Test table: `id`, one column per class, same rules, one row per test id.
 
-Parquet metadata (key `stacker`) carries the model name, the folds' sha256, the
-TTA settings and the toolkit version. CSV or parquet tables written by other
-tools in this layout are first-class inputs; they simply have no metadata.
+Parquet metadata (key `stacker`) carries the metadata schema version, the model
+name, the folds' sha256, the TTA settings with the views themselves and the
+toolkit version. CSV or parquet tables written by other tools in this layout are
+first-class inputs; they simply have no metadata.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class PredictionTable:
         proba: (N, C) float64 probabilities in the classes' order.
         classes: class names, the column order of `proba`.
         fold: (N,) fold of each row for OOF tables, None for test tables.
-        meta: the writer's metadata (model, folds_sha256, tta, version), {} for foreign files.
+        meta: the writer's metadata (schema, model, folds_sha256, tta, version), {} for foreign files.
         source: the file it came from, for error messages.
         repeat: (N,) repeat of each row for an OOF table of R > 1 repeats (rows repeat-major), else None.
     """

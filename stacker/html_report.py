@@ -422,6 +422,15 @@ def confusion_section(view: RunView, ensemble: tuple) -> tuple[str, dict]:
 
 # ---------------------------------------------------------------- provenance
 
+def tta_cell(meta: dict) -> str:
+    """A table's TTA settings in one short cell: the views it records (schema 2) as their count."""
+    tta = meta.get("tta")
+    if not isinstance(tta, dict):
+        return "-"
+    settings = {k: v for k, v in tta.items() if k != "views"}
+    return f"{settings}" + (f", {len(tta['views'])} views recorded" if isinstance(tta.get("views"), list) else "")
+
+
 def provenance_section(view: RunView) -> str:
     """Toolkit version, the folds (digest, K, repeats, seed), each table's metadata, and run.yaml's text."""
     folds, paths = view.folds, view.paths
@@ -431,8 +440,8 @@ def provenance_section(view: RunView) -> str:
     if view.decision:
         rows += [["stack made by version", view.decision.get("version", "-")],
                  ["stack folds sha256", view.decision.get("folds_sha256", "-")]]
-    tables = [[name, m.oof.meta.get("folds_sha256", "-"), m.oof.meta.get("version", "-"),
-               str(m.oof.meta.get("tta", "-"))] for name, m in view.models.items()]
+    tables = [[name, m.oof.meta.get("folds_sha256", "-"), m.oof.meta.get("version", "-"), tta_cell(m.oof.meta)]
+              for name, m in view.models.items()]
     config = paths.config.read_text(encoding="utf-8") if paths.config.is_file() else "(no run.yaml in the run)"
     return ("<h2>Config and provenance</h2>" + table(["", ""], rows)
             + table(["model OOF table", "folds sha256", "version", "TTA"], tables)

@@ -4,10 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from base_models.augment import tta_views
 from base_models.config import DataConfig, FoldsConfig, TTAConfig, model_specs
 from base_models.jobs import StageOptions, prepare_run, train_base
 from base_models.predict_oof import predict_oof
 from base_models.predict import combine_tta
+from base_models.table_schema import TABLE_SCHEMA, view_records
 from oof import RunPaths, StackerError, read_table, validate_oof
 
 QUIET = StageOptions(log=lambda s: None)
@@ -36,6 +38,7 @@ def test_tables_follow_the_contract(predicted):
     paths, _, folds, metrics = predicted
     oof = validate_oof(read_table(paths.oof("test_resnet"), folds.classes, "oof"), folds)
     assert oof.meta["folds_sha256"] == folds.sha256 and oof.meta["tta"]["n"] == 3
+    assert oof.meta["schema"] == TABLE_SCHEMA and oof.meta["tta"]["views"] == view_records(tta_views(3))
     assert oof.meta["keep"] == "last"  # read by the leak check: keep: best tunes on the OOF rows
     test = read_table(paths.test("test_resnet"), folds.classes, "test")
     per_fold = [read_table(paths.test_fold("test_resnet", k), folds.classes, "test").proba for k in range(folds.k)]

@@ -148,6 +148,7 @@ def test_predict_reproduces_submit_from_a_moved_read_only_run(uploaded, predicte
             new, old = table(new, uploaded.classes), table(old, uploaded.classes)
             np.testing.assert_allclose(new.proba, old.proba, atol=1e-5, rtol=0)
             assert new.meta["cache_sha256"] == old.meta["cache_sha256"]  # the same images decode to the same pixels
+            assert new.meta["tta"] == old.meta["tta"] and new.meta["schema"] == old.meta["schema"]  # the run's views
     lines = result.stdout.splitlines()
     assert any(re.match(r"  cache test: 80 images at 16x16", s) for s in lines)
     assert "  test_resnet fold 1: 80 test rows" in lines
