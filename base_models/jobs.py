@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -135,9 +136,19 @@ def prepare_run(paths: RunPaths, data: DataConfig, folds_cfg: FoldsConfig, size,
         clusters = find_run_duplicates(paths, spec, caches, folds_cfg, log)
         folds = _folds_for(paths, spec, folds_cfg, force, log, clusters)
     columns = spec.train.drop(columns=["path", "label"])
-    with atomic_path(paths.targets) as tmp:
+    with run_file(paths, paths.targets), atomic_path(paths.targets) as tmp:
         columns.to_parquet(tmp, index=False)
     return spec, folds
+
+
+@contextmanager
+def run_file(paths: RunPaths, path) -> Iterator[None]:
+    """Hold the run's config lock while one of the run's own files (folds, targets, duplicates) is written,
+    first deleting what a killed writer of it left: under the lock no other train-base is writing it."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with FileLock(paths.config_lock):
+        remove_temps(path.parent, path.name)
+        yield
 
 
 def find_run_duplicates(paths: RunPaths, spec: DatasetSpec, caches: dict[str, ImageCache], cfg: FoldsConfig,
@@ -162,7 +173,8 @@ def find_run_duplicates(paths: RunPaths, spec: DatasetSpec, caches: dict[str, Im
     train, test = caches["train"], caches["test"]
     found = find_duplicates(SplitImages(train.ids, spec.train["label"], train.hashes, train.pixel_digests),
                             SplitImages(test.ids, None, test.hashes, test.pixel_digests), options)
-    write_duplicates(paths.duplicates, found)
+    with run_file(paths, paths.duplicates):
+        write_duplicates(paths.duplicates, found)
     log(f"{found.summary()} -> {paths.duplicates}")
     for line in found.warnings:
         log(f"warning: {line}")
@@ -185,7 +197,8 @@ def _folds_for(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig, force: bool
     if paths.folds.is_file() and not force:
         return _existing_folds(paths, spec, cfg)
     made = cfg.assign(spec.train, spec.classes, clusters)  # stratified, grouped or read from folds.file; R repeats
-    write_folds(paths.folds, made)
+    with run_file(paths, paths.folds):
+        write_folds(paths.folds, made)
     log(f"folds: k={made.k} seed={made.seed}{_how_folds(made, cfg, clusters)} -> {paths.folds}")
     if cfg.duplicates == "warn" and clusters is not None and (clusters >= 0).any():
         split = split_clusters(made, clusters)
