@@ -1,5 +1,5 @@
 """Compare two `stack_bench.py --scores` files: the choice, the nested choices, and each candidate's
-meta-OOF score (issue 15's gate: every score within 0.002 of the reference, the same choice).
+meta-OOF score (the gate: the same choice and nested choices, every score within --tolerance of the reference).
 
     python bench/compare_scores.py BEFORE.json AFTER.json [--tolerance 0.002]
 """

@@ -8,7 +8,8 @@ scikit-learn, never torch, so fit-stack and submit run anywhere.
     write_submission("runs/paddy", "data/sample_submission.csv")
 
 Modules: `candidates/` (the registry and one module per family), `guard`
-(the procedure: meta-level OOF, the decision, the nested estimate), `estimator`
+(the procedure: meta-level OOF, the decision, the nested estimate), `workers` (the fit
+worker processes, the rows they share, the decision threads), `estimator`
 (`StackGuard`, the procedure as an estimator), `fit` (a run's stack/ files),
 `submit`, `provenance` (what a stack was made from; current or stale), `inputs`,
 `metrics`, `report`, `config`.

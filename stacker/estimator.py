@@ -12,7 +12,7 @@ reads them from a run).
 
 With repeated folds (`folds.repeats` R > 1, OOF tables with a `repeat` column) every
 candidate is scored per repeat and the chosen one fitted per repeat (`stacker.repeats`
-says why); R = 1 is the one-assignment path, unchanged.
+says why): the guard runs once per fold assignment, and R = 1 is one such run.
 """
 from __future__ import annotations
 
@@ -25,15 +25,16 @@ from threadpoolctl import threadpool_limits
 import oof
 from oof import Folds, PredictionTable, StackerError, build_config, check_rows, info, log_loss, validate_test
 
-from .candidates import candidate_class, create_candidate, normalise_rows, suited_candidates
+from .candidates import candidate_class, normalise_rows, suited_candidates
 from .config import StackConfig
-from .guard import decide, fit_seed, run_guard
+from .guard import GuardResult, decide, fit_chosen, run_guard
 from .inputs import (MetaData, align_test_tables, as_oof_tables, meta_features, repeat_features, sure_share,
                      suspicious_models)
-from .leak import LeakInputs, declared_leaks, leak_report
+from .leak import LeakCheck, LeakInputs, declared_leaks, leak_report
 from .metrics import Metric
 from .repeats import (RepeatAverage, combine_model_scores, combine_repeats, merge_leak_checks, repeat_config)
 from .split_leak import split_leak
+from .workers import FitWorkers
 
 # This many models flagged by the statistics at once points at the folds, not at each model.
 MANY_FLAGGED = 3
@@ -88,7 +89,7 @@ class StackGuard:
         return guard
 
     def fit(self, oof_tables: Mapping, folds: Folds, test_tables: Mapping | None = None,
-            fold_tables: Sequence[Mapping] = ()) -> "StackGuard":
+            fold_tables: Sequence[Mapping] = (), workers: FitWorkers | None = None) -> "StackGuard":
         """Score the candidates, decide, and fit the chosen one on every OOF row.
 
         Args:
@@ -99,22 +100,15 @@ class StackGuard:
             fold_tables: per fold k, {model: fold model k's test table}, optional: the leak check's
                 like-for-like reference (one fold model on unseen rows, as the OOF rows are). With
                 repeats, R x K of them, repeat-major (repeat r's fold k at r * K + k).
+            workers: the meta-level fits' worker processes, started ahead (`stacker.workers.start_workers`,
+                as `fit_stack` does while it reads the tables); None: as many as the rows call for.
         """
         config = self.config or StackConfig()
         log = self.log or (lambda *a: None)
         tables = as_oof_tables(oof_tables, folds)
         names, y = list(tables), folds.y
         Xs = repeat_features(tables, folds.repeats)  # R x (N, M, C); R = 1 without repeats
-        self.warnings_, self.split_leak_ = [], None
-        suspicious, consistency, split = self._check_repeat_leaks(Xs, folds, names, test_tables, fold_tables)
-        self._check_split(split, config, log)
-        self._check_many_flagged(consistency, log)
-        for name, why in declared_leaks({m: t.meta for m, t in tables.items()}).items():
-            suspicious.setdefault(name, why)
-        excluded = _exclude(suspicious, config.allow_suspicious, log)
-        if len(excluded) == len(names):
-            raise StackerError(f"fit-stack: every model looks leaked ({', '.join(names)}); nothing is left to "
-                               "stack. Pass --allow-suspicious (stack.allow_suspicious: true) to keep them")
+        leaks, excluded = self._screen(Xs, folds, tables, test_tables, fold_tables, log)
         self.models_ = [m for m in names if m not in excluded]
         self.classes_, self.repeats_ = tuple(folds.classes), folds.repeats
         used = [names.index(m) for m in self.models_]
@@ -122,18 +116,36 @@ class StackGuard:
         datas = [MetaData(X[:, used], y, one.fold, tuple(self.models_), self.classes_, groups)
                  for X, one in zip(Xs, folds.each_repeat())]
         metric = Metric(config.metric, len(self.classes_))
-        repeats = f" x {folds.repeats} repeats" if folds.repeats > 1 else ""
-        grouped = f" in {int(groups.max()) + 1} groups" if groups is not None else ""
-        log(f"fit-stack: {len(self.models_)} models, {len(self.classes_)} classes, {len(y)} rows{grouped}, "
-            f"{folds.k} folds{repeats}; metric {config.metric}")
+        log(_describe_inputs(folds, len(self.models_), config))
         # One BLAS thread: OpenBLAS threads spinning after a logistic-regression fit
         # slowed the next LightGBM fit's OpenMP threads 3x on the 2-core bench machine.
         with threadpool_limits(limits=1, user_api="blas"):
-            decision = self._fit_repeats(datas, config, metric, log)
-        scores = [_model_scores(y, X, names, metric, (suspicious, excluded, consistency)) for X in Xs]
+            decision = self._fit_repeats(datas, config, metric, log, workers)
+        scores = [_model_scores(y, X, names, metric, leaks, excluded) for X in Xs]
         self.decision_ = self._record(decision, config, folds,
                                       scores[0] if len(scores) == 1 else combine_model_scores(scores), excluded)
         return self
+
+    def _screen(self, Xs: list[np.ndarray], folds: Folds, tables: dict, test_tables, fold_tables, log):
+        """The leak checks of every repeat and the tables' declared leaks: (`LeakCheck` with the declared
+        leaks among its suspicious models, {model: reason} of the models to leave out).
+
+        Sets `warnings_` and `split_leak_`; stops on a split leak or when every model looks leaked.
+        """
+        config = self.config or StackConfig()
+        names = list(tables)
+        self.warnings_, self.split_leak_ = [], None
+        leaks = self._check_repeat_leaks(Xs, folds, names, test_tables, fold_tables)
+        self._check_split(leaks.split, config, log)
+        self._check_many_flagged(leaks.consistency, log)
+        suspicious = dict(leaks.suspicious)
+        for name, why in declared_leaks({m: t.meta for m, t in tables.items()}).items():
+            suspicious.setdefault(name, why)
+        excluded = _exclude(suspicious, config.allow_suspicious, log)
+        if len(excluded) == len(names):
+            raise StackerError(f"fit-stack: every model looks leaked ({', '.join(names)}); nothing is left to "
+                               "stack. Pass --allow-suspicious (stack.allow_suspicious: true) to keep them")
+        return leaks._replace(suspicious=suspicious), excluded
 
     def _record(self, decision: dict, config: StackConfig, folds: Folds, models: dict, excluded: dict) -> dict:
         """`decision_`: the guard's decision with what it was fitted on; repeats' keys only when R > 1."""
@@ -159,24 +171,26 @@ class StackGuard:
             record.update({key: decision[key] for key in ("repeat_decisions", "agreement")}, repeats=folds.repeats)
         return record
 
-    def _fit_repeats(self, datas: list[MetaData], config: StackConfig, metric: Metric, log) -> dict:
-        """Score and choose (on one repeat, or combined over repeats), then fit the choice once per repeat.
+    def _fit_repeats(self, datas: list[MetaData], config: StackConfig, metric: Metric, log, workers) -> dict:
+        """The guard on each fold assignment, one call per repeat (`_guard_assignment`), and the decision: the
+        one assignment's, or `_decide_over_repeats` with R > 1.
 
-        Sets `oof_`, `timings_` and `candidate_` (a `RepeatAverage` of the R fits when R > 1).
+        Sets `oof_`, `timings_` and `candidate_`: the choice fitted on each repeat's rows (a `RepeatAverage`
+        of the R fits when R > 1), each repeat's own fit where that repeat chose the same.
         """
-        def final_fit(chosen: str, r: int):
-            seed, data = fit_seed(repeat_config(config, r).seed, ()), datas[r]
-            candidate = create_candidate(chosen, config, metric, seed, data.models, data.classes)
-            candidate.row_groups = data.groups
-            return candidate.fit(data.X, data.y)
-
-        if len(datas) == 1:  # the final fit starts as soon as the choice is known (`run_guard`'s then)
-            members = []
-            decision, self.oof_, self.timings_ = _run_suited(datas[0], config, metric, log,
-                                                             lambda chosen: members.append(final_fit(chosen, 0)))
+        runs = []
+        for r, data in enumerate(datas):
+            if len(datas) > 1:
+                log(f"fit-stack: repeat {r} ({r + 1} of {len(datas)}): meta-level OOF on its own OOF rows and folds")
+            runs.append(_guard_assignment(data, repeat_config(config, r), metric, log, workers))
+        if len(runs) == 1:
+            decision, self.oof_, self.timings_ = runs[0].decision, runs[0].oof, runs[0].timings
         else:
-            decision, self.oof_, self.timings_ = _run_repeats(datas, config, metric, log)
-            members = [final_fit(decision["chosen"], r) for r in range(len(datas))]
+            decision, self.oof_, self.timings_ = _decide_over_repeats(runs, datas[0], config, metric)
+        chosen, members = decision["chosen"], []
+        for r, (run, data) in enumerate(zip(runs, datas)):  # a repeat whose own choice differs fits this one
+            same = run.decision["chosen"] == chosen
+            members.append(run.fitted if same else fit_chosen(data, chosen, repeat_config(config, r), metric))
         self.candidate_ = members[0] if len(members) == 1 else RepeatAverage(members)
         return decision
 
@@ -241,11 +255,10 @@ class StackGuard:
                 "folds.duplicates: group or a group column")
             log(f"warning: {self.warnings_[-1]}")
 
-    def _check_leaks(self, X: np.ndarray, folds: Folds, names: list[str], test_tables, fold_tables):
-        """({model: reason} of the models that look leaked, {model: OOF/test consistency report}, the
-        split-leak statistic or None)."""
+    def _check_leaks(self, X: np.ndarray, folds: Folds, names: list[str], test_tables, fold_tables) -> LeakCheck:
+        """The leak check of one fold assignment: its OOF rows `X` (N, M, C), its `folds` and its K fold tables."""
         if test_tables is None:
-            return suspicious_models(folds.y, X, names), {}, None
+            return LeakCheck(suspicious_models(folds.y, X, names), {}, None)
         reference = self._leak_reference(test_tables, names, folds)
         ids = next(iter(reference.values())).ids
         test = meta_features(reference)  # (T, M, C)
@@ -267,7 +280,7 @@ class StackGuard:
         for name, r in report.items():
             if r["flagged"]:
                 suspicious.setdefault(name, r["reason"])
-        return suspicious, report, split
+        return LeakCheck(suspicious, report, split)
 
     @staticmethod
     def _leak_reference(tables: Mapping, names: list[str], folds: Folds) -> dict[str, PredictionTable]:
@@ -300,58 +313,70 @@ class StackGuard:
                                "tables, repeat-major")
         return n_tables // repeats
 
-    def _check_repeat_leaks(self, Xs: list[np.ndarray], folds: Folds, names: list[str], test_tables, fold_tables):
-        """The leak check of every repeat: ({model: reason} flagged in any repeat, {model: worst repeat's report},
-        the split-leak statistic of the repeat with the largest share, or None).
+    def _check_repeat_leaks(self, Xs: list[np.ndarray], folds: Folds, names: list[str], test_tables,
+                            fold_tables) -> LeakCheck:
+        """The leak check of every repeat (`_check_leaks`, one call per fold assignment); with R > 1 merged
+        (`merge_leak_checks`: a model flagged in any repeat, each model's worst repeat's report, the split
+        leak of the largest share).
 
         Per repeat, not on repeat 0 alone: each repeat's OOF rows come from fold models of their own,
         and a leak in any one repeat's fold models (a resumed job that trained on every row, a fold
         file edited between repeats) leaks that repeat's rows into its meta-level fits. The check is
-        numpy over rows (no model is fitted): one repeat took 3.2 s on the 2-core dev machine at the
-        bench's size (10,000 rows x 35 models x 10 classes, 3,469 test rows, 5 fold tables), against
-        15 fits per candidate per repeat (one wide LightGBM fit alone about 1.3 s there). The test
+        numpy over rows (no model is fitted), small beside the 15 fits per candidate per repeat (its
+        cost: docs/speed.md). The test
         reference (the mean over all R x K fold models) is shared; the per-fold tables are the repeat's own.
         """
-        if folds.repeats == 1:
-            return self._check_leaks(Xs[0], folds, names, test_tables, fold_tables)
-        k = folds.k
-        if fold_tables and len(fold_tables) != folds.repeats * k:
-            raise StackerError(f"fold test tables: {len(fold_tables)} given for {folds.repeats} repeats x {k} folds; "
-                               "give one per repeat and fold, repeat-major")
-        checks = [self._check_leaks(X, one, names, test_tables, list(fold_tables)[r * k:(r + 1) * k])
-                  for r, (X, one) in enumerate(zip(Xs, folds.each_repeat()))]
-        splits = [c[2] for c in checks if c[2] is not None]
-        worst = max(splits, key=lambda sp: sp.share) if splits else None  # a split leak in any repeat leaks
-        return (*merge_leak_checks([c[:2] for c in checks]), worst)
+        checks = [self._check_leaks(X, one, names, test_tables, tables)
+                  for X, one, tables in zip(Xs, folds.each_repeat(), _fold_tables_per_repeat(fold_tables, folds))]
+        return checks[0] if len(checks) == 1 else merge_leak_checks(checks)
 
 
-def _run_suited(data: MetaData, config: StackConfig, metric: Metric, log, then=None):
-    """`run_guard` over the candidates that can differ from the mean under `metric`; decision["left_out"]
-    holds {candidate: why} of the others (`Candidate.unsuited`), each announced in the log."""
+def _fold_tables_per_repeat(fold_tables: Sequence[Mapping], folds: Folds) -> list[Sequence[Mapping]]:
+    """Each repeat's K fold tables, from R x K of them, repeat-major (all of them without repeats:
+    `StackGuard._check_leaks` checks their number)."""
+    if folds.repeats == 1:
+        return [fold_tables]
+    k = folds.k
+    if fold_tables and len(fold_tables) != folds.repeats * k:
+        raise StackerError(f"fold test tables: {len(fold_tables)} given for {folds.repeats} repeats x {k} folds; "
+                           "give one per repeat and fold, repeat-major")
+    return [list(fold_tables)[r * k:(r + 1) * k] for r in range(folds.repeats)]
+
+
+def _guard_assignment(data: MetaData, config: StackConfig, metric: Metric, log, workers) -> GuardResult:
+    """The guard on one fold assignment: `run_guard` over the candidates that can differ from the mean under
+    `metric`; decision["left_out"] holds {candidate: why} of the others (`Candidate.unsuited`), each
+    announced in the log."""
     names, left_out = suited_candidates(config.candidates, metric)
     for name, why in left_out.items():
         log(f"fit-stack: candidate {name} left out: {why}")
-    decision, oof_probas, timings = run_guard(data, replace(config, candidates=names), metric, log, then)
-    return {**decision, "left_out": left_out}, oof_probas, timings
+    result = run_guard(data, replace(config, candidates=names), metric, log, workers)
+    return result._replace(decision={**result.decision, "left_out": left_out})
 
 
-def _run_repeats(datas: list[MetaData], config: StackConfig, metric: Metric, log):
-    """`_run_suited` per repeat (that repeat's OOF rows and folds), then the decision on all of them.
+def _decide_over_repeats(runs: list[GuardResult], data: MetaData, config: StackConfig, metric: Metric):
+    """The decision over R > 1 repeats, from each repeat's `_guard_assignment` (`data`: repeat 0's rows; every
+    repeat has the same labels and groups).
 
     Returns:
-        (decision, oof, timings): `decide` on each candidate's (R, N, C) meta-level OOF, with
-        `combine_repeats`' per-repeat scores, decisions and nested estimate; {candidate: (R, N, C)};
-        {candidate: seconds summed over repeats}.
+        (decision, oof, timings): `decide` on each candidate's (R, N, C) meta-level OOF, with `combine_repeats`'
+        per-repeat scores, decisions and nested estimate; {candidate: (R, N, C)}; {candidate: seconds summed
+        over repeats}.
     """
-    runs = []
-    for r, data in enumerate(datas):
-        log(f"fit-stack: repeat {r} ({r + 1} of {len(datas)}): meta-level OOF on its own OOF rows and folds")
-        runs.append(_run_suited(data, repeat_config(config, r), metric, log))
-    names = list(runs[0][1])
-    oof_probas = {name: np.stack([run[1][name] for run in runs]) for name in names}
-    decision = decide(datas[0].y, oof_probas, metric, config, [config.seed, 7], datas[0].groups)
-    decision = combine_repeats({**decision, "left_out": runs[0][0]["left_out"]}, [run[0] for run in runs])
-    return decision, oof_probas, {name: sum(run[2][name] for run in runs) for name in names}
+    names = list(runs[0].oof)
+    oof_probas = {name: np.stack([run.oof[name] for run in runs]) for name in names}
+    decision = decide(data.y, oof_probas, metric, config, [config.seed, 7], data.groups)
+    decision = combine_repeats({**decision, "left_out": runs[0].decision["left_out"]}, [run.decision for run in runs])
+    return decision, oof_probas, {name: sum(run.timings[name] for run in runs) for name in names}
+
+
+def _describe_inputs(folds: Folds, n_models: int, config: StackConfig) -> str:
+    """The log line that says what the guard fits on."""
+    groups = folds.group_index
+    repeats = f" x {folds.repeats} repeats" if folds.repeats > 1 else ""
+    grouped = f" in {int(groups.max()) + 1} groups" if groups is not None else ""
+    return (f"fit-stack: {n_models} models, {len(folds.classes)} classes, {len(folds.y)} rows{grouped}, "
+            f"{folds.k} folds{repeats}; metric {config.metric}")
 
 
 def _exclude(suspicious: dict, allow: bool, log) -> dict:
@@ -363,21 +388,21 @@ def _exclude(suspicious: dict, allow: bool, log) -> dict:
     return {} if allow else dict(suspicious)
 
 
-def _model_scores(y, X, names, metric: Metric, checks: tuple[dict, dict, dict]) -> dict:
+def _model_scores(y, X, names, metric: Metric, leaks: LeakCheck, excluded: dict) -> dict:
     """Each base model's own OOF metric and log-loss, and its leak-check figures.
 
     Args:
-        checks: ({model: reason} suspicious, {model: reason} excluded, {model: consistency report}).
+        leaks: the leak check (its suspicious models with the declared leaks among them).
+        excluded: {model: reason} of the models left out.
     """
-    suspicious, excluded, consistency = checks
     share = sure_share(y, X)
     out = {}
     for m, name in enumerate(names):
-        status = "excluded" if name in excluded else "suspicious, kept" if name in suspicious else "used"
-        z = consistency.get(name, {}).get("consistency")
+        status = "excluded" if name in excluded else "suspicious, kept" if name in leaks.suspicious else "used"
+        z = leaks.consistency.get(name, {}).get("consistency")
         out[name] = {"score": metric.score(y, X[:, m]), "log_loss": log_loss(y, X[:, m]),
                      "sure_share": float(share[m]), "consistency": float(z) if z is not None and np.isfinite(z)
                      else None, "status": status}
-        if name in suspicious:
-            out[name]["reason"] = suspicious[name]
+        if name in leaks.suspicious:
+            out[name]["reason"] = leaks.suspicious[name]
     return out

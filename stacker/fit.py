@@ -30,11 +30,11 @@ from oof import (PredictionTable, RunPaths, StackerError, atomic_path, check_mod
 
 from .config import StackConfig
 from .estimator import StackGuard
-from .guard import start_workers
 from .inputs import has_fold_tables, load_run_folds, read_run_tables
 from .provenance import clear_stack, decision_digest, describe, stack_changes, stack_inputs
 from .repeats import RepeatAverage
 from .report import format_report, leaderboard_frame
+from .workers import start_workers
 
 
 def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, models: list[str] | None = None,
@@ -78,9 +78,9 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
                 f"{decision['chosen']}); nothing to do, --force fits it again")
             return decision
         log(f"fit-stack: {paths.decision} is stale ({describe(changes)}); fitting the stack again")
-    start_workers(config, folds.n_rows * len(names) * len(folds.classes))  # ready when the fits begin
+    workers = start_workers(config, folds.n_rows * len(names) * len(folds.classes))  # ready when the fits begin
     oof_tables, test_tables, fold_tables = read_run_tables(paths, names, folds, per_fold)
-    guard = StackGuard(config, log).fit(oof_tables, folds, test_tables, fold_tables)
+    guard = StackGuard(config, log).fit(oof_tables, folds, test_tables, fold_tables, workers)
     decision = {**guard.decision_, "inputs": inputs}
     write_stack(paths, guard, guard.predict_table(test_tables, fold_tables), decision, folds)
     log(format_report(guard.decision_, guard.timings_))

@@ -21,7 +21,8 @@ K(K-1)/2 extra fits per candidate, not K(K-1).
 
 Speed: the 15 fits of a candidate are independent and seeded by their
 held-out folds alone (`fit_seed`), so they run in `config.n_jobs` worker processes
-(`fit_tasks`), each fit on one thread; each task prepares a candidate's rows once
+(`fit_tasks`; the processes, the shared rows and the decisions' threads are
+`stacker.workers`), each fit on one thread; each task prepares a candidate's rows once
 (`Candidate.prepare`: the LightGBM ones bin every row, why that is honest:
 `stacker.candidates.lgbm`) and fits on row subsets of them. The results are the same fits
 whatever the number of workers and the order of work.
@@ -30,22 +31,20 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
-import tempfile
-import threading
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
-from oof import bar, info, log_loss
+from oof import info, log_loss
 
-from .candidates import FLOOR, candidate_class
+from .candidates import FLOOR, candidate_class, create_candidate
 from .config import StackConfig
 from .inputs import MetaData
 from .metrics import Metric, bootstrap_counts
 from .repeats import repeat_log_loss, repeat_scores
+from .workers import FitWorkers, InTurn, decide_in_threads, fit_workers, split_keys, task_order
 
 
 def fit_seed(seed: int, key: tuple[int, ...]) -> int:
@@ -83,99 +82,19 @@ def fit_keys(data: MetaData, cls, keys: list, config: StackConfig, metric: Metri
     return preds, time.perf_counter() - start
 
 
-# Below this many meta-features (N*M*C) the guard's fits take a few seconds in all and
-# starting worker processes (each imports LightGBM and scikit-learn, ~2 s) costs more than it saves.
-PARALLEL_MIN_VALUES = 1_000_000
-
-
-def fit_workers(config: StackConfig, n_values: int) -> int:
-    """Worker processes for the guard's fits on `n_values` meta-features (N*M*C): `config.threads`,
-    or 1 for small inputs."""
-    return 1 if n_values < PARALLEL_MIN_VALUES else max(1, min(config.threads, os.cpu_count() or 1))
-
-
-_STARTING: list[threading.Thread] = []  # `start_workers`' threads, until `fit_tasks` waits for them
-
-
-def start_workers(config: StackConfig, n_values: int) -> threading.Thread | None:
-    """Start the fit workers in a background thread, so that they spawn and import LightGBM and
-    scikit-learn (2-3 s) while the caller reads its tables and checks them for leaks. None: no workers.
-
-    joblib keeps its loky workers between calls, so `fit_tasks` finds them running; it waits for
-    the thread first (one joblib call on the pool at a time).
-    """
-    workers = fit_workers(config, n_values)
-    if workers == 1:
-        return None
-    thread = threading.Thread(target=_start_pool, args=(workers,), name="stacker-start-workers", daemon=True)
-    thread.start()
-    _STARTING.append(thread)
-    return thread
-
-
-def _start_pool(workers: int) -> None:
-    from joblib import Parallel, delayed
-
-    try:
-        Parallel(n_jobs=workers, backend="loky")(delayed(_import_fit_modules)() for _ in range(workers))
-    except Exception:  # only a head start: the fits start their pool themselves, and say what fails
-        pass
-
-
-def _import_fit_modules() -> None:
-    import lightgbm  # noqa: F401
-    import sklearn.linear_model  # noqa: F401
-
-
-def split_keys(name: str, keys: list, workers: int) -> list[list]:
-    """A candidate's held-out keys in tasks for `workers` processes.
-
-    A candidate prepares its rows once per task (`Candidate.prepare`). Where that costs
-    about a fit or more (LightGBM's binning), its keys split into half as many tasks as
-    there are workers (one for two); the others split finer (two tasks per worker),
-    which evens out the workers' loads.
-    """
-    n = max(1, workers // 2) if _costly_prepare(name) else 2 * workers
-    return [keys[i::n] for i in range(n) if keys[i::n]]
-
-
-def task_order(names) -> list[str]:
-    """Candidates in the order their tasks start: those with a costly `prepare` (the longest
-    tasks), then the others, each group most complex first (the registry's order, reversed)."""
-    return sorted(reversed(names), key=lambda n: not _costly_prepare(n))  # stable: keeps each group's order
-
-
-def _costly_prepare(name: str) -> bool:
-    """Whether candidate `name`'s `prepare` costs about a fit or more (LightGBM's binning)."""
-    return candidate_class(name).prepare_cost >= 1
-
-
-def fit_tasks(data: MetaData, names, keys: list, config: StackConfig, metric: Metric, workers: int):
+def fit_tasks(data: MetaData, names, keys: list, config: StackConfig, metric: Metric, workers: FitWorkers | int):
     """Run every candidate's held-out fits; return ({name: {key: predictions}}, {name: seconds}).
 
-    workers > 1: the fits of each candidate split into tasks (`split_keys`) run by a process
-    pool, the longest first (`task_order`), so that no worker is left with a long task at
-    the end while the other waits. The rows go to
-    the workers as a read-only memory map, shared, not copied per task. Each worker runs
-    one thread (LightGBM `num_threads`, BLAS limited by joblib): no OpenMP barrier waits
-    for a descheduled sibling on a busy machine.
+    workers: the fit workers (`stacker.workers.start_workers`), or their number (1: in this process).
+    With n > 1 workers the fits of each candidate split into tasks (`split_keys`) run by the
+    worker processes, the longest first (`task_order`), so that no worker is left with a long
+    task at the end while the other waits. Each worker runs one thread (LightGBM `num_threads`,
+    BLAS limited by joblib): no OpenMP barrier waits for a descheduled sibling on a busy machine.
     """
-    tasks = [(name, part) for name in task_order(names) for part in split_keys(name, keys, workers)]
-    if workers == 1:
-        done = [fit_keys(data, candidate_class(name), part, config, metric)
-                for name, part in bar(tasks, total=len(tasks), desc="meta-level fits", unit="task")]
-    else:
-        from joblib import Parallel, delayed
-
-        while _STARTING:
-            _STARTING.pop().join()
-        with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
-            np.save(os.path.join(tmp, "X.npy"), data.X)
-            shared = MetaData(np.load(os.path.join(tmp, "X.npy"), mmap_mode="r"), data.y, data.fold,
-                              data.models, data.classes, data.groups)
-            done = list(bar(Parallel(n_jobs=workers, backend="loky", return_as="generator")(
-                delayed(fit_keys)(shared, candidate_class(name), part, config, metric) for name, part in tasks),
-                total=len(tasks), desc="meta-level fits", unit="task"))
+    workers = workers if isinstance(workers, FitWorkers) else FitWorkers(workers)
+    tasks = [(name, part) for name in task_order(names) for part in split_keys(name, keys, workers.n)]
+    done = workers.map(fit_keys, data, [(candidate_class(name), part, config, metric) for name, part in tasks],
+                       "meta-level fits")
     preds, timings = {name: {} for name in names}, dict.fromkeys(names, 0.0)
     for (name, _), (part, seconds) in zip(tasks, done):
         preds[name].update(part)
@@ -271,7 +190,7 @@ def nested_estimate(data: MetaData, preds: dict, metric: Metric, config: StackCo
 
 def nested_jobs(data: MetaData, preds: dict, metric: Metric, config: StackConfig, pool=None) -> list:
     """`nested_estimate`'s outer-fold decisions, submitted to `pool` (run at once without one): [(fold, future)]."""
-    return [(int(o), (pool or _InTurn()).submit(_inner_decision, data, preds, int(o), metric, config))
+    return [(int(o), (pool or InTurn()).submit(_inner_decision, data, preds, int(o), metric, config))
             for o in np.unique(data.fold)]
 
 
@@ -303,57 +222,53 @@ def _inner_decision(data: MetaData, preds: dict, outer: int, metric: Metric, con
     return decide(data.y[inner], probas, metric, config, [config.seed, 7, outer], groups)
 
 
-class _InTurn:
-    """An executor's `submit` that runs the call at once: `result()` gives what it returned."""
+class GuardResult(NamedTuple):
+    """`run_guard`'s result on one fold assignment."""
 
-    def submit(self, fn, *args):
-        done = Future()
-        done.set_result(fn(*args))
-        return done
-
-
-def decide_in_threads(workers: int):
-    """A thread pool for the guard's decisions, or None for one worker.
-
-    Most of a decision is drawing and counting bootstrap resamples and multiplying
-    matrices, numpy calls that release the GIL: two threads did the work of two
-    decisions at 100,000 rows in 3.1 s instead of 5.4 s. Each decision has its own
-    seed, so the result is the same in threads or in turn.
-    """
-    return ThreadPoolExecutor(workers, thread_name_prefix="stacker-decide") if workers > 1 else None
+    decision: dict  # `decide`'s dict plus "nested" (None when off or K < 3: inner folds need two folds to train on)
+    oof: dict[str, np.ndarray]  # {candidate: (N, C) meta-level OOF probabilities}
+    timings: dict[str, float]  # {candidate: seconds summed over its held-out fits}
+    fitted: object  # the chosen candidate fitted on every row (`fit_chosen`)
 
 
-def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=info, then=None):
-    """Meta-level OOF for every candidate of `config.candidates`, the decision, and the nested estimate.
+def fit_chosen(data: MetaData, chosen: str, config: StackConfig, metric: Metric):
+    """Candidate `chosen` fitted on every row of `data` (the stack's fit), seeded by `fit_seed(config.seed, ())`."""
+    candidate = create_candidate(chosen, config, metric, fit_seed(config.seed, ()), data.models, data.classes)
+    candidate.row_groups = data.groups
+    return candidate.fit(data.X, data.y)
 
-    then: called with the chosen candidate's name as soon as the decision is made, while the
-    nested estimate's decisions run in their threads (the final fit, 6 s at 100,000 rows, overlaps
-    them).
+
+def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=info,
+              workers: FitWorkers | None = None) -> GuardResult:
+    """Meta-level OOF for every candidate of `config.candidates`, the decision, the chosen candidate fitted
+    on every row, and the nested estimate.
+
+    The fit of the choice runs on this thread while the nested estimate's decisions run in theirs, so
+    the two overlap (a logistic regression's fit on 100,000 rows: 6 s on the 2-core bench machine).
 
     Fits run in worker processes (`fit_tasks`), not threads: LightGBM is not safe to
     train and predict in several Python threads at once (seen here: std::bad_alloc
     and a segfault when one thread built a Dataset while another predicted). Every
     fit has its own seed (`fit_seed`), so its result does not depend on the order of work.
+    The decisions (the main one and each outer fold's) run at once in threads (`decide_in_threads`).
 
-    Returns:
-        (decision, oof, timings): `decide`'s dict plus "nested" (None when off or
-        K < 3: inner folds need two folds to train on); {candidate: (N, C)};
-        {candidate: seconds summed over its fits}.
+    Args:
+        workers: the fit workers, started ahead (`stacker.workers.start_workers`); None: as many as
+            `fit_workers` gives for these rows.
     """
     nested = config.nested and data.k >= 3
     keys = held_out_keys(data.k, nested)
-    workers = fit_workers(config, data.X.size)
+    workers = workers or FitWorkers(fit_workers(config, data.X.size))
     preds, timings = fit_tasks(data, config.candidates, keys, config, metric, workers)
     for name in config.candidates:
         log(f"  {name:<20} {len(keys):>3} fits {timings[name]:7.1f} s")
     oof = {name: assemble(p, data.fold) for name, p in preds.items()}
-    pool = decide_in_threads(workers)
+    pool = decide_in_threads(workers.n)
     # one warnings-filter state around the threads: `Metric.bootstrap`'s catch_warnings is not thread-safe
     with warnings.catch_warnings(), pool or contextlib.nullcontext():
-        main = (pool or _InTurn()).submit(decide, data.y, oof, metric, config, [config.seed, 7], data.groups)
+        main = (pool or InTurn()).submit(decide, data.y, oof, metric, config, [config.seed, 7], data.groups)
         jobs = nested_jobs(data, preds, metric, config, pool) if nested else None
-        if then is not None:
-            then(main.result()["chosen"])
+        fitted = fit_chosen(data, main.result()["chosen"], config, metric)
         estimate = nested_result(data, preds, metric, jobs) if nested else None
         decision = {**main.result(), "nested": estimate}
     if estimate is not None:
@@ -362,7 +277,7 @@ def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=info, the
             estimate["warning"] = warning
     if config.nested and not nested:
         decision["nested_note"] = f"nested estimate needs K >= 3 folds, got K={data.k}"
-    return decision, oof, timings
+    return GuardResult(decision, oof, timings, fitted)
 
 
 def nested_check(data: MetaData, outer_proba: np.ndarray, metric: Metric, config: StackConfig) -> str:

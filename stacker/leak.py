@@ -44,21 +44,21 @@ from noise by any check (bench/leak_bench.py measures each leak's size and what 
 costs the stack). A leak that is known rather than measured is declared by the
 tables: `declared_leaks` reads their metadata (`keep: best` picked each fold's epoch
 on that fold's own OOF rows).
-Measured false-positive and detection rates are in the README (bench/leak_bench.py).
+Measured false-positive and detection rates are in docs/meta.md and docs/leak.md (bench/leak_bench.py).
 
 Repeated folds (`folds.repeats` R > 1): the check runs once per repeat, on that repeat's
 OOF rows, folds and per-fold test tables (`StackGuard._check_repeat_leaks`), and a model
 flagged in any repeat is flagged, naming the repeat. Not on repeat 0 alone: each repeat
 has fold models of its own, a leak in one repeat's (a job resumed on the wrong rows)
 reaches the meta level through that repeat's fits just as well, and repeat 0 cannot show
-it. It stays cheap: no model is fitted here; one repeat took 3.2 s on the 2-core dev machine
-at the bench's size (10,000 rows x 35 models x 10 classes, 3,469 test rows, 5 fold tables),
-small beside that repeat's meta-level fits (15 per candidate). R checks at a z of 4 raise the
+it. It stays cheap: no model is fitted here, only numpy over the rows, small beside that
+repeat's meta-level fits (15 per candidate); its cost at the bench's size is in docs/speed.md. R checks at a z of 4 raise the
 false-positive rate at most R-fold (the repeats share models and rows, so less).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -92,6 +92,53 @@ class LeakInputs:
     test_folds: np.ndarray | None
     models: list[str]
     groups: np.ndarray | None = None
+
+
+class Gap(NamedTuple):
+    """A statistic of a model, OOF minus test (or against the other models), and its standard error."""
+
+    value: float
+    se: float
+
+
+@dataclass(frozen=True)
+class ModelGaps:
+    """One model's statistics (`_model_gaps`).
+
+    Attributes:
+        sharpness: mean top-class log-odds, OOF minus test.
+        folds: per fold, its OOF rows' sharpness minus that fold's test predictions'.
+        own_reference: whether the test side is each fold model's own table (per-fold tables), not their mean.
+        identical: whether the K fold test tables are one table (`_identical_folds`).
+        agreement, support: agreement with the other models' consensus, OOF minus test (`_agreement_gap`);
+            None for a lone model.
+        right: per fold, the true class's probability over the other models' (`_fold_rightness`); None for a
+            lone model.
+    """
+
+    sharpness: Gap
+    folds: list[Gap]
+    own_reference: bool
+    identical: bool
+    agreement: Gap | None = None
+    support: Gap | None = None
+    right: list[Gap] | None = None
+
+
+class ModelSums(NamedTuple):
+    """Probabilities summed over the models: the other models' consensus by subtraction."""
+
+    oof: np.ndarray  # (N, C)
+    tests: np.ndarray  # (K or 1, T, C): per fold model's test table, or the mean test table
+
+
+class LeakCheck(NamedTuple):
+    """The leak check of one fold assignment's OOF tables, or of every repeat's merged
+    (`stacker.repeats.merge_leak_checks`)."""
+
+    suspicious: dict[str, str]  # {model: reason} of the models that look leaked
+    consistency: dict[str, dict]  # {model: its `leak_report` record}; empty without test tables
+    split: object | None  # a `stacker.split_leak.SplitLeak` (whose module imports this one); None without test tables
 
 
 def sharpness(p: np.ndarray) -> np.ndarray:
@@ -129,7 +176,7 @@ def leak_report(data: LeakInputs) -> dict[str, dict]:
     excess, worst fold); below about 2 is ordinary, `Z_FLAG` and above is flagged.
     """
     tests = data.test_folds if data.test_folds is not None else data.test[None]
-    sums = (data.oof.sum(axis=1), tests.sum(axis=2))  # (N, C), (K or 1, T, C): the others' consensus by subtraction
+    sums = ModelSums(data.oof.sum(axis=1), tests.sum(axis=2))
     gaps = [_model_gaps(data, m, sums) for m in range(len(data.models))]
     report = {}
     for m, name in enumerate(data.models):
@@ -137,8 +184,8 @@ def leak_report(data: LeakInputs) -> dict[str, dict]:
     return report
 
 
-def _model_gaps(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]) -> dict:
-    """One model's statistics, each as (value, standard error)."""
+def _model_gaps(data: LeakInputs, m: int, sums: ModelSums) -> ModelGaps:
+    """One model's statistics."""
     s_oof = sharpness(data.oof[:, m])  # (N,)
     folds = np.unique(data.fold)
     if data.test_folds is not None:
@@ -147,12 +194,12 @@ def _model_gaps(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]) -
         s_test = [sharpness(data.test[:, m])] * len(folds)
     fold_gaps = [_mean_gap(s_oof[data.fold == f], s_test[i], _subset(data.groups, data.fold == f))
                  for i, f in enumerate(folds)]
-    out = {"sharpness": _mean_gap(s_oof, np.concatenate(s_test), data.groups), "folds": fold_gaps,
-           "own_reference": data.test_folds is not None, "identical": _identical_folds(data, m)}
-    if data.oof.shape[1] > 1:
-        out.update(_agreement_gap(data, m, sums))
-        out["right"] = _fold_rightness(data, m, sums[0], folds)
-    return out
+    sharp = _mean_gap(s_oof, np.concatenate(s_test), data.groups)
+    own, identical = data.test_folds is not None, _identical_folds(data, m)
+    if data.oof.shape[1] == 1:
+        return ModelGaps(sharp, fold_gaps, own, identical)
+    agreement, support = _agreement_gap(data, m, sums)
+    return ModelGaps(sharp, fold_gaps, own, identical, agreement, support, _fold_rightness(data, m, sums.oof, folds))
 
 
 def _identical_folds(data: LeakInputs, m: int) -> bool:
@@ -172,7 +219,7 @@ def _identical_folds(data: LeakInputs, m: int) -> bool:
     return bool(np.abs(t[1:, open_rows] - t[0, open_rows]).max() <= SAME_TABLE_ATOL)
 
 
-def _fold_rightness(data: LeakInputs, m: int, oof_sum: np.ndarray, folds: np.ndarray) -> list[tuple[float, float]]:
+def _fold_rightness(data: LeakInputs, m: int, oof_sum: np.ndarray, folds: np.ndarray) -> list[Gap]:
     """Per fold, the mean of p_model(true class) - p_others(true class), with a pooled standard error.
 
     Pairing with the other models on the same rows takes out how hard each fold is.
@@ -187,17 +234,17 @@ def _fold_rightness(data: LeakInputs, m: int, oof_sum: np.ndarray, folds: np.nda
     out = []
     for f in folds:
         d = diff[data.fold == f]
-        out.append((float(d.mean()), float(sd / np.sqrt(len(d)) + 1e-12)) if len(d) else (0.0, np.inf))
+        out.append(Gap(float(d.mean()), float(sd / np.sqrt(len(d)) + 1e-12)) if len(d) else Gap(0.0, np.inf))
     return out
 
 
-def _mean_gap(a: np.ndarray, b: np.ndarray, groups_a: np.ndarray | None = None) -> tuple[float, float]:
-    """(mean(a) - mean(b), its standard error): the rows of each side are independent draws, or the
+def _mean_gap(a: np.ndarray, b: np.ndarray, groups_a: np.ndarray | None = None) -> Gap:
+    """mean(a) - mean(b) and its standard error: the rows of each side are independent draws, or the
     groups of a's rows are (`groups_a`, the OOF side's groups)."""
     if len(a) < 2 or len(b) < 2:
-        return 0.0, np.inf
+        return Gap(0.0, np.inf)
     se = np.sqrt(a.var(ddof=1) / len(a) * design_effect(a, groups_a) + b.var(ddof=1) / len(b))
-    return float(a.mean() - b.mean()), float(se + 1e-12)
+    return Gap(float(a.mean() - b.mean()), float(se + 1e-12))
 
 
 def design_effect(values: np.ndarray, groups: np.ndarray | None) -> float:
@@ -222,8 +269,8 @@ def _subset(groups: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
     return None if groups is None else groups[rows]
 
 
-def _agreement_gap(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[float, float]]:
-    """Agreement with the other models' consensus, OOF minus test, each with its standard error.
+def _agreement_gap(data: LeakInputs, m: int, sums: ModelSums) -> tuple[Gap, Gap]:
+    """(agreement, support): agreement with the other models' consensus, OOF minus test.
 
     Two measures of it: "agreement", whether the model's top class is the
     consensus's; "support", the probability the model gives the consensus's class
@@ -235,36 +282,38 @@ def _agreement_gap(data: LeakInputs, m: int, sums: tuple[np.ndarray, np.ndarray]
     is right (and leaves it where it is wrong) more than on test.
     """
     rows = np.arange(len(data.y))
-    on_oof = (sums[0] - data.oof[:, m]).argmax(axis=1)  # (N,) the other models' consensus
+    on_oof = (sums.oof - data.oof[:, m]).argmax(axis=1)  # (N,) the other models' consensus
     agree_oof = (data.oof[:, m].argmax(axis=1) == on_oof).astype(float)
     support_oof = data.oof[rows, m, on_oof]
     # Like for like: fold model k against the others' fold models k, as on the OOF rows; only a
     # mean test table gives the others' mean (which agrees a little more, for honest models too).
     tests = data.test_folds if data.test_folds is not None else data.test[None]  # (K or 1, T, M, C)
     agree_test, support_test = [], []
-    for t, total in zip(tests, sums[1]):
+    for t, total in zip(tests, sums.tests):
         consensus = (total - t[:, m]).argmax(axis=1)
         agree_test.append((t[:, m].argmax(axis=1) == consensus).astype(float))
         support_test.append(t[np.arange(len(consensus)), m, consensus])
-    return {"agreement": _mean_gap(agree_oof, np.concatenate(agree_test), data.groups),
-            "support": _mean_gap(support_oof, np.concatenate(support_test), data.groups)}
+    return (_mean_gap(agree_oof, np.concatenate(agree_test), data.groups),
+            _mean_gap(support_oof, np.concatenate(support_test), data.groups))
 
 
-def _judge(gaps: list[dict], m: int) -> dict:
+def _judge(gaps: list[ModelGaps], m: int) -> dict:
     """The model's z-scores against the others (or its own error), the flag and its reason."""
     mine = gaps[m]
     others = [g for i, g in enumerate(gaps) if i != m]
     z = {}
-    if mine["own_reference"]:
+    if mine.own_reference:
         # In units of each model's own standard error: models' log-odds spread differs ten-fold (a booster's
         # reach 13.8, a smoothed model's stop at 2.3), so raw gaps of different models are not comparable.
-        z["sharpness"] = _z(_standardised(mine["sharpness"]), [_standardised(g["sharpness"]) for g in others], True)
-    for key in ("agreement", "support") if "agreement" in mine else ():
+        z["sharpness"] = _z(_standardised(mine.sharpness), [_standardised(g.sharpness) for g in others], True)
+    if mine.agreement is not None:
         # two-sided: a leaked model drops the errors it shares with the others, which moves its
         # agreement with them up or down depending on how often the consensus is right
-        z[key] = abs(_z(mine[key], [g[key] for g in others], False, smoothed=not mine["own_reference"]))
-    fold_z = {"fold": _fold_z(mine["folds"]) if mine["own_reference"] else [],
-              "fold_right": _fold_z(mine["right"]) if "right" in mine else []}
+        smoothed = not mine.own_reference
+        z["agreement"] = abs(_z(mine.agreement, [g.agreement for g in others], False, smoothed=smoothed))
+        z["support"] = abs(_z(mine.support, [g.support for g in others], False, smoothed=smoothed))
+    fold_z = {"fold": _fold_z(mine.folds) if mine.own_reference else [],
+              "fold_right": _fold_z(mine.right) if mine.right is not None else []}
     for key, values in fold_z.items():
         z[key] = max(values) if values else float("nan")
     finite = {k: v for k, v in z.items() if np.isfinite(v)}
@@ -275,65 +324,62 @@ def _judge(gaps: list[dict], m: int) -> dict:
     by_spread = len(others) + 1 >= MIN_MODELS_FOR_SPREAD or worst in fold_z
     flagged = bool(worst) and score >= Z_FLAG and by_spread
     reason = _reason(worst, score, mine, fold_z.get(worst, [])) if flagged else ""
-    if mine["identical"] and not flagged:
+    if mine.identical and not flagged:
         flagged, reason = True, ("its fold test tables are all the same table, so one model made them, not one "
                                  "per fold: a model fitted on every row, its OOF rows included?")
-    return {"consistency": score, "z": z, "flagged": flagged, "identical_folds": mine["identical"],
-            "sharpness_gap": mine["sharpness"][0],
-            "agreement_gap": mine["agreement"][0] if "agreement" in mine else None,
-            "support_gap": mine["support"][0] if "support" in mine else None,
+    return {"consistency": score, "z": z, "flagged": flagged, "identical_folds": mine.identical,
+            "sharpness_gap": mine.sharpness.value,
+            "agreement_gap": mine.agreement.value if mine.agreement is not None else None,
+            "support_gap": mine.support.value if mine.support is not None else None,
             "reason": reason}
 
 
-def _standardised(gap: tuple[float, float]) -> tuple[float, float]:
+def _standardised(gap: Gap) -> Gap:
     """A gap as a t-statistic (gap / its standard error), whose own error is 1."""
-    value, se = gap
-    return (value / se if np.isfinite(se) else 0.0), 1.0
+    return Gap(gap.value / gap.se if np.isfinite(gap.se) else 0.0, 1.0)
 
 
-def _z(mine: tuple[float, float], others: list[tuple[float, float]], own_reference: bool,
-       smoothed: bool = False) -> float:
+def _z(mine: Gap, others: list[Gap], own_reference: bool, smoothed: bool = False) -> float:
     """Robust z of a gap against the other models' gaps; against its own error when they are too few.
 
     smoothed: the test side is a mean over fold models. Averaging moves every model's gap by an
     amount of its family (a mean of 1-NN fold models agrees with the others unlike a mean of
     forests), of the order of the others' median gap, so the spread is never below half of it.
     """
-    value, se = mine
     if len(others) + 1 >= MIN_MODELS_FOR_SPREAD:
-        values = np.array([v for v, _ in others])
+        values = np.array([g.value for g in others])
         centre = float(np.median(values))
         spread = 1.4826 * float(np.median(np.abs(values - centre)))
         if smoothed:
             spread = max(spread, abs(centre) / 2)
-        return (value - centre) / max(spread, se)
+        return (mine.value - centre) / max(spread, mine.se)
     if own_reference:  # one fold model against itself: honest gaps are zero up to noise
-        return value / se
+        return mine.value / mine.se
     return float("nan")  # a mean test table alone has no honest level to compare with
 
 
-def _fold_z(folds: list[tuple[float, float]]) -> list[float]:
+def _fold_z(folds: list[Gap]) -> list[float]:
     """Each fold's statistic against the model's other folds (one leaked fold stands out)."""
     if len(folds) < MIN_MODELS_FOR_SPREAD:
         return []
     return [_z(f, folds[:i] + folds[i + 1:], False) for i, f in enumerate(folds)]
 
 
-def _reason(worst: str, score: float, mine: dict, fold_z: list[float]) -> str:
+def _reason(worst: str, score: float, mine: ModelGaps, fold_z: list[float]) -> str:
     if worst == "sharpness":
-        return (f"its OOF rows are sharper than its test rows by {mine['sharpness'][0]:+.2f} log-odds, "
+        return (f"its OOF rows are sharper than its test rows by {mine.sharpness.value:+.2f} log-odds, "
                 f"{score:.1f} robust SDs beyond the other models: trained on its own OOF rows?")
     if worst == "agreement":
         return (f"its agreement with the other models' consensus differs between OOF and test by "
-                f"{mine['agreement'][0]:+.3f}, {score:.1f} robust SDs beyond the others: its OOF errors are not "
+                f"{mine.agreement.value:+.3f}, {score:.1f} robust SDs beyond the others: its OOF errors are not "
                 "those of a model that never saw the rows")
     if worst == "support":
         return (f"the probability it gives the other models' consensus class differs between OOF and test by "
-                f"{mine['support'][0]:+.3f}, {score:.1f} robust SDs beyond the others: its OOF rows are not "
+                f"{mine.support.value:+.3f}, {score:.1f} robust SDs beyond the others: its OOF rows are not "
                 "those of a model that never saw them")
     k = int(np.argmax(fold_z))
     if worst == "fold_right":
-        return (f"fold {k}'s OOF rows give the true class {mine['right'][k][0]:+.3f} more probability than the other "
+        return (f"fold {k}'s OOF rows give the true class {mine.right[k].value:+.3f} more probability than the other "
                 f"models do, {score:.1f} robust SDs beyond its other folds: that fold leaked?")
-    return (f"fold {k}'s OOF rows are sharper than fold {k}'s test predictions by {mine['folds'][k][0]:+.2f} "
+    return (f"fold {k}'s OOF rows are sharper than fold {k}'s test predictions by {mine.folds[k].value:+.2f} "
             f"log-odds, {score:.1f} robust SDs beyond its other folds: that fold leaked?")

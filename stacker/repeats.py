@@ -45,6 +45,7 @@ import numpy as np
 
 from oof import log_loss, repeat_seed
 
+from .leak import LeakCheck
 from .metrics import Metric
 
 
@@ -130,22 +131,25 @@ def combine_model_scores(per_repeat: list[dict]) -> dict:
     return out
 
 
-def merge_leak_checks(per_repeat: list[tuple[dict, dict]]) -> tuple[dict, dict]:
-    """Each repeat's leak check -> ({model: reason} flagged in any repeat, {model: its worst repeat's report}).
+def merge_leak_checks(per_repeat: list[LeakCheck]) -> LeakCheck:
+    """Each repeat's leak check -> one: the models flagged in any repeat (their reason naming the repeat), each
+    model's report from its worst repeat (highest consistency z), and the split leak of the largest share.
 
     A leak in one repeat's fold models leaks that repeat's OOF rows into the meta level as
     surely as a leak in all of them, so a model flagged in any repeat is flagged, naming the repeat.
     """
-    suspicious, worst = {}, {}
-    for r, (flags, report) in enumerate(per_repeat):
-        for name, why in flags.items():
+    suspicious, worst, worst_z = {}, {}, {}
+    for r, check in enumerate(per_repeat):
+        for name, why in check.suspicious.items():
             suspicious.setdefault(name, f"repeat {r}: {why}")
-        for name, rep in report.items():
+        for name, rep in check.consistency.items():
             z = rep.get("consistency")
             z = -np.inf if z is None or not np.isfinite(z) else z
-            if name not in worst or z > worst[name][0]:
-                worst[name] = (z, {**rep, "repeat": r})
-    return suspicious, {name: rep for name, (_, rep) in worst.items()}
+            if name not in worst or z > worst_z[name]:
+                worst[name], worst_z[name] = {**rep, "repeat": r}, z
+    splits = [c.split for c in per_repeat if c.split is not None]
+    split = max(splits, key=lambda sp: sp.share) if splits else None  # a split leak in any repeat leaks
+    return LeakCheck(suspicious, worst, split)
 
 
 class RepeatAverage:

@@ -10,8 +10,8 @@ from oof import StackerError
 from stack_fixtures import (fast_config, make_run_folds, make_test_tables, noisy_copy, oof_tables, pure_noise,
                             specialists)
 from stacker import Metric, StackGuard, decide
-import stacker.guard as guard_module
-from stacker.guard import PARALLEL_MIN_VALUES, fit_tasks, held_out_keys, start_workers
+from stacker.guard import fit_tasks, held_out_keys
+from stacker.workers import PARALLEL_MIN_VALUES, FitWorkers, start_workers
 from stacker.inputs import MetaData
 
 C = 10
@@ -173,11 +173,11 @@ def test_fits_in_worker_processes_equal_the_fits_in_process():
     config = fast_config(lgbm_max_rounds=5)
     names, keys = ("mean", "logreg", "lgbm_wide"), held_out_keys(5, nested=True)
     one, _ = fit_tasks(data, names, keys, config, Metric("accuracy", C), workers=1)
-    # the pool started ahead, as fit_stack does while it reads tables; fit_tasks waits for that start
+    # the workers started ahead, as fit_stack does while it reads tables; fit_tasks waits for that start
     started = start_workers(replace(config, n_jobs=2), PARALLEL_MIN_VALUES)
     assert started is not None or (os.cpu_count() or 1) < 2
-    two, timings = fit_tasks(data, names, keys, config, Metric("accuracy", C), workers=2)
-    assert not guard_module._STARTING
+    two, timings = fit_tasks(data, names, keys, config, Metric("accuracy", C), workers=started or FitWorkers(2))
+    assert started is None or (started.n == 2 and not started.starting)
     for name in names:
         assert set(two[name]) == set(keys) and timings[name] > 0
         for key in keys:

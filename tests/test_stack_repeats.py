@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 
 from oof import PredictionTable, RunPaths, StackerError, make_folds, read_table, write_folds, write_table
-from stack_fixtures import fast_config, make_test_tables, specialists
+from stack_fixtures import fast_config, make_test_tables, noisy_copy, specialists
 from stacker import StackGuard, fit_stack, load_stack
 from stacker.apply import apply_stack
 from stacker.candidates import candidate_class, normalise_rows
-from stacker.guard import assemble, fit_keys
+from stacker.guard import assemble, fit_chosen, fit_keys
 from stacker.inputs import MetaData
 from stacker.metrics import Metric
+from stacker.repeats import repeat_config
 
 R, K = 3, 5
 
@@ -99,6 +100,29 @@ def test_the_choice_is_fitted_per_repeat_saved_and_reapplied(repeat_run):
     assert "per repeat (own OOF, own folds)" in report and "100% of repeats agree" in report
     board = pd.read_csv(paths.leaderboard)
     assert board["repeat_std"].notna().all() and len(board["repeat_scores"][0].split()) == R
+
+
+def test_a_repeat_that_chose_otherwise_gets_the_combined_choice_fitted_on_its_own_rows():
+    rng = np.random.default_rng(0)
+    folds = repeat_folds(300, 4, seed=0)
+
+    def weak(known):  # specialists diluted in noise: the repeats' own choices split
+        return [0.15 * specialists(folds.y, rng, known, 4) + 0.85 * noisy_copy(folds.y, 4, 0.6, rng) for _ in range(R)]
+
+    tables = {"a": repeat_table(folds, weak([0, 1]), "a"), "b": repeat_table(folds, weak([2, 3]), "b"),
+              "c": repeat_table(folds, [noisy_copy(folds.y, 4, 0.65, rng) for _ in range(R)], "c")}
+    config = fast_config(candidates=["mean", "best_single", "weights", "logreg", "lgbm_wide"], lgbm_max_rounds=10,
+                         nested=False, confidence=0.8, min_gain=0.0)
+    guard = StackGuard(config, log=None).fit(tables, folds)
+    chosen, own = guard.decision_["chosen"], [d["chosen"] for d in guard.decision_["repeat_decisions"]]
+    assert chosen in own and set(own) != {chosen}, own  # the repeats disagree: the case under test
+    metric = Metric(config.metric, 4)
+    for r, member in enumerate(guard.candidate_.members_):
+        X = np.stack([t.proba[r * folds.n_rows:(r + 1) * folds.n_rows] for t in tables.values()], axis=1)
+        data = MetaData(X, folds.y, folds.for_repeat(r).fold, ("a", "b", "c"), tuple(folds.classes))
+        assert member.name == chosen
+        expected = fit_chosen(data, chosen, repeat_config(config, r), metric)
+        np.testing.assert_array_equal(member.predict_proba(X), expected.predict_proba(X))
 
 
 def test_per_fold_test_features_give_each_repeat_its_own_fold_tables(tmp_path):

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 from oof import EPS, PredictionTable, StackerError
 from oof.ids import align
@@ -15,8 +16,8 @@ from stack_fixtures import fast_config, make_run_folds, noisy_copy, specialists
 from stacker import StackConfig
 from stacker.candidates import candidate_class, candidate_names, ensemble_selection
 from stacker.candidates.lgbm import sample_rows
-from stacker.guard import (PARALLEL_MIN_VALUES, decide, decide_in_threads, fit_tasks, held_out_keys,
-                           nested_estimate, split_keys, start_workers, task_order)
+from stacker.guard import decide, fit_tasks, held_out_keys, nested_estimate
+from stacker.workers import PARALLEL_MIN_VALUES, FitWorkers, decide_in_threads, split_keys, start_workers, task_order
 from stacker.inputs import MetaData
 from stacker.metrics import Metric
 
@@ -181,16 +182,19 @@ def test_main_decision_in_threads_equals_in_turn(meta, guard_fits):
     assert json.dumps(threaded) == json.dumps(decide(meta.y, oof, metric, config, [config.seed, 7]))
 
 
-def test_run_guard_hands_the_choice_to_then_before_it_returns_the_same_decision(meta):
+def test_run_guard_decides_the_same_with_worker_processes_and_in_process(meta):
     from stacker.guard import run_guard
 
     config = fast_config(lgbm_max_rounds=5, candidates=("mean", "best_single", "logreg"))
     metric = Metric(config.metric, C)
-    seen = []
-    with_then, _, _ = run_guard(meta, config, metric, log=lambda *a: None, then=seen.append)
-    without, _, _ = run_guard(meta, config, metric, log=lambda *a: None)
-    assert seen == [without["chosen"]]
-    assert json.dumps(with_then) == json.dumps(without)
+    with threadpool_limits(limits=1, user_api="blas"):  # as StackGuard.fit runs it: one BLAS thread, as a worker's
+        in_workers = run_guard(meta, config, metric, log=lambda *a: None, workers=FitWorkers(2).start())
+        in_process = run_guard(meta, config, metric, log=lambda *a: None)
+    assert json.dumps(in_workers.decision) == json.dumps(in_process.decision)
+    for name in config.candidates:
+        np.testing.assert_allclose(in_workers.oof[name], in_process.oof[name], rtol=1e-6, atol=1e-9)
+    assert in_process.fitted.name == in_process.decision["chosen"]  # the choice, fitted on every row
+    np.testing.assert_array_equal(in_workers.fitted.predict_proba(meta.X), in_process.fitted.predict_proba(meta.X))
 
 
 # ensemble selection: float32 logs, float64 sums
