@@ -12,9 +12,9 @@ from base_models.cache import CHUNK, CacheOptions, build_cache, load_cache, spli
 from base_models.config import DataConfig
 from base_models.images import decode
 from oof import RunPaths, StackerError, read_json, write_json
+from tiny import silent
 
 SIZE = (8, 6)  # (H, W)
-QUIET = {"log": lambda m: None}
 
 
 def _images(folder, n, seed=0):
@@ -80,7 +80,7 @@ def test_options_come_from_the_data_section():
 
 def test_identical_build_does_not_decode_again(run, small):
     ids, files = small
-    first = np.array(build_cache(run, "train", ids, files, _options(), **QUIET).images)
+    first = np.array(build_cache(run, "train", ids, files, _options(), log=silent).images)
     data, index = run.cache_data("train"), run.cache_index("train")
     before = _stat(data), _stat(index)
     logs = []
@@ -92,7 +92,7 @@ def test_identical_build_does_not_decode_again(run, small):
 @pytest.mark.parametrize("change", ["size", "resize", "ids", "paths"])
 def test_changed_inputs_rebuild(run, small, change):
     ids, files = small
-    build_cache(run, "train", ids, files, _options(), **QUIET)
+    build_cache(run, "train", ids, files, _options(), log=silent)
     before = _stat(run.cache_data("train"))
     size, resize = SIZE, "squish"
     if change == "size":
@@ -115,7 +115,7 @@ def test_one_and_two_workers_give_identical_bytes(tmp_path):
     ids, files = _images(tmp_path / "img", CHUNK + 6)  # two chunks, so two workers really share the work
     one, two = RunPaths(tmp_path / "one"), RunPaths(tmp_path / "two")
     logs = []
-    build_cache(one, "train", ids, files, _options(workers=1), **QUIET)
+    build_cache(one, "train", ids, files, _options(workers=1), log=silent)
     build_cache(two, "train", ids, files, _options(workers=2), log=logs.append)
     one_bytes, two_bytes = one.cache_data("train").read_bytes(), two.cache_data("train").read_bytes()
     assert len(one_bytes) == (CHUNK + 6) * 8 * 6 * 3
@@ -136,7 +136,7 @@ def test_bad_image_fails_build_and_leaves_no_index(tmp_path, run, workers):
     bad = files[CHUNK + 2]  # in the second chunk
     _break(bad, "text")
     with pytest.raises(StackerError, match=rf"{bad.name}: cannot decode image"):
-        build_cache(run, "train", ids, files, _options(workers=workers), **QUIET)
+        build_cache(run, "train", ids, files, _options(workers=workers), log=silent)
     assert not run.cache_index("train").exists()
     assert list(run.cache.iterdir()) == [run.cache_lock("train")]  # no data file, no temporary file
     with pytest.raises(StackerError, match=r"train\.json: image cache not found"):
@@ -148,7 +148,7 @@ def test_check_all_lists_every_bad_file(run, small):
     _break(files[1], "text")
     _break(files[3], "truncated")
     with pytest.raises(StackerError, match=r"2 image\(s\) cannot be decoded") as e:
-        build_cache(run, "train", ids, files, _options(check_all=True), **QUIET)
+        build_cache(run, "train", ids, files, _options(check_all=True), log=silent)
     msg = str(e.value)
     assert files[1].name in msg and files[3].name in msg
     for good in (files[0], files[2], files[4]):
@@ -177,21 +177,21 @@ def _interrupt_after_data(message):
 
 def test_interrupted_rebuild_is_never_trusted(run, small):
     ids, files = small
-    build_cache(run, "train", ids, files, _options(), **QUIET)
+    build_cache(run, "train", ids, files, _options(), log=silent)
     with pytest.raises(_Interrupt):
         build_cache(run, "train", ids, files, _options((16, 12)), log=_interrupt_after_data)
     # back to the first settings: the cache must be rebuilt (or refused), never read with a stale index
-    cache = build_cache(run, "train", ids, files, _options(), **QUIET)
+    cache = build_cache(run, "train", ids, files, _options(), log=silent)
     for i, p in enumerate(files):
         np.testing.assert_array_equal(cache.images[i], decode(p, SIZE, "squish"))
 
 
 def test_failed_rebuild_leaves_no_index(run, small):
     ids, files = small
-    build_cache(run, "train", ids, files, _options(), **QUIET)
+    build_cache(run, "train", ids, files, _options(), log=silent)
     _break(files[2], "text")
     with pytest.raises(StackerError, match=rf"{files[2].name}: cannot decode image"):
-        build_cache(run, "train", ids, files, _options((12, 10)), **QUIET)
+        build_cache(run, "train", ids, files, _options((12, 10)), log=silent)
     assert not run.cache_index("train").exists()
 
 
@@ -213,7 +213,7 @@ def _touch(path):
 
 def test_an_overwritten_image_is_redecoded_alone_and_changes_the_digest(run, small):
     ids, files = small
-    first = build_cache(run, "train", ids, files, _options(), **QUIET)
+    first = build_cache(run, "train", ids, files, _options(), log=silent)
     before, digest = np.array(first.images), first.digest
     _rewrite(files[3], seed=99)
     logs = []
@@ -223,13 +223,13 @@ def test_an_overwritten_image_is_redecoded_alone_and_changes_the_digest(run, sma
     np.testing.assert_array_equal(cache.images[3], decode(files[3], SIZE, "squish"))
     assert not np.array_equal(cache.images[3], before[3])
     np.testing.assert_array_equal(np.delete(np.array(cache.images), 3, axis=0), np.delete(before, 3, axis=0))
-    fresh = build_cache(RunPaths(run.root.parent / "fresh"), "train", ids, files, _options(), **QUIET)
+    fresh = build_cache(RunPaths(run.root.parent / "fresh"), "train", ids, files, _options(), log=silent)
     assert fresh.digest == cache.digest  # the row-by-row update is the same cache a full build makes
 
 
 def test_a_touched_but_identical_image_keeps_the_digest(run, small):
     ids, files = small
-    digest = build_cache(run, "train", ids, files, _options(), **QUIET).digest
+    digest = build_cache(run, "train", ids, files, _options(), log=silent).digest
     _touch(files[1])
     logs = []
     cache = build_cache(run, "train", ids, files, _options(), log=logs.append)
@@ -241,7 +241,7 @@ def test_a_touched_but_identical_image_keeps_the_digest(run, small):
 @pytest.mark.parametrize("change", ["add", "remove"])
 def test_an_added_or_removed_image_rebuilds(tmp_path, run, small, change):
     ids, files = small
-    digest = build_cache(run, "train", ids, files, _options(), **QUIET).digest
+    digest = build_cache(run, "train", ids, files, _options(), log=silent).digest
     if change == "add":
         _, more_files = _images(tmp_path / "more", 6, seed=5)
         ids, files = ids + ["extra.png"], files + [more_files[5]]
@@ -258,14 +258,14 @@ def test_an_added_or_removed_image_rebuilds(tmp_path, run, small, change):
 @pytest.mark.parametrize("change", ["size", "resize"])
 def test_cache_size_and_resize_mode_are_part_of_the_digest(run, small, change):
     ids, files = small
-    digest = build_cache(run, "train", ids, files, _options(), **QUIET).digest
+    digest = build_cache(run, "train", ids, files, _options(), log=silent).digest
     options = _options((10, 6)) if change == "size" else _options(resize="pad")
-    assert build_cache(run, "train", ids, files, options, **QUIET).digest != digest
+    assert build_cache(run, "train", ids, files, options, log=silent).digest != digest
 
 
 def test_an_index_of_an_older_version_is_rebuilt_and_never_loaded(run, small):
     ids, files = small
-    build_cache(run, "train", ids, files, _options(), **QUIET)
+    build_cache(run, "train", ids, files, _options(), log=silent)
     old = read_json(run.cache_index("train"))
     write_json(run.cache_index("train"), {k: old[k] for k in ("ids", "paths", "size", "resize")})
     with pytest.raises(StackerError, match=r"train\.json: an image cache of an older version \(no digest\)"):
@@ -277,21 +277,21 @@ def test_an_index_of_an_older_version_is_rebuilt_and_never_loaded(run, small):
 
 def test_a_reader_of_the_old_cache_keeps_its_pixels_during_an_update(run, small):
     ids, files = small
-    reader = build_cache(run, "train", ids, files, _options(), **QUIET)  # a job's memmap, open while ...
+    reader = build_cache(run, "train", ids, files, _options(), log=silent)  # a job's memmap, open while ...
     before = np.array(reader.images)
     _rewrite(files[0], seed=7)
-    build_cache(run, "train", ids, files, _options(), **QUIET)  # ... another process updates the cache
+    build_cache(run, "train", ids, files, _options(), log=silent)  # ... another process updates the cache
     np.testing.assert_array_equal(np.array(reader.images), before)
 
 
 def test_interrupted_update_leaves_no_index(run, small):
     ids, files = small
-    build_cache(run, "train", ids, files, _options(), **QUIET)
+    build_cache(run, "train", ids, files, _options(), log=silent)
     _rewrite(files[2], seed=3)
     with pytest.raises(_Interrupt):
         build_cache(run, "train", ids, files, _options(), log=_interrupt_after_update)
     assert not run.cache_index("train").exists()
-    cache = build_cache(run, "train", ids, files, _options(), **QUIET)
+    cache = build_cache(run, "train", ids, files, _options(), log=silent)
     np.testing.assert_array_equal(cache.images[2], decode(files[2], SIZE, "squish"))
 
 
@@ -306,7 +306,7 @@ def test_the_index_records_a_perceptual_hash_per_row_outside_the_digest(run, sma
     from base_models.images import load_rgb
 
     ids, files = small
-    cache = build_cache(run, "train", ids, files, _options(), **QUIET)
+    cache = build_cache(run, "train", ids, files, _options(), log=silent)
     index = read_json(run.cache_index("train"))
     assert index["hash"] == HASH_SPEC
     assert index["hashes"] == [hash_hex(image_hash(load_rgb(p, draft_size=HASH_DRAFT))) for p in files]

@@ -1,4 +1,9 @@
-"""The command line end to end, in real subprocesses: stages, reruns, and one-line errors."""
+"""The command line end to end: stages, reruns, and one-line errors.
+
+`stacker(...)` runs `stacker_cli.main` in this process (`tiny.run_cli`); `stacker_process(...)` starts a real
+one, for what only a process shows: output on a terminal, a stage that prints nothing at all, the exit of an
+error, and modules never imported.
+"""
 from __future__ import annotations
 
 import os
@@ -11,48 +16,26 @@ import pytest
 import yaml
 from pathlib import Path
 
+from tiny import run_cli as stacker
+from tiny import write_config
+
 STAGES = ("train-base", "predict-oof", "fit-stack", "submit", "predict", "demo")
 
 
-def stacker(*args, cwd=None):
+def stacker_process(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "stacker_cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
 
 
-def write_config(path, data_root, run, **sections):
-    cfg = {"run_dir": str(run), "data": {"root": str(data_root)}, "folds": {"k": 3},
-           "train": {"size": 16, "epochs": 3, "batch_size": 32, "lr": 1e-2},
-           "models": [{"arch": "test_resnet"}, {"arch": "test_efficientnet"}], "tta": {"n": 2},
-           "stack": {"n_bootstrap": 200}}
-    for key, value in sections.items():
-        cfg[key] = value
-        if value is None:
-            del cfg[key]
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, small_digits_dir):
-    """All four stages run once through the CLI; each stage's result kept for the tests."""
-    root = tmp_path_factory.mktemp("cli")
-    config = write_config(root / "run.yaml", small_digits_dir, root / "run")
-    results = {"train-base": stacker("train-base", "--config", config)}
-    for stage in ("predict-oof", "fit-stack", "submit"):
-        results[stage] = stacker(stage, "--run", root / "run")
-    return root, config, results
-
-
 @pytest.mark.parametrize("stage", ["train-base", "predict-oof", "fit-stack", "submit"])
-def test_each_stage_succeeds(pipeline, stage):
-    _, _, results = pipeline
+def test_each_stage_succeeds(trained_run, stage):
+    results = trained_run.results
     assert results[stage].returncode == 0, results[stage].stderr
 
 
-def test_pipeline_writes_the_run_directory_and_a_valid_submission(pipeline, small_digits_dir):
-    root, _, results = pipeline
-    run = root / "run"
+def test_pipeline_writes_the_run_directory_and_a_valid_submission(trained_run, small_digits_dir):
+    run, results = trained_run.run, trained_run.results
     for path in ("run.yaml", "folds.parquet", "cache/train.u8", "models/test_resnet/fold2.safetensors",
                  "preds/test_efficientnet/oof.parquet", "preds/test_efficientnet/test_fold0.parquet",
                  "stack/decision.json", "submission.csv"):
@@ -66,35 +49,35 @@ def test_pipeline_writes_the_run_directory_and_a_valid_submission(pipeline, smal
     assert "OOF accuracy" in results["predict-oof"].stdout
 
 
-def test_rerun_skips_finished_work(pipeline):
-    root, config, _ = pipeline
+def test_rerun_skips_finished_work(trained_copy):
+    run, config = trained_copy.run, trained_copy.config
     again = stacker("train-base", "--config", config)
     assert again.returncode == 0 and "6 already done, 0 to run" in again.stdout
-    again = stacker("predict-oof", "--run", root / "run")
+    again = stacker("predict-oof", "--run", run)
     assert again.returncode == 0 and "already predicted" in again.stdout
-    again = stacker("fit-stack", "--run", root / "run")
+    again = stacker("fit-stack", "--run", run)
     assert again.returncode == 0 and "is current" in again.stdout
-    again = stacker("submit", "--run", root / "run")
+    again = stacker("submit", "--run", run)
     assert again.returncode == 0 and "is current" in again.stdout
-    assert stacker("submit", "--run", root / "run", "--force").returncode == 0
+    assert stacker("submit", "--run", run, "--force").returncode == 0
 
 
-def test_each_stage_logs_to_its_file_and_quiet_prints_nothing(pipeline):
-    root, _, results = pipeline
-    logs = root / "run" / "logs"
+def test_each_stage_logs_to_its_file_and_quiet_prints_nothing(trained_copy):
+    results = trained_copy.results
+    logs = trained_copy.run / "logs"
     assert {p.name for p in logs.iterdir()} >= {"train-base.log", "predict-oof.log", "fit-stack.log", "submit.log"}
     assert "OOF accuracy" in (logs / "predict-oof.log").read_text()
-    quiet = stacker("fit-stack", "--run", root / "run", "--force", "-q")
+    quiet = stacker_process("fit-stack", "--run", trained_copy.run, "--force", "-q")  # nothing from C code either
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
     assert (logs / "fit-stack.log").read_text().count("fit-stack:") > results["fit-stack"].stdout.count("fit-stack:")
 
 
-def test_progress_is_plain_lines_in_a_pipe_and_bars_on_a_terminal(pipeline):
-    root, _, _ = pipeline
-    piped = stacker("predict-oof", "--run", root / "run", "--force", "--models", "test_resnet")
+def test_progress_is_plain_lines_in_a_pipe_and_bars_on_a_terminal(trained_copy):
+    run = trained_copy.run
+    piped = stacker("predict-oof", "--run", run, "--force", "--models", "test_resnet")
     assert piped.returncode == 0 and "\r" not in piped.stdout + piped.stderr  # no bar control characters
     assert re.search(r"^job 3/3, .* so far \(test_resnet fold 2\)$", piped.stdout, re.M)  # the grid's progress
-    terminal = on_a_terminal("predict-oof", "--run", root / "run", "--force", "--models", "test_resnet")
+    terminal = on_a_terminal("predict-oof", "--run", run, "--force", "--models", "test_resnet")
     assert re.search(r"predict \d view\(s\): +\d+%\|.*\| \d+/\d+ \[.*batch/s\]", terminal)  # a tqdm bar and its rate
     assert "\r" in terminal and "job 3/3" in terminal
 
@@ -125,12 +108,11 @@ def on_a_terminal(*args) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def test_fit_stack_and_submit_never_import_torch(pipeline):
-    root, _, _ = pipeline
+def test_fit_stack_and_submit_never_import_torch(trained_copy):
     code = ("import sys, stacker_cli as cli; rc = cli.main(['fit-stack', '--run', sys.argv[1], '--force']); "
             "rc |= cli.main(['submit', '--run', sys.argv[1], '--force']); "
             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code, str(root / "run")], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, str(trained_copy.run)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
 
@@ -177,6 +159,13 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, small_digits_dir, change,
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("stacker: error: ")
     assert re.search(message, last), last
+
+
+def test_a_user_error_ends_a_real_process_with_one_line_and_exit_2(tmp_path, small_digits_dir):
+    config = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run", tta={"n": 40})
+    out = stacker_process("train-base", "--config", config)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["stacker: error: tta.n: expected an integer in [0, 11], got 40"]
 
 
 def test_bad_yaml_and_missing_config(tmp_path):

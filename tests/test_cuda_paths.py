@@ -26,30 +26,28 @@ from base_models import train as train_module
 from base_models.batches import (GPU_SHARE_ENV, CacheBudget, ImageSource, cache_budget_gb, cache_plan, gpu_share,
                                  on_device_plan)
 from base_models.cache import load_cache
-from base_models.config import DataConfig, FoldsConfig, TrainConfig, model_specs
-from base_models.jobs import StageOptions, load_targets, prepare_run
+from base_models.config import TrainConfig
+from base_models.jobs import load_targets
 from base_models.predict import autocast_supported, compile_note, compile_refusal
 from base_models.train import (TrainInputs, _compiled, _rng_states, _set_rng_states, _setup, _start_segment,
                                _steps_per_epoch, _train_epoch, own_cuda_state, read_history, train_fold)
-from oof import RunPaths, StackerError
+from oof import StackerError
+from tiny import QUIET, TINY
+from tiny import prepared as tiny_prepared
+from tiny import specs as tiny_specs
 
-QUIET = StageOptions(log=lambda s: None)
-TINY = {"size": 16, "epochs": 1, "batch_size": 16, "lr": 3e-3}
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
 needs_cpu_fp16 = pytest.mark.skipif(not autocast_supported("cpu", "fp16"),
                                     reason=f"torch {torch.__version__} has no float16 autocast on CPU")
 
 
-def specs(**train):
-    return model_specs([{"arch": "test_resnet"}], {**TINY, **train})
+specs = functools.partial(tiny_specs, train={**TINY, "batch_size": 16, "lr": 3e-3})  # twice TINY's steps an epoch
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, small_digits_dir):
-    paths = RunPaths(tmp_path_factory.mktemp("cuda_paths") / "run")
-    _, folds = prepare_run(paths, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=3), (16, 16), log=QUIET.log)
-    return paths, folds
+    return tiny_prepared(tmp_path_factory.mktemp("cuda_paths") / "run", small_digits_dir)
 
 
 def job_inputs(paths, folds) -> TrainInputs:
@@ -332,8 +330,7 @@ def test_skipped_steps_are_the_scalers_skips(tmp_path, small_digits_dir, monkeyp
     init = 2.0 ** 40
     monkeypatch.setattr(torch.amp, "GradScaler",
                         functools.partial(torch.amp.GradScaler, init_scale=init, growth_interval=10_000))
-    paths = RunPaths(tmp_path / "run")
-    _, folds = prepare_run(paths, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=3), (16, 16), log=QUIET.log)
+    paths, folds = tiny_prepared(tmp_path / "run", small_digits_dir)
     train_fold(specs(amp="fp16")[0], 0, job_inputs(paths, folds), log=QUIET.log)
     epoch = read_history(paths, "test_resnet", 0)[0]
     halvings = round(math.log2(init / epoch["loss_scale"]))

@@ -15,8 +15,7 @@ from base_models.duplicates import (HASH_SPEC, HASH_WORDS, PAIR_COLUMNS, Duplica
                                     popcount, write_duplicates)
 from base_models.images import decode, load_rgb
 from oof import RunPaths, StackerError, read_json, write_json
-
-QUIET = {"log": lambda m: None}
+from tiny import silent
 
 
 def _photo(rng, h=96, w=128) -> Image.Image:
@@ -67,7 +66,7 @@ def planted(tmp_path_factory):
     test = [_save(sources[3].resize((64, 48), Image.BICUBIC), root / "t0.jpg"), _save(_photo(rng), root / "t1.jpg")]
     run = RunPaths(root / "run")
     options = CacheOptions((16, 16), workers=1)
-    caches = [build_cache(run, split, [f.stem for f in files], files, options, **QUIET)
+    caches = [build_cache(run, split, [f.stem for f in files], files, options, log=silent)
               for split, files in (("train", train), ("test", test))]
     labels = ["a", "b", "c", "d", "e", "f", "a", "b", "x"]  # copy2 is labelled unlike its source
     return caches, labels
@@ -218,7 +217,7 @@ def big_jpegs(tmp_path_factory):
 def test_cache_hashes_do_not_depend_on_cache_size_or_resize_mode(tmp_path, big_jpegs, size, resize):
     ids, files = big_jpegs
     run = RunPaths(tmp_path / "run")
-    cache = build_cache(run, "train", ids, files, CacheOptions(size, resize, workers=1), **QUIET)
+    cache = build_cache(run, "train", ids, files, CacheOptions(size, resize, workers=1), log=silent)
     index = read_json(run.cache_index("train"))
     assert index["hash"] == HASH_SPEC
     assert index["hashes"] == [hash_hex(image_hash(load_rgb(f, draft_size=HASH_DRAFT))) for f in files]
@@ -235,7 +234,7 @@ def test_an_index_without_current_hashes_is_decoded_again_in_full(tmp_path, big_
     ids, files = big_jpegs
     run = RunPaths(tmp_path / "run")
     options = CacheOptions((8, 6), workers=1)
-    first = build_cache(run, "train", ids, files, options, **QUIET)
+    first = build_cache(run, "train", ids, files, options, log=silent)
     index = read_json(run.cache_index("train"))
     write_json(run.cache_index("train"), {k: v for k, v in {**index, **old}.items() if v is not None})
     assert load_cache(run, "train").hashes is None  # an index of no (or another) hash gives no hashes
@@ -254,7 +253,7 @@ def test_a_partial_update_keeps_the_other_rows_hashes(tmp_path, big_jpegs):
         dst.write_bytes(src.read_bytes())
     run = RunPaths(tmp_path / "run")
     options = CacheOptions((8, 6), workers=1)
-    first = build_cache(run, "train", ids, files, options, **QUIET)
+    first = build_cache(run, "train", ids, files, options, log=silent)
     _save(_photo(np.random.default_rng(9), 60, 80), files[1])
     logs = []
     again = build_cache(run, "train", ids, files, options, log=logs.append)

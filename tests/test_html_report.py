@@ -47,8 +47,8 @@ class Tables(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return report_run(tmp_path_factory.mktemp("report") / "run")
+def run(stacked_report_run):
+    return stacked_report_run
 
 
 @pytest.fixture(scope="module")

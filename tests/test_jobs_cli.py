@@ -1,8 +1,10 @@
-"""`stacker jobs` and `train-base --only` end to end, in real subprocesses.
+"""`stacker jobs` and `train-base --only` end to end.
 
 One run is trained once (two of its six jobs, by --only); the tests read it with `stacker jobs`
 (pending, done, running, stale, without torch), interrupt a real job (running, then partial),
 start two --only processes at once on one fresh run, and check bad --only items fail in one line.
+`stacker(...)` runs the CLI in this process (`tiny.run_cli`); the interrupted job, the two processes at
+once and the run without torch are real processes.
 """
 from __future__ import annotations
 
@@ -18,15 +20,14 @@ import yaml
 from filelock import FileLock
 
 from oof import RunPaths, file_digest, load_folds
-from test_cli import stacker, write_config
 from test_no_torch import without_torch
+from tiny import MODELS, TINY, CliResult, write_config
+from tiny import run_cli as stacker
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("test_resnet", "test_efficientnet")
-ONE_EPOCH = {"size": 16, "epochs": 1, "batch_size": 32, "lr": 1e-2}
 
 
-def job_states(result: subprocess.CompletedProcess) -> dict[tuple[str, int], tuple[str, str]]:
+def job_states(result: CliResult | subprocess.CompletedProcess) -> dict[tuple[str, int], tuple[str, str]]:
     """{(model, fold): (state, note)} from `stacker jobs`' printed table (columns 2+ spaces apart)."""
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -60,7 +61,7 @@ def snapshot(run: Path) -> dict[str, tuple[int, int]]:
 def trained(tmp_path_factory, small_digits_dir):
     """A run of two models and three folds, of which train-base --only trained test_resnet folds 0 and 1."""
     root = tmp_path_factory.mktemp("jobs")
-    config = write_config(root / "run.yaml", small_digits_dir, root / "run", train=ONE_EPOCH)
+    config = write_config(root / "run.yaml", small_digits_dir, root / "run", train=TINY)
     result = stacker("train-base", "--config", config, "--only", "test_resnet:0", "--only", "test_resnet:1",
                      "--engine", "local")
     assert result.returncode == 0, result.stderr
@@ -68,7 +69,7 @@ def trained(tmp_path_factory, small_digits_dir):
 
 
 def test_jobs_on_a_fresh_run_are_all_pending_and_create_nothing(tmp_path, small_digits_dir):
-    config = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run", train=ONE_EPOCH)
+    config = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run", train=TINY)
     result = stacker("jobs", "--config", config)
     assert states(result) == grid("pending")
     assert result.stdout.splitlines()[-1] == "6 jobs: 6 pending"
@@ -95,6 +96,7 @@ def test_jobs_runs_without_torch(trained):
 
 def test_a_job_whose_lock_another_process_holds_is_running(trained):
     _, _, run = trained
+    # the lock's own open file: the flock conflict that a train-base in another process makes
     with FileLock(RunPaths(run).job_lock("test_efficientnet", 0), timeout=0):
         assert states(stacker("jobs", "--run", run))[("test_efficientnet", 0)] == "running"
     assert states(stacker("jobs", "--run", run))[("test_efficientnet", 0)] == "pending"  # its lock file stays
@@ -114,7 +116,7 @@ def test_a_changed_recipe_key_makes_finished_jobs_stale(trained):
 
 def test_an_interrupted_job_is_running_then_partial(tmp_path, small_digits_dir):
     config = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run",
-                          train={**ONE_EPOCH, "epochs": 60}, models=[{"arch": "test_resnet"}])
+                          train={**TINY, "epochs": 60}, models=[{"arch": "test_resnet"}])
     proc = subprocess.Popen([sys.executable, "-m", "stacker_cli", "train-base", "--config", str(config), "--only",
                              "test_resnet:2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:
@@ -146,7 +148,7 @@ def test_bad_only_items_are_one_line_errors(trained, item, message):
 
 
 def test_two_only_processes_at_once_on_a_fresh_run_both_succeed(tmp_path, small_digits_dir):
-    config = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run", train=ONE_EPOCH)
+    config = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run", train=TINY)
     procs = [subprocess.Popen([sys.executable, "-m", "stacker_cli", "train-base", "--config", str(config), "--only", job],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
              for job in ("test_resnet:0", "test_efficientnet:1")]

@@ -74,8 +74,8 @@ def repeat_run(root):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return report_run(tmp_path_factory.mktemp("leaderboard") / "run")
+def run(stacked_report_run):
+    return stacked_report_run
 
 
 # ---------------------------------------------------------------- ECE

@@ -14,23 +14,17 @@ from filelock import FileLock
 from PIL import Image
 from safetensors.torch import save_model
 
-from base_models.config import DataConfig, FoldsConfig, TTAConfig, model_specs
+from base_models.config import DataConfig, FoldsConfig, TTAConfig
 from base_models.jobs import StageOptions, load_targets, prepare_run, train_base
 from base_models.predict_oof import predict_oof
 from base_models.stages import train_base_stage
 from base_models.models import timm_model
 from base_models.train import build_model
 from oof import RunPaths, StackerError, file_digest, load_folds, read_json, read_table, validate_oof, write_json
+from tiny import MODEL, QUIET, TINY, specs
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"size": 16, "epochs": 1, "batch_size": 32, "lr": 1e-2}
 TTA = TTAConfig(n=2)
-QUIET = StageOptions(log=lambda s: None)
-MODEL = "test_resnet"
-
-
-def specs(**train):
-    return model_specs([{"arch": MODEL}], {**TINY, **train})
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from base_models.augment import PLAIN
 from base_models.batches import ImageSource
 from base_models.cache import load_cache
-from base_models.config import DataConfig, FoldsConfig, SamplingConfig, TrainConfig, TTAConfig, model_specs
+from base_models.config import DataConfig, FoldsConfig, SamplingConfig, TrainConfig, TTAConfig
 from base_models.jobs import StageOptions, load_targets, prepare_run, train_base
 from base_models.predict_oof import predict_oof
 from base_models.models import create_model, model_norm, timm_model
@@ -19,16 +19,7 @@ from base_models.predict import ViewPlan, predict_views
 from base_models.train import (TrainInputs, _segment_optimizer, build_model, epoch_order, load_fold_model,
                                read_history, sampling_weights, segments, train_fold)
 from oof import RunPaths, StackerError, log_loss, read_json, read_table
-
-QUIET = StageOptions(log=lambda s: None)
-TINY = {"size": 16, "epochs": 1, "batch_size": 32, "lr": 1e-2}
-
-
-def prepared(tmp_path, data_dir, name="run", **data):
-    paths = RunPaths(tmp_path / name)
-    _, folds = prepare_run(paths, DataConfig(root=str(data_dir), **data), FoldsConfig(k=3), (16, 16),
-                           log=QUIET.log)
-    return paths, folds
+from tiny import QUIET, first_fold, prepared, specs
 
 
 @pytest.fixture
@@ -49,8 +40,8 @@ def params(model) -> dict[str, torch.Tensor]:
 
 
 def test_frozen_epoch_keeps_backbone_bit_identical_and_trains_the_head(tmp_path, small_digits_dir, pretrained_file):
-    paths, folds = prepared(tmp_path, small_digits_dir)
-    spec = model_specs([{"arch": "test_resnet", "pretrained": str(pretrained_file)}], {**TINY, "freeze_epochs": 1})
+    paths, folds = prepared(tmp_path / "run", small_digits_dir)
+    spec = specs({"arch": "test_resnet", "pretrained": str(pretrained_file)}, freeze_epochs=1)
 
     def stop_after_frozen_epoch(line):
         if "frozen" in line:
@@ -95,11 +86,11 @@ def valid_loss_of_saved_weights(paths, folds, spec, fold: int) -> float:
 
 @pytest.mark.parametrize("keep", ["best", "last"])
 def test_keep_best_saves_the_best_epochs_weights(tmp_path, small_digits_dir, keep):
-    paths, folds = prepared(tmp_path, small_digits_dir)
+    paths, folds = prepared(tmp_path / "run", small_digits_dir)
     # a last phase at 30x the learning rate wrecks the model: its best epoch is an earlier one
     phases = [{"size": 16, "epochs": 2}, {"size": 16, "epochs": 1, "lr_factor": 30}]
-    spec = model_specs([{"arch": "test_resnet"}], {**TINY, "phases": phases, "keep": keep})
-    train_base(paths, spec, folds, options=QUIET)
+    spec = specs(phases=phases, keep=keep)
+    train_base(paths, spec, folds, options=first_fold())
     record = read_json(paths.history("test_resnet", 0))
     losses = [h["valid_loss"] for h in record["epochs"]]
     kept = int(np.argmin(losses)) + 1 if keep == "best" else 3
@@ -114,10 +105,10 @@ def test_keep_best_saves_the_best_epochs_weights(tmp_path, small_digits_dir, kee
     {"compile": True},  # ignored with a note on CPU
 ])
 def test_optional_techniques_train_to_finite_results(tmp_path, small_digits_dir, extra):
-    paths, folds = prepared(tmp_path, small_digits_dir)
+    paths, folds = prepared(tmp_path / "run", small_digits_dir)
     lines = []
-    spec = model_specs([{"arch": "test_resnet"}], {**TINY, **extra})
-    train_base(paths, spec, folds, options=StageOptions(log=lines.append))
+    spec = specs(**extra)
+    train_base(paths, spec, folds, options=first_fold(lines.append))
     history = read_history(paths, "test_resnet", 0)
     assert np.isfinite(history[-1]["train_loss"]) and np.isfinite(history[-1]["valid_loss"])
     assert all(torch.isfinite(t).all() for t in load_file(paths.weights("test_resnet", 0)).values()
@@ -129,12 +120,12 @@ def test_optional_techniques_train_to_finite_results(tmp_path, small_digits_dir,
 @pytest.fixture(scope="module")
 def one_fold(tmp_path_factory, small_digits_dir):
     """Train fold 0 alone under a model name, on one prepared run; the baseline's weights."""
-    paths, folds = prepared(tmp_path_factory.mktemp("options"), small_digits_dir)
+    paths, folds = prepared(tmp_path_factory.mktemp("options") / "run", small_digits_dir)
     inputs = TrainInputs(paths, folds, load_targets(paths, folds, []),
                          ImageSource(load_cache(paths, "train").images, torch.device("cpu")))
 
     def train(name: str, **extra) -> dict[str, torch.Tensor]:
-        spec = model_specs([{"arch": "test_resnet", "name": name}], {**TINY, **extra})[0]
+        spec = specs({"arch": "test_resnet", "name": name}, **extra)[0]
         train_fold(spec, 0, inputs, log=lambda s: None)
         return load_file(paths.weights(name, 0))
 
@@ -156,10 +147,10 @@ def test_each_training_option_changes_the_weights(one_fold, option, changes):
 
 
 def test_ema_weights_are_saved_instead_of_the_raw_ones(tmp_path, small_digits_dir):
-    raw_paths, folds = prepared(tmp_path, small_digits_dir, "raw")
-    ema_paths, _ = prepared(tmp_path, small_digits_dir, "ema")
-    train_base(raw_paths, model_specs([{"arch": "test_resnet"}], TINY), folds, options=QUIET)
-    train_base(ema_paths, model_specs([{"arch": "test_resnet"}], {**TINY, "ema_decay": 0.5}), folds, options=QUIET)
+    raw_paths, folds = prepared(tmp_path / "raw", small_digits_dir)
+    ema_paths, _ = prepared(tmp_path / "ema", small_digits_dir)
+    train_base(raw_paths, specs(), folds, options=first_fold())
+    train_base(ema_paths, specs(ema_decay=0.5), folds, options=first_fold())
     raw, ema = load_file(raw_paths.weights("test_resnet", 0)), load_file(ema_paths.weights("test_resnet", 0))
     assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
 
@@ -168,13 +159,13 @@ def test_ema_weights_are_saved_instead_of_the_raw_ones(tmp_path, small_digits_di
 
 
 def test_phases_feed_each_size_and_carry_the_weights_over(tmp_path, small_digits_dir):
-    one_paths, folds = prepared(tmp_path, small_digits_dir, "one")
-    two_paths, _ = prepared(tmp_path, small_digits_dir, "two")
+    one_paths, folds = prepared(tmp_path / "one", small_digits_dir)
+    two_paths, _ = prepared(tmp_path / "two", small_digits_dir)
     first = {"size": [12, 10], "epochs": 2}
-    train_base(one_paths, model_specs([{"arch": "test_resnet"}], {**TINY, "phases": [first]}), folds, options=QUIET)
+    train_base(one_paths, specs(phases=[first]), folds, options=first_fold())
     # A second phase at lr 0 changes no weight: whatever it ends with was carried over from phase one.
     phases = [first, {"size": 16, "epochs": 1, "lr_factor": 0.0}]
-    train_base(two_paths, model_specs([{"arch": "test_resnet"}], {**TINY, "phases": phases}), folds, options=QUIET)
+    train_base(two_paths, specs(phases=phases), folds, options=first_fold())
     history = read_history(two_paths, "test_resnet", 0)
     assert [(h["phase"], h["size"]) for h in history] == [(0, [12, 10]), (0, [12, 10]), (1, [16, 16])]
     one, two = load_file(one_paths.weights("test_resnet", 0)), load_file(two_paths.weights("test_resnet", 0))
@@ -189,8 +180,8 @@ def test_predict_size_defaults_to_the_last_phase_and_can_be_larger():
 
 
 def test_a_size_the_architecture_cannot_take_fails_before_training(tmp_path, small_digits_dir):
-    paths, folds = prepared(tmp_path, small_digits_dir)
-    spec = model_specs([{"arch": "test_vit"}], {**TINY, "size": [48, 40]})  # 40 is no multiple of the patch
+    paths, folds = prepared(tmp_path / "run", small_digits_dir)
+    spec = specs("test_vit", size=[48, 40])  # 40 is no multiple of the patch
     with pytest.raises(StackerError, match=r"model test_vit: cannot take 48x40 images.*dynamic_img_size"):
         train_base(paths, spec, folds, options=QUIET)
     assert not (paths.root / "models" / "test_vit").exists()
@@ -221,13 +212,13 @@ def test_a_weight_column_from_the_csv_steers_sampling(tmp_path, small_digits_dir
     csv = pd.read_csv(small_digits_dir / "train.csv", dtype=str)
     csv["w"] = np.where(csv["label"] == "0", 0.0, 1.0)  # class '0' never drawn for training
     csv.to_csv(tmp_path / "train_w.csv", index=False)
-    paths, folds = prepared(tmp_path, small_digits_dir, train_csv=str(tmp_path / "train_w.csv"))
-    spec = model_specs([{"arch": "test_resnet"}], {**TINY, "sampling": {"weights": "w"}})
+    paths, folds = prepared(tmp_path / "run", small_digits_dir, train_csv=str(tmp_path / "train_w.csv"))
+    spec = specs(sampling={"weights": "w"})
     train_base(paths, spec, folds, options=QUIET)
     predict_oof(paths, spec, folds, TTAConfig(n=0), options=QUIET)
     oof = read_table(paths.oof("test_resnet"), folds.classes, "oof")
     assert (oof.proba.argmax(1) == 0).sum() == 0  # a class the model never trained on is never predicted
-    spec = model_specs([{"arch": "test_resnet", "name": "bad"}], {**TINY, "sampling": {"weights": "nope"}})
+    spec = specs({"arch": "test_resnet", "name": "bad"}, sampling={"weights": "nope"})
     with pytest.raises(StackerError, match=r"bad: train.sampling.weights 'nope' is neither"):
         train_base(paths, spec, folds, options=QUIET)
 
@@ -242,7 +233,7 @@ def test_extra_targets_get_their_own_heads_and_tables(tmp_path, small_digits_dir
     data = DataConfig(root=str(small_digits_dir), train_csv=str(tmp_path / "train_mt.csv"), extra_targets=["parity"])
     paths = RunPaths(tmp_path / "run")
     _, folds = prepare_run(paths, data, FoldsConfig(k=3), (16, 16), log=QUIET.log)
-    spec = model_specs([{"arch": "test_resnet"}], {**TINY, "target_weights": {"parity": 0.5}})
+    spec = specs(target_weights={"parity": 0.5})
     train_base(paths, spec, folds, data, QUIET)
     predict_oof(paths, spec, folds, TTAConfig(n=1), data, QUIET)
     main = read_table(paths.oof("test_resnet"), folds.classes, "oof")

@@ -5,27 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from base_models.config import DataConfig, FoldsConfig, TTAConfig, model_specs
+from base_models.config import TTAConfig
 from base_models.job_table import job_table
-from base_models.jobs import StageOptions, prepare_run, train_base
+from base_models.jobs import StageOptions, train_base
 from base_models.predict_oof import predict_oof
 from base_models.stages import parse_only
 from oof import RunPaths, StackerError, file_digest, read_json, read_table, validate_oof
+from tiny import QUIET, TWO_EPOCHS, prepared
+from tiny import specs as tiny_specs
 
-TINY = {"size": 16, "epochs": 2, "batch_size": 32, "lr": 3e-3}
-QUIET = StageOptions(log=lambda s: None)
 TTA = TTAConfig(n=1)
 K, R = 3, 2
 
 
 def specs():
-    return model_specs([{"arch": "test_resnet"}], TINY)
+    return tiny_specs(train=TWO_EPOCHS)
 
 
 def predicted_run(root, data_dir, repeats: int):
-    paths = RunPaths(root)
-    _, folds = prepare_run(paths, DataConfig(root=str(data_dir)), FoldsConfig(k=K, repeats=repeats), (16, 16),
-                           log=lambda s: None)
+    paths, folds = prepared(root, data_dir, k=K, repeats=repeats)
     train_base(paths, specs(), folds, options=QUIET)
     metrics = predict_oof(paths, specs(), folds, TTA, options=QUIET)
     return paths, folds, metrics
@@ -97,7 +95,7 @@ def test_a_rerun_skips_every_repeat_and_a_lost_fold_table_is_redone_alone(runs):
 def test_jobs_table_lists_every_repeat(runs, small_digits_dir):
     _, (two, _, _) = runs
     cfg = {"run_dir": str(two.root), "data": {"root": str(small_digits_dir)}, "folds": {"k": K, "repeats": R},
-           "train": TINY, "models": [{"arch": "test_resnet"}]}
+           "train": TWO_EPOCHS, "models": [{"arch": "test_resnet"}]}
     lines = []
     table = job_table(cfg, lines.append)
     assert list(zip(table["repeat"], table["fold"])) == [(r, f) for r in range(R) for f in range(K)]

@@ -2,12 +2,8 @@
 the nested check and provenance, on small seeded synthetic OOF sets (numpy, LightGBM, files, the CLI)."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,7 +23,6 @@ from stacker.metrics import Metric, bootstrap_counts
 from stacker.report import format_report
 from stacker.split_leak import MIN_MODELS, REFUSE_SHARE, split_leak
 
-REPO = Path(__file__).resolve().parents[1]
 MEAN = {"candidates": ["mean"]}  # provenance tests are about files, not choices
 QUICK = {"candidates": ["mean", "logit_mean", "best_single"]}  # no booster: the guard's logic in well under 1 s
 
@@ -386,14 +381,13 @@ def test_the_cli_refuses_a_split_leak_in_one_line_and_stacks_with_allow_suspicio
                                                                                    restore_logging):
     folds, oof, test, test_ids = twin_tables("split")
     root = write_run(tmp_path / "run", folds, oof, test, test_ids)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     quick = ["--set", "stack.n_bootstrap=200", "--set", "stack.candidates=[mean, logit_mean, best_single]"]
-    done = subprocess.run([sys.executable, "-m", "stacker_cli", "fit-stack", "--run", str(root), *quick],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("stacker: error: fit-stack: the folds leak: "), done.stderr
-    assert "Traceback" not in done.stderr and not RunPaths(root).decision.exists()
+    returncode = cli.main(["fit-stack", "--run", str(root), *quick])
+    stderr = capsys.readouterr().err
+    assert returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stacker: error: fit-stack: the folds leak: "), stderr
+    assert "Traceback" not in stderr and not RunPaths(root).decision.exists()
 
     assert cli.main(["fit-stack", "--run", str(root), "--allow-suspicious", *quick]) == 0
     paths = RunPaths(root)

@@ -12,6 +12,7 @@ import pytest
 from oof import RunPaths, StackerError, make_folds, read_json, read_table, record_of
 from stack_fixtures import fast_config, noisy_copy, strong_weak_run, write_run
 from stacker import SubmitConfig, fit_stack, submit_config, write_submission
+from tiny import run_cli as stacker
 
 REPO = Path(__file__).resolve().parents[1]
 # Histopathologic Cancer Detection's layout: ids as text, classes "0" and "1", scored by AUC.
@@ -195,7 +196,8 @@ def test_submit_config_reads_the_submit_section():
         submit_config({"submit": {"fromat": "proba"}})
 
 
-def stacker_cli(*args):
+def shim_process(*args):
+    """`python cli.py ARGS` from the checkout, in a real process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=300)
@@ -206,16 +208,16 @@ def test_the_cli_format_flag_and_set_key(binary, tmp_path):
     sample = sample_csv(tmp_path / "sample.csv", TEST_IDS, {"label": "0"})
     out = tmp_path / "sub.csv"
     common = ["submit", "--run", root, "--sample-submission", sample, "--out", out]
-    done = stacker_cli(*common, "--format", "proba")
+    done = stacker(*common, "--format", "proba")
     assert done.returncode == 0, done.stderr
     assert "writing P('1'), as submit.format=proba" in done.stdout
     sub = pd.read_csv(out, dtype=str)
     assert list(sub["id"]) == TEST_IDS
     np.testing.assert_allclose(sub["label"].astype(float), by_id(table, TEST_IDS)[:, 1], rtol=1e-12)
-    done = stacker_cli(*common, "--set", "submit.format=labels")
+    done = stacker(*common, "--set", "submit.format=labels")
     assert done.returncode == 0 and "is stale (the format changed)" in done.stdout, done.stderr
     assert read_json(record_of(out))["format"] == "labels"
-    bad = stacker_cli(*common, "--set", "submit.format=probs")
+    bad = shim_process(*common, "--set", "submit.format=probs")  # the exit and stderr of a real process
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == ("stacker: error: submit.format: expected one of "
                                                    "['auto', 'labels', 'proba'], got 'probs'")
@@ -225,6 +227,6 @@ def test_the_cli_follows_the_metric_the_stack_was_fitted_on(tmp_path):
     """fit-stack --metric neg_log_loss does not change run.yaml: submit must read the decision's metric."""
     root = binary_run(tmp_path / "run", seed=1, metric="neg_log_loss")
     sample = sample_csv(tmp_path / "sample.csv", TEST_IDS, {"label": "0"})
-    done = stacker_cli("submit", "--run", root, "--sample-submission", sample)
+    done = stacker("submit", "--run", root, "--sample-submission", sample)
     assert done.returncode == 0, done.stderr
     assert read_json(record_of(root / "submission.csv"))["format"] == "positive-class probability", done.stdout

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -9,25 +10,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from base_models.config import DataConfig, FoldsConfig, TrainConfig, model_specs
-from base_models.jobs import StageOptions, prepare_run, train_base
+from base_models.config import TrainConfig
+from base_models.jobs import StageOptions, train_base
 from base_models.train import one_cycle, read_history
-from oof import RunPaths, StackerError
+from oof import StackerError
+from tiny import QUIET, TWO_EPOCHS, first_fold, prepared
+from tiny import specs as tiny_specs
 
-TINY = {"size": 16, "epochs": 2, "batch_size": 32, "lr": 3e-3}
-QUIET = StageOptions(log=lambda s: None)
+specs = partial(tiny_specs, train=TWO_EPOCHS)
 
 
 @pytest.fixture
 def run(tmp_path, small_digits_dir):
-    paths = RunPaths(tmp_path / "run")
-    _, folds = prepare_run(paths, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=3), (16, 16),
-                           log=lambda s: None)
-    return paths, folds
-
-
-def specs(**train):
-    return model_specs([{"arch": "test_resnet"}], {**TINY, **train})
+    return prepared(tmp_path / "run", small_digits_dir)
 
 
 @pytest.mark.parametrize("step, expected", [
@@ -73,8 +68,7 @@ def test_train_saves_last_epoch_weights_and_history(run):
 
 def interrupted_after_first_epoch(root, data_dir, spec):
     """A fresh run of `spec` stopped (as by Ctrl-C) right after fold 0's first epoch."""
-    paths = RunPaths(root)
-    _, folds = prepare_run(paths, DataConfig(root=str(data_dir)), FoldsConfig(k=3), (16, 16), log=lambda s: None)
+    paths, folds = prepared(root, data_dir)
 
     def stop_after_first_epoch(line):
         if "epoch  1/2" in line:
@@ -87,13 +81,13 @@ def interrupted_after_first_epoch(root, data_dir, spec):
 
 def test_interrupted_job_resumes_to_identical_weights(tmp_path, run, small_digits_dir):
     paths, folds = run
-    train_base(paths, specs(), folds, options=QUIET)
+    train_base(paths, specs(), folds, options=first_fold())
     reference = load_file(paths.weights("test_resnet", 0))
     other, folds2 = interrupted_after_first_epoch(tmp_path / "interrupted", small_digits_dir, specs())
     assert other.checkpoint("test_resnet", 0).is_file()
     assert not other.weights("test_resnet", 0).exists()
     lines = []
-    train_base(other, specs(), folds2, options=StageOptions(log=lines.append))
+    train_base(other, specs(), folds2, options=first_fold(lines.append))
     assert not any("fold 0 epoch  1/2" in s for s in lines)  # epoch 1 was not trained again
     resumed = load_file(other.weights("test_resnet", 0))
     assert reference.keys() == resumed.keys()
@@ -123,12 +117,12 @@ def test_changed_recipe_of_a_finished_model_is_refused(run):
 def test_resume_with_mixup_is_bit_identical_and_other_settings_are_refused(tmp_path, run, small_digits_dir):
     paths, folds = run
     mixup = specs(mixup_alpha=0.4)
-    train_base(paths, mixup, folds, options=QUIET)
+    train_base(paths, mixup, folds, options=first_fold())
     reference = load_file(paths.weights("test_resnet", 0))
     other, folds2 = interrupted_after_first_epoch(tmp_path / "interrupted", small_digits_dir, mixup)
     with pytest.raises(StackerError, match=r"interrupted job of other settings \(lr\).*--force"):
         train_base(other, specs(mixup_alpha=0.4, lr=1e-3), folds2, options=QUIET)
-    train_base(other, mixup, folds2, options=QUIET)  # numpy's RNG (timm's Mixup) is restored too
+    train_base(other, mixup, folds2, options=first_fold())  # numpy's RNG (timm's Mixup) is restored too
     resumed = load_file(other.weights("test_resnet", 0))
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
