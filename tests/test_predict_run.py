@@ -25,12 +25,19 @@ import yaml
 from safetensors.torch import save_file
 
 from oof import RunPaths, load_config, load_folds, read_table, run_paths, write_run_config
+from tiny import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("test_efficientnet", "test_resnet")  # the stack's order: sorted names
 
 
 def stacker(*args):
+    """`stacker ARGS` in this process (`tiny.run_cli`): its exit code, stdout and stderr."""
+    return run_cli(*args)
+
+
+def stacker_process(*args):
+    """`stacker ARGS` as a real process, as a Kaggle notebook cell runs it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "stacker_cli", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=600)
@@ -125,8 +132,8 @@ def table(path: Path, classes):
 def predicted(uploaded, tmp_path_factory):
     out = tmp_path_factory.mktemp("kaggle_working") / "pred"
     before = snapshot(uploaded.run)
-    result = stacker("predict", "--run", uploaded.run, "--images", uploaded.images,
-                     "--sample-submission", uploaded.sample, "--out", out)
+    result = stacker_process("predict", "--run", uploaded.run, "--images", uploaded.images,
+                             "--sample-submission", uploaded.sample, "--out", out)
     return out, result, before
 
 

@@ -21,7 +21,7 @@ from base_models.stages import train_base_stage
 from base_models.models import timm_model
 from base_models.train import build_model
 from oof import RunPaths, StackerError, file_digest, load_folds, read_json, read_table, validate_oof, write_json
-from tiny import MODEL, QUIET, TINY, specs
+from tiny import MODEL, QUIET, TINY, plain_copy, predicted_run, specs
 
 REPO = Path(__file__).resolve().parents[1]
 TTA = TTAConfig(n=2)
@@ -30,18 +30,12 @@ TTA = TTAConfig(n=2)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, small_digits_dir):
     """One run, folds seed 1, every fold trained and predicted once; tests work on copies of it."""
-    paths = RunPaths(tmp_path_factory.mktemp("provenance") / "run")
-    _, folds = prepare_run(paths, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=3, seed=1), (16, 16),
-                           log=QUIET.log)
-    train_base(paths, specs(), folds, options=QUIET)
-    predict_oof(paths, specs(), folds, TTA, options=QUIET)
-    return paths, folds
+    return predicted_run(tmp_path_factory.mktemp("provenance") / "run", small_digits_dir, specs(), TTA, seed=1)
 
 
 def copy_run(trained, dest: Path) -> RunPaths:
     """The run copied elsewhere as a plain copy does: every file's time is the copy's, not the original's."""
-    shutil.copytree(trained[0].root, dest, copy_function=shutil.copyfile)
-    return RunPaths(dest)
+    return plain_copy(trained[0], dest)
 
 
 def logged(fn, *args, **options) -> list[str]:

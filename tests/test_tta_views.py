@@ -6,7 +6,6 @@ render, and `stacker predict` renders them whatever `tta_views` gives.
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,14 +15,15 @@ import pytest
 import base_models.augment as augment
 import base_models.predict_oof as predict_oof_module
 from base_models.augment import View, tta_views
-from base_models.config import DataConfig, FoldsConfig, TTAConfig, model_specs
+from base_models.config import DataConfig, TTAConfig, model_specs
 from base_models.dataset import NewTestImages
-from base_models.jobs import StageOptions, prepare_run, train_base
+from base_models.jobs import StageOptions
 from base_models.predict_oof import predict_oof
 from base_models.predict_run import SavedRun, predict_new_test
 from base_models.table_schema import (SCHEMA1_VIEWS, TABLE_SCHEMA, is_current, recorded_views, stale_keys,
                                       view_records)
 from oof import RunPaths, StackerError, read_table, write_table
+from tiny import plain_copy, predicted_run
 
 MODEL = "test_resnet"
 TINY = {"size": 16, "epochs": 1, "freeze_epochs": 0, "batch_size": 32, "lr": 1e-2}
@@ -38,17 +38,11 @@ def specs():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, small_digits_dir):
     """One run, K=2, trained one epoch and predicted with n=2; tests work on copies of it."""
-    paths = RunPaths(tmp_path_factory.mktemp("tta_views") / "run")
-    _, folds = prepare_run(paths, DataConfig(root=str(small_digits_dir)), FoldsConfig(k=2), (16, 16),
-                           log=QUIET.log)
-    train_base(paths, specs(), folds, options=QUIET)
-    predict_oof(paths, specs(), folds, TTA, options=QUIET)
-    return paths, folds
+    return predicted_run(tmp_path_factory.mktemp("tta_views") / "run", small_digits_dir, specs(), TTA, k=2)
 
 
 def copy_run(trained, dest: Path) -> RunPaths:
-    shutil.copytree(trained[0].root, dest, copy_function=shutil.copyfile)
-    return RunPaths(dest)
+    return plain_copy(trained[0], dest)
 
 
 def logged(fn, *args) -> list[str]:

@@ -63,6 +63,28 @@ def prepared(root: Path, data_dir, k: int = 3, repeats: int = 1, size=(16, 16), 
     return paths, folds
 
 
+def predicted_run(root: Path, data_dir, model_specs, tta, k: int = 3, seed: int = 0):
+    """A run at `root` with every fold of `model_specs` trained and predicted with `tta`: (RunPaths, Folds)."""
+    from base_models.config import DataConfig, FoldsConfig
+    from base_models.jobs import StageOptions, prepare_run, train_base
+    from base_models.predict_oof import predict_oof
+    from oof import RunPaths
+
+    paths, quiet = RunPaths(root), StageOptions(log=silent)
+    _, folds = prepare_run(paths, DataConfig(root=str(data_dir)), FoldsConfig(k=k, seed=seed), (16, 16), log=silent)
+    train_base(paths, model_specs, folds, options=quiet)
+    predict_oof(paths, model_specs, folds, tta, options=quiet)
+    return paths, folds
+
+
+def plain_copy(paths, dest: Path):
+    """The run copied elsewhere as a plain copy does: every file's time is the copy's, not the original's."""
+    from oof import RunPaths
+
+    shutil.copytree(paths.root, dest, copy_function=shutil.copyfile)
+    return RunPaths(dest)
+
+
 def cli_config(data_root, run, **sections) -> dict:
     """The CLI tests' run.yaml: both test_* models, 3 folds, CLI_TRAIN, 2 TTA views; a section set to None is
     left out, any other replaces the default one."""
