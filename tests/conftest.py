@@ -73,8 +73,8 @@ def trained_copy(trained_run, tmp_path, small_digits_dir) -> TrainedRun:
 
 @pytest.fixture(scope="session")
 def stacked_report_run(tmp_path_factory) -> Path:
-    """`test_leaderboard.report_run` once per session: three synthetic models with every file a run holds,
+    """`stack_fixtures.report_run` once per session: three synthetic models with every file a run holds,
     stacked. The leaderboard and report tests read it and write nothing into it."""
-    from test_leaderboard import report_run
+    from stack_fixtures import report_run
 
     return report_run(tmp_path_factory.mktemp("report") / "run")

@@ -12,7 +12,7 @@ import pytest
 
 from oof import RunPaths, read_json
 from stacker.html_report import build_report, fmt
-from test_leaderboard import MODELS, report_run, repeat_run
+from stack_fixtures import MODELS, report_run, repeat_run
 from test_no_torch import without_torch
 
 
