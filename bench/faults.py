@@ -28,7 +28,9 @@ reference on what must match:
   dates, durations ("0.3s", "1m12s", "0.0 s"), rates ("62 images/s"), the run's
   folder and the numbers under a seconds column ("fit s") masked; the job
   grid's progress lines ("job 4/6, 2.0s so far") count the invocation's own
-  jobs and are not required;
+  jobs and are not required, nor are a job's epoch lines, which follow the
+  epoch's checkpoint (a kill between the two keeps the epoch without its line)
+  and whose figures history.csv holds;
 - stack/report.txt: equal line for line after the same masking;
 - report.html: byte for byte the page `stacker.html_report` renders from the
   trial's own files now (the run's folder masked), so it was made from the files
@@ -341,6 +343,10 @@ DATE = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d(:\d\d([.,]\d+)?)?")  # 2026-11-
 RATE = re.compile(r"(?<![\w.])\d+(\.\d+)? ?[\w]*/s\b")  # 62 images/s, 3.1 it/s
 SECONDS_TITLE = re.compile(r"(?:(?<=\s\s)|^)[A-Za-z]\w* s(?=\s\s|$)")  # a table's seconds column: "fit s"
 PROGRESS = re.compile(r"^\w+ \d+/\d+, <t> so far")  # GridProgress: "job 4/6, 2.0s so far, ETA 1.1s (...)"
+# A job's epoch line ("  test_resnet fold 2 epoch  2/3  16x16  train_loss ..."): written after the epoch's
+# checkpoint, so a kill between the two keeps the epoch and loses its line; history.csv holds every epoch
+# (history_difference compares each one, none lost or doubled).
+EPOCH_LINE = re.compile(r"^\s*\S+ (repeat \d+ )?fold \d+ epoch +\d+/\d+ ")
 
 
 class Record(NamedTuple):
@@ -383,11 +389,12 @@ def log_records(text: str, runs: Runs) -> list[Record]:
 
 
 def log_difference(runs: Runs, name: str) -> str | None:
-    """The reference's records (less the grid's progress lines) appear in order among the trial's."""
+    """The reference's records (less the grid's progress lines and the epoch lines, which history.csv
+    checks) appear in order among the trial's."""
     want, have = (log_records(text, runs) for text in runs.texts(name))
     said, at = [(r.level, r.text) for r in have], 0
     for record in want:
-        if PROGRESS.match(record.text):
+        if PROGRESS.match(record.text) or EPOCH_LINE.match(record.text):
             continue
         try:
             at = said.index((record.level, record.text), at) + 1
