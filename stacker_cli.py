@@ -9,6 +9,8 @@
     stacker jobs        --run DIR             every (model, fold) job: done, running, partial, pending, stale
     stacker leaderboard --run DIR [--csv P]   each model's OOF scores, ECE and times; the stack's candidates
     stacker report      --run DIR             DIR/report.html: plots and tables of the whole run, one file
+    stacker audit       --run DIR             DIR/audit/: top losses, most confused, likely label errors,
+                                              duplicates, as CSVs and a page of thumbnails
     stacker demo        [--out DIR]           all four on the bundled digits dataset
 
 The stages that need torch import it inside their handler: fit-stack and submit
@@ -97,6 +99,18 @@ def cmd_report(args, log=info) -> int:
     from stacker.html_report import write_report
 
     log(f"report: {write_report(run_paths(resolve_config(args)).root)}")
+    return 0
+
+
+def cmd_audit(args, log=info) -> int:
+    from stacker.audit_html import run_audit
+
+    audit, files = run_audit(run_paths(resolve_config(args)).root)
+    log(f"audit: {audit.summary()}")
+    for row in audit.label_issues.head(5).itertuples():
+        log(f"  likely label error: {row.id} given {row.label}, suggested {row.suggested} "
+            f"(quality {row.quality:.3f}, {row.models_agree}/{row.models} models agree)")
+    log(f"audit: {', '.join(str(f) for f in files)}")
     return 0
 
 
@@ -267,14 +281,17 @@ def jobs_parser(sub) -> None:
 
 
 def read_only_parsers(sub) -> None:
-    """`jobs`, `report` and `leaderboard`: they read the run and write only their own output; the last two
-    need no torch."""
+    """`jobs`, `report`, `audit` and `leaderboard`: they read the run and write only their own output; the last
+    three need no torch."""
     jobs_parser(sub)
     texts = {"report": "write <run>/report.html: leaderboard, training curves, OOF correlations, calibration, "
-                       "the stack's decision, confusion matrix, config; one self-contained file",
+                       "the stack's decision, confusion matrix, the audit, config; one self-contained file",
+             "audit": "write <run>/audit/: the train images the models get most confidently wrong, the most "
+                      "confused classes, likely label errors (confident learning over the OOF rows), the "
+                      "duplicate clusters; CSVs and a page of thumbnails; needs no torch",
              "leaderboard": "print each model's OOF scores (with and without TTA), log-loss, ECE and times as "
                             "soon as one model has predictions; the stack's candidates once fit-stack has run"}
-    for name, handler in (("report", cmd_report), ("leaderboard", cmd_leaderboard)):
+    for name, handler in (("report", cmd_report), ("audit", cmd_audit), ("leaderboard", cmd_leaderboard)):
         p = sub.add_parser(name, help=texts[name], description=texts[name])
         p.set_defaults(handler=handler)
         p.add_argument("--config", help="run.yaml; default <run>/run.yaml")

@@ -18,6 +18,10 @@
     <run>/stack/                            decision.json, the chosen candidate, leaderboard, report, test.parquet
     <run>/logs/<stage>.log                  what each stage logged, appended (the command line's stages)
     <run>/report.html                       the run in one self-contained page (plots embedded)
+    <run>/audit/label_issues.csv            likely label errors, ranked by label quality (`stacker audit`)
+    <run>/audit/top_losses.csv              train rows the ensemble gets wrong, by loss
+    <run>/audit/duplicates.csv              duplicates.csv's clusters, one row per image, with the models' view
+    <run>/audit/audit.html                  the audit alone, one self-contained page (thumbnails embedded)
     <run>/submission.csv
 
 `stacker predict` writes a new test set's files into its own folder OUT in the same layout
@@ -128,6 +132,33 @@ class RunPaths:
     @property
     def submission(self) -> Path:
         return self.root / "submission.csv"
+
+    # ------------------------------------------------------------ audit
+
+    @property
+    def audit(self) -> Path:
+        """What `stacker audit` (and the report) found in the data through the models' OOF rows."""
+        return self.root / "audit"
+
+    @property
+    def audit_label_issues(self) -> Path:
+        """The rows flagged as likely label errors (id, label, suggested, quality...), worst first; its id
+        column is what `data.exclude` reads."""
+        return self.audit / "label_issues.csv"
+
+    @property
+    def audit_top_losses(self) -> Path:
+        return self.audit / "top_losses.csv"
+
+    @property
+    def audit_duplicates(self) -> Path:
+        """duplicates.csv's clusters one image a row (cluster, kind, id, split, label...): a view of the
+        duplicate detection's file with the models' predictions, not a second detection."""
+        return self.audit / "duplicates.csv"
+
+    @property
+    def audit_page(self) -> Path:
+        return self.audit / "audit.html"
 
     @property
     def submission_record(self) -> Path:

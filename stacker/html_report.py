@@ -20,7 +20,6 @@ file existed, the mean of the used models' OOF probabilities (the page says whic
 from __future__ import annotations
 
 import base64
-import html
 import io
 import os
 from pathlib import Path
@@ -28,46 +27,14 @@ from pathlib import Path
 import numpy as np
 
 import oof
-from oof import read_table, table_file, validate_oof, write_text
+from oof import write_text
 
-from .leaderboard import (ECE_BINS, RunView, expected_calibration_error, fold_scores, leaderboard, missing,
-                          read_run, reliability_bins, repeat_mean)
-
-STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px}
-td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f2f2f2}tr.chosen{background:#e6f4e6}
-div.warning{background:#fff3cd;border:1px solid #e0c060;padding:0 1em}
-img{max-width:100%;display:block;margin:.5em 0}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
-.note{color:#555;font-size:13px}h2{border-bottom:1px solid #ddd;margin-top:2em}"""
-
-
-def fmt(value, digits: int = 4) -> str:
-    """How every number appears on the page: floats to `digits` decimals, ints as they are, missing as '-'."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "-"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return f"{float(value):.{digits}f}"
-
-
-def esc(text) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def table(header: list, rows: list, chosen: set = frozenset()) -> str:
-    """An HTML table; numbers right-aligned and printed by `fmt`, rows whose first cell is in `chosen` marked."""
-    def cell(value):
-        if isinstance(value, (bool, np.bool_)):
-            return f"<td>{fmt(value)}</td>"
-        if isinstance(value, (int, float, np.integer, np.floating)):
-            return f'<td class="n">{fmt(value)}</td>'
-        return f"<td>{esc('-' if value is None else value)}</td>"
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join(f'<tr{" class=chosen" if row[0] in chosen else ""}>{"".join(cell(v) for v in row)}</tr>'
-                   for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+from .audit import audit_view
+from .audit_html import audit_section
+from .html_parts import STYLE, esc, fmt, table
+from .leaderboard import (ECE_BINS, RunView, ensemble_oof, expected_calibration_error, fold_scores, leaderboard,
+                          missing, read_run, reliability_bins, repeat_mean)
+from .thumbnails import Thumbnails
 
 
 def figure(fig, alt: str) -> str:
@@ -223,28 +190,6 @@ def correlation_section(view: RunView) -> tuple[str, dict]:
 
 
 # ---------------------------------------------------------------- calibration
-
-def ensemble_oof(view: RunView) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """(rows, C) OOF probabilities of the ensemble the page shows, its plain-view twin (None unless every
-    used model has one) and what it is, in words."""
-    decision = view.decision
-    used = [m for m in decision["used"] if m in view.models] if decision else []
-    used = used or list(view.models)  # no stack yet (or none of its models left): every model
-    proba = np.mean([view.models[m].oof.proba for m in used], axis=0)
-    plains = [view.models[m].plain for m in used]
-    plain = None if any(p is None for p in plains) else np.mean([p.proba for p in plains], axis=0)
-    if decision is not None and table_file(view.paths.stack_oof).is_file():
-        chosen = validate_oof(read_table(view.paths.stack_oof, view.folds.classes, "oof"), view.folds)
-        return chosen.proba, None, f"the chosen candidate, {decision['chosen']}: its meta-level OOF (stack/oof.parquet)"
-    if decision is None:
-        label = f"the mean of every model's OOF ({', '.join(used)}); no stack yet"
-    elif decision["chosen"] == "mean":
-        label = f"the chosen candidate, mean: the mean of the used models' OOF ({', '.join(used)})"
-    else:
-        label = (f"the mean of the used models' OOF ({', '.join(used)}), not the chosen {decision['chosen']}: "
-                 "the run keeps no meta-level OOF of the chosen candidate")
-    return proba, plain, label
-
 
 def reliability_axes(ax, y: np.ndarray, curves: list, title: str) -> None:
     """One reliability diagram: accuracy against mean confidence per bin, one line per (label, proba)."""
@@ -478,19 +423,22 @@ def build_report(run_dir: str | os.PathLike) -> tuple[str, dict]:
     correlation, corr_data = correlation_section(view)
     calibration, cal_data = calibration_section(view, models, ensemble)
     confusion, conf_data = confusion_section(view, ensemble)
+    audit = audit_view(view)
     body = (summary(view, models) + leaderboard_section(view, models) + curves_section(view) + correlation + calibration
-            + decision_section(view.decision) + confusion + provenance_section(view))
+            + decision_section(view.decision) + confusion + audit_section(audit, Thumbnails(view.paths))
+            + provenance_section(view))
     title = f"stacker report: {view.paths.root.parent.name}/{view.paths.root.name}"  # e.g. stacker-demo/run
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>{body}</body></html>\n")
-    return page, {"models": models, "decision": view.decision, **corr_data, **cal_data, **conf_data}
+    return page, {"models": models, "decision": view.decision, "audit": audit, **corr_data, **cal_data, **conf_data}
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:
-    """Write the run's report.html (atomically) and return its path."""
+    """Write the run's report.html and the audit's CSVs it points to (each atomically); return the page's path."""
     from oof import RunPaths
 
-    page, _ = build_report(run_dir)
+    page, data = build_report(run_dir)
     path = RunPaths(run_dir).report
+    data["audit"].write_tables(RunPaths(run_dir))
     write_text(path, page)
     return path

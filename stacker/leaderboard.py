@@ -268,3 +268,25 @@ def print_leaderboard(run_dir: str | os.PathLike, csv: str | os.PathLike | None 
     if log:
         log(format_leaderboard(view, frame).rstrip("\n"))
     return frame
+
+
+def ensemble_oof(view: RunView) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(rows, C) OOF probabilities of the ensemble the page shows, its plain-view twin (None unless every
+    used model has one) and what it is, in words."""
+    decision = view.decision
+    used = [m for m in decision["used"] if m in view.models] if decision else []
+    used = used or list(view.models)  # no stack yet (or none of its models left): every model
+    proba = np.mean([view.models[m].oof.proba for m in used], axis=0)
+    plains = [view.models[m].plain for m in used]
+    plain = None if any(p is None for p in plains) else np.mean([p.proba for p in plains], axis=0)
+    if decision is not None and table_file(view.paths.stack_oof).is_file():
+        chosen = validate_oof(read_table(view.paths.stack_oof, view.folds.classes, "oof"), view.folds)
+        return chosen.proba, None, f"the chosen candidate, {decision['chosen']}: its meta-level OOF (stack/oof.parquet)"
+    if decision is None:
+        label = f"the mean of every model's OOF ({', '.join(used)}); no stack yet"
+    elif decision["chosen"] == "mean":
+        label = f"the chosen candidate, mean: the mean of the used models' OOF ({', '.join(used)})"
+    else:
+        label = (f"the mean of the used models' OOF ({', '.join(used)}), not the chosen {decision['chosen']}: "
+                 "the run keeps no meta-level OOF of the chosen candidate")
+    return proba, plain, label

@@ -145,7 +145,8 @@ def run_file_names() -> dict[str, re.Pattern]:
              paths.decision, paths.stack_state, paths.stack_booster, paths.leaderboard, paths.stack_report,
              paths.stack_test, paths.model_dir("m").parent, paths.report, paths.history_csv("m", 0),
              paths.oof_fold("m", 0), paths.oof_plain("m"), paths.oof_plain_fold("m", 0), paths.stage_log("x"),
-             paths.stack_oof, paths.duplicates,
+             paths.stack_oof, paths.duplicates, paths.audit_label_issues, paths.audit_top_losses,
+             paths.audit_duplicates, paths.audit_page,
              paths.job_log("m", 0)}
     out = {}
     for p in names:
