@@ -31,20 +31,28 @@ def grid(cells: list[str]) -> str:
     return f'<div class="thumbs">{"".join(cells)}</div>'
 
 
+def ranked_html(frame, thumbs: Thumbnails, text: str, shown: int, second: str) -> str:
+    """A ranked table's first rows as thumbnails captioned id, given / other label (`second`: the frame's
+    column of the predicted or suggested label), its score, models agreeing; as a text table without a cache."""
+    if not len(frame):
+        return text
+    score = "p_predicted" if second == "predicted" else "quality"
+    if not thumbs.available:
+        rows = frame.head(TEXT_ROWS)[["id", "label", second, score, "models_agree"]]
+        return text + table(list(rows.columns), rows.values.tolist())
+    cells = [thumb(thumbs, "train", r.id, [r.id, f"{r.label} / {getattr(r, second)}",
+                                          f"{score.split('_')[0]} {fmt(getattr(r, score), 2)}, "
+                                          f"{r.models_agree}/{r.models} agree"])
+             for r in frame.head(shown).itertuples()]
+    return text + grid(cells)
+
+
 def top_losses_html(audit: Audit, thumbs: Thumbnails) -> str:
     frame = audit.top_losses
     text = (f"<h3>Top losses</h3><p class=note>{len(frame)} of {len(audit.rows.y)} train rows are wrong out of "
             "fold; the most confident first (given label / predicted, the ensemble's probability of its "
             "prediction, models agreeing with it). Every row: audit/top_losses.csv.</p>")
-    if not len(frame):
-        return text
-    if not thumbs.available:
-        rows = frame.head(TEXT_ROWS)[["id", "label", "predicted", "p_predicted", "loss", "models_agree"]]
-        return text + table(list(rows.columns), rows.values.tolist())
-    cells = [thumb(thumbs, "train", r.id, [r.id, f"{r.label} / {r.predicted}",
-                                          f"p {fmt(r.p_predicted, 2)}, {r.models_agree}/{r.models} agree"])
-             for r in frame.head(SHOWN["top_losses"]).itertuples()]
-    return text + grid(cells)
+    return ranked_html(frame, thumbs, text, SHOWN["top_losses"], "predicted")
 
 
 def confused_html(audit: Audit, thumbs: Thumbnails) -> str:
@@ -71,15 +79,7 @@ def label_issues_html(audit: Audit, thumbs: Thumbnails) -> str:
             "ensemble of every model's self-confidence): given label / suggested. Every row: "
             "audit/label_issues.csv, whose id column data.exclude reads; a relabel file is a CSV of id, label."
             "</p>")
-    if not len(frame):
-        return text
-    if not thumbs.available:
-        rows = frame.head(TEXT_ROWS)[["id", "label", "suggested", "quality", "models_agree"]]
-        return text + table(list(rows.columns), rows.values.tolist())
-    cells = [thumb(thumbs, "train", r.id, [r.id, f"{r.label} / {r.suggested}",
-                                          f"quality {fmt(r.quality, 3)}, {r.models_agree}/{r.models} agree"])
-             for r in frame.head(SHOWN["label_issues"]).itertuples()]
-    return text + grid(cells)
+    return ranked_html(frame, thumbs, text, SHOWN["label_issues"], "suggested")
 
 
 def duplicates_html(audit: Audit, thumbs: Thumbnails) -> str:

@@ -168,16 +168,23 @@ def test_stacker_audit_renders_duplicates_and_every_thumbnail_decodes(trained_co
     assert dups[dups["id"] == test_ids[0]]["split"].tolist() == ["test"]
     page = paths.audit_page.read_text(encoding="utf-8")
     assert f'alt="{test_ids[0]}"' in page and f'alt="{ids[b]}"' in page  # both splits' thumbnails
+    assert run_cli("report", "--run", paths.root).returncode == 0
+    report = paths.report.read_text(encoding="utf-8")
+    section = report[report.index("Audit: the data"):report.index("Config and provenance")]
+    assert section.count("<img ") == page.count("<img ") and len(section) < 2_100_000
     if shutil.which("chromium") is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.replace("</body>", IMAGES_LOADED + "</body>"), encoding="utf-8")
-    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', chromium("--dump-dom", probe.as_uri()).stdout)
-    assert loaded and loaded[1] == loaded[2] == str(page.count("<img ")) and int(loaded[2]) > 10
+    for name, text in (("audit", page), ("report", report)):
+        probe = tmp_path / f"{name}.html"  # the page plus a script that counts the images that decoded
+        probe.write_text(text.replace("</body>", IMAGES_LOADED + "</body>"), encoding="utf-8")
+        loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', chromium("--dump-dom", probe.as_uri()).stdout)
+        assert loaded and loaded[1] == loaded[2] == str(text.count("<img ")) and int(loaded[2]) > 10
 
 
 def test_other_tools_tables_get_the_csvs_and_text_sections(stacked_report_run, tmp_path):
     run = shutil.copytree(stacked_report_run, tmp_path / "run")
+    result = without_torch("audit", "--run", run)  # stacker/ reads no image through torch or base_models
+    assert result.returncode == 0, result.stderr
     audit, files = run_audit(run)
     assert all(f.is_file() for f in files)
     page = RunPaths(run).audit_page.read_text(encoding="utf-8")
