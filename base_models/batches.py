@@ -15,9 +15,13 @@ the cache is built, and a batch is one index gather:
 
 Within a training step nothing waits on the host: the rows of a call are copied to
 the device once (from pinned memory, without blocking) and sliced there per batch.
+
+The train cache holds every dataset row; folds that `data.exclude` left short read it through
+their rows (`ImageSource.select`: row i of the folds is cache row rows[i]), with no copy of the split.
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -142,8 +146,23 @@ class ImageSource:
         self.shape = tuple(images.shape)
         self.on_device = self.device.type == "cuda" and on_device
         self._host = images
+        self._rows = None  # (n,) int64 split row of each row read (`select`); None: every row, in order
         self.images = _upload(images, self.device) if self.on_device else None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and not on_device else None
+
+    def select(self, rows: np.ndarray) -> "ImageSource":
+        """The same placed images read through `rows`: row i of what it yields is split row rows[i].
+
+        Shares the placement (the device copy or the memory map) with this source; nothing is copied.
+        Itself when `rows` is every row in order.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._rows is None and len(rows) == self.shape[0] and (rows == np.arange(len(rows))).all():
+            return self
+        out = copy.copy(self)
+        out._rows = rows if self._rows is None else self._rows[rows]
+        out.shape = (len(rows), *self.shape[1:])
+        return out
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -166,6 +185,8 @@ class ImageSource:
                 shape (a compiled model then never recompiles); the caller drops the
                 padded outputs using the yielded row count.
         """
+        if self._rows is not None:
+            order = self._rows[np.asarray(order, dtype=np.int64)]
         count = -(-len(order) // batch_size) if count is None else count
         slices = [np.asarray(order[i * batch_size:(i + 1) * batch_size], dtype=np.int64) for i in range(count)]
         if pad:

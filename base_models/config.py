@@ -35,6 +35,9 @@ SAMPLING_BUILTIN = ("uniform", "class_balanced")
 TTA_CROPS = ((1.0, 0, 0), (0.85, 0, 0), (0.85, -1, -1), (0.85, 1, 1), (0.85, -1, 1), (0.85, 1, -1))
 MAX_TTA_VIEWS = 2 * len(TTA_CROPS) - 1
 
+# A row id or label as YAML gives it: a string, or a number YAML read as one (ids like 100330).
+ROW_ID = Rule(lambda v: (isinstance(v, str) and v.strip() != "") or (isinstance(v, int) and not isinstance(v, bool)),
+              "an id (a string or an integer)")
 POSITIVE = number(0, open_low=True)
 NON_NEGATIVE = number(0)
 FRACTION = number(0, 1, open_high=True)  # [0, 1)
@@ -478,6 +481,16 @@ class DataConfig:
         resize: how images become the cache size: squish, crop or pad (fastai's names).
         check_all_images: decode every image before failing, and list all bad files.
         decode_workers: processes decoding the cache (0: all cores).
+        exclude: train ids to leave out of training (an audit's label issues, a bad image): a list of
+            ids, or the path of a CSV with an `id` column (other columns ignored, so `audit/label_issues.csv`
+            reads as it is) or of a text file of one id per line (blank lines ignored). A relative path is
+            resolved when the config is built, as `folds.file` is. The folds are made from every row first
+            and the excluded rows dropped after (`oof.edits`), so every other row keeps its fold and a
+            model that never trained on an excluded row stays current; the image cache keeps every row.
+        relabel: new labels of train rows: the path of a CSV with `id` and `label` (the new label; other
+            columns ignored) or a mapping {id: label}. The label must be a class of the dataset; the row
+            keeps its fold, and the models that trained on it turn stale. An id is excluded or relabelled,
+            never both.
     """
 
     SECTION: ClassVar[str] = "data"
@@ -487,6 +500,9 @@ class DataConfig:
         "extra_targets": (each(STRING, "a list of column names"),), "sample_submission": (STRING, NULL),
         "resize": (one_of(*RESIZE_MODES),), "check_all_images": (BOOL,),
         "decode_workers": (number(0, integer=True),),
+        "exclude": (each(ROW_ID, "a list of ids"), STRING, NULL),
+        "relabel": (Rule(lambda v: isinstance(v, dict) and all(ROW_ID(i) and ROW_ID(y) for i, y in v.items()),
+                         "a mapping {id: label}"), STRING, NULL),
     }
 
     root: str = "."
@@ -501,10 +517,20 @@ class DataConfig:
     resize: str = "squish"
     check_all_images: bool = False
     decode_workers: int = 0
+    exclude: list[str] | str | None = None
+    relabel: dict[str, str] | str | None = None
 
     def __post_init__(self):
         check_fields(self)
         self.extra_targets = list(self.extra_targets)
+        if isinstance(self.exclude, str):
+            self.exclude = str(Path(self.exclude).resolve())
+        elif self.exclude is not None:
+            self.exclude = [str(i) for i in self.exclude]
+        if isinstance(self.relabel, str):
+            self.relabel = str(Path(self.relabel).resolve())
+        elif self.relabel is not None:
+            self.relabel = {str(i): str(y) for i, y in self.relabel.items()}
         for name in self.extra_targets:  # each names files (oof.<target>.parquet)
             check_model_name(name, "data.extra_targets: target name")
         if self.extra_targets and not self.train_csv:

@@ -1,16 +1,24 @@
 """Whether a (model, fold) job finished and whether its weights are still current, from its files alone.
 
 A finished job's `fold<k>.history.json` records what its weights were made from: the recipe
-(`recipe`), the folds' and the train cache's sha256 (`Sources`) and the weights' own sha256.
-train-base and predict-oof trust a job only while all of these still hold (`stale_reason`);
-`stacker jobs` reads the same records. No torch here: a status view runs where it is absent.
+(`recipe`), the folds' sha256, the digest of the job's own training rows, the train cache's
+sha256 (`Sources`) and the weights' own sha256. train-base and predict-oof trust a job only while
+all of these still hold (`stale_reason`); `stacker jobs` reads the same records. No torch here: a
+status view runs where it is absent.
+
+The training rows' digest (`rows_digest`: ids and labels of the rows the job trains on, and of its
+held-out rows under `train.keep: best`, which pick its epoch) is what decides, where a record has
+it: `data.exclude` and `data.relabel` change the folds' digest, yet a job whose rows they did not
+touch (an excluded row it held out) trains to the same weights and stays current. A record without
+it is judged by the folds' digest.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-from oof import RunPaths, file_digest, read_json
+from oof import Folds, RunPaths, file_digest, read_json
 
 from .config import ModelSpec
 
@@ -45,36 +53,71 @@ def is_trained(paths: RunPaths, model: str, fold: int) -> bool:
     return paths.history(model, fold).is_file() and paths.weights(model, fold).is_file()
 
 
+ROWS_CHANGED = "trained on other training rows or labels (data.exclude / data.relabel changed its training part)"
+
+
 @dataclass(frozen=True)
 class Sources:
     """What a job's weights are made from besides its recipe, by digest.
 
     Attributes:
-        folds_sha256: the fold assignment (`Folds.sha256`).
+        folds_sha256: the fold assignment (`Folds.sha256`, of the job's repeat).
         cache_sha256: the train image cache (`ImageCache.digest`): ids, pixels, cache size, resize mode.
+        rows_sha256: the job's own training rows (`rows_digest`); None where unknown (a job outside a
+            run's grid): the folds' digest decides.
     """
 
     folds_sha256: str
     cache_sha256: str
+    rows_sha256: str | None = None
 
     def reason(self, record: dict) -> str | None:
         """Why a job's record (history or checkpoint) was made from other sources; None when it was not.
         The phrase completes "<model> fold <k> was ..."."""
         if "folds_sha256" not in record:
             return "trained by an older version that recorded no fold or data digests"
-        if record["folds_sha256"] != self.folds_sha256:
+        rows = record.get("rows_sha256")
+        if rows is not None and self.rows_sha256 is not None:
+            if rows != self.rows_sha256:
+                return ROWS_CHANGED
+        elif record["folds_sha256"] != self.folds_sha256:
             return "trained on another fold assignment"
         if record.get("cache_sha256") != self.cache_sha256:
             return "trained on other images (the train image cache changed)"
         return None
 
 
+def rows_digest(folds: Folds, fold: int, held_out: bool = False) -> str:
+    """sha256 over the (id, label) rows job `fold` trains on (fold != `fold`), sorted by id; with `held_out`
+    its held-out rows too, apart (they pick the epoch under `train.keep: best`).
+
+    Args:
+        folds: the job's repeat's one-repeat folds.
+        fold: the job's held-out fold.
+        held_out: include the held-out rows.
+    """
+    ids, labels = folds.ids.tolist(), folds.table["label"].tolist()
+    train = (folds.fold != fold).tolist()
+    parts = [("train", True)] + ([("held out", False)] if held_out else [])
+    h = hashlib.sha256()
+    for name, side in parts:
+        h.update(f"{name}\n".encode())
+        h.update("".join(sorted(f"{i}\t{y}\n" for i, y, t in zip(ids, labels, train) if t == side)).encode())
+    return h.hexdigest()
+
+
+def job_sources(folds: Folds, fold: int, spec: ModelSpec, cache_sha256: str) -> Sources:
+    """What job (`spec`, `fold`) trains from: `folds` (its repeat's), its training rows, the train cache."""
+    return Sources(folds.sha256, cache_sha256, rows_digest(folds, fold, spec.train.keep == "best"))
+
+
 def stale_reason(paths: RunPaths, spec: ModelSpec, fold: int, sources: Sources) -> str | None:
     """Why a finished job's weights are not what the run would train now; None when they are.
 
-    Stale: another fold assignment (its OOF rows would come from a model that saw
-    them), other train images, another recipe, or a weights file that is not the
-    one its history recorded. The phrase completes "<model> fold <k> was ...".
+    Stale: other training rows or labels (or, for a history without a rows digest, another
+    fold assignment: its OOF rows would come from a model that saw them), other train images,
+    another recipe, or a weights file that is not the one its history recorded. The phrase
+    completes "<model> fold <k> was ...".
     """
     record = read_json(paths.history(spec.name, fold))
     reason = sources.reason(record)

@@ -4,8 +4,8 @@
 A job's state, the first that holds:
 
     running   another process holds the job's lock: train-base is training it (or --force deleting it)
-    stale     finished, but from other folds, train images, settings or weights (`job_state.stale_reason`):
-              train-base refuses it until --force
+    stale     finished, but from other training rows or labels (`data.exclude`, `data.relabel`), folds,
+              train images, settings or weights (`job_state.stale_reason`): train-base refuses it until --force
     done      its history marks it finished and it is current
     partial   an interrupted job's checkpoint: the next train-base resumes it after that epoch
     pending   nothing yet
@@ -29,7 +29,7 @@ from oof import RunPaths, StackerError, duration, info, load_folds, read_json, r
 
 from .cache import load_cache
 from .config import ModelSpec, base_configs
-from .job_state import Sources, is_trained, stale_reason
+from .job_state import Sources, is_trained, job_sources, stale_reason
 
 COLUMNS = ("model", "repeat", "fold", "state", "epoch", "device", "amp", "seconds", "valid_loss", "error_rate",
            "reason")
@@ -58,8 +58,10 @@ def job_table(cfg: dict, log=info) -> pd.DataFrame:
     rows = []
     for spec in specs:
         for repeat in range(repeats):
-            sources = None if cache is None else Sources(folds.for_repeat(repeat).sha256, cache)
-            rows += [_job_row(paths.for_repeat(repeat), spec, fold, sources) for fold in range(k)]
+            at = paths.for_repeat(repeat)
+            checked = [cache is not None and is_trained(at, spec.name, fold) for fold in range(k)]  # digests of these
+            rows += [_job_row(at, spec, fold, job_sources(folds.for_repeat(repeat), fold, spec, cache)
+                              if checked[fold] else None) for fold in range(k)]
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     for line in format_job_table(table):
         log(line)

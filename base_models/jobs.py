@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from oof import Folds, GridProgress, RunPaths, StackerError, atomic_path, info, load_folds, remove_temps, write_folds
+from oof import (DataEdits, Folds, GridProgress, RunPaths, StackerError, apply_edits, atomic_path, base_folds,
+                 check_edits, edits_line, in_order, info, load_folds, preview, read_edits, remove_temps, write_folds)
 
 from .batches import CacheBudget, ImageSource, place_images
 from .cache import CacheOptions, ImageCache, build_cache, load_cache
@@ -32,7 +33,7 @@ from .config import SAMPLING_BUILTIN, DataConfig, EngineConfig, FoldsConfig, Mod
 from .dataset import DatasetSpec, resolve_dataset
 from .engines import JobLog, create_engine, job_label, run_jobs
 from .models import check_sizes, resolve_device
-from .train import Sources, Target, TrainInputs, build_model, is_trained, stale_reason, train_fold
+from .train import Sources, Target, TrainInputs, build_model, is_trained, job_sources, stale_reason, train_fold
 
 
 @dataclass(frozen=True)
@@ -121,20 +122,23 @@ def prepare_run(paths: RunPaths, data: DataConfig, folds_cfg: FoldsConfig, size,
                 log=info) -> tuple[DatasetSpec, Folds]:
     """Resolve the dataset, make (or check) the folds, decode the train and test caches.
 
-    Folds checked against an existing folds.parquet, or made with `folds.duplicates: off`, come
-    first (a config error shows before any decoding); folds made while looking for duplicates
-    come after the caches, whose image hashes the finder compares.
+    `data.exclude` and `data.relabel` are read and checked against the dataset first. Folds checked
+    against an existing folds.parquet, or made with `folds.duplicates: off`, come next (a config error
+    shows before any decoding); folds made while looking for duplicates come after the caches, whose
+    image hashes the finder compares. The caches hold every dataset row, excluded ones too.
     """
     spec = resolve_dataset(data)
     log(f"dataset: {len(spec.train)} train images in {len(spec.classes)} classes, {len(spec.test)} test images")
+    edits = read_edits(data.exclude, data.relabel)
+    check_edits(edits, spec.train["id"], spec.test["id"], spec.classes)
     look = folds_cfg.duplicates != "off" and (force or not paths.folds.is_file())
-    folds = None if look else _folds_for(paths, spec, folds_cfg, force, log)
+    folds = None if look else _run_folds(paths, spec, folds_cfg, edits, force, log)
     options = CacheOptions.from_data(data, size)
     caches = {split: build_cache(paths, split, table["id"], table["path"], options, log)
               for split, table in (("train", spec.train), ("test", spec.test))}
     if look:
         clusters = find_run_duplicates(paths, spec, caches, folds_cfg, log)
-        folds = _folds_for(paths, spec, folds_cfg, force, log, clusters)
+        folds = _new_folds(paths, spec, folds_cfg, edits, log, clusters)
     columns = spec.train.drop(columns=["path", "label"])
     with run_file(paths, paths.targets), atomic_path(paths.targets) as tmp:
         columns.to_parquet(tmp, index=False)
@@ -190,34 +194,65 @@ def find_run_duplicates(paths: RunPaths, spec: DatasetSpec, caches: dict[str, Im
     return np.asarray(found.cluster, dtype=np.int64)
 
 
+def _run_folds(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig, edits: DataEdits, force: bool,
+               log) -> Folds:
+    """The run's folds: an existing folds.parquet checked against the config (never regrouped) and given
+    `edits`, else made and written."""
+    if paths.folds.is_file() and not force:
+        return _existing_folds(paths, spec, cfg, edits, log)
+    return _new_folds(paths, spec, cfg, edits, log)
+
+
 def _folds_for(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig, force: bool, log,
                clusters: np.ndarray | None = None) -> Folds:
-    """The run's folds: an existing folds.parquet checked against the config (never regrouped), else made
-    (grouped on `clusters` with `folds.duplicates: group`) and written."""
-    if paths.folds.is_file() and not force:
-        return _existing_folds(paths, spec, cfg)
-    made = cfg.assign(spec.train, spec.classes, clusters)  # stratified, grouped or read from folds.file; R repeats
+    """The run's folds of a config without `data.exclude` and `data.relabel`: an existing folds.parquet checked
+    against the config (never regrouped), else made (grouped on `clusters` with `folds.duplicates: group`)
+    and written."""
+    if clusters is None or (paths.folds.is_file() and not force):
+        return _run_folds(paths, spec, cfg, DataEdits(), force, log)
+    return _new_folds(paths, spec, cfg, DataEdits(), log, clusters)
+
+
+def _new_folds(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig, edits: DataEdits, log,
+               clusters: np.ndarray | None = None) -> Folds:
+    """The base assignment of every dataset row (grouped on `clusters` with `folds.duplicates: group`),
+    `edits` applied on top, written."""
+    base = cfg.assign(spec.train, spec.classes, clusters)  # stratified, grouped or read from folds.file; R repeats
+    made = apply_edits(base, edits)
     with run_file(paths, paths.folds):
         write_folds(paths.folds, made)
     log(f"folds: k={made.k} seed={made.seed}{_how_folds(made, cfg, clusters)} -> {paths.folds}")
+    if edits:
+        log(f"folds: {edits_line(made, edits.keys)} -> {paths.folds}")
     if cfg.duplicates == "warn" and clusters is not None and (clusters >= 0).any():
-        split = split_clusters(made, clusters)
+        split = split_clusters(base, clusters)
         log(f"warning: folds.duplicates: warn: the folds split {len(split)} of {clusters.max() + 1} near-duplicate "
             "clusters, whose OOF rows score optimistic (folds.duplicates: group keeps them whole)")
     return made
 
 
-def _existing_folds(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig) -> Folds:
-    """folds.parquet, checked to be what the config makes over the groups it records."""
-    folds = load_folds(paths.folds)
+def _existing_folds(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig, edits: DataEdits, log) -> Folds:
+    """folds.parquet, its base assignment checked to be what the config makes over the groups it records
+    (the excluded rows' recorded groups too), then `edits` applied to that base; the file rewritten when
+    the edits change it."""
+    stored = load_folds(paths.folds)
+    base = base_folds(stored)
     groups = None
-    if folds.groups is not None:
-        groups = pd.Series(folds.groups, index=folds.ids).reindex(spec.train["id"].astype(str)).to_numpy()
+    if base.groups is not None:
+        groups = pd.Series(base.groups, index=base.ids).reindex(spec.train["id"].astype(str)).to_numpy()
     fits = groups is None or not pd.isna(groups).any()
-    if not fits or folds.sha256 != cfg.remade(spec.train, spec.classes, groups).sha256:
+    if not fits or base.sha256 != cfg.remade(spec.train, spec.classes, groups).sha256:
         raise StackerError(f"{paths.folds}: made from another dataset or folds config (k, seed, repeats, "
                            "group_column, file); every model of a run must share one fold assignment. Use a "
                            "new run directory, or --force to start this one again")
+    if not edits and not stored.edits:
+        return stored
+    folds = apply_edits(in_order(base, spec.train["id"]), edits)
+    if folds.sha256 == stored.sha256 and folds.edits == stored.edits:
+        return stored
+    with run_file(paths, paths.folds):
+        write_folds(paths.folds, folds)
+    log(f"folds: {edits_line(folds, edits.keys)} -> {paths.folds}")
     return folds
 
 
@@ -235,18 +270,19 @@ def _how_folds(made: Folds, cfg: FoldsConfig, clusters: np.ndarray | None) -> st
 
 
 def load_targets(paths: RunPaths, folds: Folds, extra: list[str]) -> list[Target]:
-    """The main target from the folds, then each extra target column, rows in folds order."""
+    """The main target from the folds, then each extra target column, rows in folds order; an extra target's
+    classes are those of every dataset row (excluded ones too), so excluding a row never changes a head."""
     targets = [Target(None, folds.classes, folds.y)]
     if not extra:
         return targets
-    table = _train_columns(paths, folds)
+    every = _targets_table(paths)
+    table = _train_columns(paths, folds, every)
     for name in extra:
         if name not in table.columns:
             raise StackerError(f"{paths.targets}: no column {name!r} (data.extra_targets); rerun train-base")
-        values = table[name].astype(str)
-        classes = tuple(sorted(values.unique()))
+        classes = tuple(sorted(every[name].astype(str).unique()))
         index = {c: i for i, c in enumerate(classes)}
-        targets.append(Target(name, classes, values.map(index).to_numpy(np.int64, copy=True)))
+        targets.append(Target(name, classes, table[name].astype(str).map(index).to_numpy(np.int64, copy=True)))
     return targets
 
 
@@ -272,8 +308,17 @@ def load_row_weights(paths: RunPaths, folds: Folds, spec: ModelSpec) -> np.ndarr
     return w
 
 
-def _train_columns(paths: RunPaths, folds: Folds) -> pd.DataFrame:
-    table = pd.read_parquet(paths.targets).astype({"id": str}).set_index("id", drop=False)
+def _targets_table(paths: RunPaths) -> pd.DataFrame:
+    """targets.parquet: the train CSV's other columns of every dataset row, indexed by id."""
+    return pd.read_parquet(paths.targets).astype({"id": str}).set_index("id", drop=False)
+
+
+def _train_columns(paths: RunPaths, folds: Folds, table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """targets.parquet's rows of the folds' ids, in folds order."""
+    table = _targets_table(paths) if table is None else table
+    missing = ~pd.Index(folds.ids).isin(table.index)
+    if missing.any():
+        raise StackerError(f"{paths.targets}: no row for folds ids {preview(folds.ids[missing])}; rerun train-base")
     return table.loc[folds.ids].reset_index(drop=True)
 
 
@@ -411,8 +456,9 @@ class _TrainRun(JobRun):
     log: Callable[[str], None] = info
 
     def sources(self, job: FoldJob) -> Sources:
-        """What the job's weights must be made from: its repeat's folds and this call's train cache."""
-        return Sources(job.folds(self.folds).sha256, self.cache_sha256)
+        """What the job's weights must be made from: its repeat's folds, its training rows and this call's
+        train cache."""
+        return job_sources(job.folds(self.folds), job.fold, job.model, self.cache_sha256)
 
     def refuse_stale(self, finished: list[FoldJob]) -> None:
         """A finished job is skipped only while it is current; stale ones are refused in one line naming them all."""
@@ -454,13 +500,15 @@ class _TrainRun(JobRun):
             return time.perf_counter() - t0
 
     def place(self, device, budget: CacheBudget) -> ImageSource:
-        """The train cache on `device`: the very cache (by digest) the call checked its jobs against."""
+        """The train cache on `device`, read in folds order: the very cache (by digest) the call checked its
+        jobs against."""
         cache = load_cache(self.paths, "train")
-        check_cache_rows(cache, self.folds.ids, self.paths)
+        rows = check_cache_rows(cache, self.folds.ids, self.paths)
         if cache.digest != self.cache_sha256:
             raise StackerError(f"{self.paths.cache_index('train')}: the train image cache changed while train-base "
                                "ran (another process rebuilt it); run train-base again")
         (images,) = place_images([cache.images], device, budget, self.log)
+        images = images.select(rows)
         self.log(f"  train images: {images.shape} uint8 in {images.placement}")
         return images
 
@@ -482,6 +530,21 @@ def check_run_visible(paths: RunPaths) -> None:
                            "must see the run directory at the same path (shared storage)") from None
 
 
-def check_cache_rows(cache: ImageCache, ids: np.ndarray, paths: RunPaths) -> None:
-    if len(cache.ids) != len(ids) or (cache.ids != ids).any():
-        raise StackerError(f"{paths.cache}: the image cache does not match {paths.folds}; rerun train-base")
+def check_cache_rows(cache: ImageCache, ids: np.ndarray, paths: RunPaths) -> np.ndarray:
+    """(N,) int64 cache row of each folds row (`ids`, folds order): every row in order when the cache holds
+    exactly the folds' ids, else each id's row (the cache holds every dataset row, the folds those
+    `data.exclude` left).
+
+    Raises:
+        StackerError: a folds id the cache does not hold.
+    """
+    cached = cache.ids.tolist()
+    wanted = [str(i) for i in np.asarray(ids).tolist()]
+    if cached == wanted:
+        return np.arange(len(wanted), dtype=np.int64)
+    position = {x: i for i, x in enumerate(cached)}
+    missing = [x for x in wanted if x not in position]
+    if missing:
+        raise StackerError(f"{paths.cache}: the image cache does not match {paths.folds} (no image of folds ids "
+                           f"{preview(missing)}); rerun train-base")
+    return np.array([position[x] for x in wanted], dtype=np.int64)

@@ -22,6 +22,11 @@ the last one in writes the model's OOF table (the K parts, checked against the f
 twin `oof_plain.parquet`, its test table (the mean of the K fold tables) and metrics.json (scores with
 and without TTA).
 
+The tables hold the folds' rows: with `data.exclude` the excluded ids are in no table (the train cache,
+which keeps every dataset row, is read through the folds' rows), and an edit changes the folds' digest,
+so the tables made before it are predicted again, from the same weights where a job's training rows
+are unchanged (`job_state.rows_digest`).
+
 Current means: a table records exactly what this call would predict from (`table_meta`: the folds,
 the fold model's weights, both caches, the TTA settings and views, the precision), as `is_current`
 reads it: a schema-1 table records no views and means the frozen views of its n. A rerun predicts only the
@@ -51,7 +56,7 @@ from .jobs import (FoldJob, JobRun, StageOptions, check_cache_rows, extra_target
 from .models import resolve_device
 from .predict import predict_with_tta, resolve_amp
 from .table_schema import TABLE_SCHEMA, fold_table_meta, is_current, stale_keys, view_records
-from .train import Sources, Target, is_trained, load_fold_model, stale_reason, weights_digest
+from .train import Target, is_trained, job_sources, load_fold_model, stale_reason, weights_digest
 
 
 class FoldTables(NamedTuple):
@@ -121,14 +126,15 @@ class PredictRun(JobRun):
             return time.perf_counter() - t0
 
     def place(self, device, budget: CacheBudget) -> tuple[ImageSource, ImageSource]:
-        """The train and test caches on `device`: the very caches (by digest) this call checked."""
+        """The train and test caches on `device` (the train one read in folds order): the very caches (by
+        digest) this call checked."""
         train, test = load_cache(self.paths, "train"), load_cache(self.paths, "test")
-        check_cache_rows(train, self.folds.ids, self.paths)
+        rows = check_cache_rows(train, self.folds.ids, self.paths)
         if (train.digest, test.digest) != self.caches:
             raise StackerError(f"{self.paths.cache}: the image cache changed while predict-oof ran (another "
                                "process rebuilt it); run predict-oof again")
         train_images, test_images = place_images([train.images, test.images], device, budget, self.log)
-        return train_images, test_images
+        return train_images.select(rows), test_images
 
     def do(self, job: FoldJob, placed: tuple[ImageSource, ImageSource]) -> float | None:
         return self.predict(job, *placed)
@@ -176,8 +182,8 @@ def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAC
 
 
 def _fold_weights(paths: RunPaths, spec: ModelSpec, folds: Folds, cache: str) -> list[list[str | None]]:
-    """[repeat][fold] each fold model's weights digest (None: not trained yet), once trained on its repeat's
-    folds and these train images, as configured.
+    """[repeat][fold] each fold model's weights digest (None: not trained yet), once trained on its training
+    rows of its repeat's folds and these train images, as configured.
 
     Raises:
         StackerError: stale weights (named, with the command that retrains them).
@@ -190,7 +196,7 @@ def _fold_weights(paths: RunPaths, spec: ModelSpec, folds: Folds, cache: str) ->
         if not is_trained(at, spec.name, job.fold):
             out[-1].append(None)
             continue
-        reason = stale_reason(at, spec, job.fold, Sources(job.folds(folds).sha256, cache))
+        reason = stale_reason(at, spec, job.fold, job_sources(job.folds(folds), job.fold, spec, cache))
         if reason:
             raise StackerError(f"{at.weights(spec.name, job.fold)}: {job_name(job)} was {reason}; "
                                "run train-base --force to retrain it")

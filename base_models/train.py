@@ -7,9 +7,9 @@ The job trains on every fold but its own and writes only its own files under
     fold<k>.history.csv       the epochs as a table (epoch, phase, size, lr, losses, error rate, seconds),
                               rewritten after every epoch: `tail -f`-able progress, timm's summary.csv
     fold<k>.history.json      per-epoch phase, size, train/valid loss, error rate, lr, seconds, non-finite
-                              batches, fp16's skipped steps and loss scale; the recipe, the folds' and the
-                              train cache's sha256 it was trained on, the weights' sha256, the precision
-                              and the device
+                              batches, fp16's skipped steps and loss scale; the recipe, the folds', the
+                              training rows' (`job_state.rows_digest`) and the train cache's sha256 it was
+                              trained on, the weights' sha256, the precision and the device
     fold<k>.checkpoint.pt     end-of-epoch state for resume; removed when the job finishes
 
 A finished job is current only while all of these still hold (`job_state.stale_reason`, torch-free):
@@ -66,8 +66,8 @@ from .batches import ImageSource, to_device
 from .config import ModelSpec, SamplingConfig, TrainConfig
 from .engines import job_label
 # A job's record, read without torch (`stacker jobs`); the names stay importable from here.
-from .job_state import (Sources, changed_keys, is_trained, read_history, recipe, stale_reason,  # noqa: F401
-                        weights_digest)
+from .job_state import (Sources, changed_keys, is_trained, job_sources, read_history, recipe,  # noqa: F401
+                        stale_reason, weights_digest)
 from .models import backbone_parameters, create_model, head_parameters, logits_list, model_norm
 from .predict import ViewPlan, autocast, compile_note, device_name, predict_views, resolve_amp
 
@@ -121,9 +121,10 @@ class TrainInputs:
 
     Attributes:
         paths: the run directory (the job writes only its own files under `models/<model>/`).
-        folds: the run's folds.
+        folds: the job's repeat's folds.
         targets: main target first, then extra targets; rows in folds order.
-        images: the train cache, placed for the device to train on.
+        images: the train cache, placed for the device to train on, read in folds order
+            (`ImageSource.select`: the cache holds every dataset row, the folds those `data.exclude` left).
         cache_sha256: the train cache's digest, recorded with the weights ("" outside a run's
             job grid, e.g. a benchmark: such weights are never current in a run).
     """
@@ -136,7 +137,12 @@ class TrainInputs:
 
     @property
     def sources(self) -> Sources:
+        """The folds and the train cache, without a job's training rows (`job_sources` adds them)."""
         return Sources(self.folds.sha256, self.cache_sha256)
+
+    def job_sources(self, spec: ModelSpec, fold: int) -> Sources:
+        """What job (`spec`, `fold`) is made from: the folds, its own training rows and the train cache."""
+        return job_sources(self.folds, fold, spec, self.cache_sha256)
 
 
 @dataclass(eq=False)
@@ -161,6 +167,7 @@ class TrainState:
     ys: list[torch.Tensor]  # per target: (N,) class index of every train row, on the device
     loss_weights: list[float]  # per target: 1 for the main one, train.target_weights for the extra ones
     train_rows: np.ndarray  # (n,) rows of the folds this job trains on
+    sources: Sources  # what its weights are made from: folds, its training rows, the train cache
     sample_w: np.ndarray | None  # (n,) sampling weight per training row; None: uniform epochs
     generator: torch.Generator  # epoch orders and augmentation draws
     schedule: list[Segment]
@@ -211,7 +218,7 @@ def train_fold(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.
     """
     start = time.perf_counter()
     state = _setup(spec, fold, inputs, row_weights, log)
-    checkpoint = _load_checkpoint(state.checkpoint_path, spec, inputs.sources)
+    checkpoint = _load_checkpoint(state.checkpoint_path, spec, state.sources)
     _restore(state, checkpoint)
     state.steps = _steps_per_epoch(state)
     state.clock["setup"] = time.perf_counter() - start
@@ -245,7 +252,8 @@ def _setup(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.ndar
         scaler=torch.amp.GradScaler(device.type) if amp == "fp16" else None, ema=ema, mixup=_mixup(cfg, targets),
         norm=norm_tensors(model_norm(model), device), ys=[torch.as_tensor(t.y, device=device) for t in targets],
         loss_weights=[1.0] + [cfg.target_weights.get(t.name, 1.0) for t in targets[1:]],
-        train_rows=train_rows, sample_w=sampling_weights(cfg.sampling, targets[0].y[train_rows], column),
+        train_rows=train_rows, sources=inputs.job_sources(spec, fold),
+        sample_w=sampling_weights(cfg.sampling, targets[0].y[train_rows], column),
         generator=torch.Generator().manual_seed(cfg.seed * 1000 + fold),
         schedule=segments(cfg, spec.pretrained is not None))
 
@@ -536,9 +544,10 @@ def _progress_line(job: str, total: int, h: dict) -> str:
 def _save_checkpoint(state: TrainState) -> None:
     """End-of-epoch state, enough to resume where it stopped (bit for bit on CPU): weights, optimizer,
     schedule, fp16's loss scale, every RNG."""
-    sources = state.inputs.sources
+    sources = state.sources
     checkpoint = {"recipe": recipe(state.spec), "folds_sha256": sources.folds_sha256,
-                  "cache_sha256": sources.cache_sha256, "segment": state.segment, "model": state.model.state_dict(),
+                  "rows_sha256": sources.rows_sha256, "cache_sha256": sources.cache_sha256,
+                  "segment": state.segment, "model": state.model.state_dict(),
                   "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
                   **_rng_states(state.generator, state.device), "history": state.history,
                   "ema": state.ema.module.state_dict() if state.ema else None, "best": state.best,
@@ -558,7 +567,8 @@ def write_history_csv(path: Path, epochs: list[dict]) -> None:
 
 
 def _load_checkpoint(path: Path, spec: ModelSpec, sources: Sources) -> dict | None:
-    """An interrupted job's state, when it was started from the same recipe, folds and train images."""
+    """An interrupted job's state, when it was started from the same recipe, training rows (or, for a
+    checkpoint without their digest, the same folds) and train images."""
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -635,7 +645,7 @@ def _set_rng_states(saved: dict, generator: torch.Generator, device: torch.devic
 def _save_result(state: TrainState) -> None:
     """Write the kept weights, then the history (its presence marks the job finished); drop the checkpoint.
 
-    The history records what the weights were made from (recipe, folds, train cache)
+    The history records what the weights were made from (recipe, folds, training rows, train cache)
     and the weights' own sha256, so every later stage can tell them current or stale.
     """
     t0 = time.perf_counter()
@@ -648,10 +658,10 @@ def _save_result(state: TrainState) -> None:
         save_model(model, str(tmp))
         weights_sha256 = file_digest(tmp)
     state.clock["save"] = time.perf_counter() - t0
-    sources = state.inputs.sources
+    sources = state.sources
     record = {"model": spec.name, "arch": spec.arch, "fold": fold, "pretrained": spec.pretrained,
               "model_kwargs": spec.model_kwargs, "train": asdict(spec.train), "folds_sha256": sources.folds_sha256,
-              "cache_sha256": sources.cache_sha256, "weights_sha256": weights_sha256, "kept_epoch": kept,
+              "rows_sha256": sources.rows_sha256, "cache_sha256": sources.cache_sha256, "weights_sha256": weights_sha256, "kept_epoch": kept,
               "amp": state.amp, "device_name": device_name(state.device), "seconds": state.clock,
               "epochs": state.history}
     write_history_csv(paths.history_csv(spec.name, fold), state.history)

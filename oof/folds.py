@@ -54,6 +54,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pandas as pd
@@ -65,6 +66,92 @@ from .errors import StackerError, preview
 from .ids import align, check_unique
 
 META_KEY = b"stacker"
+
+
+@dataclass(frozen=True)
+class ExcludedRow:
+    """A train row `data.exclude` leaves out of the folds, as the base assignment holds it.
+
+    Attributes:
+        id: the row's id.
+        label: its label in the dataset.
+        folds: its base fold in each repeat, in repeat order.
+        group: its group in grouped folds; None without groups.
+    """
+
+    id: str
+    label: str
+    folds: tuple[int, ...]
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class FoldEdits:
+    """What `data.exclude` and `data.relabel` changed in a run's base fold assignment (`oof.edits`), read only.
+
+    folds.parquet records it in its metadata (`record`), so the base assignment (every dataset row with its
+    dataset label) is rebuilt from the file alone (`oof.edits.base_folds`). Empty (false) for folds without
+    edits: every file without an `edits` record, and folds.csv from other tools.
+
+    Attributes:
+        excluded_rows: the rows left out, sorted by id.
+        relabels: (id, label in the dataset, new label) of each relabelled row, sorted by id.
+    """
+
+    excluded_rows: tuple[ExcludedRow, ...] = ()
+    relabels: tuple[tuple[str, str, str], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.excluded_rows or self.relabels)
+
+    @property
+    def excluded(self) -> tuple[str, ...]:
+        """Ids of the rows left out."""
+        return tuple(row.id for row in self.excluded_rows)
+
+    @property
+    def relabelled(self) -> MappingProxyType:
+        """{id: (label in the dataset, new label)} of the relabelled rows."""
+        return MappingProxyType({i: (old, new) for i, old, new in self.relabels})
+
+    def _rows(self) -> dict:
+        excluded = [{"id": r.id, "label": r.label, "folds": list(r.folds), **({} if r.group is None else
+                                                                             {"group": r.group})}
+                    for r in self.excluded_rows]
+        return {"excluded": excluded, "relabelled": [{"id": i, "from": a, "to": b} for i, a, b in self.relabels]}
+
+    @property
+    def sha256(self) -> str:
+        """Digest of the edits: every excluded row (id, label, base folds, group) and every relabel."""
+        return hashlib.sha256(json.dumps(self._rows(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def record(self) -> dict:
+        """The edits as folds.parquet's metadata holds them (`from_record` reads them back)."""
+        return {**self._rows(), "sha256": self.sha256}
+
+    @classmethod
+    def from_record(cls, record, source: str) -> FoldEdits:
+        """The edits a folds file records, checked against their recorded digest.
+
+        Raises:
+            StackerError: a record of another shape, or one changed after the file was made.
+        """
+        try:
+            rows = tuple(ExcludedRow(str(r["id"]), str(r["label"]), tuple(int(f) for f in r["folds"]),
+                                     None if r.get("group") is None else str(r["group"]))
+                         for r in record["excluded"])
+            edits = cls(rows, tuple((str(r["id"]), str(r["from"]), str(r["to"])) for r in record["relabelled"]))
+            recorded = record["sha256"]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise StackerError(f"{source}: its edits record is not readable; make folds again with --force") from None
+        if edits.sha256 != recorded:
+            raise StackerError(f"{source}: the edits it records (excluded, relabelled rows) were changed after the "
+                               "file was made (sha256 differs from the one recorded); make folds again with --force")
+        return edits
+
+
+NO_EDITS = FoldEdits()
 
 
 @dataclass(frozen=True)
@@ -80,6 +167,8 @@ class Folds:
         classes: class names in the order every prediction table uses.
         sha256: digest of ids, labels and folds (of every repeat); prediction tables record it.
         repeats: number of assignments.
+        edits: the rows `data.exclude` left out and `data.relabel` relabelled (`FoldEdits`); the table
+            holds the rows after the edits, each in its base fold. Empty for folds without edits.
     """
 
     table: pd.DataFrame
@@ -88,6 +177,7 @@ class Folds:
     classes: tuple[str, ...]
     sha256: str
     repeats: int = 1
+    edits: FoldEdits = NO_EDITS
 
     @property
     def n_rows(self) -> int:
@@ -165,7 +255,8 @@ class Folds:
         columns = [c for c in ("id", "label", "fold", "group") if c in self.table.columns]
         table = self.table.iloc[repeat * n:(repeat + 1) * n][columns].reset_index(drop=True)
         seed = None if self.seed is None else repeat_seed(self.seed, int(repeat))
-        return Folds(table, self.k, seed, self.classes, folds_digest(table["id"], table["label"], table["fold"]))
+        return Folds(table, self.k, seed, self.classes, folds_digest(table["id"], table["label"], table["fold"]),
+                     edits=self.edits)
 
     def each_repeat(self) -> list[Folds]:
         """Every repeat's one-repeat view, in repeat order."""
@@ -209,7 +300,7 @@ def repeats_digest(digests) -> str:
     return hashlib.sha256("".join(f"{r}\t{d}\n" for r, d in enumerate(digests)).encode()).hexdigest()
 
 
-def _assemble(ids: np.ndarray, labels: np.ndarray, fold, k: int, seed, classes) -> Folds:
+def assemble_folds(ids: np.ndarray, labels: np.ndarray, fold, k: int, seed, classes) -> Folds:
     """A `Folds` from (R, N) fold numbers; one repeat is exactly the table and digest of one assignment."""
     fold = np.asarray(fold, dtype=np.int64).reshape(-1, len(ids))
     if len(fold) == 1:
@@ -254,7 +345,7 @@ def make_folds(ids, labels, k: int = 5, seed: int = 42, classes=None, repeats: i
         raise StackerError(f"folds: class {worst!r} has {fewest} images, fewer than k={k}; "
                            f"every class needs at least one image per fold ({fix})")
     fold = [_stratified(labels, classes, k, repeat_seed(seed, r)) for r in range(repeats)]
-    return _assemble(ids, labels, fold, k, seed, classes)
+    return assemble_folds(ids, labels, fold, k, seed, classes)
 
 
 def _stratified(labels: np.ndarray, classes, k: int, seed) -> np.ndarray:
@@ -340,7 +431,7 @@ def group_folds(rows: pd.DataFrame, k: int = 5, seed: int = 42, classes=None, re
                            f"({len(ids)} rows / k={k} = {share:.1f}); lower k, or use a finer group column")
     y = pd.Index(classes).get_indexer(labels)
     fold = [_grouped(y, group_of, len(classes), k, repeat_seed(seed, r)) for r in range(repeats)]
-    folds = _assemble(ids, labels, fold, k, seed, classes).with_groups(groups, where)
+    folds = assemble_folds(ids, labels, fold, k, seed, classes).with_groups(groups, where)
     check_training_parts(folds, where)
     return folds
 
@@ -500,7 +591,7 @@ def folds_from_table(table: pd.DataFrame, source: str, classes=None) -> Folds:
     if moved.any():
         raise StackerError(f"{source}: ids with another label in another repeat, first {preview(ids[first][moved])}")
     matrix = fold[rows]
-    folds = _assemble(ids[first], labels[first], matrix, _fold_count(matrix, source), None, classes)
+    folds = assemble_folds(ids[first], labels[first], matrix, _fold_count(matrix, source), None, classes)
     groups = _table_groups(table, rows, ids[first], source)
     return folds if groups is None else folds.with_groups(groups, source)
 
@@ -533,7 +624,7 @@ def read_fold_file(path: str | os.PathLike, ids, labels, classes=None) -> Folds:
         if differ.any():
             raise StackerError(f"{path}: label differs from the train data's for ids {preview(ids[differ])}")
     matrix = _integers(table, "fold", file_ids, str(path))[rows]
-    folds = _assemble(ids, labels, matrix, _fold_count(matrix, str(path)), None, classes)
+    folds = assemble_folds(ids, labels, matrix, _fold_count(matrix, str(path)), None, classes)
     groups = _table_groups(table, rows, ids, str(path))
     folds = folds if groups is None else folds.with_groups(groups, str(path))
     check_training_parts(folds, str(path))
@@ -639,12 +730,14 @@ def check_labelled_rows(ids: np.ndarray, labels: np.ndarray, classes, source: st
 
 def write_folds(path: str | os.PathLike, folds: Folds) -> None:
     """folds.parquet: the table and, in the metadata, k, seed, classes, sha256 (and repeats when > 1,
-    groups_sha256 with groups)."""
+    groups_sha256 with groups, the edits' record with edits: `FoldEdits.record`)."""
     meta = {"k": folds.k, "seed": folds.seed, "classes": list(folds.classes), "sha256": folds.sha256}
     if folds.repeats > 1:  # one assignment keeps the metadata (and so the bytes) it always had
         meta["repeats"] = folds.repeats
     if folds.groups is not None:  # likewise folds without groups
         meta["groups_sha256"] = folds.groups_sha256
+    if folds.edits:  # and folds without edits
+        meta["edits"] = folds.edits.record
     table = pa.Table.from_pandas(folds.table, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
     with atomic_path(path) as tmp:
@@ -679,8 +772,35 @@ def load_folds(path: str | os.PathLike) -> Folds:
     unknown = set(folds.table["label"]) - set(folds.classes)
     if unknown:
         raise StackerError(f"{path}: labels {sorted(unknown)} are not among the recorded classes")
+    edits = recorded_edits(folds, meta, str(path))
     # A file of stacker 0.1.0 keeps the digest it recorded, which its tables carry too.
-    return replace(folds, seed=meta.get("seed"), sha256=meta["sha256"])
+    return replace(folds, seed=meta.get("seed"), sha256=meta["sha256"], edits=edits)
+
+
+def recorded_edits(folds: Folds, meta: dict, source: str) -> FoldEdits:
+    """The edits a folds file's metadata records (`NO_EDITS` without a record), checked against its rows.
+
+    Raises:
+        StackerError: a record changed after the file was made, an excluded id still among the rows, a
+            relabelled id missing or holding another label, or a base fold outside 0..k-1 (or not one per repeat).
+    """
+    if "edits" not in meta:
+        return NO_EDITS
+    edits = FoldEdits.from_record(meta["edits"], source)
+    here = dict(zip(folds.ids.tolist(), folds.table["label"].iloc[: folds.n_rows].tolist()))
+    inside = [i for i in edits.excluded if i in here]
+    if inside:
+        raise StackerError(f"{source}: ids it records as excluded are among its rows, first {preview(inside)}")
+    moved = [i for i, _, new in edits.relabels if here.get(i) != new]
+    if moved:
+        raise StackerError(f"{source}: ids it records as relabelled are missing or hold another label, first "
+                           f"{preview(moved)}")
+    bad = [r.id for r in edits.excluded_rows
+           if len(r.folds) != folds.repeats or not all(0 <= f < folds.k for f in r.folds)]
+    if bad:
+        raise StackerError(f"{source}: excluded ids with base folds that are not one of 0..{folds.k - 1} per "
+                           f"repeat, first {preview(bad)}")
+    return edits
 
 
 def _read_parquet(path: Path) -> tuple[pd.DataFrame, dict]:
