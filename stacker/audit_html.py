@@ -41,7 +41,7 @@ def ranked_html(frame, thumbs: Thumbnails, text: str, shown: int, second: str) -
         rows = frame.head(TEXT_ROWS)[["id", "label", second, score, "models_agree"]]
         return text + table(list(rows.columns), rows.values.tolist())
     cells = [thumb(thumbs, "train", r.id, [r.id, f"{r.label} / {getattr(r, second)}",
-                                          f"{score.split('_')[0]} {fmt(getattr(r, score), 2)}, "
+                                          f"{score.split('_')[0]} {getattr(r, score):.2g}, "
                                           f"{r.models_agree}/{r.models} agree"])
              for r in frame.head(shown).itertuples()]
     return text + grid(cells)
@@ -61,7 +61,7 @@ def confused_html(audit: Audit, thumbs: Thumbnails) -> str:
             "most confident examples.</p>")
     if not pairs:
         return text + "<p>No train row is wrong out of fold.</p>"
-    text += table(["given", "predicted", "rows"], [[c.actual, c.predicted, c.count] for c in pairs[:TEXT_ROWS]])
+    text += table(["given", "predicted", "rows"], [[c.actual, c.predicted, c.count] for c in pairs[:TEXT_ROWS // 2]])
     if not thumbs.available:
         return text
     ids = audit.rows.ids
@@ -109,6 +109,7 @@ def audit_section(audit: Audit, thumbs: Thumbnails) -> str:
     body = (top_losses_html(audit, thumbs) + confused_html(audit, thumbs) + label_issues_html(audit, thumbs)
             + duplicates_html(audit, thumbs))
     where = "" if thumbs.available else " The run has no image cache (tables from other tools): text only."
+    where += f" {esc(audit.edits)}." if audit.edits else ""
     budget = (f" {thumbs.left_out} more thumbnails were left out (the page shows at most {thumbs.max_count}, "
               f"{thumbs.max_bytes / 1e6:.0f} MB)." if thumbs.left_out else "")
     return (f"<h2>Audit: the data through the models</h2><p class=note>{esc(audit.summary())}. Ensemble: "

@@ -209,3 +209,24 @@ def test_audit_without_oof_tables_is_one_line_exit_2(trained_copy):
     result = without_torch("audit", "--run", trained_copy.run)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "no model has an OOF table" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_audits_list_excludes_its_rows_and_the_next_audit_says_so(trained_copy, tmp_path, small_digits_dir):
+    import yaml
+
+    paths = RunPaths(trained_copy.run)
+    flagged = pd.read_csv(paths.audit_label_issues, dtype={"id": str})["id"].tolist()
+    assert flagged  # the tiny models leave plenty of rows to flag
+    config = yaml.safe_load(trained_copy.config.read_text())
+    config["data"]["exclude"] = str(paths.audit_label_issues)  # the audit's CSV as it is
+    trained_copy.config.write_text(yaml.safe_dump(config))
+    stale = run_cli("train-base", "--config", trained_copy.config)
+    assert stale.returncode == 2 and "trained on other training rows or labels" in stale.stderr
+    for args in (("train-base", "--config", trained_copy.config, "--force"), ("predict-oof", "--run", paths.root),
+                 ("fit-stack", "--run", paths.root)):
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+    assert not set(flagged) & set(read_run(paths.root).folds.ids)
+    assert not set(flagged) & set(pd.read_csv(paths.audit_top_losses, dtype={"id": str})["id"])
+    page = paths.report.read_text(encoding="utf-8")
+    assert f"{len(flagged)} train rows left out (data.exclude)" in page
