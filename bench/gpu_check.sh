@@ -35,7 +35,7 @@
 # wheels are prepared on a Linux x86-64 machine with internet, for the device's Python (3.12 there, 3.11
 # here), dependencies included, and carried to the device in wheels/:
 #   pip download --python-version 3.12 --only-binary=:all: -d wheels \
-#       pyarrow safetensors pyyaml lightgbm filelock tqdm scipy matplotlib joblib threadpoolctl pytest
+#       pyarrow safetensors pyyaml lightgbm filelock tqdm scipy matplotlib joblib threadpoolctl pytest cleanlab
 # pip installs only a wheel whose tag matches the running interpreter (cp312 for 3.12; py3-none-any fits
 # any), so wheels for several Pythons may share the folder. Nothing is downloaded: HF_HUB_OFFLINE=1,
 # random init, `pip install --no-index`.
@@ -49,10 +49,10 @@ work=$(mktemp -d)
 # pip name:import name of every runtime package (pyproject.toml, the train extra, pytest for step 1)
 PACKAGES="numpy:numpy pandas:pandas pyarrow:pyarrow pyyaml:yaml filelock:filelock tqdm:tqdm torch:torch
   torchvision:torchvision timm:timm safetensors:safetensors pillow:PIL scikit-learn:sklearn scipy:scipy
-  joblib:joblib threadpoolctl:threadpoolctl lightgbm:lightgbm matplotlib:matplotlib pytest:pytest"
+  joblib:joblib threadpoolctl:threadpoolctl lightgbm:lightgbm matplotlib:matplotlib cleanlab:cleanlab pytest:pytest"
 CORE="numpy pandas pyarrow pyyaml filelock"               # import oof
 TRAIN="$CORE torch torchvision timm safetensors pillow tqdm" # base_models
-STACK="$TRAIN scikit-learn scipy joblib threadpoolctl lightgbm"  # stacker: train-base checks its config too
+STACK="$TRAIN scikit-learn scipy joblib threadpoolctl lightgbm cleanlab"  # stacker (the audit: cleanlab): train-base checks its config too
 MISSING=""
 
 # ---------------------------------------------------------------- recording

@@ -26,6 +26,9 @@ from .paths import RunPaths
 
 SECTIONS = ("run_dir", "data", "folds", "train", "models", "tta", "engine", "stack", "submit")
 RUN_HERE = "."  # run.yaml's run_dir: the folder the file is in, wherever the run has moved
+# data: keys that name a file or folder (a string; data.exclude may also be a list of ids): saved relative to
+# the run in run.yaml and read back against the run's folder, so a moved run keeps them.
+DATA_PATHS = ("root", "exclude", "relabel")
 PRE_DUPLICATES = "off"  # folds.duplicates of a run whose saved folds section predates the key
 # submit.format's vocabulary: `stacker.config.SubmitConfig` checks it, the CLI offers it (without importing
 # the stacking side, whose imports take seconds)
@@ -82,8 +85,8 @@ def read_yaml(path: Path) -> dict:
 def read_run_yaml(path: Path) -> dict:
     """A config file; a run's own run.yaml (`run_dir: .`) relocated to the folder it is in now.
 
-    Its `run_dir` becomes that folder and a relative `data.root` is resolved against it, so a
-    run copied elsewhere keeps working; so does an older run.yaml with an absolute `run_dir` that
+    Its `run_dir` becomes that folder and a relative `data.root` (and data.exclude, data.relabel file) is
+    resolved against it, so a run copied elsewhere keeps working; so does an older run.yaml with an absolute `run_dir` that
     sits beside its run's folds. A saved `folds:` section without `duplicates` reads as `off`, as
     that run's folds were made. Any other config's relative paths are the caller's.
     """
@@ -98,8 +101,9 @@ def read_run_yaml(path: Path) -> dict:
     here = path.parent.resolve()
     cfg["run_dir"] = str(here)
     data = cfg.get("data")
-    if isinstance(data, dict) and isinstance(data.get("root"), str) and not Path(data["root"]).is_absolute():
-        cfg["data"] = {**data, "root": os.path.normpath(here / data["root"])}
+    if isinstance(data, dict):
+        cfg["data"] = {**data, **{key: os.path.normpath(here / data[key]) for key in DATA_PATHS
+                                  if isinstance(data.get(key), str) and not Path(data[key]).is_absolute()}}
     folds = cfg.get("folds")
     if isinstance(folds, dict) and "duplicates" not in folds:
         # A run saved before folds.duplicates existed made its folds without looking for duplicates.
@@ -153,15 +157,19 @@ def write_run_config(paths: RunPaths, sections: dict) -> None:
 
 
 def _relocatable(paths: RunPaths, sections: dict) -> dict:
-    """`sections` with data.root relative to the run (absolute only where none exists: another Windows drive)."""
+    """`sections` with data.root and the data.exclude / data.relabel files relative to the run (absolute only
+    where no relative path exists: another Windows drive)."""
     data = sections.get("data")
-    if not isinstance(data, dict) or not isinstance(data.get("root"), str):
+    if not isinstance(data, dict):
         return sections
-    try:
-        root = Path(os.path.relpath(Path(data["root"]).resolve(), paths.root.resolve())).as_posix()
-    except ValueError:
-        return sections
-    return {**sections, "data": {**data, "root": root}}
+    moved = {}
+    for key in DATA_PATHS:
+        if isinstance(data.get(key), str):
+            try:
+                moved[key] = Path(os.path.relpath(Path(data[key]).resolve(), paths.root.resolve())).as_posix()
+            except ValueError:
+                pass
+    return {**sections, "data": {**data, **moved}}
 
 
 def _plain(obj):

@@ -41,8 +41,8 @@ def ranked_html(frame, thumbs: Thumbnails, text: str, shown: int, second: str) -
         rows = frame.head(TEXT_ROWS)[["id", "label", second, score, "models_agree"]]
         return text + table(list(rows.columns), rows.values.tolist())
     cells = [thumb(thumbs, "train", r.id, [r.id, f"{r.label} / {getattr(r, second)}",
-                                          f"{score.split('_')[0]} {getattr(r, score):.2g}, "
-                                          f"{r.models_agree}/{r.models} agree"])
+                                          f"{score.split('_')[0]} {getattr(r, score):.2g}",
+                                          f"{r.models_agree}/{r.models} models agree"])
              for r in frame.head(shown).itertuples()]
     return text + grid(cells)
 

@@ -11,7 +11,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f2f2f2}tr
 div.warning{background:#fff3cd;border:1px solid #e0c060;padding:0 1em}
 img{max-width:100%;display:block;margin:.5em 0}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
 .note{color:#555;font-size:13px}h2{border-bottom:1px solid #ddd;margin-top:2em}
-div.thumbs{display:flex;flex-wrap:wrap;gap:6px;margin:.5em 0 1em}figure.thumb{margin:0;width:96px;font-size:11px}
+div.thumbs{display:flex;flex-wrap:wrap;gap:6px;margin:.5em 0 1em}figure.thumb{margin:0;width:112px;font-size:11px}
 figure.thumb img{width:64px;height:64px;object-fit:contain;image-rendering:pixelated;margin:0;background:#eee}
 figure.thumb figcaption{overflow-wrap:anywhere}div.cluster{border-left:3px solid #ccc;padding-left:6px}"""
 

@@ -273,3 +273,22 @@ def test_each_rule_is_one_line_and_exit_2(trained, tmp_path, small_digits_dir):
         error = one_error(run_cli("train-base", "--config", cfg))
         assert re.search(message, error), (message, error)
         assert not (tmp_path / f"run{n}" / "cache").exists()  # refused before anything was decoded
+
+
+def test_a_moved_run_keeps_its_exclude_and_relabel_files(tmp_path, small_digits_dir):
+    from oof import load_config, write_run_config
+
+    project = tmp_path / "project"
+    run, lists = project / "runs" / "a", project / "lists"
+    lists.mkdir(parents=True)
+    paths = RunPaths(run)
+    write_run_config(paths, {"data": {"root": str(small_digits_dir), "exclude": str(lists / "out.txt"),
+                                      "relabel": str(lists / "fix.csv")}, "models": []})
+    saved = paths.config.read_text()
+    assert "../../lists/out.txt" in saved and str(lists) not in saved  # relative to the run
+    project.rename(tmp_path / "moved")  # the run and its lists move together
+    data = load_config(None, str(tmp_path / "moved" / "runs" / "a"))["data"]
+    assert Path(data["exclude"]) == tmp_path / "moved" / "lists" / "out.txt"
+    assert Path(data["relabel"]) == tmp_path / "moved" / "lists" / "fix.csv"
+    listed = load_config(None, str(tmp_path / "moved" / "runs" / "a"), {}, ["data.exclude=[00002.png]"])
+    assert listed["data"]["exclude"] == ["00002.png"]  # a list of ids is not a path
