@@ -53,7 +53,9 @@ def is_trained(paths: RunPaths, model: str, fold: int) -> bool:
     return paths.history(model, fold).is_file() and paths.weights(model, fold).is_file()
 
 
-ROWS_CHANGED = "trained on other training rows or labels (data.exclude / data.relabel changed its training part)"
+# A rows digest tells that the rows changed, not why: a new fold assignment, or data.exclude / data.relabel.
+ROWS_CHANGED = ("trained on other training rows or labels (another fold assignment, or data.exclude / data.relabel "
+                "changed its training part)")
 
 
 @dataclass(frozen=True)

@@ -472,9 +472,19 @@ class _TrainRun(JobRun):
         first = next(iter(stale.values()))[0]
         groups = "; ".join(f"{name} {_fold_list(js)} {'was' if len(js) == 1 else 'were'} {reason}"
                            for (name, reason), js in stale.items())
-        them = "it" if sum(map(len, stale.values())) == 1 else "them"
+        jobs = [j for js in stale.values() for j in js]
+        them = "it" if len(jobs) == 1 else "them"
         raise StackerError(f"{first.paths(self.paths).history(first.model.name, first.fold)}: {groups}; pass "
-                           f"--force to train {them} again (or give a model with new settings a new name)")
+                           f"{self._force(jobs, finished)} to train {them} again (or give a model with new "
+                           "settings a new name)")
+
+    def _force(self, stale: list[FoldJob], finished: list[FoldJob]) -> str:
+        """The flags that retrain exactly the stale jobs: --force alone when no finished job stays current."""
+        if len(stale) == len(finished):
+            return "--force"
+        items = [f"{j.model.name}:{j.fold}" if self.folds.repeats == 1 else f"{j.model.name}:{j.repeat}:{j.fold}"
+                 for j in stale]
+        return "--force " + " ".join(f"--only {item}" for item in items)
 
     def train(self, job: FoldJob, images: ImageSource) -> float | None:
         """Train `job` under its lock; one another process holds, or finished meanwhile, is skipped.

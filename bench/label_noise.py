@@ -43,6 +43,7 @@ import datetime
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -56,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from base_models.demo import demo_config  # noqa: E402
 from base_models.demo_data import write_digits_dataset  # noqa: E402
-from oof import RunPaths, read_json, write_json, write_text  # noqa: E402
+from oof import RunPaths, file_digest, read_json, write_json, write_text  # noqa: E402
 
 STAGES = ("train-base", "predict-oof", "fit-stack", "submit")
 RUN_COLUMNS = ["train rows", "excluded (flipped)", "test accuracy", *(f"{s} s" for s in (*STAGES, "audit"))]
@@ -174,11 +175,15 @@ def run_demo(out: Path, run: Run, flipped: set, with_audit: bool = False) -> dic
     """The run's figures: train rows, excluded rows (flipped among them), test accuracy, seconds per stage;
     read from OUT/results/<name>.json when an earlier invocation finished the run."""
     record = (out / "results" / run.name).with_suffix(".json")
-    if record.is_file() and RunPaths(out / run.name).submission.is_file():
+    listed = file_digest(run.exclude) if run.exclude is not None else None
+    if record.is_file() and RunPaths(out / run.name).submission.is_file() \
+            and read_json(record).get("exclude_sha256") == listed:  # a run made from the same exclude list
         result = read_json(record)
         if with_audit:
             result["seconds"]["audit"] = audit(out / run.name, out / "logs" / run.name / "audit.log")
         return {**result, "reused": True}
+    if record.is_file():  # finished from another exclude list: the bench's own run, made again (else resumed)
+        shutil.rmtree(out / run.name, ignore_errors=True)
     config, logs = run.config(out), out / "logs" / run.name
     seconds = {stage: stacker(stage, ["--config", str(config)], logs / f"{stage}.log") for stage in STAGES}
     if with_audit:
@@ -189,7 +194,7 @@ def run_demo(out: Path, run: Run, flipped: set, with_audit: bool = False) -> dic
     excluded = [i for i in _train_ids(run.data) if i not in ids]
     result = {"train_rows": len(ids), "excluded": len(excluded), "excluded_flipped": len(flipped & set(excluded)),
               "test_accuracy": submission_accuracy(RunPaths(out / run.name).submission, run.data / "test_labels.csv"),
-              "seconds": seconds, "date": datetime.date.today().isoformat()}
+              "seconds": seconds, "date": datetime.date.today().isoformat(), "exclude_sha256": listed}
     write_json(record, result)
     return {**result, "reused": False}
 
@@ -317,8 +322,10 @@ def main(argv=None) -> str:
     figures, facts = measure(out / "noisy", flipped)
     measured_s = time.perf_counter() - start
     rows = [run_row("noisy", runs[0][1])]
-    issues = RunPaths(out / "noisy").audit_label_issues
-    extra = [("cleaned (data.exclude: noisy/audit/label_issues.csv)", Run("cleaned", out / "data", issues))]
+    issues = out / "lists" / "cleaned_exclude.csv"  # a copy: every audit of the noisy run rewrites its own
+    issues.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(RunPaths(out / "noisy").audit_label_issues, issues)
+    extra = [("cleaned (data.exclude: a copy of noisy/audit/label_issues.csv)", Run("cleaned", out / "data", issues))]
     if args.oracle:
         extra.append(("oracle (data.exclude: flipped.csv)", Run("oracle", out / "data", out / "flipped.csv")))
     for name, run in extra:

@@ -32,6 +32,7 @@ from .atomic import read_csv_strings
 from .errors import StackerError, preview
 from .folds import ExcludedRow, FoldEdits, Folds, assemble_folds, check_training_parts
 from .ids import align, check_unique
+from .paths import RunPaths
 
 EXCLUDE = "data.exclude"
 RELABEL = "data.relabel"
@@ -131,6 +132,11 @@ def _require_file(path: Path, source: str, layout: str) -> None:
     if not path.is_file():
         raise StackerError(f"{source}: file not found (expected {layout}; a relative path is relative to the "
                            "current directory)")
+    run = RunPaths(path.resolve().parent.parent)
+    if path.resolve().parent == run.audit and (run.folds.is_file() or run.config.is_file()):
+        # every fit-stack, report and audit of that run rewrites it: the next train-base would read other ids
+        raise StackerError(f"{source}: is a run's audit output, which every audit of that run rewrites; copy "
+                           f"it out first (e.g. cp {path} {run.root / ('kept_' + path.name)}) and name the copy")
 
 
 def _csv_columns(path: Path, columns: tuple[str, ...], source: str, layout: str) -> list[list[str]]:

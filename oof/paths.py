@@ -142,8 +142,8 @@ class RunPaths:
 
     @property
     def audit_label_issues(self) -> Path:
-        """The rows flagged as likely label errors (id, label, suggested, quality...), worst first; its id
-        column is what `data.exclude` reads."""
+        """The rows flagged as likely label errors (id, label, suggested, quality...), worst first; a copy of it
+        (every audit rewrites this one) is a `data.exclude` list."""
         return self.audit / "label_issues.csv"
 
     @property

@@ -16,6 +16,7 @@ thumbnails, `stacker.audit_html`).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,7 +145,9 @@ def flag_issues(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
     present = np.bincount(y, minlength=proba.shape[1]) > 0
     if present.sum() < 2:
         return np.zeros(len(y), dtype=bool)
-    return np.asarray(find_label_issues(y, normalised(proba), filter_by=FILTER_BY, n_jobs=1), dtype=bool)
+    with warnings.catch_warnings():  # "may not flag all label issues in class ...": a small class, as expected
+        warnings.simplefilter("ignore", UserWarning)
+        return np.asarray(find_label_issues(y, normalised(proba), filter_by=FILTER_BY, n_jobs=1), dtype=bool)
 
 
 def normalised(proba: np.ndarray) -> np.ndarray:

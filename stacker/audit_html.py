@@ -15,8 +15,8 @@ from .html_parts import STYLE, esc, fmt, table
 from .leaderboard import read_run
 from .thumbnails import Thumbnails
 
-# Thumbnails per section, within the page's 200: top losses, label issues, pairs x examples, duplicates.
-SHOWN = {"top_losses": 40, "label_issues": 40, "pairs": 8, "per_pair": 4, "clusters": 16, "per_cluster": 6}
+# Thumbnails per section, 196 of the page's 200: top losses, label issues, pairs x examples, clusters x images.
+SHOWN = {"top_losses": 40, "label_issues": 40, "pairs": 8, "per_pair": 4, "clusters": 14, "per_cluster": 6}
 TEXT_ROWS = 20  # rows of a section's table without thumbnails
 
 
@@ -50,8 +50,9 @@ def ranked_html(frame, thumbs: Thumbnails, text: str, shown: int, second: str) -
 def top_losses_html(audit: Audit, thumbs: Thumbnails) -> str:
     frame = audit.top_losses
     text = (f"<h3>Top losses</h3><p class=note>{len(frame)} of {len(audit.rows.y)} train rows are wrong out of "
-            "fold; the most confident first (given label / predicted, the ensemble's probability of its "
-            "prediction, models agreeing with it). Every row: audit/top_losses.csv.</p>")
+            "fold; the highest loss first (the lowest probability of the given label): given label / predicted, "
+            "the ensemble's probability of its prediction, models agreeing with it. Every row: "
+            "audit/top_losses.csv.</p>")
     return ranked_html(frame, thumbs, text, SHOWN["top_losses"], "predicted")
 
 
@@ -74,12 +75,14 @@ def confused_html(audit: Audit, thumbs: Thumbnails) -> str:
 
 def label_issues_html(audit: Audit, thumbs: Thumbnails) -> str:
     frame = audit.label_issues
+    above = frame["id"].isin(thumbs.shown)  # pictured in a section above already: not drawn twice
     text = (f"<h3>Likely label errors</h3><p class=note>{len(frame)} rows flagged by confident learning "
             "(cleanlab's find_label_issues on the ensemble's OOF), lowest label quality first (cleanlab's "
-            "ensemble of every model's self-confidence): given label / suggested. Every row: "
-            "audit/label_issues.csv, whose id column data.exclude reads; a relabel file is a CSV of id, label."
-            "</p>")
-    return ranked_html(frame, thumbs, text, SHOWN["label_issues"], "suggested")
+            "ensemble of every model's self-confidence): given label / suggested"
+            + (f"; {int(above.sum())} of them are pictured above and not again here" if above.any()
+               else "") + ". Every row: audit/label_issues.csv (copied out of audit/, a data.exclude list; a "
+            "relabel file is a CSV of id, label).</p>")
+    return ranked_html(frame[~above], thumbs, text, SHOWN["label_issues"], "suggested")
 
 
 def duplicates_html(audit: Audit, thumbs: Thumbnails) -> str:

@@ -279,10 +279,15 @@ def ensemble_oof(view: RunView) -> tuple[np.ndarray, np.ndarray | None, str]:
     proba = np.mean([view.models[m].oof.proba for m in used], axis=0)
     plains = [view.models[m].plain for m in used]
     plain = None if any(p is None for p in plains) else np.mean([p.proba for p in plains], axis=0)
-    if decision is not None and table_file(view.paths.stack_oof).is_file():
-        chosen = validate_oof(read_table(view.paths.stack_oof, view.folds.classes, "oof"), view.folds)
+    stack = read_table(view.paths.stack_oof, view.folds.classes, "oof") \
+        if decision is not None and table_file(view.paths.stack_oof).is_file() else None
+    if stack is not None and stack.meta.get("folds_sha256", view.folds.sha256) == view.folds.sha256:
+        chosen = validate_oof(stack, view.folds)
         return chosen.proba, None, f"the chosen candidate, {decision['chosen']}: its meta-level OOF (stack/oof.parquet)"
-    if decision is None:
+    if stack is not None:  # the folds changed since (data.exclude, data.relabel): the stack is fitted again later
+        label = (f"the mean of the used models' OOF ({', '.join(used)}): the stack was fitted on other folds; "
+                 "run fit-stack again")
+    elif decision is None:
         label = f"the mean of every model's OOF ({', '.join(used)}); no stack yet"
     elif decision["chosen"] == "mean":
         label = f"the chosen candidate, mean: the mean of the used models' OOF ({', '.join(used)})"

@@ -15,7 +15,7 @@ from stack_fixtures import repeat_run
 from stacker.audit import (CLUSTER_KINDS, AuditRows, audit_rows, duplicate_clusters, flag_issues, label_quality,
                            most_confused, top_losses)
 from stacker.audit_html import run_audit
-from stacker.leaderboard import per_repeat, read_run
+from stacker.leaderboard import read_run
 from stacker.thumbnails import MAX_SIDE, Thumbnails, downsample, encode
 from test_html_report import IMAGES_LOADED, chromium
 from test_no_torch import without_torch
@@ -112,8 +112,9 @@ def test_thumbnails_are_small_and_the_page_budget_holds(tmp_path):
     shown = [u for u in uris if u]
     assert thumbs.bytes <= 200_000 and thumbs.count == len(shown) and thumbs.left_out == 300 - len(shown) > 0
     assert thumbs.uri("train", "not-an-id") is None and thumbs.uri("test", "img0000") is None
-    many = Thumbnails(paths)
+    many = Thumbnails(paths)  # noise pictures: JPEGs of ~10 kB, so the byte budget binds before the count
     assert sum(many.uri("train", f"img{k:04d}") is not None for k in range(300)) == many.count <= 200
+    assert many.bytes <= 1_900_000 and many.left_out == 300 - many.count
 
 
 def fake_cache(paths: RunPaths, n: int, side: int) -> None:
@@ -171,7 +172,7 @@ def test_stacker_audit_renders_duplicates_and_every_thumbnail_decodes(trained_co
     assert run_cli("report", "--run", paths.root).returncode == 0
     report = paths.report.read_text(encoding="utf-8")
     section = report[report.index("Audit: the data"):report.index("Config and provenance")]
-    assert section.count("<img ") == page.count("<img ") and len(section) < 2_100_000
+    assert section.count("<img ") == page.count("<img ") and len(section) < 2_000_000
     if shutil.which("chromium") is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
     for name, text in (("audit", page), ("report", report)):
@@ -197,11 +198,14 @@ def test_repeats_rank_a_row_by_its_oof_averaged_over_repeats(tmp_path):
     run = repeat_run(tmp_path / "run")
     view = read_run(run)
     rows = audit_rows(view)
-    alpha = view.models["alpha"].oof.proba
-    assert rows.models["alpha"] == pytest.approx(per_repeat(alpha, view.folds.repeats).mean(axis=0))
-    assert rows.ensemble.shape == (view.folds.n_rows, len(view.folds.classes))
+    alpha = view.models["alpha"].oof
+    by_id = pd.DataFrame(alpha.proba, index=alpha.ids).groupby(level=0).mean()  # each id's rows, every repeat
+    assert view.folds.repeats > 1 and len(alpha.ids) == view.folds.repeats * len(rows.ids)
+    assert rows.models["alpha"] == pytest.approx(by_id.loc[rows.ids].to_numpy())
     audit, _ = run_audit(run)
     assert audit.top_losses["id"].is_unique
+    first = int(np.flatnonzero(rows.ids == audit.top_losses["id"].iloc[0])[0])
+    assert audit.top_losses["loss"].iloc[0] == pytest.approx(-np.log(rows.ensemble[first, rows.y[first]]))
 
 
 def test_audit_without_oof_tables_is_one_line_exit_2(trained_copy):
@@ -218,14 +222,24 @@ def test_the_audits_list_excludes_its_rows_and_the_next_audit_says_so(trained_co
     flagged = pd.read_csv(paths.audit_label_issues, dtype={"id": str})["id"].tolist()
     assert flagged  # the tiny models leave plenty of rows to flag
     config = yaml.safe_load(trained_copy.config.read_text())
-    config["data"]["exclude"] = str(paths.audit_label_issues)  # the audit's CSV as it is
+    config["data"]["exclude"] = str(paths.audit_label_issues)
+    trained_copy.config.write_text(yaml.safe_dump(config))
+    refused = run_cli("train-base", "--config", trained_copy.config)  # every audit rewrites that file
+    assert refused.returncode == 2 and "copy it out first" in refused.stderr
+    kept = shutil.copy(paths.audit_label_issues, tmp_path / "exclude.csv")  # the audit's CSV as it is, kept
+    config["data"]["exclude"] = str(kept)
     trained_copy.config.write_text(yaml.safe_dump(config))
     stale = run_cli("train-base", "--config", trained_copy.config)
     assert stale.returncode == 2 and "trained on other training rows or labels" in stale.stderr
     for args in (("train-base", "--config", trained_copy.config, "--force"), ("predict-oof", "--run", paths.root),
-                 ("fit-stack", "--run", paths.root)):
+                 ("audit", "--run", paths.root)):  # the stack is the old folds': the audit shows the models' mean
         result = run_cli(*args)
         assert result.returncode == 0, result.stderr
+    assert "the stack was fitted on other folds; run fit-stack again" in paths.audit_page.read_text(encoding="utf-8")
+    result = run_cli("fit-stack", "--run", paths.root)
+    assert result.returncode == 0, result.stderr
+    again = run_cli("train-base", "--config", trained_copy.config)  # the kept list still names the same rows
+    assert again.returncode == 0 and "6 jobs, 6 already done, 0 to run" in again.stdout, again.stderr
     assert not set(flagged) & set(read_run(paths.root).folds.ids)
     assert not set(flagged) & set(pd.read_csv(paths.audit_top_losses, dtype={"id": str})["id"])
     page = paths.report.read_text(encoding="utf-8")

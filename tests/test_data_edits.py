@@ -89,7 +89,8 @@ def test_excluded_rows_leave_every_other_row_in_its_fold_and_stale_only_the_jobs
     kept = stamp(run.weights("test_resnet", 0))
 
     error = one_error(run_cli("train-base", "--config", cfg))
-    assert f"test_resnet folds 1, 2 were {ROWS_CHANGED}; pass --force" in error and "fold 0" not in error
+    assert f"test_resnet folds 1, 2 were {ROWS_CHANGED}; pass --force --only test_resnet:1 --only test_resnet:2 " \
+           "to train them again" in error and "fold 0" not in error  # the flags that keep job 0
 
     folds = load_folds(run.folds)
     assert folds.ids.tolist() == [i for i in before.ids.tolist() if i not in gone]
@@ -246,6 +247,10 @@ def rule_cases(folds, small_digits_dir, tmp_path):
     (tmp_path / "no_id.csv").write_text("image,label\na,1\n")
     (tmp_path / "no_label.csv").write_text(f"id,suggested\n{train_id},1\n")
     zeros = folds.ids[folds.table["label"].to_numpy() == "0"]
+    audited = RunPaths(tmp_path / "audited")  # another run's audit output, which its next audit rewrites
+    audited.audit.mkdir(parents=True)
+    audited.config.write_text("run_dir: .\n")
+    audited.audit_label_issues.write_text(f"rank,id\n1,{train_id}\n")
     outside = zeros[folds.fold[folds.table["label"].to_numpy() == "0"] != 0].tolist()
     return [
         ({"exclude": ["nope.png"]}, r"data\.exclude: 1 id\(s\) not a train id of the dataset, first 'nope\.png'"),
@@ -261,6 +266,8 @@ def rule_cases(folds, small_digits_dir, tmp_path):
         ({"exclude": [train_id, train_id]}, rf"data\.exclude: duplicate ids, first '{train_id}'"),
         ({"exclude": outside}, r"data\.exclude: fold 0's training part has no '0' image"),
         ({"exclude": zeros.tolist()}, r"data\.exclude: leaves class '0' without a train row"),
+        ({"exclude": str(audited.audit_label_issues)}, r"data\.exclude: .*label_issues\.csv: is a run's audit "
+                                                        r"output, which every audit of that run rewrites; copy it out"),
     ]
 
 

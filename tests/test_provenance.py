@@ -96,10 +96,12 @@ def test_weights_of_another_fold_assignment_are_refused_then_retrained(trained, 
                             force=True, log=QUIET.log)
     assert folds2.sha256 != trained[1].sha256
     with pytest.raises(StackerError, match=r"fold0\.history\.json: test_resnet folds 0, 1, 2 were trained on "
-                                           r"another fold assignment; pass --force to train them again"):
+                                           r"other training rows or labels \(another fold assignment, .*\); pass "
+                                           r"--force to train them again"):
         train_base(paths, specs(), folds2, options=QUIET)
-    with pytest.raises(StackerError, match=r"fold0\.safetensors: test_resnet fold 0 was trained on another fold "
-                                           r"assignment; run train-base --force to retrain it"):
+    with pytest.raises(StackerError, match=r"fold0\.safetensors: test_resnet fold 0 was trained on other training "
+                                           r"rows or labels \(another fold assignment, .*\); run train-base --force "
+                                           r"to retrain it"):
         predict_oof(paths, specs(), folds2, TTA, options=QUIET)
     with pytest.raises(StackerError, match=r"oof\.parquet: was made on another fold assignment"):
         validate_oof(read_table(paths.oof(MODEL), folds2.classes, "oof"), folds2)  # and fit-stack's own check
