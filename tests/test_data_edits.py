@@ -299,3 +299,42 @@ def test_a_moved_run_keeps_its_exclude_and_relabel_files(tmp_path, small_digits_
     assert Path(data["relabel"]) == tmp_path / "moved" / "lists" / "fix.csv"
     listed = load_config(None, str(tmp_path / "moved" / "runs" / "a"), {}, ["data.exclude=[00002.png]"])
     assert listed["data"]["exclude"] == ["00002.png"]  # a list of ids is not a path
+
+
+def test_with_repeats_each_repeat_keeps_the_job_that_held_the_row_out(tmp_path, small_digits_dir):
+    data = {"root": str(small_digits_dir)}
+    folds_cfg = {"k": 3, "repeats": 2, "duplicates": "off"}
+    cfg = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run", train=TINY, models=MODEL,
+                       data=data, folds=folds_cfg)
+    assert run_cli("train-base", "--config", cfg).returncode == 0
+    paths = RunPaths(tmp_path / "run")
+    before = load_folds(paths.folds)
+    gone = before.ids[0]
+    held = [int(f[0]) for f in before.fold_matrix]  # the fold that holds the row out, per repeat
+    kept = {r: stamp(paths.for_repeat(r).weights("test_resnet", held[r])) for r in range(2)}
+    cfg = write_config(tmp_path / "edited.yaml", small_digits_dir, paths.root, train=TINY, models=MODEL,
+                       data={**data, "exclude": [gone]}, folds=folds_cfg)
+    error = one_error(run_cli("train-base", "--config", cfg))
+    stale = [f"test_resnet:{r}:{k}" for r in range(2) for k in range(3) if k != held[r]]
+    assert "pass --force " + " ".join(f"--only {s}" for s in stale) + " to train them again" in error
+    folds = load_folds(paths.folds)
+    assert folds.repeats == 2 and gone not in set(folds.ids)
+    assert [r.folds for r in folds.edits.excluded_rows] == [tuple(held)]  # its base fold in each repeat
+    result = run_cli("train-base", "--config", cfg, "--force", *[a for s in stale for a in ("--only", s)])
+    assert result.returncode == 0, result.stderr
+    assert {r: stamp(paths.for_repeat(r).weights("test_resnet", held[r])) for r in range(2)} == kept
+    again = run_cli("train-base", "--config", cfg)
+    assert again.returncode == 0 and "6 jobs, 6 already done, 0 to run" in again.stdout, again.stderr
+
+
+def test_under_keep_best_the_job_that_held_the_row_out_goes_stale_too(tmp_path, small_digits_dir):
+    data = {"root": str(small_digits_dir)}
+    train = {**TINY, "keep": "best"}  # the held-out rows pick the epoch: they are part of what the job used
+    cfg = write_config(tmp_path / "run.yaml", small_digits_dir, tmp_path / "run", train=train, models=MODEL,
+                       data=data, folds={"k": 3, "duplicates": "off"})
+    assert run_cli("train-base", "--config", cfg).returncode == 0
+    folds = load_folds(RunPaths(tmp_path / "run").folds)
+    cfg = write_config(tmp_path / "edited.yaml", small_digits_dir, tmp_path / "run", train=train, models=MODEL,
+                       data={**data, "exclude": ids_in(folds, 0, n=1)}, folds={"k": 3, "duplicates": "off"})
+    error = one_error(run_cli("train-base", "--config", cfg))
+    assert f"test_resnet folds 0, 1, 2 were {ROWS_CHANGED}; pass --force to train them again" in error
