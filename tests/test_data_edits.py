@@ -338,3 +338,30 @@ def test_under_keep_best_the_job_that_held_the_row_out_goes_stale_too(tmp_path, 
                        data={**data, "exclude": ids_in(folds, 0, n=1)}, folds={"k": 3, "duplicates": "off"})
     error = one_error(run_cli("train-base", "--config", cfg))
     assert f"test_resnet folds 0, 1, 2 were {ROWS_CHANGED}; pass --force to train them again" in error
+
+
+@pytest.mark.parametrize("held_by_the_job", [True, False])
+def test_an_interrupted_job_resumes_only_when_its_training_rows_are_unchanged(tmp_path, small_digits_dir,
+                                                                             held_by_the_job):
+    from base_models.jobs import StageOptions, train_base
+    from tiny import TWO_EPOCHS, first_fold, prepared, specs
+
+    paths, folds = prepared(tmp_path / "run", small_digits_dir)
+
+    def stop_after_first_epoch(line):
+        if "epoch  1/2" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # as by Ctrl-C: fold 0 holds its first epoch's checkpoint
+        train_base(paths, specs(train=TWO_EPOCHS), folds, options=StageOptions(log=stop_after_first_epoch))
+    assert paths.checkpoint("test_resnet", 0).is_file()
+    gone = ids_in(folds, 0 if held_by_the_job else 1, n=1)
+    _, edited = prepared(tmp_path / "run", small_digits_dir, exclude=gone)
+    lines = []
+    if not held_by_the_job:  # fold 0 trained on the row: its checkpoint is refused, naming why
+        refused = rf"fold0\.checkpoint\.pt: an interrupted job was {re.escape(ROWS_CHANGED)}"
+        with pytest.raises(StackerError, match=refused):
+            train_base(paths, specs(train=TWO_EPOCHS), edited, options=first_fold(lines.append))
+        return
+    train_base(paths, specs(train=TWO_EPOCHS), edited, options=first_fold(lines.append))
+    assert not any("fold 0 epoch  1/2" in s for s in lines) and any("fold 0 epoch  2/2" in s for s in lines)
