@@ -55,7 +55,7 @@ from .jobs import (FoldJob, JobRun, StageOptions, check_cache_rows, extra_target
                    load_targets, select_jobs)
 from .models import resolve_device
 from .predict import predict_with_tta, resolve_amp
-from .table_schema import TABLE_SCHEMA, fold_table_meta, is_current, stale_keys, view_records
+from .table_schema import TABLE_SCHEMA, fold_table_meta, is_current, recorded_views, stale_keys, view_records
 from .train import Target, is_trained, job_sources, load_fold_model, stale_reason, weights_digest
 
 
@@ -341,9 +341,14 @@ def _predict_fold(run: PredictRun, job: FoldJob, train: ImageSource, test: Image
     meta, rows = run.fold_meta(job), job.folds(run.folds).valid_rows(fold)
     t0 = time.perf_counter()
     net = load_fold_model(at, spec, fold, run.targets, train.device)
+    loaded = time.perf_counter()
     oof = predict_with_tta(net, train, rows, meta, run.batch_size, spec.train.compile)
+    warm = time.perf_counter()  # the OOF rows warmed the model up: the test pass is the steady cost
     tests = predict_with_tta(net, test, np.arange(len(run.test_ids)), meta, run.batch_size, spec.train.compile)
-    seconds = time.perf_counter() - t0
+    done = time.perf_counter()
+    seconds = done - t0
+    timed = (len(run.test_ids), done - warm) if len(run.test_ids) else (len(rows), warm - loaded)
+    cost = prediction_cost(loaded - t0, *timed, 1 + len(recorded_views(meta)), train.device, run.batch_size)
     for t, target in enumerate(run.targets):
         # an empty test set gives one (V, 0, 0) array, not one per target
         p = tests[t][1] if len(run.test_ids) else np.zeros((0, len(target.classes)))
@@ -352,8 +357,30 @@ def _predict_fold(run: PredictRun, job: FoldJob, train: ImageSource, test: Image
         for path, proba in ((at.oof_plain_fold, plain), (at.oof_fold, combined)):  # the OOF part last
             write_table(path(spec.name, fold, target.name),
                         PredictionTable(run.folds.ids[rows], proba, target.classes, np.full(len(rows), fold),
-                                        {**meta, "job": {"seconds": seconds}}))
+                                        {**meta, "job": {"seconds": seconds, "cost": cost}}))
     run.log(f"  {job_name(job)}: {len(rows)} OOF rows, {len(run.test_ids)} test rows")
+
+
+def prediction_cost(load_seconds: float, images: int, seconds: float, views: int, device, batch_size: int) -> dict:
+    """What one fold model costs to predict on its device: a fixed overhead (weights read, model built and
+    placed) and seconds per image per view, from `images` images rendered in `views` views in `seconds`
+    (the test pass, after the OOF rows warmed the model up; the OOF pass when there is no test set).
+    Recorded once with the fold's tables (under "job": never compared for staleness, never re-measured)."""
+    per_view = seconds / max(images * views, 1)
+    return {"device": str(device), "batch_size": int(batch_size), "views": int(views), "images": int(images),
+            "load_seconds": float(load_seconds), "image_view_seconds": float(per_view)}
+
+
+def model_cost(costs: list[dict]) -> dict:
+    """A model's prediction cost from its fold models' (`prediction_cost`): per fold model the mean overhead and
+    per-image-view seconds, and what the test set costs with every fold model and view: `fixed_seconds` once
+    plus `image_seconds` per image."""
+    n, views = len(costs), costs[0]["views"]
+    load = float(np.mean([c["load_seconds"] for c in costs]))
+    per_view = float(np.mean([c["image_view_seconds"] for c in costs]))
+    return {"device": costs[0]["device"], "batch_size": costs[0]["batch_size"], "fold_models": n, "views": views,
+            "load_seconds": load, "image_view_seconds": per_view, "fixed_seconds": n * load,
+            "image_seconds": n * views * per_view}
 
 
 def write_test(path, proba, ids, target: Target, meta) -> None:
@@ -383,8 +410,10 @@ def _assemble(run: PredictRun, spec: ModelSpec, current: dict) -> dict | None:
         test_mean = sum(part.tables[t].test.proba for part in parts) / len(parts)  # every repeat's fold models
         write_test(run.paths.test(name, target.name), test_mean, run.test_ids, target, meta)
         if t == 0:
-            seconds = sum(part.tables[0].oof.meta["job"]["seconds"] for part in parts)
-            result = _report(run, name, oof, plain, seconds)
+            jobs = [part.tables[0].oof.meta["job"] for part in parts]
+            costs = [j["cost"] for j in jobs if "cost" in j]  # tables predicted before costs were recorded: none
+            extra = {"cost": model_cost(costs)} if len(costs) == len(jobs) else {}
+            result = _report(run, name, oof, plain, {"seconds": sum(j["seconds"] for j in jobs), **extra})
     return result
 
 
@@ -411,16 +440,17 @@ def _oof_table(run: PredictRun, oofs: list[np.ndarray], target: Target, meta: di
     return validate_oof(table, fold_view)
 
 
-def _report(run: PredictRun, name: str, oofs: list[np.ndarray], plain_oofs: list[np.ndarray], seconds: float) -> dict:
+def _report(run: PredictRun, name: str, oofs: list[np.ndarray], plain_oofs: list[np.ndarray], times: dict) -> dict:
     """OOF scores of the main target with (`oofs`, per repeat) and without TTA (`plain_oofs`, the plain view);
-    with repeats the mean over repeats, each repeat's own and their spread; written beside the tables and logged."""
+    with repeats the mean over repeats, each repeat's own and their spread; `times`: the fold jobs' seconds and
+    the model's prediction cost (`model_cost`); written beside the tables and logged."""
     y = run.folds.y
     each = [{"accuracy": accuracy(y, oof), "log_loss": log_loss(y, oof)} for oof in oofs]
     plain = [(accuracy(y, oof), log_loss(y, oof)) for oof in plain_oofs]
     result = {"accuracy": float(np.mean([r["accuracy"] for r in each])),
               "log_loss": float(np.mean([r["log_loss"] for r in each])),
               "accuracy_no_tta": float(np.mean([a for a, _ in plain])),
-              "log_loss_no_tta": float(np.mean([ll for _, ll in plain])), "seconds": seconds}
+              "log_loss_no_tta": float(np.mean([ll for _, ll in plain])), **times}
     if len(oofs) > 1:  # the split-to-split noise: how far one split's score is from another's
         result.update(repeats=each, accuracy_std=float(np.std([r["accuracy"] for r in each], ddof=1)))
     write_json(run.paths.predict_metrics(name), result)

@@ -61,7 +61,8 @@ def _pyplot():
 LEADERBOARD_COLUMNS = [("name", "model"), ("accuracy", "OOF accuracy"), ("accuracy_std", "sd across repeats"),
                        ("accuracy_no_tta", "accuracy, no TTA"), ("log_loss", "log-loss"),
                        ("log_loss_no_tta", "log-loss, no TTA"), ("ece", "ECE"), ("ece_no_tta", "ECE, no TTA"),
-                       ("train_seconds", "train s"), ("predict_seconds", "predict s"), ("epochs", "epochs"),
+                       ("train_seconds", "train s"), ("predict_seconds", "predict s"),
+                       ("image_ms", "test ms / image"), ("fixed_seconds", "test fixed s"), ("epochs", "epochs"),
                        ("weights_mb", "weights MB"), ("status", "in the stack")]
 
 

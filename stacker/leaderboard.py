@@ -176,6 +176,9 @@ def model_row(model: ModelRun, folds: Folds, decision: dict | None) -> dict:
     epochs = [len(h["epochs"]) for h in model.histories]
     row["train_seconds"] = sum(e.get("seconds", 0.0) for h in model.histories for e in h["epochs"]) or None
     row["predict_seconds"] = model.metrics.get("seconds")
+    cost = model.metrics.get("cost") or {}  # predict-oof's measured cost of the test side, every fold model
+    row["image_ms"] = None if "image_seconds" not in cost else 1000 * cost["image_seconds"]
+    row["fixed_seconds"] = cost.get("fixed_seconds")
     row["epochs"] = max(epochs) if epochs else None
     row["weights_mb"] = None if model.weight_bytes is None else model.weight_bytes / 1e6
     row["fold_scores"] = " ".join(f"{s:.4f}" for s in fold_scores(model, folds).ravel())
@@ -185,8 +188,8 @@ def model_row(model: ModelRun, folds: Folds, decision: dict | None) -> dict:
 
 
 MODEL_COLUMNS = ["kind", "name", "accuracy", "accuracy_std", "accuracy_no_tta", "log_loss", "log_loss_no_tta",
-                 "ece", "ece_no_tta", "train_seconds", "predict_seconds", "epochs", "weights_mb", "fold_scores",
-                 "score", "status"]
+                 "ece", "ece_no_tta", "train_seconds", "predict_seconds", "image_ms", "fixed_seconds", "epochs",
+                 "weights_mb", "fold_scores", "score", "status"]
 
 
 def leaderboard(view: RunView) -> pd.DataFrame:
@@ -217,14 +220,15 @@ def format_models(frame: pd.DataFrame, repeats: int) -> list[str]:
     """The model rows as text lines: accuracy (sd across repeats), TTA vs plain, log-loss, ECE, times."""
     sd = f"{'sd':>8}" if repeats > 1 else ""
     lines = [f"{'model':<24}{'accuracy':>9}{sd}{'no TTA':>9}{'log_loss':>9}{'no TTA':>9}{'ECE':>8}{'no TTA':>8}"
-             f"{'train s':>9}{'pred s':>8}{'epochs':>7}{'MB':>8}"]
+             f"{'train s':>9}{'pred s':>8}{'ms/img':>8}{'epochs':>7}{'MB':>8}"]
     for row in frame[frame["kind"] == "model"].to_dict("records"):
         spread = _cell(row["accuracy_std"], ">8.4f") if repeats > 1 else ""
         lines.append(f"{row['name']:<24}{_cell(row['accuracy'], '>9.4f')}{spread}"
                      f"{_cell(row['accuracy_no_tta'], '>9.4f')}{_cell(row['log_loss'], '>9.4f')}"
                      f"{_cell(row['log_loss_no_tta'], '>9.4f')}{_cell(row['ece'], '>8.4f')}"
                      f"{_cell(row['ece_no_tta'], '>8.4f')}{_cell(row['train_seconds'], '>9.1f')}"
-                     f"{_cell(row['predict_seconds'], '>8.1f')}{_cell(row['epochs'], '>7.0f')}"
+                     f"{_cell(row['predict_seconds'], '>8.1f')}{_cell(row['image_ms'], '>8.2f')}"
+                     f"{_cell(row['epochs'], '>7.0f')}"
                      f"{_cell(row['weights_mb'], '>8.1f')}")
     return lines
 
