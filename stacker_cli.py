@@ -167,7 +167,7 @@ def cmd_predict(args, log=info) -> int:
     run = run_paths(cfg).root
     images = NewTestImages(args.images, args.csv, args.id_column, args.path_column, args.sample_submission)
     predict_stage(cfg, images, args.out, saved_stack(run).models_,
-                  StageOptions(force=args.force, log=log, device=args.predict_device))
+                  StageOptions(force=args.force, log=log, device=args.predict_device), args.budget)
     apply_stack(run, args.out, args.sample_submission, args.force, log, fmt=submit_config(cfg).format)
     return 0
 
@@ -310,6 +310,8 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-submission", help="gives the ids, their order and the columns; default: id,label "
                                                "with the images' ids sorted")
     p.add_argument("--out", required=True, help="output folder (cache, tables, submission.csv); never the run")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="refuse, before decoding, when the predicted time (predict-oof's measured costs) is more")
     p.add_argument("--format", choices=SUBMIT_FORMATS, help="submit.format, as for submit")
     # its own dest: not FLAG_KEYS' train.device, which each model's own device key of run.yaml overrides
     p.add_argument("--device", dest="predict_device", choices=DEVICES,

@@ -106,8 +106,41 @@ class _NewTest:
         return [(r, f) for r in range(self.repeats) for f in range(self.k)]
 
 
+def predicted_seconds(paths: RunPaths, models: list[str], images: int) -> tuple[float | None, str]:
+    """What `images` new test images cost through `models`' fold models, from the costs predict-oof measured
+    (metrics.json's `cost`: every fold model's overhead once, plus its per-image seconds over every view):
+    (seconds, how it was predicted, in words); (None, which models have no recorded cost) when one lacks it
+    (tables from another tool, or predicted before costs were recorded)."""
+    costs = {name: (read_json(paths.predict_metrics(name)) if paths.predict_metrics(name).is_file() else {})
+             .get("cost") for name in models}
+    missing = [name for name, cost in costs.items() if not cost]
+    if missing:
+        return None, f"no recorded prediction cost for {', '.join(missing)} (tables from another tool, or " \
+                     "predicted before predict-oof measured costs)"
+    fixed = sum(c["fixed_seconds"] for c in costs.values())
+    per_image = sum(c["image_seconds"] for c in costs.values())
+    devices = sorted({c["device"] for c in costs.values()})
+    return fixed + images * per_image, (f"{fixed:.1f} s fixed + {1000 * per_image:.2f} ms per image, as "
+                                        f"predict-oof measured them on {', '.join(devices)}")
+
+
+def check_budget(paths: RunPaths, models: list[str], images: int, budget: float | None, log) -> None:
+    """Log the predicted time of a call; refuse it in one line when it cannot fit `budget` seconds (or when the
+    run records no cost to predict it from and a budget was given)."""
+    seconds, how = predicted_seconds(paths, models, images)
+    if seconds is None:
+        if budget is not None:
+            raise StackerError(f"--budget {budget:g}: {how}; a budget needs predict-oof's measured costs")
+        log(f"predict: predicted time unknown: {how}")
+        return
+    log(f"predict: predicted {seconds:.1f} s for {images} images through {len(models)} models ({how})")
+    if budget is not None and seconds > budget:
+        raise StackerError(f"--budget {budget:g}: the stack's {len(models)} models need a predicted {seconds:.1f} s "
+                           f"for {images} images ({how}); give a larger budget or a stack of fewer models")
+
+
 def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, out: RunPaths,
-                     options: StageOptions = StageOptions()) -> None:
+                     options: StageOptions = StageOptions(), budget: float | None = None) -> None:
     """Decode `images` into `out` and write every fold model's test tables of `models` there.
 
     Args:
@@ -117,13 +150,16 @@ def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, ou
         out: the output folder (never the run, nor inside it).
         options: force (predict every table again), log, and device: auto, cpu or cuda for every model
             (--device) in place of each model's train.device; None: each model's own.
+        budget: --budget: seconds the call may take, checked against the predicted time (`check_budget`)
+            before anything is decoded; None: the predicted time is only logged.
 
     Raises:
         StackerError: `out` inside the run or holding a run; a device not visible here (a model's
             train.device cuda, or --device cuda, without CUDA); a model run.yaml does not list, whose
             run table records no TTA settings or views this stacker can render (`recorded_views`), or
             whose weights are missing or not those its run tables were predicted with; images that
-            cannot be found, matched to the sample submission's ids, or decoded (each named).
+            cannot be found, matched to the sample submission's ids, or decoded (each named); a call whose
+            predicted time exceeds `budget`, or a budget without recorded costs.
     """
     _check_out(run.paths, out)
     device = options.device
@@ -133,6 +169,7 @@ def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, ou
     targets = load_targets(run.paths, folds, list(run.data.extra_targets))
     table = resolve_new_test(images)
     used = [_used_model(run, name, targets[0].classes, folds, device, options.log) for name in models]
+    check_budget(run.paths, models, len(table), budget, options.log)
     out.root.mkdir(parents=True, exist_ok=True)
     try:
         held = FileLock(out.predict_lock, timeout=0).acquire()

@@ -107,7 +107,7 @@ def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = 
     predict_oof(paths, specs, folds, tta, data, options)
 
 
-def predict_stage(cfg: dict, images, out_dir, models: list[str], options=None) -> None:
+def predict_stage(cfg: dict, images, out_dir, models: list[str], options=None, budget: float | None = None) -> None:
     """`stacker predict`'s image half: decode a new test set into `out_dir` and write the test tables of
     every fold model of `models` (the models the saved stack uses) there; the run is only read.
 
@@ -118,6 +118,7 @@ def predict_stage(cfg: dict, images, out_dir, models: list[str], options=None) -
         models: the stack's models, `StackGuard.models_`.
         options: a `base_models.jobs.StageOptions`: force (predict every table again; the decoded cache
             is reused where its files did not change), log, device (--device for every model).
+        budget: --budget: the seconds the call may take (refused in one line when its predicted time is more).
     """
     paths = run_paths(cfg)
     if not paths.config.is_file():
@@ -126,4 +127,4 @@ def predict_stage(cfg: dict, images, out_dir, models: list[str], options=None) -
     from .jobs import StageOptions
     from .predict_run import SavedRun, predict_new_test
     predict_new_test(SavedRun(paths, data, specs, tta), models, images, RunPaths(out_dir),
-                     options or StageOptions())
+                     options or StageOptions(), budget)

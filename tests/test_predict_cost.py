@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from oof import RunPaths, read_json, read_table, write_table
+from oof import RunPaths, read_json, read_table, write_json, write_table
 from stacker.leaderboard import leaderboard, read_run
 from tiny import run_cli
 
@@ -47,3 +47,34 @@ def test_a_cost_is_measured_once_and_never_makes_a_table_stale(trained_copy):
     fixed = read_json(paths.predict_metrics(MODEL))["cost"]["fixed_seconds"]
     assert fixed > 123.0
 
+
+
+def test_stacker_predict_prints_its_predicted_time_and_refuses_a_budget_it_cannot_meet(trained_copy, tmp_path,
+                                                                                      small_digits_dir):
+    paths = RunPaths(trained_copy.run)
+    images = ("--images", small_digits_dir / "test_images", "--sample-submission",
+              small_digits_dir / "sample_submission.csv")
+    refused = run_cli("predict", "--run", paths.root, *images, "--out", tmp_path / "tight", "--budget", "0.0001")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "--budget 0.0001: the stack's" in refused.stderr and "for 80 images" in refused.stderr
+    assert not RunPaths(tmp_path / "tight").cache.exists()  # refused before anything was decoded
+    result = run_cli("predict", "--run", paths.root, *images, "--out", tmp_path / "out", "--budget", "3600")
+    assert result.returncode == 0, result.stderr
+    models = read_json(paths.decision)["used"]  # the models the stack applies
+    costs = [read_json(paths.predict_metrics(m))["cost"] for m in models]
+    expected = sum(c["fixed_seconds"] + 80 * c["image_seconds"] for c in costs)
+    assert f"predict: predicted {expected:.1f} s for 80 images" in result.stdout
+
+
+def test_a_budget_without_recorded_costs_is_one_line(trained_copy, tmp_path, small_digits_dir):
+    paths = RunPaths(trained_copy.run)
+    for model in paths.predicted_models():  # as tables from another tool, or predicted before costs were kept
+        metrics = read_json(paths.predict_metrics(model))
+        metrics.pop("cost")
+        write_json(paths.predict_metrics(model), metrics)
+    args = ("predict", "--run", paths.root, "--images", small_digits_dir / "test_images", "--sample-submission",
+            small_digits_dir / "sample_submission.csv", "--out", tmp_path / "out")
+    refused = run_cli(*args, "--budget", "100")
+    assert refused.returncode == 2 and "no recorded prediction cost for" in refused.stderr, refused.stderr
+    result = run_cli(*args)  # no budget: the time is unknown, and said so
+    assert result.returncode == 0 and "predicted time unknown" in result.stdout, result.stderr
