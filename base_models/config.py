@@ -482,8 +482,8 @@ class DataConfig:
         check_all_images: decode every image before failing, and list all bad files.
         decode_workers: processes decoding the cache (0: all cores).
         exclude: train ids to leave out of training (an audit's label issues, a bad image): a list of
-            ids, or the path of a CSV with an `id` column (other columns ignored, so `audit/label_issues.csv`
-            reads as it is) or of a text file of one id per line (blank lines ignored). A relative path is
+            ids, or the path of a CSV with an `id` column (other columns ignored, so a copy of
+            `audit/label_issues.csv` reads as it is) or of a text file of one id per line (blank lines ignored). A relative path is
             resolved when the config is built, as `folds.file` is. The folds are made from every row first
             and the excluded rows dropped after (`oof.edits`), so every other row keeps its fold and a
             model that never trained on an excluded row stays current; the image cache keeps every row.

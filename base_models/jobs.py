@@ -203,16 +203,6 @@ def _run_folds(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig, edits: Data
     return _new_folds(paths, spec, cfg, edits, log)
 
 
-def _folds_for(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig, force: bool, log,
-               clusters: np.ndarray | None = None) -> Folds:
-    """The run's folds of a config without `data.exclude` and `data.relabel`: an existing folds.parquet checked
-    against the config (never regrouped), else made (grouped on `clusters` with `folds.duplicates: group`)
-    and written."""
-    if clusters is None or (paths.folds.is_file() and not force):
-        return _run_folds(paths, spec, cfg, DataEdits(), force, log)
-    return _new_folds(paths, spec, cfg, DataEdits(), log, clusters)
-
-
 def _new_folds(paths: RunPaths, spec: DatasetSpec, cfg: FoldsConfig, edits: DataEdits, log,
                clusters: np.ndarray | None = None) -> Folds:
     """The base assignment of every dataset row (grouped on `clusters` with `folds.duplicates: group`),

@@ -661,7 +661,8 @@ def _save_result(state: TrainState) -> None:
     sources = state.sources
     record = {"model": spec.name, "arch": spec.arch, "fold": fold, "pretrained": spec.pretrained,
               "model_kwargs": spec.model_kwargs, "train": asdict(spec.train), "folds_sha256": sources.folds_sha256,
-              "rows_sha256": sources.rows_sha256, "cache_sha256": sources.cache_sha256, "weights_sha256": weights_sha256, "kept_epoch": kept,
+              "rows_sha256": sources.rows_sha256, "cache_sha256": sources.cache_sha256,
+              "weights_sha256": weights_sha256, "kept_epoch": kept,
               "amp": state.amp, "device_name": device_name(state.device), "seconds": state.clock,
               "epochs": state.history}
     write_history_csv(paths.history_csv(spec.name, fold), state.history)

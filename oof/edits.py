@@ -4,8 +4,11 @@ An audit of the data (label issues, near-duplicates) ends in two lists: ids to l
 and ids whose label is wrong. The config names them:
 
     data:
-      exclude: audit/label_issues.csv      # a CSV with an `id` column, a text file of ids, or a YAML list
-      relabel: fixes.csv                   # a CSV with `id` and `label` (the new one), or a YAML mapping
+      exclude: lists/exclude.csv           # a CSV with an `id` column (a copy of audit/label_issues.csv),
+                                           # a text file of ids, or a YAML list
+      relabel: lists/fixes.csv             # a CSV with `id` and `label` (the new one), or a YAML mapping
+
+A list inside a run's own audit/ folder is refused: every audit rewrites it.
 
 The base fold assignment is made from the whole dataset with its own labels, exactly as without
 edits (`base_models.config.FoldsConfig.assign`); the edits are applied on top of it (`apply_edits`):

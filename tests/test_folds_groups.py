@@ -306,23 +306,24 @@ def test_train_base_keeps_the_saved_duplicates_of_a_run_with_folds(tmp_path, sma
 
 
 def test_an_existing_folds_file_is_never_regrouped(tmp_path):
-    from base_models.jobs import _folds_for
+    from base_models.jobs import _new_folds, _run_folds
+    from oof import DataEdits
 
     spec = DatasetSpec(_train().assign(path="unused"), pd.DataFrame({"id": [], "path": []}), ("a", "b", "c"))
     paths, lines = RunPaths(tmp_path / "run"), []
     cfg = build_config(FoldsConfig, {"k": 3, "seed": 5}, "folds")
-    made = _folds_for(paths, spec, cfg, False, lines.append, CLUSTERS)
+    made = _new_folds(paths, spec, cfg, DataEdits(), lines.append, CLUSTERS)
     assert lines == [f"folds: k=3 seed=5 groups=22 duplicate_clusters=2 -> {paths.folds}"]
     for mode in ("group", "warn", "off"):  # the recorded groups stand for the clusters, whatever the key says now
         again = build_config(FoldsConfig, {"k": 3, "seed": 5, "duplicates": mode}, "folds")
-        assert _folds_for(paths, spec, again, False, lines.append).groups_sha256 == made.groups_sha256
+        assert _run_folds(paths, spec, again, DataEdits(), False, lines.append).groups_sha256 == made.groups_sha256
     assert len(lines) == 1
     for section in ({"k": 3, "seed": 6}, {"k": 3, "seed": 5, "group_column": "pair"}):
         with pytest.raises(StackerError, match=r"folds\.parquet: made from another dataset or folds config"):
-            _folds_for(paths, spec, build_config(FoldsConfig, section, "folds"), False, lines.append)
+            _run_folds(paths, spec, build_config(FoldsConfig, section, "folds"), DataEdits(), False, lines.append)
     old = RunPaths(tmp_path / "old")  # ungrouped folds (an older run, or no duplicate found) stay as they are
     write_folds(old.folds, make_folds(IDS, LABELS, 3, 5))
-    kept = _folds_for(old, spec, cfg, False, lines.append, CLUSTERS)
+    kept = _run_folds(old, spec, cfg, DataEdits(), False, lines.append)  # the clusters are never looked at
     assert (kept.sha256, kept.groups) == (PLAIN_SHA256, None) and len(lines) == 1
 
 

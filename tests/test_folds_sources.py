@@ -231,7 +231,8 @@ def test_folds_file_resolves_where_data_root_does_and_must_agree_on_k_and_repeat
 
 def test_a_run_keeps_its_folds_and_refuses_a_changed_file(tmp_path):
     """train-base's fold step: made once, then checked against the config and the file on every call."""
-    from base_models.jobs import _folds_for
+    from base_models.jobs import _run_folds
+    from oof import DataEdits
 
     train = _patients()
     spec = DatasetSpec(train.assign(path="unused"), pd.DataFrame({"id": [], "path": []}), CLASSES)
@@ -239,11 +240,11 @@ def test_a_run_keeps_its_folds_and_refuses_a_changed_file(tmp_path):
     _write_file(tmp_path / "my_folds.csv", made.table["id"], made.table["fold"], made.table["repeat"])
     cfg = build_config(FoldsConfig, {"k": 3, "repeats": 2, "file": str(tmp_path / "my_folds.csv")}, "folds")
     paths, lines = RunPaths(tmp_path / "run"), []
-    first = _folds_for(paths, spec, cfg, False, lines.append)
+    first = _run_folds(paths, spec, cfg, DataEdits(), False, lines.append)
     assert lines == [f"folds: k=3 seed=None repeats=2 file={cfg.file} -> {paths.folds}"]
     assert load_folds(paths.folds).sha256 == first.sha256 == made.sha256
-    assert _folds_for(paths, spec, cfg, False, lines.append).sha256 == made.sha256 and len(lines) == 1
+    assert _run_folds(paths, spec, cfg, DataEdits(), False, lines.append).sha256 == made.sha256 and len(lines) == 1
     other = make_folds(train["id"], train["label"], k=3, seed=3, repeats=2)
     _write_file(tmp_path / "my_folds.csv", other.table["id"], other.table["fold"], other.table["repeat"])
     with pytest.raises(StackerError, match=r"folds\.parquet: made from another dataset or folds config"):
-        _folds_for(paths, spec, cfg, False, lines.append)
+        _run_folds(paths, spec, cfg, DataEdits(), False, lines.append)
