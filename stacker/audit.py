@@ -64,10 +64,11 @@ class AuditRows:
         return np.sum([p.argmax(axis=1) == label for p in self.models.values()], axis=0)
 
 
-def audit_rows(view: RunView) -> AuditRows:
-    """The rows of a run read for the report (`leaderboard.read_run`)."""
+def audit_rows(view: RunView, ensemble: tuple | None = None) -> AuditRows:
+    """The rows of a run read for the report (`leaderboard.read_run`); `ensemble`: `ensemble_oof(view)` when
+    the caller has it already."""
     repeats = view.folds.repeats
-    proba, _, label = ensemble_oof(view)
+    proba, _, label = ensemble_oof(view) if ensemble is None else ensemble
     models = {name: repeat_average(m.oof.proba, repeats) for name, m in view.models.items()}
     return AuditRows(np.asarray(view.folds.ids), np.asarray(view.folds.y), tuple(view.folds.classes), models,
                      repeat_average(proba, repeats), label)
@@ -196,11 +197,10 @@ def duplicate_clusters(pairs: pd.DataFrame | None, rows: AuditRows) -> pd.DataFr
     members: dict[int, list] = {}
     for (split, image), c in cluster.items():
         members.setdefault(c, []).append((split, image))
-    ranked = sorted(members.values(), key=lambda m: (CLUSTER_KINDS.index(_kind(m, rows, index)), -len(m),
-                                                     sorted(m)))
+    kinds = [(_kind(m, rows, index), m) for m in members.values()]
+    ranked = sorted(kinds, key=lambda km: (CLUSTER_KINDS.index(km[0]), -len(km[1]), sorted(km[1])))
     distance, out = _distances(pairs), []
-    for number, images in enumerate(ranked, start=1):
-        kind = _kind(images, rows, index)
+    for number, (kind, images) in enumerate(ranked, start=1):
         for split, image in sorted(images, key=lambda m: (m[0] != "train", m[1])):
             out.append([number, kind, image, split, *_models_view(rows, index, split, image),
                         distance.get((split, image))])
@@ -298,9 +298,10 @@ class Audit:
                 f"conflicts, {in_test} with a test image")
 
 
-def audit_view(view: RunView) -> Audit:
-    """The audit of a run already read (`leaderboard.read_run`)."""
-    rows = audit_rows(view)
+def audit_view(view: RunView, ensemble: tuple | None = None) -> Audit:
+    """The audit of a run already read (`leaderboard.read_run`); `ensemble`: `ensemble_oof(view)` when the
+    caller has it already."""
+    rows = audit_rows(view, ensemble)
     pairs = read_pairs(view.paths)
     edits = view.folds.edits
     said = (f"{len(edits.excluded)} train rows left out (data.exclude) and {len(edits.relabelled)} relabelled "

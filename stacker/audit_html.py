@@ -11,7 +11,7 @@ import os
 from oof import write_text
 
 from .audit import Audit, audit_view
-from .html_parts import STYLE, esc, fmt, table
+from .html_parts import esc, fmt, html_page, table
 from .leaderboard import read_run
 from .thumbnails import Thumbnails
 
@@ -122,9 +122,7 @@ def audit_section(audit: Audit, thumbs: Thumbnails) -> str:
 def audit_page(audit: Audit, paths) -> str:
     """`stacker audit`'s page: the section alone, self-contained."""
     title = f"stacker audit: {paths.root.parent.name}/{paths.root.name}"
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>"
-            f"{audit_section(audit, Thumbnails(paths))}</body></html>\n")
+    return html_page(title, audit_section(audit, Thumbnails(paths)))
 
 
 def run_audit(run_dir: str | os.PathLike) -> tuple[Audit, list]:

@@ -43,3 +43,9 @@ def table(header: list, rows: list, chosen: set = frozenset()) -> str:
     body = "".join(f'<tr{" class=chosen" if row[0] in chosen else ""}>{"".join(cell(v) for v in row)}</tr>'
                    for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def html_page(title: str, body: str) -> str:
+    """A whole self-contained page: the style sheet inline, `title` as its title and heading, then `body`."""
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>{body}</body></html>\n")

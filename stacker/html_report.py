@@ -31,7 +31,7 @@ from oof import write_text
 
 from .audit import audit_view
 from .audit_html import audit_section
-from .html_parts import STYLE, esc, fmt, table
+from .html_parts import esc, fmt, html_page, table
 from .leaderboard import (ECE_BINS, RunView, ensemble_oof, expected_calibration_error, fold_scores, leaderboard,
                           missing, read_run, reliability_bins, repeat_mean)
 from .thumbnails import Thumbnails
@@ -424,14 +424,12 @@ def build_report(run_dir: str | os.PathLike) -> tuple[str, dict]:
     correlation, corr_data = correlation_section(view)
     calibration, cal_data = calibration_section(view, models, ensemble)
     confusion, conf_data = confusion_section(view, ensemble)
-    audit = audit_view(view)
+    audit = audit_view(view, ensemble)
     body = (summary(view, models) + leaderboard_section(view, models) + curves_section(view) + correlation + calibration
             + decision_section(view.decision) + confusion + audit_section(audit, Thumbnails(view.paths))
             + provenance_section(view))
     title = f"stacker report: {view.paths.root.parent.name}/{view.paths.root.name}"  # e.g. stacker-demo/run
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>{body}</body></html>\n")
-    return page, {"models": models, "decision": view.decision, "audit": audit, **corr_data, **cal_data, **conf_data}
+    return html_page(title, body), {"models": models, "decision": view.decision, "audit": audit, **corr_data, **cal_data, **conf_data}
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:
