@@ -9,11 +9,13 @@ import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from oof import StackerError, bar
+from oof.views import combine_views
 
 from .augment import PLAIN, View, norm_tensors, normalize, view_batch
 from .batches import ImageSource
@@ -172,18 +174,20 @@ def predict_views(model: torch.nn.Module, images: ImageSource, rows: np.ndarray,
 
 
 def combine_tta(plain: np.ndarray, augmented: np.ndarray, combine: str, beta: float) -> np.ndarray:
-    """Combine the plain view (N, C) with augmented views (V, N, C).
+    """Combine the plain view (N, C) with augmented views (V, N, C): `oof.views.combine_views`, the one formula
+    predict-oof, `stacker predict` and the meta level's view choices share."""
+    return combine_views(plain, augmented, combine, beta)
 
-    `lerp` is fastai's `Learner.tta` default: the mean of the augmented views moved
-    a fraction beta back towards the plain view; `mean` weighs all views equally.
-    """
-    if augmented.shape[0] == 0:
-        return plain
-    if combine == "lerp":
-        p = (1.0 - beta) * augmented.mean(axis=0) + beta * plain
-    else:
-        p = (plain + augmented.sum(axis=0)) / (augmented.shape[0] + 1)
-    return p / p.sum(axis=1, keepdims=True)
+
+class Rendered(NamedTuple):
+    """One target's predictions of a set of rows: every view apart and the views combined."""
+
+    views: np.ndarray  # (V, n, C_t), view 0 the plain one
+    combined: np.ndarray  # (n, C_t), as the table's TTA settings combine them
+
+    @property
+    def plain(self) -> np.ndarray:
+        return self.views[0]
 
 
 def predict_with_tta(net: torch.nn.Module, images: ImageSource, rows: np.ndarray, meta: dict, batch_size: int,
@@ -199,7 +203,7 @@ def predict_with_tta(net: torch.nn.Module, images: ImageSource, rows: np.ndarray
         StackerError: views the metadata does not record readably (`recorded_views`).
 
     Returns:
-        Per target (main first): (plain view alone, views combined), each (len(rows), C_t).
+        Per target (main first): every view apart (V, len(rows), C_t) and the views combined (len(rows), C_t).
     """
     tta = meta["tta"]
     compiled = compile_model and compile_note(images.device) is None
@@ -207,4 +211,4 @@ def predict_with_tta(net: torch.nn.Module, images: ImageSource, rows: np.ndarray
     plan = ViewPlan(tuple(tta["size"]), [PLAIN, *recorded_views(meta)], model_norm(net), batch_size,
                     fixed_shape=compiled, amp=meta["amp"])
     views = predict_views(forward, images, rows, plan)  # per target (V, n, C_t)
-    return [(v[0], combine_tta(v[0], v[1:], tta["combine"], tta["beta"])) for v in views]
+    return [Rendered(v, combine_tta(v[0], v[1:], tta["combine"], tta["beta"])) for v in views]

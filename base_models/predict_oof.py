@@ -47,6 +47,8 @@ from filelock import Timeout
 from oof import (Folds, PredictionTable, RunPaths, StackerError, __version__, accuracy, info, log_loss,
                  read_table, remove_temps, validate_oof, validate_test, write_json, write_table)
 
+from oof.views import ViewTable, read_views, write_views
+
 from .augment import tta_views
 from .batches import CacheBudget, ImageSource, place_images
 from .cache import load_cache
@@ -121,6 +123,8 @@ class PredictRun(JobRun):
             remove_temps(folder, f"oof_fold{job.fold}")  # a killed job's partial writes
             remove_temps(folder, f"oof_plain_fold{job.fold}")
             remove_temps(folder, f"test_fold{job.fold}")
+            remove_temps(folder, f"oof_views_fold{job.fold}")
+            remove_temps(folder, f"test_views_fold{job.fold}")
             t0 = time.perf_counter()
             _predict_fold(self, job, train, test)
             return time.perf_counter() - t0
@@ -293,14 +297,17 @@ def tables_stale(run: PredictRun, spec: ModelSpec) -> str | None:
 def remove_assembled(paths: RunPaths, model: str, targets: list[Target]) -> None:
     """Delete a model's OOF and test tables (per target) and its metrics: they are made again from its folds."""
     paths.predict_metrics(model).unlink(missing_ok=True)
+    paths.oof_views(model).unlink(missing_ok=True)
     for t in targets:
         for path in (paths.oof, paths.oof_plain, paths.test):
             path(model, t.name).unlink(missing_ok=True)
-    for prefix in ("oof.", "oof_plain.", "test."):
+    for prefix in ("oof.", "oof_plain.", "test.", "oof_views."):
         remove_temps(paths.preds_dir(model), prefix)  # a killed assembly's partial writes
 
 
 def remove_fold_tables(paths: RunPaths, model: str, fold: int, targets: list[Target]) -> None:
+    paths.oof_views_fold(model, fold).unlink(missing_ok=True)
+    paths.test_views_fold(model, fold).unlink(missing_ok=True)
     for t in targets:
         for path in (paths.oof_fold, paths.oof_plain_fold, paths.test_fold):
             path(model, fold, t.name).unlink(missing_ok=True)
@@ -349,11 +356,17 @@ def _predict_fold(run: PredictRun, job: FoldJob, train: ImageSource, test: Image
     seconds = done - t0
     timed = (len(run.test_ids), done - warm) if len(run.test_ids) else (len(rows), warm - loaded)
     cost = prediction_cost(loaded - t0, *timed, 1 + len(recorded_views(meta)), train.device, run.batch_size)
+    main = run.targets[0]
+    if len(run.test_ids):  # every view apart, main target: what a view choice under a budget is made of
+        write_views(at.test_views_fold(spec.name, fold), ViewTable(run.test_ids, tests[0].views, main.classes, None,
+                                                                   meta))
+    write_views(at.oof_views_fold(spec.name, fold), ViewTable(run.folds.ids[rows], oof[0].views, main.classes,
+                                                              np.full(len(rows), fold), meta))
     for t, target in enumerate(run.targets):
         # an empty test set gives one (V, 0, 0) array, not one per target
-        p = tests[t][1] if len(run.test_ids) else np.zeros((0, len(target.classes)))
+        p = tests[t].combined if len(run.test_ids) else np.zeros((0, len(target.classes)))
         write_test(at.test_fold(spec.name, fold, target.name), p, run.test_ids, target, meta)
-        plain, combined = oof[t]
+        plain, combined = oof[t].plain, oof[t].combined
         for path, proba in ((at.oof_plain_fold, plain), (at.oof_fold, combined)):  # the OOF part last
             write_table(path(spec.name, fold, target.name),
                         PredictionTable(run.folds.ids[rows], proba, target.classes, np.full(len(rows), fold),
@@ -402,6 +415,7 @@ def _assemble(run: PredictRun, spec: ModelSpec, current: dict) -> dict | None:
         run.log(f"predict-oof: {name}: {', '.join(waiting)} not predicted yet; its tables are written once they are")
         return None
     meta = run.model_meta(name)
+    _assemble_views(run, spec, parts, meta)
     for t, target in enumerate(run.targets):
         plain = _oof_probs(run, [(part.job, part.tables[t].plain) for part in parts], target)
         oof = _oof_probs(run, [(part.job, part.tables[t].oof) for part in parts], target)
@@ -415,6 +429,30 @@ def _assemble(run: PredictRun, spec: ModelSpec, current: dict) -> dict | None:
             extra = {"cost": model_cost(costs)} if len(costs) == len(jobs) else {}
             result = _report(run, name, oof, plain, {"seconds": sum(j["seconds"] for j in jobs), **extra})
     return result
+
+
+def _assemble_views(run: PredictRun, spec: ModelSpec, parts: list[FoldPart], meta: dict) -> None:
+    """The model's OOF view table (`oof.views`) from its fold jobs' parts, when every one is there and records
+    what the fold's tables record; none otherwise (a fold predicted before views were kept apart), and a budget
+    then scores the model at its every view only."""
+    views = []
+    for part in parts:
+        path = part.job.paths(run.paths).oof_views_fold(spec.name, part.job.fold)
+        try:
+            table = read_views(path, run.targets[0].classes)
+        except StackerError:
+            return
+        if not _is_part(table.table(1), run.fold_meta(part.job), part.tables[0].oof.ids, part.job.fold):
+            return
+        views.append((part.job, table))
+    rows = len(run.folds.ids)
+    proba = np.zeros((views[0][1].views, rows * run.folds.repeats, len(run.targets[0].classes)))
+    for job, table in views:
+        proba[:, job.repeat * rows + job.folds(run.folds).valid_rows(job.fold)] = table.proba
+    repeat = np.repeat(np.arange(run.folds.repeats), rows) if run.folds.repeats > 1 else None
+    write_views(run.paths.oof_views(spec.name), ViewTable(np.tile(run.folds.ids, run.folds.repeats), proba,
+                                                          run.targets[0].classes, run.folds.fold_matrix.ravel(),
+                                                          meta, repeat))
 
 
 def _oof_probs(run: PredictRun, parts: list[tuple[FoldJob, PredictionTable]], target: Target) -> list[np.ndarray]:

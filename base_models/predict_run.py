@@ -323,7 +323,7 @@ def _predict_fold(job: _NewTest, model: _UsedModel, slot: tuple[int, int], image
     """
     (repeat, fold), spec, ids = slot, model.spec, job.cache.ids
     net = load_fold_model(job.run.paths.for_repeat(repeat), spec, fold, job.targets, images.device)
-    probs = [tta for _, tta in predict_with_tta(net, images, np.arange(len(ids)), meta, job.run.tta.batch_size,
+    probs = [r.combined for r in predict_with_tta(net, images, np.arange(len(ids)), meta, job.run.tta.batch_size,
                                                 spec.train.compile)]
     for p, target in zip(probs, job.targets):
         write_test(job.out.for_repeat(repeat).test_fold(spec.name, fold, target.name), p, ids, target, meta)

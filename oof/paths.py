@@ -13,6 +13,7 @@
     <run>/preds/<model>/oof_fold<k>.parquet      fold model k's held-out rows (predict-oof's per-job part)
     <run>/preds/<model>/oof_plain[_fold<k>].parquet   the same without TTA (the plain view alone)
     <run>/preds/<model>/test_fold<k>.parquet     fold model k's test probabilities
+    <run>/preds/<model>/{oof,test}_views_fold<k>.parquet, oof_views.parquet   every TTA view apart (`oof.views`)
     <run>/preds/<model>/repeat<r>/{oof,test}_fold<k>.parquet   the fold tables of repeat r > 0
     <run>/preds/<model>/metrics.json        OOF scores with and without TTA
     <run>/stack/                            decision.json, the chosen candidate, leaderboard, report, test.parquet
@@ -236,6 +237,17 @@ class RunPaths:
 
     def test_fold(self, model: str, fold: int, target: str | None = None) -> Path:
         return self.preds_dir(model) / f"test_fold{fold}{_suffix(target)}.parquet"
+
+    def oof_views(self, model: str) -> Path:
+        """Every TTA view of the OOF rows kept apart (`oof.views`): what a view choice under a budget is scored on."""
+        return self.preds_dir(model) / "oof_views.parquet"
+
+    def oof_views_fold(self, model: str, fold: int) -> Path:
+        return self.preds_dir(model) / f"oof_views_fold{fold}.parquet"
+
+    def test_views_fold(self, model: str, fold: int) -> Path:
+        """Fold model k's test rows, every TTA view kept apart (`oof.views`)."""
+        return self.preds_dir(model) / f"test_views_fold{fold}.parquet"
 
     def predict_metrics(self, model: str) -> Path:
         return self.preds_dir(model) / "metrics.json"
