@@ -50,7 +50,7 @@ class JobResult:
     """What an engine reports of one job: `state` is done, skipped (finished elsewhere) or failed."""
 
     model: str
-    fold: int
+    fold: int | None  # None: the model's full fit
     state: str
     seconds: float  # the job's wall time in its worker, placing the cache included
     train_seconds: float  # inside train_fold; seconds - train_seconds is the engine's own per-job cost
@@ -63,8 +63,11 @@ class JobResult:
         return job_label(self.model, self.fold, self.repeat)
 
 
-def job_label(model: str, fold: int, repeat: int = 0) -> str:
-    """How a job is named in logs and errors: "resnet26d fold 3", or "resnet26d repeat 1 fold 3"."""
+def job_label(model: str, fold: int | None, repeat: int = 0) -> str:
+    """How a job is named in logs and errors: "resnet26d fold 3", "resnet26d repeat 1 fold 3", or
+    "resnet26d full fit" for fold None (the model trained on every train row)."""
+    if fold is None:
+        return f"{model} full fit"
     return f"{model} fold {fold}" if not repeat else f"{model} repeat {repeat} fold {fold}"
 
 

@@ -11,12 +11,18 @@ held-out rows under `train.keep: best`, which pick its epoch) is what decides, w
 it: `data.exclude` and `data.relabel` change the folds' digest, yet a job whose rows they did not
 touch (an excluded row it held out) trains to the same weights and stays current. A record without
 it is judged by the folds' digest.
+
+The full fit (`train-base --full`, fold None: `full.*` beside the fold jobs' files) trains on every
+row of the folds and holds none out, so its rows digest covers them all and no fold assignment
+changes it; `train.keep: best` has no epoch to pick there (`full_keep_refusal`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from oof import Folds, RunPaths, file_digest, read_json
 
@@ -47,7 +53,7 @@ def changed_keys(done: dict, now: dict) -> list[str]:
     return keys + sorted(k for k in now["train"] if train.get(k, ADDED_KEYS.get(k)) != now["train"][k])
 
 
-def is_trained(paths: RunPaths, model: str, fold: int) -> bool:
+def is_trained(paths: RunPaths, model: str, fold: int | None) -> bool:
     """Whether the job finished; whether its weights are still current is `stale_reason`'s question."""
     # The history is written after the weights, so its presence marks a finished job.
     return paths.history(model, fold).is_file() and paths.weights(model, fold).is_file()
@@ -56,6 +62,19 @@ def is_trained(paths: RunPaths, model: str, fold: int) -> bool:
 # A rows digest tells that the rows changed, not why: a new fold assignment, or data.exclude / data.relabel.
 ROWS_CHANGED = ("trained on other training rows or labels (another fold assignment, or data.exclude / data.relabel "
                 "changed its training part)")
+# The full fit's rows are every row of the folds: only data.exclude / data.relabel change them.
+FULL_ROWS_CHANGED = "trained on other training rows or labels (data.exclude / data.relabel changed them)"
+
+
+def full_keep_refusal(model: str) -> str:
+    """Why a model with `train.keep: best` gets no full fit, in one line."""
+    return (f"{model}: train.keep: best cannot train a full fit (train-base --full): it has no epoch to keep "
+            "without a validation fold; use keep: last")
+
+
+def job_rows(folds: Folds, fold: int | None) -> np.ndarray:
+    """(n,) rows of `folds` job `fold` trains on: every fold but `fold`; every row for the full fit (None)."""
+    return np.arange(len(folds.ids)) if fold is None else folds.train_rows(fold)
 
 
 @dataclass(frozen=True)
@@ -89,17 +108,17 @@ class Sources:
         return None
 
 
-def rows_digest(folds: Folds, fold: int, held_out: bool = False) -> str:
-    """sha256 over the (id, label) rows job `fold` trains on (fold != `fold`), sorted by id; with `held_out`
-    its held-out rows too, apart (they pick the epoch under `train.keep: best`).
+def rows_digest(folds: Folds, fold: int | None, held_out: bool = False) -> str:
+    """sha256 over the (id, label) rows job `fold` trains on (fold != `fold`; every row for the full fit),
+    sorted by id; with `held_out` its held-out rows too, apart (they pick the epoch under `train.keep: best`).
 
     Args:
         folds: the job's repeat's one-repeat folds.
-        fold: the job's held-out fold.
+        fold: the job's held-out fold; None for the full fit.
         held_out: include the held-out rows.
     """
     ids, labels = folds.ids.tolist(), folds.table["label"].tolist()
-    train = (folds.fold != fold).tolist()
+    train = [True] * len(ids) if fold is None else (folds.fold != fold).tolist()
     parts = [("train", True)] + ([("held out", False)] if held_out else [])
     h = hashlib.sha256()
     for name, side in parts:
@@ -108,21 +127,24 @@ def rows_digest(folds: Folds, fold: int, held_out: bool = False) -> str:
     return h.hexdigest()
 
 
-def job_sources(folds: Folds, fold: int, spec: ModelSpec, cache_sha256: str) -> Sources:
-    """What job (`spec`, `fold`) trains from: `folds` (its repeat's), its training rows, the train cache."""
+def job_sources(folds: Folds, fold: int | None, spec: ModelSpec, cache_sha256: str) -> Sources:
+    """What job (`spec`, `fold`; None: the full fit) trains from: `folds` (its repeat's), its training rows,
+    the train cache."""
     return Sources(folds.sha256, cache_sha256, rows_digest(folds, fold, spec.train.keep == "best"))
 
 
-def stale_reason(paths: RunPaths, spec: ModelSpec, fold: int, sources: Sources) -> str | None:
+def stale_reason(paths: RunPaths, spec: ModelSpec, fold: int | None, sources: Sources) -> str | None:
     """Why a finished job's weights are not what the run would train now; None when they are.
 
     Stale: other training rows or labels (or, for a history without a rows digest, another
     fold assignment: its OOF rows would come from a model that saw them), other train images,
     another recipe, or a weights file that is not the one its history recorded. The phrase
-    completes "<model> fold <k> was ...".
+    completes "<model> fold <k> was ..." (the full fit, fold None: "<model> full fit was ...").
     """
     record = read_json(paths.history(spec.name, fold))
     reason = sources.reason(record)
+    if fold is None and reason == ROWS_CHANGED:
+        reason = FULL_ROWS_CHANGED
     changed = changed_keys(record, recipe(spec))
     if reason is None and changed:
         reason = f"trained with other settings ({', '.join(changed)})"
@@ -131,11 +153,11 @@ def stale_reason(paths: RunPaths, spec: ModelSpec, fold: int, sources: Sources) 
     return reason
 
 
-def weights_digest(paths: RunPaths, model: str, fold: int) -> str:
+def weights_digest(paths: RunPaths, model: str, fold: int | None) -> str:
     """The sha256 a finished job's history records for its weights (checked by `stale_reason`)."""
     return read_json(paths.history(model, fold))["weights_sha256"]
 
 
-def read_history(paths: RunPaths, model: str, fold: int) -> list[dict]:
+def read_history(paths: RunPaths, model: str, fold: int | None) -> list[dict]:
     """A finished job's per-epoch records."""
     return read_json(paths.history(model, fold))["epochs"]

@@ -11,6 +11,11 @@ Nothing is trusted for existing or for being newer: a rerun skips a finished job
 only while its history's digests (folds, train cache, weights) and recipe match
 the run now, and refuses stale ones. `--force` deletes the jobs' outputs before it
 starts.
+
+`train-base --full` (`train_full`) trains one more job per model, its full fit (a `FoldJob` of fold
+None): every row of the folds, none held out, the fold jobs' recipe and epochs, its files `full.*`
+beside theirs. One per model with `folds.repeats` > 1 too: it depends on no fold assignment. It is
+skipped, refused when stale, resumed and locked as a fold job is, and runs on the same engines.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ from .config import SAMPLING_BUILTIN, DataConfig, EngineConfig, FoldsConfig, Mod
 from .dataset import DatasetSpec, resolve_dataset
 from .engines import JobLog, create_engine, job_label, run_jobs
 from .models import check_sizes, resolve_device
-from .train import Sources, Target, TrainInputs, build_model, is_trained, job_sources, stale_reason, train_fold
+from .train import (Sources, Target, TrainInputs, build_model, full_keep_refusal, is_trained, job_sources, stale_reason,
+                    train_fold)
 
 
 @dataclass(frozen=True)
@@ -63,11 +69,17 @@ class StageOptions:
 
 @dataclass(frozen=True)
 class FoldJob:
-    """The unit of train-base and predict-oof: one model with one fold of one repeat held out."""
+    """The unit of train-base and predict-oof: one model with one fold of one repeat held out; with fold
+    None the model's full fit (repeat 0's paths and folds: every row trained on, none held out)."""
 
     model: ModelSpec
-    fold: int
+    fold: int | None
     repeat: int = 0
+
+    @property
+    def full(self) -> bool:
+        """Whether the job is the model's full fit (`train-base --full`)."""
+        return self.fold is None
 
     def paths(self, paths: RunPaths) -> RunPaths:
         """Where the job's files live: the run's own layout for repeat 0, `repeat<r>` folders otherwise."""
@@ -78,8 +90,20 @@ class FoldJob:
         return folds.for_repeat(self.repeat)
 
     @property
-    def key(self) -> tuple[str, int, int]:
+    def key(self) -> tuple[str, int, int | None]:
         return self.model.name, self.repeat, self.fold
+
+
+def full_jobs(specs: list[ModelSpec]) -> list[FoldJob]:
+    """Each model's full fit, in model order: one per model whatever `folds.repeats`."""
+    return [FoldJob(s, None) for s in specs]
+
+
+def check_full_keep(specs: list[ModelSpec]) -> None:
+    """A full fit keeps its last epoch: refuse `train.keep: best` in one line naming the first such model."""
+    for spec in specs:
+        if spec.train.keep == "best":
+            raise StackerError(full_keep_refusal(spec.name))
 
 
 def job_grid(specs: list[ModelSpec], k: int, repeats: int = 1) -> list[FoldJob]:
@@ -345,18 +369,48 @@ def train_base(paths: RunPaths, specs: list[ModelSpec], folds: Folds, data: Data
             failed (one line naming it: with several workers once the others finished, in-process at
             once, the jobs after it left pending for the next call).
     """
-    log = options.log
     jobs = select_jobs(job_grid(specs, folds.k, folds.repeats), options.only, folds.k, folds.repeats)
+    train_jobs(paths, jobs, folds, data, options)
+
+
+def train_full(paths: RunPaths, specs: list[ModelSpec], folds: Folds, data: DataConfig | None = None,
+               options: StageOptions = StageOptions()) -> None:
+    """`train-base --full`: train each model's full fit (every row of `folds`, none held out) not yet finished;
+    refuse when a finished one is stale.
+
+    Args:
+        paths: the run directory, prepared by `prepare_run`.
+        specs: the models to fit (`--only MODEL`'s alone).
+        folds: the run's folds: their ids and labels are the rows trained on (after data.exclude / relabel).
+        data: the `data:` section (its extra_targets); None for the main target alone.
+        options: force (delete the full fits' outputs first, then train them), parallel, log, engine
+            (`only` is not read: `specs` are the models).
+
+    Raises:
+        StackerError: a model with `train.keep: best` (before anything trains); finished full fits trained
+            on other rows or labels, other train images, another recipe, or whose weights changed since
+            (one line naming them and `--full --force --only MODEL`); a job that failed.
+    """
+    check_full_keep(specs)
+    train_jobs(paths, full_jobs(specs), folds, data, options)
+
+
+def train_jobs(paths: RunPaths, jobs: list[FoldJob], folds: Folds, data: DataConfig | None = None,
+               options: StageOptions = StageOptions()) -> None:
+    """Train each of `jobs` (fold jobs, or full fits) not yet finished; refuse when a finished one is stale."""
+    log = options.log
     if options.force:
         remove_job_outputs(paths, jobs, log)
     run = _TrainRun(paths, folds, [], load_cache(paths, "train").digest, log)
     todo = [j for j in jobs if not is_trained(j.paths(paths), j.model.name, j.fold)]
     run.refuse_stale([j for j in jobs if j not in todo])
-    log(f"train-base: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run")
+    stage, noun = ("train-base --full", "full fits") if jobs and all(j.full for j in jobs) else ("train-base", "jobs")
+    log(f"{stage}: {len(jobs)} {noun}, {len(jobs) - len(todo)} already done, {len(todo)} to run")
     if not todo:
         return
     targets = load_targets(paths, folds, extra_targets(data))
-    check_models([s for s in specs if any(j.model is s for j in todo)], targets)
+    specs = list({id(j.model): j.model for j in todo}.values())  # each model once, in job order
+    check_models(specs, targets)
     replace(run, targets=targets).dispatch(todo, options)
 
 
@@ -387,7 +441,7 @@ def job_lock(paths: RunPaths, job: FoldJob) -> FileLock:
 
 
 def _fold_list(jobs: list[FoldJob]) -> str:
-    """"fold 1", "folds 0, 2", "repeat 1 fold 0": the jobs of one model, for a message."""
+    """"fold 1", "folds 0, 2", "repeat 1 fold 0", "full fit": the jobs of one model, for a message."""
     names = [job_name(j).removeprefix(f"{j.model.name} ") for j in jobs]
     if all(j.repeat == 0 for j in jobs) and len(jobs) > 1:
         return f"folds {', '.join(str(j.fold) for j in jobs)}"
@@ -469,7 +523,10 @@ class _TrainRun(JobRun):
                            "settings a new name)")
 
     def _force(self, stale: list[FoldJob], finished: list[FoldJob]) -> str:
-        """The flags that retrain exactly the stale jobs: --force alone when no finished job stays current."""
+        """The flags that retrain exactly the stale jobs: --force alone when no finished job stays current;
+        full fits by `--full --force --only MODEL [MODEL...]`."""
+        if all(j.full for j in stale):
+            return "--full --force --only " + " ".join(j.model.name for j in stale)
         if len(stale) == len(finished):
             return "--force"
         items = [f"{j.model.name}:{j.fold}" if self.folds.repeats == 1 else f"{j.model.name}:{j.repeat}:{j.fold}"
@@ -493,7 +550,7 @@ class _TrainRun(JobRun):
                 self.refuse_stale([job])
                 self.log(f"  {job_name(job)}: finished in another process meanwhile, skipped")
                 return None
-            remove_temps(at.model_dir(name), f"fold{fold}.")  # a killed run's partial writes
+            remove_temps(at.model_dir(name), f"{at.job_stem(fold)}.")  # a killed run's partial writes
             inputs = TrainInputs(at, job.folds(self.folds), self.targets, images, self.cache_sha256)
             t0 = time.perf_counter()
             train_fold(job.model, fold, inputs, load_row_weights(self.paths, self.folds, job.model), self.log)

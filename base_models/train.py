@@ -12,6 +12,11 @@ The job trains on every fold but its own and writes only its own files under
                               trained on, the weights' sha256, the precision and the device
     fold<k>.checkpoint.pt     end-of-epoch state for resume; removed when the job finishes
 
+The full fit (fold None, `train-base --full`) is the same job on every row of the folds with none held
+out: the same recipe, schedule, sampling, mixup, row weights, extra targets and precision, its seed
+that of a fold k (no fold has that index), no validation (its epochs record the train loss alone,
+and it keeps the last one), its files `full.*` (`RunPaths.job_stem`).
+
 A finished job is current only while all of these still hold (`job_state.stale_reason`, torch-free):
 weights trained on another fold assignment would predict rows they saw, so
 neither train-base nor predict-oof ever trusts a file's existence or its time.
@@ -66,8 +71,8 @@ from .batches import ImageSource, to_device
 from .config import ModelSpec, SamplingConfig, TrainConfig
 from .engines import job_label
 # A job's record, read without torch (`stacker jobs`); the names stay importable from here.
-from .job_state import (Sources, changed_keys, is_trained, job_sources, read_history, recipe,  # noqa: F401
-                        stale_reason, weights_digest)
+from .job_state import (Sources, changed_keys, full_keep_refusal, is_trained, job_rows, job_sources,  # noqa: F401
+                        read_history, recipe, stale_reason, weights_digest)
 from .models import backbone_parameters, create_model, head_parameters, logits_list, model_norm
 from .predict import ViewPlan, autocast, compile_note, device_name, predict_views, resolve_amp
 
@@ -140,8 +145,9 @@ class TrainInputs:
         """The folds and the train cache, without a job's training rows (`job_sources` adds them)."""
         return Sources(self.folds.sha256, self.cache_sha256)
 
-    def job_sources(self, spec: ModelSpec, fold: int) -> Sources:
-        """What job (`spec`, `fold`) is made from: the folds, its own training rows and the train cache."""
+    def job_sources(self, spec: ModelSpec, fold: int | None) -> Sources:
+        """What job (`spec`, `fold`; None: the full fit) is made from: the folds, its own training rows and the
+        train cache."""
         return job_sources(self.folds, fold, spec, self.cache_sha256)
 
 
@@ -155,7 +161,7 @@ class TrainState:
     """
 
     spec: ModelSpec
-    fold: int
+    fold: int | None  # None: the full fit, every row trained on, none validated
     inputs: TrainInputs
     model: torch.nn.Module
     forward: torch.nn.Module  # what the steps call: the model, or its torch.compile wrapper
@@ -203,19 +209,25 @@ class TrainState:
         return self.inputs.paths.checkpoint(self.spec.name, self.fold)
 
 
-def train_fold(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.ndarray | None = None,
+def train_fold(spec: ModelSpec, fold: int | None, inputs: TrainInputs, row_weights: np.ndarray | None = None,
                log=info) -> list[dict]:
-    """Train `spec` on every fold but `fold`, validate on `fold`, save the kept weights.
+    """Train `spec` on every fold but `fold`, validate on `fold`, save the kept weights; with fold None (the
+    full fit) train on every row, validate on none, save the last epoch's weights.
 
     Args:
         spec: the model and its training config.
-        fold: held-out fold.
+        fold: held-out fold; None for the full fit.
         inputs: the run's folds, targets and placed train images.
         row_weights: (N,) sampling weight column, when `sampling.weights` names one.
 
     Returns:
         The per-epoch history.
+
+    Raises:
+        StackerError: a full fit of a model with `train.keep: best` (`full_keep_refusal`).
     """
+    if fold is None and spec.train.keep == "best":
+        raise StackerError(full_keep_refusal(spec.name))
     start = time.perf_counter()
     state = _setup(spec, fold, inputs, row_weights, log)
     checkpoint = _load_checkpoint(state.checkpoint_path, spec, state.sources)
@@ -233,19 +245,21 @@ def train_fold(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.
     return state.history
 
 
-def _setup(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.ndarray | None, log) -> TrainState:
+def _setup(spec: ModelSpec, fold: int | None, inputs: TrainInputs, row_weights: np.ndarray | None,
+           log) -> TrainState:
     """Seed the job, build its model (compiled forward, EMA copy), its targets on the device and its sampling."""
     cfg, device, targets = spec.train, inputs.images.device, inputs.targets
-    torch.manual_seed(cfg.seed + fold)
-    np.random.seed(cfg.seed + fold)  # timm's Mixup draws from numpy's global generator
+    index = inputs.folds.k if fold is None else fold  # the full fit seeds as a fold k would: no fold has index k
+    torch.manual_seed(cfg.seed + index)
+    np.random.seed(cfg.seed + index)  # timm's Mixup draws from numpy's global generator
     model = build_model(spec, targets).to(device)  # the fresh heads' init draws from the seed above
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # one input shape per phase: autotuned once, then reused
     forward = _compiled(model, cfg, device, log)
-    amp = resolve_amp(cfg.amp, device, f"{spec.name} fold {fold}")
+    amp = resolve_amp(cfg.amp, device, job_label(spec.name, fold, inputs.paths.repeat))
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
-    train_rows = inputs.folds.train_rows(fold)
+    train_rows = job_rows(inputs.folds, fold)
     column = None if row_weights is None else row_weights[train_rows]
     return TrainState(
         spec=spec, fold=fold, inputs=inputs, model=model, forward=forward, amp=amp,
@@ -254,7 +268,7 @@ def _setup(spec: ModelSpec, fold: int, inputs: TrainInputs, row_weights: np.ndar
         loss_weights=[1.0] + [cfg.target_weights.get(t.name, 1.0) for t in targets[1:]],
         train_rows=train_rows, sources=inputs.job_sources(spec, fold),
         sample_w=sampling_weights(cfg.sampling, targets[0].y[train_rows], column),
-        generator=torch.Generator().manual_seed(cfg.seed * 1000 + fold),
+        generator=torch.Generator().manual_seed(cfg.seed * 1000 + index),
         schedule=segments(cfg, spec.pretrained is not None))
 
 
@@ -263,7 +277,7 @@ def _steps_per_epoch(state: TrainState) -> int:
     cfg, n = state.cfg, len(state.train_rows)
     steps = n // (cfg.batch_size * cfg.accum_steps)
     if steps < 1:
-        raise StackerError(f"{state.spec.name} fold {state.fold}: {n} training rows are fewer than "
+        raise StackerError(f"{_job(state)}: {n} training rows are fewer than "
                            f"batch_size*accum_steps={cfg.batch_size * cfg.accum_steps}; lower the batch size")
     return steps
 
@@ -484,15 +498,17 @@ def _loss(state: TrainState, x: torch.Tensor, ys: list[torch.Tensor]) -> torch.T
 
 
 def _evaluate(state: TrainState, seg: Segment, epoch: int, train_loss: float, seen: tuple, t0: float) -> dict:
-    """The epoch's history record: the kept weights on the held-out fold, plain view at the segment's size."""
-    valid_rows = state.inputs.folds.valid_rows(state.fold)
-    plan = ViewPlan(seg.size, [PLAIN], state.norm, state.cfg.batch_size, amp=state.amp)
-    proba = predict_views(state.kept, state.inputs.images, valid_rows, plan)[0][0]  # (n_valid, C)
-    y_valid = state.inputs.folds.y[valid_rows]
-    return {"epoch": epoch + 1, "phase": seg.phase, "frozen": seg.frozen, "size": list(seen),
-            "train_loss": train_loss, "valid_loss": log_loss(y_valid, proba),
-            "error_rate": 1.0 - accuracy(y_valid, proba), "lr": state.scheduler.get_last_lr()[-1],
-            "seconds": time.perf_counter() - t0}
+    """The epoch's history record: the kept weights on the held-out fold, plain view at the segment's size;
+    the full fit holds no fold out, and its record has no validation keys."""
+    record = {"epoch": epoch + 1, "phase": seg.phase, "frozen": seg.frozen, "size": list(seen),
+              "train_loss": train_loss}
+    if state.fold is not None:
+        valid_rows = state.inputs.folds.valid_rows(state.fold)
+        plan = ViewPlan(seg.size, [PLAIN], state.norm, state.cfg.batch_size, amp=state.amp)
+        proba = predict_views(state.kept, state.inputs.images, valid_rows, plan)[0][0]  # (n_valid, C)
+        y_valid = state.inputs.folds.y[valid_rows]
+        record.update(valid_loss=log_loss(y_valid, proba), error_rate=1.0 - accuracy(y_valid, proba))
+    return {**record, "lr": state.scheduler.get_last_lr()[-1], "seconds": time.perf_counter() - t0}
 
 
 def _track_best(state: TrainState, record: dict) -> None:
@@ -513,12 +529,12 @@ def _check_finite(state: TrainState, record: dict) -> None:
     BatchNorm statistic) of the model or its EMA copy is not. fp16 steps the scaler skipped do not
     count: their weights were left as they were. The previous epoch's checkpoint stays.
     """
-    bad = [key for key in ("train_loss", "valid_loss") if not math.isfinite(record[key])]
+    bad = [key for key in ("train_loss", "valid_loss") if key in record and not math.isfinite(record[key])]
     modules = [state.model] + ([state.ema.module] if state.ema is not None else [])
     if not all(_finite_state(m) for m in modules):
         bad.append("weights")
     if bad:
-        raise StackerError(f"{state.spec.name} fold {state.fold} epoch {record['epoch']}: training diverged "
+        raise StackerError(f"{_job(state)} epoch {record['epoch']}: training diverged "
                            f"(non-finite {', '.join(bad)}, amp {state.amp}); nothing of this epoch is kept. Lower "
                            "train.lr, set train.clip_grad or change train.amp, then run train-base --force")
 
@@ -530,15 +546,15 @@ def _finite_state(module: torch.nn.Module) -> bool:
 
 
 def _job(state: TrainState) -> str:
-    """"resnet26d fold 3" (or "resnet26d repeat 1 fold 3"), as the engines name the job."""
+    """"resnet26d fold 3" (or "resnet26d repeat 1 fold 3", "resnet26d full fit"), as the engines name the job."""
     return job_label(state.spec.name, state.fold, state.inputs.paths.repeat)
 
 
 def _progress_line(job: str, total: int, h: dict) -> str:
     tag = " frozen" if h["frozen"] else ""
+    valid = f"valid_loss {h['valid_loss']:.4f}  error_rate {h['error_rate']:.4f}  " if "valid_loss" in h else ""
     return (f"  {job} epoch {h['epoch']:>2}/{total}  {h['size'][0]}x{h['size'][1]}{tag}  "
-            f"train_loss {h['train_loss']:.4f}  valid_loss {h['valid_loss']:.4f}  "
-            f"error_rate {h['error_rate']:.4f}  {h['seconds']:.1f}s")
+            f"train_loss {h['train_loss']:.4f}  {valid}{h['seconds']:.1f}s")
 
 
 def _save_checkpoint(state: TrainState) -> None:
@@ -662,7 +678,7 @@ def _save_result(state: TrainState) -> None:
     record = {"model": spec.name, "arch": spec.arch, "fold": fold, "pretrained": spec.pretrained,
               "model_kwargs": spec.model_kwargs, "train": asdict(spec.train), "folds_sha256": sources.folds_sha256,
               "rows_sha256": sources.rows_sha256, "cache_sha256": sources.cache_sha256,
-              "weights_sha256": weights_sha256, "kept_epoch": kept,
+              "weights_sha256": weights_sha256, "kept_epoch": kept, "train_rows": len(state.train_rows),
               "amp": state.amp, "device_name": device_name(state.device), "seconds": state.clock,
               "epochs": state.history}
     write_history_csv(paths.history_csv(spec.name, fold), state.history)

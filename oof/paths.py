@@ -8,6 +8,9 @@
     <run>/cache/<split>.u8, <split>.json    decoded uint8 images + index, split train or test
     <run>/models/<model>/fold<k>.*          weights, history, job log, resume checkpoint, lock
     <run>/models/<model>/repeat<r>/fold<k>.*   the same for repeat r > 0 (folds.repeats)
+    <run>/models/<model>/full.*             the full fit (every train row, no fold held out; `train-base
+                                            --full`): full.safetensors, full.history.json, full.history.csv,
+                                            full.log, full.checkpoint.pt, full.lock
     <run>/preds/<model>/oof.parquet         OOF probabilities (oof.csv from other tools)
     <run>/preds/<model>/test.parquet        test probabilities, mean over fold models (test.csv likewise)
     <run>/preds/<model>/oof_fold<k>.parquet      fold model k's held-out rows (predict-oof's per-job part)
@@ -15,6 +18,8 @@
     <run>/preds/<model>/test_fold<k>.parquet     fold model k's test probabilities
     <run>/preds/<model>/{oof,test}_views_fold<k>.parquet, oof_views.parquet   every TTA view apart (`oof.views`)
     <run>/preds/<model>/repeat<r>/{oof,test}_fold<k>.parquet   the fold tables of repeat r > 0
+    <run>/preds/<model>/test_full.parquet   the full fit's test probabilities (test_full.<target>.parquet per
+                                            extra target); test_views_full.parquet: its TTA views apart
     <run>/preds/<model>/metrics.json        OOF scores with and without TTA
     <run>/stack/                            decision.json, the chosen candidate, leaderboard, report, test.parquet
     <run>/logs/<stage>.log                  what each stage logged, appended (the command line's stages)
@@ -189,25 +194,32 @@ class RunPaths:
     def model_dir(self, model: str) -> Path:
         return self._repeat_dir(self.root / "models" / check_model_name(model))
 
-    def weights(self, model: str, fold: int) -> Path:
-        return self.model_dir(model) / f"fold{fold}.safetensors"
+    # A job's files are named by its stem: fold k's `fold<k>.*`, the full fit's (fold None) `full.*`.
 
-    def history(self, model: str, fold: int) -> Path:
-        return self.model_dir(model) / f"fold{fold}.history.json"
+    @staticmethod
+    def job_stem(fold: int | None) -> str:
+        """The name every file of a job starts with: `fold<k>` for fold k, `full` for the full fit (fold None)."""
+        return "full" if fold is None else f"fold{fold}"
 
-    def history_csv(self, model: str, fold: int) -> Path:
+    def weights(self, model: str, fold: int | None) -> Path:
+        return self.model_dir(model) / f"{self.job_stem(fold)}.safetensors"
+
+    def history(self, model: str, fold: int | None) -> Path:
+        return self.model_dir(model) / f"{self.job_stem(fold)}.history.json"
+
+    def history_csv(self, model: str, fold: int | None) -> Path:
         """The history's epochs as a table, rewritten after every epoch (timm's summary.csv)."""
-        return self.model_dir(model) / f"fold{fold}.history.csv"
+        return self.model_dir(model) / f"{self.job_stem(fold)}.history.csv"
 
-    def job_log(self, model: str, fold: int) -> Path:
-        return self.model_dir(model) / f"fold{fold}.log"
+    def job_log(self, model: str, fold: int | None) -> Path:
+        return self.model_dir(model) / f"{self.job_stem(fold)}.log"
 
-    def checkpoint(self, model: str, fold: int) -> Path:
-        return self.model_dir(model) / f"fold{fold}.checkpoint.pt"
+    def checkpoint(self, model: str, fold: int | None) -> Path:
+        return self.model_dir(model) / f"{self.job_stem(fold)}.checkpoint.pt"
 
-    def job_lock(self, model: str, fold: int) -> Path:
+    def job_lock(self, model: str, fold: int | None) -> Path:
         """Held by the process training a job, so two processes sharing the run never train it twice."""
-        return self.model_dir(model) / f"fold{fold}.lock"
+        return self.model_dir(model) / f"{self.job_stem(fold)}.lock"
 
     # ------------------------------------------------------------ predictions
 
@@ -248,6 +260,14 @@ class RunPaths:
     def test_views_fold(self, model: str, fold: int) -> Path:
         """Fold model k's test rows, every TTA view kept apart (`oof.views`)."""
         return self.preds_dir(model) / f"test_views_fold{fold}.parquet"
+
+    def test_full(self, model: str, target: str | None = None) -> Path:
+        """The full fit's test probabilities (`train-base --full`'s model), views combined."""
+        return self.preds_dir(model) / f"test_full{_suffix(target)}.parquet"
+
+    def test_views_full(self, model: str) -> Path:
+        """The full fit's test rows, every TTA view kept apart (`oof.views`)."""
+        return self.preds_dir(model) / "test_views_full.parquet"
 
     def predict_metrics(self, model: str) -> Path:
         return self.preds_dir(model) / "metrics.json"

@@ -14,13 +14,14 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from oof import (BOOL, SEED, STRING, ConfigSection, Rule, StackerError, build_config, check_fields, each,
+from oof import (BOOL, NULL, SEED, STRING, ConfigSection, Rule, StackerError, build_config, check_fields, each,
                  number, one_of)
 from oof.run_config import SUBMIT_FORMATS  # submit.format's vocabulary, which the CLI reads too
 
 from .candidates import FLOOR, candidate_names
 
 TEST_FEATURES = ("mean", "per_fold")
+TEST_MODELS = ("folds", "full", "both")
 
 # scikit-learn scorers that score regressions: meaningless on class labels.
 _REGRESSION_SCORERS = ("r2", "explained_variance", "neg_max_error", "d2_absolute_error_score",
@@ -40,6 +41,7 @@ NON_NEGATIVE = number(0)
 FRACTION = _said(number(0, 1, open_low=True), "a fraction in (0, 1]")
 NO_LIMIT = _said(number(-1, -1, integer=True), "-1 for no limit")
 EVERY_CORE = _said(number(-1, -1, integer=True), "-1 for every core")
+ALL_FOLDS = _said(number(-1, -1, integer=True), "-1 for every fold model")
 
 
 @dataclass
@@ -105,6 +107,28 @@ class StackConfig:
             for a descheduled sibling at every barrier); independent fits in two
             processes share a busy core without waiting on each other. Small inputs
             (under a million meta-features) fit in-process: a pool costs more.
+        predict_budget: seconds the stack's test side may take for `predict_rows`
+            images, on the device predict-oof measured the costs on (a code
+            competition's limit, less decoding and margin); the guard scores only
+            ensembles that fit, choosing models and TTA views (`stacker.budget`).
+            null: every model at every view.
+        predict_rows: the images `predict_budget` and the predicted seconds are
+            for (the hidden test set's size); null: the run's own test set.
+        predict_speed_ratio: how many times faster the card the notebook runs on is
+            than the one the costs were measured on (2.0: predicted seconds halve).
+            No built-in card table: measure both on one model.
+        predict_folds: fold models per model on the test side, the first ones of
+            the run (repeat-major); -1 every one. Each OOF row comes from one fold
+            model whatever this is, so no OOF row scores it: a setting, never chosen.
+        test_models: which models' test predictions the stack is applied to:
+            "folds" the mean of the fold models, "full" the model trained on every
+            row (`train-base --full`, unvalidated: no OOF row comes from it),
+            "both" the fold models and the full one, the full one weighted as one
+            more fold.
+        allow_full_meta: apply a fitted meta-model (logistic regression, LightGBM)
+            to full-fit predictions: it learned from fold models' OOF rows, and a
+            full model's are sharper, so without this only blends (means and
+            weights, which only average) are applied to them.
     """
 
     SECTION: ClassVar[str] = "stack"
@@ -138,6 +162,12 @@ class StackConfig:
         "lgbm_max_bin": (number(2, integer=True),),
         "lgbm_max_rows": (COUNT, NO_LIMIT),
         "n_jobs": (COUNT, EVERY_CORE),
+        "predict_budget": (_said(number(0, open_low=True), "seconds > 0"), NULL),
+        "predict_rows": (COUNT, NULL),
+        "predict_speed_ratio": (number(0, open_low=True),),
+        "predict_folds": (COUNT, ALL_FOLDS),
+        "test_models": (one_of(*TEST_MODELS),),
+        "allow_full_meta": (BOOL,),
     }
 
     metric: str = "accuracy"
@@ -167,6 +197,12 @@ class StackConfig:
     lgbm_max_bin: int = 63
     lgbm_max_rows: int = 15_000
     n_jobs: int = -1
+    predict_budget: float | None = None
+    predict_rows: int | None = None
+    predict_speed_ratio: float = 1.0
+    predict_folds: int = -1
+    test_models: str = "folds"
+    allow_full_meta: bool = False
 
     def __post_init__(self):
         check_fields(self)

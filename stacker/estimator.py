@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 import oof
 from oof import Folds, PredictionTable, StackerError, build_config, check_rows, info, log_loss, validate_test
 
+from .budget import BudgetPlan, PredictInputs, Selection, Units, budget_record, build_units, plan_budget, select_units
 from .candidates import candidate_class, normalise_rows, suited_candidates
 from .config import StackConfig
 from .guard import GuardResult, decide, fit_chosen, run_guard
@@ -86,10 +87,12 @@ class StackGuard:
         else:
             guard.candidate_ = fitted.from_state(state, booster_text)
         guard.repeats_ = len(state.get("repeats", [state]))
+        guard.predict_ = decision.get("predict")
         return guard
 
     def fit(self, oof_tables: Mapping, folds: Folds, test_tables: Mapping | None = None,
-            fold_tables: Sequence[Mapping] = (), workers: FitWorkers | None = None) -> "StackGuard":
+            fold_tables: Sequence[Mapping] = (), workers: FitWorkers | None = None,
+            predict: PredictInputs | None = None) -> "StackGuard":
         """Score the candidates, decide, and fit the chosen one on every OOF row.
 
         Args:
@@ -102,6 +105,9 @@ class StackGuard:
                 repeats, R x K of them, repeat-major (repeat r's fold k at r * K + k).
             workers: the meta-level fits' worker processes, started ahead (`stacker.workers.start_workers`,
                 as `fit_stack` does while it reads the tables); None: as many as the rows call for.
+            predict: the models' measured prediction costs and OOF view tables (`stacker.budget`); with
+                costs for every model the decision records predicted seconds (`predict_`), and
+                `config.predict_budget` needs them: the guard then stacks the units it chooses.
         """
         config = self.config or StackConfig()
         log = self.log or (lambda *a: None)
@@ -117,10 +123,11 @@ class StackGuard:
                  for X, one in zip(Xs, folds.each_repeat())]
         metric = Metric(config.metric, len(self.classes_))
         log(_describe_inputs(folds, len(self.models_), config))
+        datas, plans = self._budget(tables, datas, predict, config, metric, log)
         # One BLAS thread: OpenBLAS threads spinning after a logistic-regression fit
         # slowed the next LightGBM fit's OpenMP threads 3x on the 2-core bench machine.
         with threadpool_limits(limits=1, user_api="blas"):
-            decision = self._fit_repeats(datas, config, metric, log, workers)
+            decision = self._fit_repeats(datas, config, metric, log, workers, plans)
         scores = [_model_scores(y, X, names, metric, leaks, excluded) for X in Xs]
         self.decision_ = self._record(decision, config, folds,
                                       scores[0] if len(scores) == 1 else combine_model_scores(scores), excluded)
@@ -147,6 +154,32 @@ class StackGuard:
                                "stack. Pass --allow-suspicious (stack.allow_suspicious: true) to keep them")
         return leaks._replace(suspicious=suspicious), excluded
 
+    def _budget(self, tables: dict, datas: list[MetaData], predict: PredictInputs | None, config: StackConfig,
+                metric: Metric, log) -> tuple[list[MetaData], list | None]:
+        """The units and, under `config.predict_budget`, their choice: (the rows the guard fits on, each repeat's
+        `BudgetPlan` or None). Sets `predict_` (decision.json's `predict`, None without recorded costs) and,
+        under a budget, `models_` to the chosen units."""
+        self.predict_ = None
+        budget = config.predict_budget
+        known = predict is not None and all(m in predict.costs for m in self.models_)
+        if budget is None and not known:
+            return datas, None
+        units = build_units({m: tables[m] for m in self.models_}, predict or PredictInputs(), config, len(datas))
+        if budget is None:
+            whole = tuple(u for u, name in enumerate(units.names) if name in self.models_)
+            path = select_units(units.X, datas[0].y, units, float("inf"), metric) if _path_affordable(units) else None
+            self.predict_ = budget_record(units, Selection(whole, []), path, config, predict, [])
+            return datas, None
+        selection, plans = plan_budget(units, datas, config, metric)
+        path = select_units(units.X, datas[0].y, units, float("inf"), metric)
+        self.predict_ = budget_record(units, selection, path, config, predict, plans)
+        self.models_ = [units.names[u] for u in selection.chosen]
+        log(f"fit-stack: predict budget {budget:g} s for {self.predict_['rows']} images: "
+            f"{len(selection.chosen)} of {len(set(units.models))} models chosen "
+            f"({', '.join(self.models_)}), predicted {self.predict_['seconds']:.1f} s of the whole ensemble's "
+            f"{self.predict_['ensemble_seconds']:.1f} s")
+        return [units.data(data, selection.chosen, r) for r, data in enumerate(datas)], plans
+
     def _record(self, decision: dict, config: StackConfig, folds: Folds, models: dict, excluded: dict) -> dict:
         """`decision_`: the guard's decision with what it was fitted on; repeats' keys only when R > 1."""
         record = {
@@ -159,6 +192,10 @@ class StackGuard:
         }
         if "nested_note" in decision:
             record["nested_note"] = decision["nested_note"]
+        if self.predict_ is not None:  # every candidate stacks the same units: one predicted time for all
+            record["predict"] = self.predict_
+            for scores in record["candidates"].values():
+                scores["predict_seconds"] = self.predict_["seconds"]
         if folds.groups_sha256 is not None:  # an ungrouped decision keeps its keys
             record["groups_sha256"] = folds.groups_sha256
         if self.split_leak_ is not None:
@@ -171,7 +208,8 @@ class StackGuard:
             record.update({key: decision[key] for key in ("repeat_decisions", "agreement")}, repeats=folds.repeats)
         return record
 
-    def _fit_repeats(self, datas: list[MetaData], config: StackConfig, metric: Metric, log, workers) -> dict:
+    def _fit_repeats(self, datas: list[MetaData], config: StackConfig, metric: Metric, log, workers,
+                     plans: list | None = None) -> dict:
         """The guard on each fold assignment, one call per repeat (`_guard_assignment`), and the decision: the
         one assignment's, or `_decide_over_repeats` with R > 1.
 
@@ -182,7 +220,8 @@ class StackGuard:
         for r, data in enumerate(datas):
             if len(datas) > 1:
                 log(f"fit-stack: repeat {r} ({r + 1} of {len(datas)}): meta-level OOF on its own OOF rows and folds")
-            runs.append(_guard_assignment(data, repeat_config(config, r), metric, log, workers))
+            runs.append(_guard_assignment(data, repeat_config(config, r), metric, log, workers,
+                                          plans[r] if plans else None))
         if len(runs) == 1:
             decision, self.oof_, self.timings_ = runs[0].decision, runs[0].oof, runs[0].timings
         else:
@@ -343,14 +382,15 @@ def _fold_tables_per_repeat(fold_tables: Sequence[Mapping], folds: Folds) -> lis
     return [list(fold_tables)[r * k:(r + 1) * k] for r in range(folds.repeats)]
 
 
-def _guard_assignment(data: MetaData, config: StackConfig, metric: Metric, log, workers) -> GuardResult:
+def _guard_assignment(data: MetaData, config: StackConfig, metric: Metric, log, workers,
+                      plan: BudgetPlan | None = None) -> GuardResult:
     """The guard on one fold assignment: `run_guard` over the candidates that can differ from the mean under
     `metric`; decision["left_out"] holds {candidate: why} of the others (`Candidate.unsuited`), each
     announced in the log."""
     names, left_out = suited_candidates(config.candidates, metric)
     for name, why in left_out.items():
         log(f"fit-stack: candidate {name} left out: {why}")
-    result = run_guard(data, replace(config, candidates=names), metric, log, workers)
+    result = run_guard(data, replace(config, candidates=names), metric, log, workers, plan)
     return result._replace(decision={**result.decision, "left_out": left_out})
 
 
@@ -368,6 +408,16 @@ def _decide_over_repeats(runs: list[GuardResult], data: MetaData, config: StackC
     decision = decide(data.y, oof_probas, metric, config, [config.seed, 7], data.groups)
     decision = combine_repeats({**decision, "left_out": runs[0].decision["left_out"]}, [run.decision for run in runs])
     return decision, oof_probas, {name: sum(run.timings[name] for run in runs) for name in names}
+
+
+# Without a budget the greedy path is drawn for the report alone; past this many (unit moves x values)
+# it would cost more than the fits, and the report goes without it.
+PATH_MAX_WORK = 5e9
+
+
+def _path_affordable(units: Units) -> bool:
+    U = len(units.names)
+    return U * U * units.X[0].size * len(units.X) / max(U, 1) <= PATH_MAX_WORK
 
 
 def _describe_inputs(folds: Folds, n_models: int, config: StackConfig) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 from oof import (PredictionTable, RunPaths, StackerError, atomic_path, check_model_name, info, read_json, write_json,
                  write_table, write_text)
 
+from .budget import read_predict_inputs, stack_test_tables
 from .config import StackConfig
 from .estimator import StackGuard
 from .inputs import has_fold_tables, load_run_folds, read_run_tables
@@ -80,9 +81,11 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
         log(f"fit-stack: {paths.decision} is stale ({describe(changes)}); fitting the stack again")
     workers = start_workers(config, folds.n_rows * len(names) * len(folds.classes))  # ready when the fits begin
     oof_tables, test_tables, fold_tables = read_run_tables(paths, names, folds, per_fold)
-    guard = StackGuard(config, log).fit(oof_tables, folds, test_tables, fold_tables, workers)
+    predict = read_predict_inputs(paths, names, folds, len(next(iter(test_tables.values())).ids))
+    guard = StackGuard(config, log).fit(oof_tables, folds, test_tables, fold_tables, workers, predict)
     decision = {**guard.decision_, "inputs": inputs}
-    write_stack(paths, guard, guard.predict_table(test_tables, fold_tables), decision, folds)
+    test_in, fold_in = stack_test_tables(paths, guard.decision_, folds, test_tables, fold_tables)
+    write_stack(paths, guard, guard.predict_table(test_in, fold_in), decision, folds)
     log(format_report(guard.decision_, guard.timings_))
     return decision
 

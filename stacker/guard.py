@@ -39,6 +39,7 @@ import numpy as np
 
 from oof import info, log_loss
 
+from .budget import BudgetPlan
 from .candidates import FLOOR, candidate_class, create_candidate
 from .config import StackConfig
 from .inputs import MetaData
@@ -188,13 +189,20 @@ def nested_estimate(data: MetaData, preds: dict, metric: Metric, config: StackCo
     return result
 
 
-def nested_jobs(data: MetaData, preds: dict, metric: Metric, config: StackConfig, pool=None) -> list:
-    """`nested_estimate`'s outer-fold decisions, submitted to `pool` (run at once without one): [(fold, future)]."""
-    return [(int(o), (pool or InTurn()).submit(_inner_decision, data, preds, int(o), metric, config))
+def nested_jobs(data: MetaData, preds: dict, metric: Metric, config: StackConfig, pool=None,
+                per_outer: dict | None = None) -> list:
+    """`nested_estimate`'s outer-fold decisions, submitted to `pool` (run at once without one): [(fold, future)].
+
+    per_outer: {outer fold: its own `preds`} where outer folds fit their candidates on inputs of their own
+    (a budget's choice made again inside each outer fold, `stacker.budget`); None: `preds` for every one.
+    """
+    per_outer = per_outer or {}
+    return [(int(o), (pool or InTurn()).submit(_inner_decision, data, per_outer.get(int(o), preds), int(o), metric,
+                                                config))
             for o in np.unique(data.fold)]
 
 
-def nested_result(data: MetaData, preds: dict, metric: Metric, jobs: list) -> dict:
+def nested_result(data: MetaData, preds: dict, metric: Metric, jobs: list, per_outer: dict | None = None) -> dict:
     """The nested estimate from `nested_jobs`' decisions: each outer fold scored with its choice.
 
     "proba" holds the pooled outer-fold predictions (N, C), for `nested_check`; `run_guard` drops it
@@ -205,7 +213,7 @@ def nested_result(data: MetaData, preds: dict, metric: Metric, jobs: list) -> di
     per_fold = []
     for o, job in jobs:
         d = job.result()
-        p = preds[d["chosen"]][(o,)]  # (n_o, C) the choice, fitted on every other fold
+        p = (per_outer or {}).get(o, preds)[d["chosen"]][(o,)]  # (n_o, C) the choice, fitted on every other fold
         outer_proba = np.empty((len(y), p.shape[1])) if outer_proba is None else outer_proba
         outer_proba[fold == o] = p
         per_fold.append({"fold": o, "chosen": d["chosen"], "score": metric.score(y[fold == o], p),
@@ -239,7 +247,7 @@ def fit_chosen(data: MetaData, chosen: str, config: StackConfig, metric: Metric)
 
 
 def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=info,
-              workers: FitWorkers | None = None) -> GuardResult:
+              workers: FitWorkers | None = None, plan: BudgetPlan | None = None) -> GuardResult:
     """Meta-level OOF for every candidate of `config.candidates`, the decision, the chosen candidate fitted
     on every row, and the nested estimate.
 
@@ -255,11 +263,18 @@ def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=info,
     Args:
         workers: the fit workers, started ahead (`stacker.workers.start_workers`); None: as many as
             `fit_workers` gives for these rows.
+        plan: under a budget, the units and choices (`stacker.budget.BudgetPlan`): `data` holds the units
+            chosen on every row, and each outer fold of the nested estimate fits the candidates on its own
+            choice (`fit_plan`); None: `data`'s models for every fit.
     """
     nested = config.nested and data.k >= 3
     keys = held_out_keys(data.k, nested)
     workers = workers or FitWorkers(fit_workers(config, data.X.size))
-    preds, timings = fit_tasks(data, config.candidates, keys, config, metric, workers)
+    if plan is None:
+        preds, timings = fit_tasks(data, config.candidates, keys, config, metric, workers)
+        per_outer = None
+    else:
+        preds, timings, per_outer = fit_plan(data, plan, keys, config, metric, workers)
     for name in config.candidates:
         log(f"  {name:<20} {len(keys):>3} fits {timings[name]:7.1f} s")
     oof = {name: assemble(p, data.fold) for name, p in preds.items()}
@@ -267,9 +282,9 @@ def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=info,
     # one warnings-filter state around the threads: `Metric.bootstrap`'s catch_warnings is not thread-safe
     with warnings.catch_warnings(), pool or contextlib.nullcontext():
         main = (pool or InTurn()).submit(decide, data.y, oof, metric, config, [config.seed, 7], data.groups)
-        jobs = nested_jobs(data, preds, metric, config, pool) if nested else None
+        jobs = nested_jobs(data, preds, metric, config, pool, per_outer) if nested else None
         fitted = fit_chosen(data, main.result()["chosen"], config, metric)
-        estimate = nested_result(data, preds, metric, jobs) if nested else None
+        estimate = nested_result(data, preds, metric, jobs, per_outer) if nested else None
         decision = {**main.result(), "nested": estimate}
     if estimate is not None:
         warning = nested_check(data, estimate.pop("proba"), metric, config)
@@ -278,6 +293,31 @@ def run_guard(data: MetaData, config: StackConfig, metric: Metric, log=info,
     if config.nested and not nested:
         decision["nested_note"] = f"nested estimate needs K >= 3 folds, got K={data.k}"
     return GuardResult(decision, oof, timings, fitted)
+
+
+def fit_plan(data: MetaData, plan: BudgetPlan, keys: list, config: StackConfig, metric: Metric,
+             workers: FitWorkers) -> tuple[dict, dict, dict]:
+    """The held-out fits under a budget: ({name: {key: predictions}} on `data` (the main choice),
+    {name: seconds}, {outer fold: its own preds}).
+
+    A pair key {a, b} on the main choice serves outer fold a only where a's own choice is the main one, so
+    the main fits keep the single keys and the pairs that touch such a fold; each other choice fits, for
+    its outer folds, the single key and the pairs with every other fold on its own units.
+    """
+    by_choice: dict[tuple, list[int]] = {}
+    for o, chosen in plan.outer.items():
+        by_choice.setdefault(tuple(chosen), []).append(o)
+    same = set(by_choice.pop(tuple(plan.main), []))
+    main_keys = [key for key in keys if len(key) == 1 or same & set(key)]
+    preds, timings = fit_tasks(data, config.candidates, main_keys, config, metric, workers)
+    per_outer = {o: preds for o in same}
+    for chosen, folds in by_choice.items():
+        own = sorted({(o,) for o in folds} | {tuple(sorted((o, f))) for o in folds for f in range(data.k) if f != o})
+        own_preds, own_timings = fit_tasks(plan.units.data(data, chosen, plan.repeat), config.candidates, own,
+                                           config, metric, workers)
+        per_outer.update({o: own_preds for o in folds})
+        timings = {name: timings[name] + own_timings[name] for name in timings}
+    return preds, timings, per_outer
 
 
 def nested_check(data: MetaData, outer_proba: np.ndarray, metric: Metric, config: StackConfig) -> str:

@@ -147,7 +147,9 @@ def run_file_names() -> dict[str, re.Pattern]:
              paths.oof_fold("m", 0), paths.oof_plain("m"), paths.oof_plain_fold("m", 0), paths.stage_log("x"),
              paths.stack_oof, paths.duplicates, paths.audit_label_issues, paths.audit_top_losses,
              paths.audit_duplicates, paths.audit_page,
-             paths.job_log("m", 0)}
+             paths.job_log("m", 0), paths.weights("m", None), paths.history("m", None),
+             paths.history_csv("m", None), paths.job_log("m", None), paths.checkpoint("m", None),
+             paths.job_lock("m", None), paths.test_full("m"), paths.test_views_full("m")}
     out = {}
     for p in names:
         pattern = re.escape(p.name).replace("0", r"(\d+|\{\})").replace("train", r"(train|test|\{\})")
