@@ -1,6 +1,7 @@
 """stacker's command line: parse the config and flags, call one stage, turn errors into exit codes.
 
-    stacker train-base  --config run.yaml     folds, image cache, one job per (model, fold)
+    stacker train-base  --config run.yaml     folds, image cache, one job per (model, fold); with --full
+                                              one more per model on every train row (its full fit)
     stacker predict-oof --run DIR             TTA predictions: OOF and test tables
     stacker fit-stack   --run DIR             guarded meta level: stack/decision.json
     stacker submit      --run DIR             submission.csv in sample_submission's layout
@@ -76,7 +77,7 @@ def cmd_train_base(args, log=info) -> int:
 
     cfg = resolve_config(args)
     stack_config(cfg)  # the stack section too is checked before hours of training, not after
-    train_base_stage(cfg, args.force, args.parallel, log, only=args.only)
+    train_base_stage(cfg, args.force, args.parallel, log, only=args.only, full=args.full)
     return 0
 
 
@@ -161,12 +162,13 @@ def cmd_predict(args, log=info) -> int:
     from base_models.jobs import StageOptions
     from base_models.stages import predict_stage
     from stacker import submit_config
+    from oof.views import renders
     from stacker.apply import apply_stack, saved_stack
 
     cfg = resolve_config(args)
     run = run_paths(cfg).root
     images = NewTestImages(args.images, args.csv, args.id_column, args.path_column, args.sample_submission)
-    predict_stage(cfg, images, args.out, saved_stack(run).models_,
+    predict_stage(cfg, images, args.out, renders(saved_stack(run).decision_),
                   StageOptions(force=args.force, log=log, device=args.predict_device), args.budget)
     apply_stack(run, args.out, args.sample_submission, args.force, log, fmt=submit_config(cfg).format)
     return 0
@@ -184,7 +186,7 @@ def cmd_demo(args, log=info) -> int:
     config = prepare_demo(args.out, log)
     stage_args = argparse.Namespace(config=str(config), run=None, set=None, force=args.force, parallel=1,
                                     models=None, sample_submission=None, out=None, source=None, format=None,
-                                    only=None)
+                                    only=None, full=False)
     for name, stage in STAGES:
         log(f"\n== stacker {name} --config {config}")
         with stage_log(RunPaths(resolve_config(stage_args)["run_dir"]).stage_log(name)):
@@ -257,14 +259,21 @@ def train_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="train.epochs for every model")
     p.add_argument("--device", help=f"train.device: one of {', '.join(DEVICES)}")
     p.add_argument("--k", type=int, help="folds.k")
-    job_arguments(p, "train just this job, e.g. resnet26d:0 (repeatable; one per Slurm array task); the folds "
-                     "and cache are still made; with --force only these jobs are redone")
+    job_arguments(p, "train just these jobs, e.g. resnet26d:0 (repeatable; one per Slurm array task); the folds "
+                     "and cache are still made; with --force only these jobs are redone; with --full name models, "
+                     "e.g. --only resnet26d convnext_tiny", many=True)
+    p.add_argument("--full", action="store_true",
+                   help="train each model once more on every train row (no fold held out, the fold jobs' recipe and "
+                        "epochs) in place of its fold jobs: the full fit predict-oof then predicts the test set with; "
+                        "refused for train.keep: best")
 
 
-def job_arguments(p: argparse.ArgumentParser, only_help: str) -> None:
-    """The (model, fold) job grid's flags: how many at once, which ones, on which engine."""
+def job_arguments(p: argparse.ArgumentParser, only_help: str, many: bool = False) -> None:
+    """The (model, fold) job grid's flags: how many at once, which ones (`many`: several after one --only),
+    on which engine."""
     p.add_argument("--parallel", type=int, default=1, help="jobs at once on CPU (on CUDA: one per visible GPU)")
-    p.add_argument("--only", action="append", metavar="MODEL:FOLD", help=only_help)
+    p.add_argument("--only", action="extend" if many else "append", nargs="+" if many else None, metavar="MODEL:FOLD",
+                   help=only_help)
     p.add_argument("--engine", choices=tuple(ENGINES),  # read when the parser is built: registered engines count
                    help="engine.name: where the jobs run (default local)")
     p.add_argument("--address", help="engine.address: the Ray cluster to join (default RAY_ADDRESS or a new one)")

@@ -43,6 +43,7 @@ from filelock import FileLock, Timeout
 
 from oof import (RunPaths, StackerError, file_digest, load_folds, read_json, read_table,
                  remove_temps, validate_test)
+from oof.views import Render
 
 from .batches import CacheBudget, ImageSource, place_images
 from .cache import CacheOptions, ImageCache, build_cache
@@ -106,25 +107,29 @@ class _NewTest:
         return [(r, f) for r in range(self.repeats) for f in range(self.k)]
 
 
-def predicted_seconds(paths: RunPaths, models: list[str], images: int) -> tuple[float | None, str]:
-    """What `images` new test images cost through `models`' fold models, from the costs predict-oof measured
-    (metrics.json's `cost`: every fold model's overhead once, plus its per-image seconds over every view):
-    (seconds, how it was predicted, in words); (None, which models have no recorded cost) when one lacks it
-    (tables from another tool, or predicted before costs were recorded)."""
-    costs = {name: (read_json(paths.predict_metrics(name)) if paths.predict_metrics(name).is_file() else {})
-             .get("cost") for name in models}
+def predicted_seconds(paths: RunPaths, models: list[Render], images: int) -> tuple[float | None, str]:
+    """What `images` new test images cost through `models`' fold models at their views, from the costs predict-oof
+    measured (metrics.json's `cost`: per fold model an overhead and seconds per image per view): (seconds, how it
+    was predicted, in words); (None, which models have no recorded cost) when one lacks it (tables from another
+    tool, or predicted before costs were recorded)."""
+    costs = {r.model: (read_json(paths.predict_metrics(r.model)) if paths.predict_metrics(r.model).is_file() else {})
+             .get("cost") for r in models}
     missing = [name for name, cost in costs.items() if not cost]
     if missing:
         return None, f"no recorded prediction cost for {', '.join(missing)} (tables from another tool, or " \
                      "predicted before predict-oof measured costs)"
-    fixed = sum(c["fixed_seconds"] for c in costs.values())
-    per_image = sum(c["image_seconds"] for c in costs.values())
+    fixed = per_image = 0.0
+    for r in models:
+        c = costs[r.model]
+        n = r.fold_models or c["fold_models"]
+        fixed += n * c["load_seconds"]
+        per_image += n * (r.views or c["views"]) * c["image_view_seconds"]
     devices = sorted({c["device"] for c in costs.values()})
     return fixed + images * per_image, (f"{fixed:.1f} s fixed + {1000 * per_image:.2f} ms per image, as "
                                         f"predict-oof measured them on {', '.join(devices)}")
 
 
-def check_budget(paths: RunPaths, models: list[str], images: int, budget: float | None, log) -> None:
+def check_budget(paths: RunPaths, models: list[Render], images: int, budget: float | None, log) -> None:
     """Log the predicted time of a call; refuse it in one line when it cannot fit `budget` seconds (or when the
     run records no cost to predict it from and a budget was given)."""
     seconds, how = predicted_seconds(paths, models, images)
@@ -139,13 +144,14 @@ def check_budget(paths: RunPaths, models: list[str], images: int, budget: float 
                            f"for {images} images ({how}); give a larger budget or a stack of fewer models")
 
 
-def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, out: RunPaths,
+def predict_new_test(run: SavedRun, models: list[str | Render], images: NewTestImages, out: RunPaths,
                      options: StageOptions = StageOptions(), budget: float | None = None) -> None:
-    """Decode `images` into `out` and write every fold model's test tables of `models` there.
+    """Decode `images` into `out` and write the test tables of `models` there.
 
     Args:
         run: the finished run, only read.
-        models: the models the saved stack uses (`StackGuard.models_`).
+        models: what the saved stack renders (`oof.views.renders` of its decision: each model's views and fold
+            models, a budget's choice), or model names (every view, every fold model).
         images: the new test set.
         out: the output folder (never the run, nor inside it).
         options: force (predict every table again), log, and device: auto, cpu or cuda for every model
@@ -168,7 +174,8 @@ def predict_new_test(run: SavedRun, models: list[str], images: NewTestImages, ou
     folds = load_folds(run.paths.folds)
     targets = load_targets(run.paths, folds, list(run.data.extra_targets))
     table = resolve_new_test(images)
-    used = [_used_model(run, name, targets[0].classes, folds, device, options.log) for name in models]
+    models = [m if isinstance(m, Render) else Render(m) for m in models]
+    used = [_used_model(run, m, targets[0].classes, folds, device, options.log) for m in models]
     check_budget(run.paths, models, len(table), budget, options.log)
     out.root.mkdir(parents=True, exist_ok=True)
     try:
@@ -195,10 +202,12 @@ def _check_out(run: RunPaths, out: RunPaths) -> None:
                            "a folder of its own")
 
 
-def _used_model(run: SavedRun, name: str, classes, folds, device: str | None = None, log=None) -> _UsedModel:
+def _used_model(run: SavedRun, render: Render, classes, folds, device: str | None = None, log=None) -> _UsedModel:
     """A model of the stack, checked: listed in run.yaml, its run table records how it predicted (views this
     stacker renders), weights present, its device visible here (`device` in place of its own train.device
-    when given). Its record is read in the current schema (`upgraded`)."""
+    when given). Its record is read in the current schema (`upgraded`), cut to the views and fold models
+    `render` asks for (`rendered_meta`)."""
+    name = render.model
     spec = next((s for s in run.specs if s.name == name), None)
     if spec is None:
         raise StackerError(f"{run.paths.config}: the stack uses model {name!r}, which it does not list (tables "
@@ -212,7 +221,22 @@ def _used_model(run: SavedRun, name: str, classes, folds, device: str | None = N
     recorded_views(meta, str(path))
     _check_weights(run.paths, name, meta["weights_sha256"], folds)
     where = _resolve(device or spec.train.device, None if device else spec)
-    return _UsedModel(spec, upgraded(meta), where, predict_amp(spec.train.amp, where, device, name, log))
+    return _UsedModel(spec, rendered_meta(upgraded(meta), render, str(path)), where,
+                      predict_amp(spec.train.amp, where, device, name, log))
+
+
+def rendered_meta(meta: dict, render: Render, source: str) -> dict:
+    """A run table's record cut to what `render` asks for: its first `views` views (tta.n and tta.views: what
+    the new tables record and `predict_with_tta` renders) and its first `fold_models` fold models' weights."""
+    views, weights = recorded_views(meta, source), list(meta["weights_sha256"])
+    n_views = len(views) + 1 if render.views is None else render.views
+    n_folds = len(weights) if render.fold_models is None else render.fold_models
+    if not 1 <= n_views <= len(views) + 1 or not 1 <= n_folds <= len(weights):
+        raise StackerError(f"{source}: the stack renders {render.model} at {n_views} views through {n_folds} fold "
+                           f"models, but its run table records {len(views) + 1} views and {len(weights)} fold "
+                           "models; run fit-stack again")
+    tta = {**meta["tta"], "n": n_views - 1, "views": meta["tta"]["views"][:n_views - 1]}
+    return {**meta, "tta": tta, "weights_sha256": weights[:n_folds]}
 
 
 def _resolve(device: str, spec: ModelSpec | None) -> torch.device:
@@ -276,7 +300,7 @@ def _predict_model(job: _NewTest, model: _UsedModel) -> None:
     # the run's record, but for the new cache and the precision this device runs at (`predict_amp`)
     meta = {**model.meta, "cache_sha256": {**(model.meta.get("cache_sha256") or {}), "test": job.cache.digest},
             "amp": model.amp}
-    slots = job.slots
+    slots = job.slots[:len(meta["weights_sha256"])]  # the fold models the stack renders (`rendered_meta`)
     kept = {} if job.options.force else {s: p for s in slots if (p := _current_fold(job, name, s, meta))}
     if len(kept) == len(slots) and all(_current(job, job.out.test(name, t.name), t, meta) is not None
                                        for t in job.targets):

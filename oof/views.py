@@ -148,3 +148,21 @@ def parse_unit(name: str) -> tuple[str, int | None]:
     if not views.isdigit() or int(views) < 1:
         raise StackerError(f"{name!r}: a unit is model{UNIT_SEP}<views>, views a whole number >= 1")
     return model, int(views)
+
+
+class Render(NamedTuple):
+    """What `stacker predict` renders of one model: its first `views` views (None: every view its tables
+    record) through its first `fold_models` fold models, repeat-major (None: every one)."""
+
+    model: str
+    views: int | None = None
+    fold_models: int | None = None
+
+
+def renders(decision: dict) -> list[Render]:
+    """The models a stack's test side renders, and how (decision.json's `predict` units, else each used model at
+    every view through every fold model)."""
+    units = (decision.get("predict") or {}).get("units")
+    if units is None:
+        return [Render(parse_unit(name)[0]) for name in decision["used"]]
+    return [Render(u["model"], u["views"], u["fold_models"]) for u in units]

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from oof import PredictionTable, RunPaths, StackerError, file_digest, info, read_table, write_table
+from oof.views import renders
 
 from .estimator import StackGuard
 from .fit import load_stack
@@ -92,18 +93,31 @@ def apply_stack(run_dir: str | os.PathLike, out_dir: str | os.PathLike, sample_s
 def _new_tables(run: RunPaths, out: RunPaths, guard: StackGuard, folds) -> tuple[dict, list[dict]]:
     """OUT's test tables of the stack's models, and per repeat and fold theirs (only for test_features
     per_fold; repeat-major, repeat r's in `OUT.for_repeat(r)`'s folders)."""
-    k = folds.k if guard.config.test_features == "per_fold" else 0
-    weights = {m: read_table(run.test(m), folds.classes, "test").meta.get("weights_sha256") for m in guard.models_}
-    tables = {m: _new_table(out.test(m), weights[m], folds) for m in guard.models_}
-    fold_tables = [{m: _new_table(out.for_repeat(r).test_fold(m, f), weights[m], folds.for_repeat(r), folds.sha256)
-                    for m in guard.models_} for r in range(folds.repeats if k else 0) for f in range(k)]
+    per_fold = guard.config.test_features == "per_fold"
+    plan = {unit: render for unit, render in zip(guard.models_, renders(guard.decision_))}
+    weights = {}
+    for unit, render in plan.items():  # the run's fold models, the first ones the stack renders
+        recorded = read_table(run.test(render.model), folds.classes, "test").meta.get("weights_sha256")
+        weights[unit] = None if recorded is None else recorded[:render.fold_models or len(recorded)]
+    tables = {unit: _new_table(out.test(r.model), weights[unit], folds, views=r.views) for unit, r in plan.items()}
+    slots = [(r, f) for r in range(folds.repeats) for f in range(folds.k)]
+    n = min((r.fold_models or len(slots)) for r in plan.values())
+    fold_tables = [{unit: _new_table(out.for_repeat(r).test_fold(p.model, f), weights[unit], folds.for_repeat(r),
+                                     folds.sha256, p.views) for unit, p in plan.items()}
+                   for r, f in (slots[:n] if per_fold else [])]
     return tables, fold_tables
 
 
-def _new_table(path: Path, weights: list | None, folds, run_sha256: str | None = None) -> PredictionTable:
+def _new_table(path: Path, weights: list | None, folds, run_sha256: str | None = None,
+               views: int | None = None) -> PredictionTable:
     """A new test table, made by the run's fold models where it records which (a fold table of one
-    repeat records that repeat's folds, `folds`, or the whole run's, `run_sha256`)."""
+    repeat records that repeat's folds, `folds`, or the whole run's, `run_sha256`), at `views` views where
+    the stack renders fewer than every one (None: as recorded)."""
     table = read_table(path, folds.classes, "test")
+    tta = table.meta.get("tta") or {}
+    if views is not None and "views" in tta and len(tta["views"]) + 1 != views:
+        raise StackerError(f"{path}: rendered at {len(tta['views']) + 1} views, but the stack applies this model "
+                           f"at {views}; run stacker predict again")
     sha, own = table.meta.get("folds_sha256"), table.meta.get("weights_sha256")
     if sha is not None and sha not in (folds.sha256, run_sha256):
         raise StackerError(f"{path}: predicted by another run's fold models (folds sha256 {sha[:12]} != "

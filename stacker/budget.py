@@ -172,12 +172,13 @@ def select_units(X: list[np.ndarray], y: np.ndarray, units: Units, budget: float
         raise StackerError(f"stack.predict_budget: {budget:g} s cannot fit a single model: the cheapest, "
                            f"{units.names[cheapest]}, needs a predicted {units.seconds[cheapest]:.3g} s; give a "
                            "larger budget, fewer predict_rows or predict_folds, or a faster card's predict_speed_ratio")
+    search = _Search(X, y, units, metric)
     chosen: dict[str, int] = {}
     sums = [np.zeros(x[:, 0].shape) for x in X]
     uniform = np.full(sums[0].shape, 1.0 / sums[0].shape[1])
     state = (_score(metric, y, [uniform]), log_loss(y, uniform), 0.0)  # (score, log-loss, seconds)
     path = []
-    while (move := _best_move(X, y, units, chosen, sums, state, budget, metric)) is not None:
+    while (move := search.best_move(chosen, sums, state, budget)) is not None:
         u, score, loss, extra = move
         old = chosen.get(units.models[u])
         for s, x in zip(sums, X):
@@ -189,32 +190,42 @@ def select_units(X: list[np.ndarray], y: np.ndarray, units: Units, budget: float
     return Selection(tuple(sorted(chosen.values())), path)
 
 
-def _best_move(X, y, units: Units, chosen: dict, sums, state, budget: float, metric: Metric):
-    """(unit, score, log-loss, extra seconds) of the move of most gain per second, or None: no move gains.
+class _Search(NamedTuple):
+    """The rows and units `select_units` chooses among."""
 
-    A move adds a model's unit, or replaces a chosen model's unit by one of more views. Gains on the metric
-    rank first; where none gains on it, the moves that keep it and lower the log-loss."""
-    score, loss, seconds = state
-    best = {True: None, False: None}  # gains the metric: (rate, unit, score, loss, extra)
-    for u in range(len(units.names)):
-        old = chosen.get(units.models[u])
-        if old is not None and units.views[u] <= units.views[old]:
-            continue
-        extra = float(units.seconds[u] - (units.seconds[old] if old is not None else 0.0))
-        if seconds + extra > budget:
-            continue
-        n = len(chosen) + (old is None)
-        probas = [(s + x[:, u] - (x[:, old] if old is not None else 0.0)) / n for s, x in zip(sums, X)]
-        new_score, new_loss = _score(metric, y, probas), float(np.mean([log_loss(y, p) for p in probas]))
-        metric_gain, loss_gain = new_score - score, loss - new_loss
-        tier = metric_gain > MIN_MOVE_GAIN
-        if not tier and (metric_gain < -MIN_MOVE_GAIN or loss_gain <= MIN_MOVE_GAIN):
-            continue
-        rate = (metric_gain if tier else loss_gain) / max(extra, 1e-9)
-        if best[tier] is None or rate > best[tier][0]:
-            best[tier] = (rate, u, new_score, new_loss, extra)
-    pick = best[True] or best[False]
-    return None if pick is None else pick[1:]
+    X: list[np.ndarray]
+    y: np.ndarray
+    units: Units
+    metric: Metric
+
+    def best_move(self, chosen: dict, sums: list[np.ndarray], state: tuple, budget: float):
+        """(unit, score, log-loss, extra seconds) of the move of most gain per second, or None: no move gains.
+
+        A move adds a model's unit, or replaces a chosen model's unit by one of more views. Gains on the
+        metric rank first; where none gains on it, the moves that keep it and lower the log-loss."""
+        score, loss, seconds = state
+        units = self.units
+        best = {True: None, False: None}  # gains the metric: (rate, unit, score, loss, extra)
+        for u in range(len(units.names)):
+            old = chosen.get(units.models[u])
+            if old is not None and units.views[u] <= units.views[old]:
+                continue
+            extra = float(units.seconds[u] - (units.seconds[old] if old is not None else 0.0))
+            if seconds + extra > budget:
+                continue
+            n = len(chosen) + (old is None)
+            probas = [(s + x[:, u] - (x[:, old] if old is not None else 0.0)) / n for s, x in zip(sums, self.X)]
+            new_score = _score(self.metric, self.y, probas)
+            new_loss = float(np.mean([log_loss(self.y, p) for p in probas]))
+            metric_gain, loss_gain = new_score - score, loss - new_loss
+            tier = metric_gain > MIN_MOVE_GAIN
+            if not tier and (metric_gain < -MIN_MOVE_GAIN or loss_gain <= MIN_MOVE_GAIN):
+                continue
+            rate = (metric_gain if tier else loss_gain) / max(extra, 1e-9)
+            if best[tier] is None or rate > best[tier][0]:
+                best[tier] = (rate, u, new_score, new_loss, extra)
+        pick = best[True] or best[False]
+        return None if pick is None else pick[1:]
 
 
 def _score(metric: Metric, y: np.ndarray, probas: list[np.ndarray]) -> float:

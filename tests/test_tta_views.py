@@ -22,6 +22,7 @@ from base_models.predict_oof import predict_oof
 from base_models.predict_run import SavedRun, predict_new_test
 from base_models.table_schema import (SCHEMA1_VIEWS, TABLE_SCHEMA, is_current, recorded_views, stale_keys,
                                       view_records)
+from oof.views import read_views
 from oof import RunPaths, StackerError, read_table, write_table
 from tiny import plain_copy, predicted_run
 
@@ -52,13 +53,19 @@ def logged(fn, *args) -> list[str]:
 
 
 def tables(paths: RunPaths, folds):
-    """Every prediction table of the model: (path, its table)."""
+    """Every prediction table of the model: (path, its table); each view table (`oof.views`) as its view choice
+    of every view, which records the same metadata."""
     for path in sorted(paths.preds_dir(MODEL).glob("*.parquet")):
-        yield path, read_table(path, folds.classes, "test" if path.name.startswith("test") else "oof")
+        if "_views" in path.name:
+            yield path, read_views(path, folds.classes).table(1, str(path))
+        else:
+            yield path, read_table(path, folds.classes, "test" if path.name.startswith("test") else "oof")
 
 
 def as_schema_1(paths: RunPaths, folds) -> None:
     """Every table rewritten as schema-1 tables were: no `schema` key, `tta` without views."""
+    for path in paths.preds_dir(MODEL).glob("*_views*.parquet"):
+        path.unlink()  # schema-1 runs kept no view apart
     for path, table in list(tables(paths, folds)):
         meta = {k: v for k, v in table.meta.items() if k != "schema"}
         meta["tta"] = {k: v for k, v in meta["tta"].items() if k != "views"}

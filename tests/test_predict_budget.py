@@ -1,0 +1,151 @@
+"""stack.predict_budget: the guard stacks the units (model, TTA view choice) a gain-per-second rule picks
+within the budget, the floor is their plain mean, the nested estimate picks again per outer fold; fit-stack's
+test side and `stacker predict` render exactly the chosen views and fold models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from oof import RunPaths, StackerError, make_folds, read_json, read_table, write_json
+from oof.views import ViewTable, read_views
+from stack_fixtures import noisy_copy
+from stacker import StackConfig, StackGuard
+from stacker.budget import ModelCost, PredictInputs, Units, select_units
+from stacker.metrics import Metric
+from tiny import run_cli
+
+CLASSES = [f"c{c}" for c in range(4)]
+
+
+def _views(y, accuracies, rng) -> np.ndarray:
+    """(V, N, C): one noisy view per accuracy, each its own noise."""
+    return np.stack([noisy_copy(y, len(CLASSES), a, rng) for a in accuracies])
+
+
+def _synthetic(n=600, seed=0):
+    """Three models with 3 views each; "big" is strong and slow, "small" weaker and cheap, "mid" between."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    folds = make_folds([f"r{i:04d}" for i in range(n)], [CLASSES[c] for c in y], k=4, seed=0, classes=CLASSES)
+    specs = {"big": ((0.80, 0.78, 0.78), 1.0), "mid": ((0.70, 0.69, 0.69), 0.3), "small": ((0.62, 0.6, 0.6), 0.05)}
+    views, costs, tables = {}, {}, {}
+    meta = {"tta": {"combine": "mean", "beta": 0.0}}
+    for name, (accs, per_view) in specs.items():
+        proba = _views(folds.y, accs, rng)
+        views[name] = ViewTable(folds.ids, proba, tuple(CLASSES), folds.fold, meta)
+        tables[name] = views[name].table(3, name)
+        costs[name] = ModelCost(load_seconds=0.5, image_view_seconds=per_view / 1000, views=3, fold_models=4,
+                                device="cpu")
+    return folds, tables, PredictInputs(costs, views, test_rows=1000)
+
+
+def _units(inputs: PredictInputs, folds, tables) -> Units:
+    from stacker.budget import build_units
+    return build_units(tables, inputs, StackConfig(), 1)
+
+
+def test_select_units_keeps_every_step_within_the_budget_and_prefers_gain_per_second():
+    folds, tables, inputs = _synthetic()
+    units = _units(inputs, folds, tables)
+    metric = Metric("accuracy", 4)
+    # seconds: 4 fold models x (0.5 s + 1000 images x views x per-view)
+    assert units.seconds[units.names.index("small@1")] == pytest.approx(4 * (0.5 + 1000 * 0.05 / 1000))
+    whole = select_units(units.X, folds.y, units, float("inf"), metric)
+    assert [step["seconds"] for step in whole.path] == sorted(step["seconds"] for step in whole.path)
+    assert whole.path[0]["model"] == "small"  # the most score per second from nothing: the cheap model
+    for budget in (3.0, 6.0, 12.0):
+        chosen = select_units(units.X, folds.y, units, budget, metric)
+        spent = sum(units.seconds[u] for u in chosen.chosen)
+        assert spent <= budget and chosen.path[-1]["seconds"] == pytest.approx(spent)
+        assert len({units.models[u] for u in chosen.chosen}) == len(chosen.chosen)  # one view choice per model
+        mean = np.mean([units.X[0][:, u] for u in chosen.chosen], axis=0)
+        assert chosen.path[-1]["score"] == pytest.approx(metric.score(folds.y, mean))
+    with pytest.raises(StackerError, match="cannot fit a single model: the cheapest, small@1, needs"):
+        select_units(units.X, folds.y, units, 1.0, metric)
+
+
+def test_the_guard_stacks_the_chosen_units_and_its_floor_is_their_plain_mean():
+    folds, tables, inputs = _synthetic()
+    config = StackConfig(n_bootstrap=200, candidates=("mean", "logit_mean", "weights"), predict_budget=6.0)
+    guard = StackGuard(config, log=None).fit(tables, folds, predict=inputs)
+    record = guard.decision_["predict"]
+    assert record["seconds"] <= 6.0 and record["budget"] == 6.0 and record["rows"] == 1000
+    assert guard.models_ == [u["name"] for u in record["units"]] == guard.decision_["used"]
+    assert record["ensemble_seconds"] > 6.0  # the whole ensemble would not fit
+    floor = np.mean([inputs.views[u["model"]].choice(u["views"]) for u in record["units"]], axis=0)
+    assert np.allclose(guard.oof_["mean"], floor)
+    assert all(c["predict_seconds"] == record["seconds"] for c in guard.decision_["candidates"].values())
+    assert set(record["outer"]) == {"0", "1", "2", "3"}  # chosen again inside each outer fold
+    assert guard.decision_["nested"]["score"] > 0
+
+
+def test_without_a_budget_the_decision_is_the_guards_own_plus_its_predicted_seconds():
+    folds, tables, inputs = _synthetic()
+    config = StackConfig(n_bootstrap=200, candidates=("mean", "logit_mean", "weights"))
+    plain = StackGuard(config, log=None).fit(tables, folds).decision_
+    costed = StackGuard(config, log=None).fit(tables, folds, predict=inputs).decision_
+    record = costed.pop("predict")
+    for scores in costed["candidates"].values():
+        assert scores.pop("predict_seconds") == record["seconds"]
+    assert costed == plain
+    assert record["seconds"] == record["ensemble_seconds"] and record["budget"] is None
+    assert record["path"] and record["path"][0]["model"] == "small"  # the front, for the report
+
+
+def test_a_budget_without_recorded_costs_stops_in_one_line():
+    folds, tables, inputs = _synthetic()
+    config = StackConfig(n_bootstrap=200, candidates=("mean",), predict_budget=10.0)
+    partial = PredictInputs({m: c for m, c in inputs.costs.items() if m != "mid"}, inputs.views, 1000)
+    with pytest.raises(StackerError, match="no recorded prediction cost for mid"):
+        StackGuard(config, log=None).fit(tables, folds, predict=partial)
+    with pytest.raises(StackerError, match="no recorded prediction cost"):
+        StackGuard(config, log=None).fit(tables, folds)
+
+
+def _budget_args(paths, *sets):
+    return ("fit-stack", "--run", paths.root, *[a for s in sets for a in ("--set", s)])
+
+
+def test_fit_stack_and_stacker_predict_render_only_the_chosen_views_and_folds(trained_copy, tmp_path,
+                                                                             small_digits_dir):
+    paths = RunPaths(trained_copy.run)
+    folds_classes = read_table(paths.oof("test_resnet"), [str(c) for c in range(10)], "oof").classes
+    views = read_views(paths.oof_views("test_resnet"), folds_classes)
+    assert views.views == 3 and np.allclose(views.choice(3), read_table(paths.oof("test_resnet"), folds_classes,
+                                                                         "oof").proba)
+    whole = read_json(paths.decision)["predict"]
+    budget = 0.55 * whole["ensemble_seconds"]
+    result = run_cli(*_budget_args(paths, f"stack.predict_budget={budget}", "stack.predict_folds=2"))
+    assert result.returncode == 0, result.stderr
+    decision = read_json(paths.decision)
+    record = decision["predict"]
+    assert record["seconds"] <= budget and all(u["fold_models"] == 2 for u in record["units"])
+    assert f"fit-stack: predict budget {budget:g} s for 80 images" in result.stdout
+    images = ("--images", small_digits_dir / "test_images", "--sample-submission",
+              small_digits_dir / "sample_submission.csv")
+    out = RunPaths(tmp_path / "out")
+    result = run_cli("predict", "--run", paths.root, *images, "--out", out.root)
+    assert result.returncode == 0, result.stderr
+    for unit in record["units"]:
+        table = read_table(out.test(unit["model"]), folds_classes, "test")
+        assert len(table.meta["tta"]["views"]) + 1 == unit["views"] and len(table.meta["weights_sha256"]) == 2
+        assert not out.test_fold(unit["model"], 2).exists()  # the third fold model is never run
+    run_stack = read_table(paths.stack_test, folds_classes, "test")
+    new_stack = read_table(out.stack_test, folds_classes, "test")
+    order = np.argsort(run_stack.ids), np.argsort(new_stack.ids)
+    assert np.abs(run_stack.proba[order[0]] - new_stack.proba[order[1]]).max() < 1e-9  # the same images, views, folds
+    printed = f"for 80 images through {len(record['units'])} models"
+    assert printed in result.stdout
+
+
+def test_a_budget_the_ensemble_cannot_meet_is_one_line_exit_2(trained_copy):
+    paths = RunPaths(trained_copy.run)
+    result = run_cli(*_budget_args(paths, "stack.predict_budget=0.000001"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "cannot fit a single model" in result.stderr
+    for model in paths.predicted_models():  # tables from another tool: no costs
+        metrics = read_json(paths.predict_metrics(model))
+        metrics.pop("cost")
+        write_json(paths.predict_metrics(model), metrics)
+    result = run_cli(*_budget_args(paths, "stack.predict_budget=100"))
+    assert result.returncode == 2 and "no recorded prediction cost for" in result.stderr, result.stderr
