@@ -4,8 +4,10 @@ Sections: the leaderboard (per model and per fold, per repeat with repeats, with
 without TTA, log-loss, ECE, times, epochs, size), training curves, the OOF correlation
 matrix and disagreement rates, reliability diagrams, the decision (forest plot of every
 candidate's gain vs the mean, win probabilities, the choice and why, the nested
-estimate, excluded and left-out models), the ensemble's confusion matrix and per-class
-recall, and the run's config and provenance.
+estimate, excluded and left-out models), the prediction time when decision.json records it
+(score against predicted test seconds: the greedy path of plain means, the whole ensemble, the
+candidates, the chosen one, the budget; the stack's units), the ensemble's confusion matrix and
+per-class recall, and the run's config and provenance.
 
 Every figure comes from the run's files as stored (metrics.json, decision.json, the
 OOF tables, the histories) and is printed by one formatter (`fmt`); what is computed
@@ -63,12 +65,13 @@ LEADERBOARD_COLUMNS = [("name", "model"), ("accuracy", "OOF accuracy"), ("accura
                        ("log_loss_no_tta", "log-loss, no TTA"), ("ece", "ECE"), ("ece_no_tta", "ECE, no TTA"),
                        ("train_seconds", "train s"), ("predict_seconds", "predict s"),
                        ("image_ms", "test ms / image"), ("fixed_seconds", "test fixed s"), ("epochs", "epochs"),
-                       ("weights_mb", "weights MB"), ("status", "in the stack")]
+                       ("weights_mb", "weights MB"), ("status", "in the stack"), ("views", "views in the stack")]
 
 
 def leaderboard_section(view: RunView, models: list[dict]) -> str:
     """Models' OOF figures, then accuracy per fold (per repeat and fold with repeats)."""
-    columns = [c for c in LEADERBOARD_COLUMNS if c[0] != "accuracy_std" or view.folds.repeats > 1]
+    shown = {"accuracy_std": view.folds.repeats > 1, "views": any(row["views"] is not None for row in models)}
+    columns = [c for c in LEADERBOARD_COLUMNS if shown.get(c[0], True)]
     rows = [[row[key] for key, _ in columns] for row in models]
     k, repeats = view.folds.k, view.folds.repeats
     fold_rows = []
@@ -80,7 +83,9 @@ def leaderboard_section(view: RunView, models: list[dict]) -> str:
     parts = [f"<h2>Leaderboard</h2>{table([h for _, h in columns], rows)}",
              f'<p class="note">OOF accuracy and log-loss as predict-oof stored them (metrics.json); ECE: '
              f"{ECE_BINS} equal-width bins of the top-class confidence; train s: the histories' epoch seconds, "
-             "all folds; predict s: predict-oof's seconds; weights MB: all fold models.</p>",
+             "all folds; predict s: predict-oof's seconds; weights MB: all fold models"
+             + ("; views in the stack: the TTA views its unit renders (decision.json's predict)"
+                if shown["views"] else "") + ".</p>",
              f"<h3>OOF accuracy per fold</h3>{table(fold_head, fold_rows)}"]
     if repeats > 1:
         parts.append(repeats_table(view, models))
@@ -323,6 +328,98 @@ def warnings_html(decision: dict) -> str:
     return f'<div class="warning"><p><b>Warnings</b></p><ul>{items}</ul></div>'
 
 
+# ---------------------------------------------------------------- prediction time
+
+def front_figure(decision: dict):
+    """The guard metric against predicted test seconds: the greedy path of plain means as a step line (each point
+    labelled by the unit it adds), the whole ensemble's mean without a budget, every candidate at its predicted
+    seconds (the chosen one starred), the budget as a dashed line."""
+    plt = _pyplot()
+    predict = decision["predict"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    path = predict.get("path") or []
+    if path:
+        xs, ys = [p["seconds"] for p in path], [p["score"] for p in path]
+        ax.step(xs, ys, where="post", color="tab:blue", lw=1.5, label="greedy path: plain mean of the units so far")
+        ax.plot(xs, ys, "o", color="tab:blue", ms=4)
+        for p in path:
+            ax.annotate(p["unit"], (p["seconds"], p["score"]), xytext=(4, -11), textcoords="offset points",
+                        fontsize=7, color="tab:blue")
+    mean = decision["candidates"].get("mean")
+    if predict["budget"] is None and mean is not None:  # every unit stacked: the mean is the whole ensemble's
+        ax.plot(predict["ensemble_seconds"], mean["score"], "D", color="tab:orange", mfc="none", mew=2, ms=13,
+                label="whole ensemble (mean, every model at every view)")  # hollow: the star may sit inside
+    if predict["budget"] is not None:
+        ax.axvline(predict["budget"], color="tab:red", ls="--", lw=1, label=f"budget {predict['budget']:g} s")
+    candidate_points(ax, decision)
+    ax.set_xlim(left=0)
+    ax.set(xlabel=f"predicted test seconds ({predict['rows']} images)", ylabel=f"{decision['metric']} (OOF)",
+           title="Score against predicted test time")
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def candidate_points(ax, decision: dict) -> None:
+    """Each candidate's meta-level OOF score at its predicted seconds: small grey points, labelled where they do
+    not crowd one another; the chosen one a large star with its name."""
+    seconds = decision["predict"]["seconds"]
+    points = {name: (c.get("predict_seconds", seconds), c["score"]) for name, c in decision["candidates"].items()}
+    others = {name: xy for name, xy in points.items() if name != decision["chosen"]}
+    if others:
+        ax.plot(*zip(*others.values()), ".", color="#666", ms=6, label="candidates (meta-level OOF)")
+    x, y = points[decision["chosen"]]
+    ax.plot(x, y, "*", color="tab:green", mec="black", ms=16, zorder=5, label=f"chosen: {decision['chosen']}")
+    ax.annotate(f"chosen: {decision['chosen']}", (x, y), xytext=(9, 5), textcoords="offset points", fontsize=9,
+                fontweight="bold", color="tab:green")
+    low, high = ax.get_ylim()
+    last = None
+    for name, (x, y) in sorted(others.items(), key=lambda item: item[1][1]):
+        if last is None or y - last > (high - low) / 30:  # about one label's height apart
+            ax.annotate(name, (x, y), xytext=(-5, 0), textcoords="offset points", ha="right", va="center",
+                        fontsize=6, color="#444")
+            last = y
+
+
+def prediction_section(decision: dict | None) -> str:
+    """decision.json's "predict": the front figure, the settings with the stack's and the whole ensemble's
+    predicted seconds, the stack's units, and the greedy path; "" without it."""
+    predict = (decision or {}).get("predict")
+    if not predict:
+        return ""
+    rows = [["budget", "none" if predict["budget"] is None else f"{predict['budget']:g} s"],
+            ["images", predict["rows"]], ["speed ratio", predict["speed_ratio"]],
+            ["fold models per model", "every one (R x K)" if predict["folds"] == -1 else predict["folds"]],
+            ["measured on", ", ".join(predict.get("devices") or []) or "-"],
+            ["predicted seconds: the stack", predict["seconds"]],
+            ["predicted seconds: the whole ensemble", predict["ensemble_seconds"]]]
+    units = [[u["name"], u["model"], u["views"], u["fold_models"], u["seconds"]] for u in predict["units"]]
+    outer = predict.get("outer") or {}
+    chose = "; ".join(f"{fold}: {', '.join(names)}" for fold, names in outer.items())
+    return ("<h2>Prediction time</h2>"
+            '<p class="note">Predicted seconds per unit (a model at its first v TTA views): fold models x (load '
+            "+ images x views x seconds per image and view, as predict-oof measured them) / speed ratio. The "
+            "greedy path adds, from nothing and without a budget, the unit (or more views of a chosen model) "
+            "that gains most per second: the score-vs-seconds front of plain means. Every candidate stacks the "
+            "same units, so all share the stack's predicted seconds.</p>"
+            + figure(front_figure(decision), "score against predicted test seconds")
+            + table(["", ""], rows)
+            + "<h3>Units in the stack</h3>"
+            + table(["unit", "model", "views", "fold models", "predicted s"], units)
+            + (f'<p class="note">The nested estimate\'s outer folds chose: {esc(chose)}.</p>' if chose else "")
+            + path_table(decision))
+
+
+def path_table(decision: dict) -> str:
+    """The greedy path's steps, folded away: unit added, its model and views, cumulative seconds, score, log-loss."""
+    path = decision["predict"].get("path") or []
+    if not path:
+        return '<p class="note">No greedy path recorded.</p>'
+    rows = [[p["unit"], p["model"], p["views"], p["seconds"], p["score"], p["log_loss"]] for p in path]
+    return ("<details><summary>Greedy path, step by step</summary>"
+            + table(["unit added", "model", "views", "seconds so far", decision["metric"], "log-loss"], rows)
+            + "</details>")
+
+
 # ---------------------------------------------------------------- confusion
 
 def confusion_matrix(y: np.ndarray, proba: np.ndarray, n_classes: int) -> np.ndarray:
@@ -426,8 +523,8 @@ def build_report(run_dir: str | os.PathLike) -> tuple[str, dict]:
     confusion, conf_data = confusion_section(view, ensemble)
     audit = audit_view(view, ensemble)
     body = (summary(view, models) + leaderboard_section(view, models) + curves_section(view) + correlation + calibration
-            + decision_section(view.decision) + confusion + audit_section(audit, Thumbnails(view.paths))
-            + provenance_section(view))
+            + decision_section(view.decision) + prediction_section(view.decision) + confusion
+            + audit_section(audit, Thumbnails(view.paths)) + provenance_section(view))
     title = f"stacker report: {view.paths.root.parent.name}/{view.paths.root.name}"  # e.g. stacker-demo/run
     return html_page(title, body), {"models": models, "decision": view.decision, "audit": audit, **corr_data, **cal_data, **conf_data}
 

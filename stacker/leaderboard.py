@@ -25,6 +25,7 @@ import pandas as pd
 
 from oof import (Folds, PredictionTable, RunPaths, StackerError, accuracy, log_loss, read_json, read_table,
                  table_file, validate_oof)
+from oof.views import parse_unit
 
 from .inputs import load_run_folds
 from .report import leaderboard_frame
@@ -184,12 +185,27 @@ def model_row(model: ModelRun, folds: Folds, decision: dict | None) -> dict:
     row["fold_scores"] = " ".join(f"{s:.4f}" for s in fold_scores(model, folds).ravel())
     record = (decision or {}).get("models", {}).get(model.name)
     row["score"], row["status"] = (record["score"], record["status"]) if record else (None, None)
+    if row["status"] == "used" and ((decision or {}).get("predict") or {}).get("budget") is not None \
+            and model.name not in used_models(decision):
+        row["status"] = "not chosen (predict budget)"
+    row["views"] = unit_views(decision).get(model.name)
     return row
+
+
+def used_models(decision: dict | None) -> list[str]:
+    """The models of the units decision.json's "used" lists ("model" or "model@v"), each once, in order."""
+    return list(dict.fromkeys(parse_unit(name)[0] for name in (decision or {}).get("used", [])))
+
+
+def unit_views(decision: dict | None) -> dict[str, int]:
+    """{model: the TTA views its unit in the stack renders}, from decision.json's "predict"; {} without it."""
+    units = ((decision or {}).get("predict") or {}).get("units", [])
+    return {u["model"]: int(u["views"]) for u in units}
 
 
 MODEL_COLUMNS = ["kind", "name", "accuracy", "accuracy_std", "accuracy_no_tta", "log_loss", "log_loss_no_tta",
                  "ece", "ece_no_tta", "train_seconds", "predict_seconds", "image_ms", "fixed_seconds", "epochs",
-                 "weights_mb", "fold_scores", "score", "status"]
+                 "weights_mb", "fold_scores", "score", "status", "views"]
 
 
 def leaderboard(view: RunView) -> pd.DataFrame:
@@ -197,6 +213,7 @@ def leaderboard(view: RunView) -> pd.DataFrame:
     models = pd.DataFrame([model_row(m, view.folds, view.decision) for m in view.models.values()],
                           columns=MODEL_COLUMNS).sort_values("accuracy", ascending=False, kind="stable")
     models["epochs"] = models["epochs"].astype("Int64")  # whole epochs, also when a model has no history
+    models["views"] = models["views"].astype("Int64")  # a view count; missing for a model outside the stack
     if view.decision is None:
         return models.reset_index(drop=True)
     stack = leaderboard_frame(view.decision)
@@ -219,9 +236,11 @@ def _cell(value, spec: str) -> str:
 def format_models(frame: pd.DataFrame, repeats: int) -> list[str]:
     """The model rows as text lines: accuracy (sd across repeats), TTA vs plain, log-loss, ECE, times."""
     sd = f"{'sd':>8}" if repeats > 1 else ""
+    rows = frame[frame["kind"] == "model"].to_dict("records")
+    views = any(not missing(row["views"]) for row in rows)  # the stack's view choice, with decision "predict"
     lines = [f"{'model':<24}{'accuracy':>9}{sd}{'no TTA':>9}{'log_loss':>9}{'no TTA':>9}{'ECE':>8}{'no TTA':>8}"
-             f"{'train s':>9}{'pred s':>8}{'ms/img':>8}{'epochs':>7}{'MB':>8}"]
-    for row in frame[frame["kind"] == "model"].to_dict("records"):
+             f"{'train s':>9}{'pred s':>8}{'ms/img':>8}{'epochs':>7}{'MB':>8}" + (f"{'views':>7}" if views else "")]
+    for row in rows:
         spread = _cell(row["accuracy_std"], ">8.4f") if repeats > 1 else ""
         lines.append(f"{row['name']:<24}{_cell(row['accuracy'], '>9.4f')}{spread}"
                      f"{_cell(row['accuracy_no_tta'], '>9.4f')}{_cell(row['log_loss'], '>9.4f')}"
@@ -229,7 +248,7 @@ def format_models(frame: pd.DataFrame, repeats: int) -> list[str]:
                      f"{_cell(row['ece_no_tta'], '>8.4f')}{_cell(row['train_seconds'], '>9.1f')}"
                      f"{_cell(row['predict_seconds'], '>8.1f')}{_cell(row['image_ms'], '>8.2f')}"
                      f"{_cell(row['epochs'], '>7.0f')}"
-                     f"{_cell(row['weights_mb'], '>8.1f')}")
+                     f"{_cell(row['weights_mb'], '>8.1f')}" + (_cell(row["views"], ">7.0f") if views else ""))
     return lines
 
 
@@ -278,7 +297,7 @@ def ensemble_oof(view: RunView) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(rows, C) OOF probabilities of the ensemble the page shows, its plain-view twin (None unless every
     used model has one) and what it is, in words."""
     decision = view.decision
-    used = [m for m in decision["used"] if m in view.models] if decision else []
+    used = [m for m in used_models(decision) if m in view.models]  # a unit "model@v" counts as its model
     used = used or list(view.models)  # no stack yet (or none of its models left): every model
     proba = np.mean([view.models[m].oof.proba for m in used], axis=0)
     plains = [view.models[m].plain for m in used]

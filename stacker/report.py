@@ -85,5 +85,14 @@ def format_report(decision: dict, timings: dict | None = None) -> str:
     else:
         lines.append("nested estimate: off ({}); the chosen score above is optimistic".format(
             decision.get("nested_note", "stack.nested is false")))
+    if decision.get("predict"):
+        lines.append(predict_line(decision["predict"]))
     lines += [f"warning: {w}" for w in decision.get("warnings", [])]
     return "\n".join(lines) + "\n"
+
+
+def predict_line(predict: dict) -> str:
+    """decision.json's "predict" in one line: the stack's predicted test seconds, the budget, the whole ensemble's."""
+    budget = "no budget" if predict["budget"] is None else f"budget {predict['budget']:g} s"
+    return (f"predicted test time: {predict['seconds']:.4g} s for {predict['rows']} images ({budget}; "
+            f"whole ensemble {predict['ensemble_seconds']:.4g} s)")
