@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from oof import Folds, RunPaths, file_digest, read_json
+from oof import Folds, RunPaths, StackerError, file_digest, read_json
 
 from .config import ModelSpec
 
@@ -70,6 +70,17 @@ def full_keep_refusal(model: str) -> str:
     """Why a model with `train.keep: best` gets no full fit, in one line."""
     return (f"{model}: train.keep: best cannot train a full fit (train-base --full): it has no epoch to keep "
             "without a validation fold; use keep: last")
+
+
+def check_full_keep(specs: list[ModelSpec]) -> None:
+    """A full fit keeps its last epoch: refuse `train.keep: best` in one line naming the first such model.
+
+    Raises:
+        StackerError: `full_keep_refusal` of the first model with `train.keep: best`.
+    """
+    for spec in specs:
+        if spec.train.keep == "best":
+            raise StackerError(full_keep_refusal(spec.name))
 
 
 def job_rows(folds: Folds, fold: int | None) -> np.ndarray:

@@ -1,5 +1,6 @@
 """`stacker jobs`: where every (model, fold) job of a run stands, read from the run's files alone
-(every (model, repeat, fold) job with `folds.repeats` > 1: the table gains a repeat column).
+(every (model, repeat, fold) job with `folds.repeats` > 1: the table gains a repeat column), and each
+model's full fit (`train-base --full`, fold "full") where it has one: a history, a checkpoint or a lock file.
 
 A job's state, the first that holds:
 
@@ -44,7 +45,8 @@ def job_table(cfg: dict, log=info) -> pd.DataFrame:
         log: where the printed table's lines go.
 
     Returns:
-        One row per job, model by model (`COLUMNS`): state one of `STATES`; epoch the last finished
+        One row per job, model by model (`COLUMNS`; a model's full fit after its fold jobs, fold "full",
+        where it has one): state one of `STATES`; epoch the last finished
         epoch (a finished job's kept epoch); seconds the sum of its epochs' times; valid_loss and
         error_rate that epoch's; reason why a stale job is stale.
     """
@@ -62,6 +64,10 @@ def job_table(cfg: dict, log=info) -> pd.DataFrame:
             checked = [cache is not None and is_trained(at, spec.name, fold) for fold in range(k)]  # digests of these
             rows += [_job_row(at, spec, fold, job_sources(folds.for_repeat(repeat), fold, spec, cache)
                               if checked[fold] else None) for fold in range(k)]
+        if _has_full_fit(paths, spec.name):
+            checked = cache is not None and is_trained(paths, spec.name, None)
+            rows.append(_job_row(paths, spec, None, job_sources(folds.for_repeat(0), None, spec, cache)
+                                 if checked else None))
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     for line in format_job_table(table):
         log(line)
@@ -81,11 +87,16 @@ def _current_cache(paths: RunPaths, folds) -> tuple[str | None, str | None]:
         return None, str(e)
 
 
-def _job_row(paths: RunPaths, spec: ModelSpec, fold: int, sources: Sources | None) -> dict:
-    """One job's row (`paths` its repeat's): the finished job's history, else its checkpoint's epoch
-    records, else nothing."""
+def _has_full_fit(paths: RunPaths, model: str) -> bool:
+    """Whether `train-base --full` ever started the model's full fit: its history, checkpoint or lock file is there."""
+    return any(path(model, None).is_file() for path in (paths.history, paths.checkpoint, paths.job_lock))
+
+
+def _job_row(paths: RunPaths, spec: ModelSpec, fold: int | None, sources: Sources | None) -> dict:
+    """One job's row (`paths` its repeat's; fold None the full fit, its fold "full"): the finished job's
+    history, else its checkpoint's epoch records, else nothing."""
     name = spec.name
-    row = {"model": name, "repeat": paths.repeat, "fold": fold, "state": "pending"}
+    row = {"model": name, "repeat": paths.repeat, "fold": "full" if fold is None else fold, "state": "pending"}
     if is_trained(paths, name, fold):
         history = read_json(paths.history(name, fold))
         reason = stale_reason(paths, spec, fold, sources) if sources is not None else None

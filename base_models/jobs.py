@@ -38,8 +38,8 @@ from .config import SAMPLING_BUILTIN, DataConfig, EngineConfig, FoldsConfig, Mod
 from .dataset import DatasetSpec, resolve_dataset
 from .engines import JobLog, create_engine, job_label, run_jobs
 from .models import check_sizes, resolve_device
-from .train import (Sources, Target, TrainInputs, build_model, full_keep_refusal, is_trained, job_sources, stale_reason,
-                    train_fold)
+from .job_state import check_full_keep
+from .train import Sources, Target, TrainInputs, build_model, is_trained, job_sources, stale_reason, train_fold
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,6 @@ class FoldJob:
 def full_jobs(specs: list[ModelSpec]) -> list[FoldJob]:
     """Each model's full fit, in model order: one per model whatever `folds.repeats`."""
     return [FoldJob(s, None) for s in specs]
-
-
-def check_full_keep(specs: list[ModelSpec]) -> None:
-    """A full fit keeps its last epoch: refuse `train.keep: best` in one line naming the first such model."""
-    for spec in specs:
-        if spec.train.keep == "best":
-            raise StackerError(full_keep_refusal(spec.name))
 
 
 def job_grid(specs: list[ModelSpec], k: int, repeats: int = 1) -> list[FoldJob]:

@@ -87,6 +87,7 @@ class _UsedModel:
     meta: dict
     device: torch.device
     amp: str
+    full: bool = False  # its full fit is rendered too, after its fold models
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def predicted_seconds(paths: RunPaths, models: list[Render], images: int) -> tup
     fixed = per_image = 0.0
     for r in models:
         c = costs[r.model]
-        n = r.fold_models or c["fold_models"]
+        n = (c["fold_models"] if r.fold_models is None else r.fold_models) + r.full  # a full fit costs a fold model's
         fixed += n * c["load_seconds"]
         per_image += n * (r.views or c["views"]) * c["image_view_seconds"]
     devices = sorted({c["device"] for c in costs.values()})
@@ -220,23 +221,38 @@ def _used_model(run: SavedRun, render: Render, classes, folds, device: str | Non
                            "predict repeats how the run predicted its test set, so run predict-oof first")
     recorded_views(meta, str(path))
     _check_weights(run.paths, name, meta["weights_sha256"], folds)
+    full = _full_weights(run.paths, name, classes) if render.full else None
     where = _resolve(device or spec.train.device, None if device else spec)
-    return _UsedModel(spec, rendered_meta(upgraded(meta), render, str(path)), where,
-                      predict_amp(spec.train.amp, where, device, name, log))
+    return _UsedModel(spec, rendered_meta(upgraded(meta), render, str(path), full), where,
+                      predict_amp(spec.train.amp, where, device, name, log), render.full)
 
 
-def rendered_meta(meta: dict, render: Render, source: str) -> dict:
+def _full_weights(paths: RunPaths, name: str, classes) -> str:
+    """The sha256 of the model's full fit, checked: its run table records it and the weights file is it."""
+    table, weights = paths.test_full(name), paths.weights(name, None)
+    if not table.is_file():
+        raise StackerError(f"{table}: the stack applies {name}'s full fit (stack.test_models), which the run has no "
+                           "test table of; run train-base --full and predict-oof, then fit-stack")
+    digest = read_table(table, classes, "test").meta["weights_sha256"][0]
+    if not weights.is_file() or file_digest(weights) != digest:
+        raise StackerError(f"{weights}: missing, or not the full fit the run's {table.name} was predicted with; "
+                           "restore the file, or run predict-oof and fit-stack again")
+    return digest
+
+
+def rendered_meta(meta: dict, render: Render, source: str, full: str | None = None) -> dict:
     """A run table's record cut to what `render` asks for: its first `views` views (tta.n and tta.views: what
-    the new tables record and `predict_with_tta` renders) and its first `fold_models` fold models' weights."""
+    the new tables record and `predict_with_tta` renders) and its first `fold_models` fold models' weights, then
+    the full fit's (`full`, its sha256) where it renders that too."""
     views, weights = recorded_views(meta, source), list(meta["weights_sha256"])
     n_views = len(views) + 1 if render.views is None else render.views
     n_folds = len(weights) if render.fold_models is None else render.fold_models
-    if not 1 <= n_views <= len(views) + 1 or not 1 <= n_folds <= len(weights):
+    if not 1 <= n_views <= len(views) + 1 or not (1 if full is None else 0) <= n_folds <= len(weights):
         raise StackerError(f"{source}: the stack renders {render.model} at {n_views} views through {n_folds} fold "
                            f"models, but its run table records {len(views) + 1} views and {len(weights)} fold "
                            "models; run fit-stack again")
     tta = {**meta["tta"], "n": n_views - 1, "views": meta["tta"]["views"][:n_views - 1]}
-    return {**meta, "tta": tta, "weights_sha256": weights[:n_folds]}
+    return {**meta, "tta": tta, "weights_sha256": weights[:n_folds] + ([] if full is None else [full])}
 
 
 def _resolve(device: str, spec: ModelSpec | None) -> torch.device:
@@ -300,7 +316,7 @@ def _predict_model(job: _NewTest, model: _UsedModel) -> None:
     # the run's record, but for the new cache and the precision this device runs at (`predict_amp`)
     meta = {**model.meta, "cache_sha256": {**(model.meta.get("cache_sha256") or {}), "test": job.cache.digest},
             "amp": model.amp}
-    slots = job.slots[:len(meta["weights_sha256"])]  # the fold models the stack renders (`rendered_meta`)
+    slots = _rendered_slots(job, model)
     kept = {} if job.options.force else {s: p for s in slots if (p := _current_fold(job, name, s, meta))}
     if len(kept) == len(slots) and all(_current(job, job.out.test(name, t.name), t, meta) is not None
                                        for t in job.targets):
@@ -321,11 +337,24 @@ def _predict_model(job: _NewTest, model: _UsedModel) -> None:
         write_test(job.out.test(name, target.name), sums[t] / len(slots), job.cache.ids, target, meta)
 
 
-def _current_fold(job: _NewTest, name: str, slot: tuple[int, int], meta: dict) -> list[np.ndarray] | None:
-    """Fold model (repeat, fold)'s probabilities per target from OUT's tables, when every one is current;
-    else None."""
-    at = job.out.for_repeat(slot[0])
-    out = [_current(job, at.test_fold(name, slot[1], t.name), t, fold_table_meta(meta, *slot)) for t in job.targets]
+def _rendered_slots(job: _NewTest, model: _UsedModel) -> list[tuple[int, int | None]]:
+    """(repeat, fold) of the fold models the stack renders (`rendered_meta`'s weights: the first ones, repeat-major),
+    then (0, None) for the full fit where it renders that (its weights last)."""
+    folds = len(model.meta["weights_sha256"]) - model.full
+    return job.slots[:folds] + ([(0, None)] if model.full else [])
+
+
+def slot_table(out: RunPaths, name: str, slot: tuple[int, int | None], target: str | None = None):
+    """OUT's test table of one rendered slot: fold model (repeat, fold)'s, or the full fit's (fold None)."""
+    repeat, fold = slot
+    return out.test_full(name, target) if fold is None else out.for_repeat(repeat).test_fold(name, fold, target)
+
+
+def _current_fold(job: _NewTest, name: str, slot: tuple[int, int | None], meta: dict) -> list[np.ndarray] | None:
+    """Fold model (repeat, fold)'s (or the full fit's) probabilities per target from OUT's tables, when every
+    one is current; else None."""
+    out = [_current(job, slot_table(job.out, name, slot, t.name), t, fold_table_meta(meta, *slot))
+           for t in job.targets]
     return None if any(p is None for p in out) else out
 
 
@@ -338,8 +367,8 @@ def _current(job: _NewTest, path, target: Target, expected: dict) -> np.ndarray 
     return table.proba if is_current(table.meta, expected) else None
 
 
-def _predict_fold(job: _NewTest, model: _UsedModel, slot: tuple[int, int], images: ImageSource, meta: dict):
-    """Fold model (repeat, fold) on every new image with the run's TTA, as predict-oof predicts the run's
+def _predict_fold(job: _NewTest, model: _UsedModel, slot: tuple[int, int | None], images: ImageSource, meta: dict):
+    """Fold model (repeat, fold) (fold None: the full fit) on every new image with the run's TTA, as predict-oof predicts the run's
     test set.
 
     Returns:
@@ -350,7 +379,7 @@ def _predict_fold(job: _NewTest, model: _UsedModel, slot: tuple[int, int], image
     probs = [r.combined for r in predict_with_tta(net, images, np.arange(len(ids)), meta, job.run.tta.batch_size,
                                                 spec.train.compile)]
     for p, target in zip(probs, job.targets):
-        write_test(job.out.for_repeat(repeat).test_fold(spec.name, fold, target.name), p, ids, target, meta)
+        write_test(slot_table(job.out, spec.name, slot, target.name), p, ids, target, meta)
     job.options.log(f"  {job_label(spec.name, fold, repeat)}: {len(ids)} test rows")
     return probs
 

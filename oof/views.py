@@ -152,17 +152,21 @@ def parse_unit(name: str) -> tuple[str, int | None]:
 
 class Render(NamedTuple):
     """What `stacker predict` renders of one model: its first `views` views (None: every view its tables
-    record) through its first `fold_models` fold models, repeat-major (None: every one)."""
+    record) through its first `fold_models` fold models, repeat-major (None: every one), and its full fit
+    (`train-base --full`) with `full`, weighted as one more fold model."""
 
     model: str
     views: int | None = None
     fold_models: int | None = None
+    full: bool = False
 
 
 def renders(decision: dict) -> list[Render]:
-    """The models a stack's test side renders, and how (decision.json's `predict` units, else each used model at
-    every view through every fold model)."""
+    """The models a stack's test side renders, and how: decision.json's `predict` units (else each used model at
+    every view through every fold model) and its `test_side` (fold models, full fits or both)."""
+    side = (decision.get("test_side") or {}).get("models", "folds")
     units = (decision.get("predict") or {}).get("units")
     if units is None:
-        return [Render(parse_unit(name)[0]) for name in decision["used"]]
-    return [Render(u["model"], u["views"], u["fold_models"]) for u in units]
+        units = [{"model": parse_unit(name)[0], "views": None, "fold_models": None} for name in decision["used"]]
+    return [Render(u["model"], u["views"], 0 if side == "full" else u["fold_models"], side != "folds")
+            for u in units]

@@ -96,15 +96,19 @@ def _new_tables(run: RunPaths, out: RunPaths, guard: StackGuard, folds) -> tuple
     per_fold = guard.config.test_features == "per_fold"
     plan = {unit: render for unit, render in zip(guard.models_, renders(guard.decision_))}
     weights = {}
-    for unit, render in plan.items():  # the run's fold models, the first ones the stack renders
+    for unit, render in plan.items():  # the run's fold models, the first ones the stack renders, then its full fit
         recorded = read_table(run.test(render.model), folds.classes, "test").meta.get("weights_sha256")
-        weights[unit] = None if recorded is None else recorded[:render.fold_models or len(recorded)]
+        n = len(recorded or []) if render.fold_models is None else render.fold_models
+        full = read_table(run.test_full(render.model), folds.classes, "test").meta["weights_sha256"] \
+            if render.full else []
+        weights[unit] = None if recorded is None else recorded[:n] + full
     tables = {unit: _new_table(out.test(r.model), weights[unit], folds, views=r.views) for unit, r in plan.items()}
     slots = [(r, f) for r in range(folds.repeats) for f in range(folds.k)]
-    n = min((r.fold_models or len(slots)) for r in plan.values())
-    fold_tables = [{unit: _new_table(out.for_repeat(r).test_fold(p.model, f), weights[unit], folds.for_repeat(r),
-                                     folds.sha256, p.views) for unit, p in plan.items()}
-                   for r, f in (slots[:n] if per_fold else [])]
+    first = next(iter(plan.values()))
+    slots = slots[:len(slots) if first.fold_models is None else first.fold_models] + ([(0, None)] if first.full else [])
+    fold_tables = [{unit: _new_table(out.test_full(p.model) if f is None else out.for_repeat(r).test_fold(p.model, f),
+                                     weights[unit], folds.for_repeat(r), folds.sha256, p.views)
+                    for unit, p in plan.items()} for r, f in (slots if per_fold else [])]
     return tables, fold_tables
 
 

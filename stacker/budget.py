@@ -330,15 +330,3 @@ def unit_test_tables(paths: RunPaths, units: list[dict], folds: Folds, ids) -> t
                                               f"<{unit['name']} test>")
     return means, per_fold
 
-
-def stack_test_tables(paths: RunPaths, decision: dict, folds: Folds, test_tables: dict, fold_tables: list
-                      ) -> tuple[dict, list]:
-    """The test tables the stack is applied to: the models' own (`test_tables`, `fold_tables`) when it stacks
-    whole models through every fold model, else the chosen units' (`unit_test_tables`)."""
-    record = decision.get("predict")
-    if record is None or all(u["name"] == u["model"] and (record["folds"] == -1 or u["fold_models"] == folds.k
-                                                           * folds.repeats) for u in record["units"]):
-        return test_tables, fold_tables
-    ids = next(iter(test_tables.values())).ids
-    means, per_fold = unit_test_tables(paths, record["units"], folds, ids)
-    return means, per_fold if folds.repeats == 1 or len(per_fold) == folds.k * folds.repeats else []

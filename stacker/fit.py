@@ -28,13 +28,14 @@ import numpy as np
 from oof import (PredictionTable, RunPaths, StackerError, atomic_path, check_model_name, info, read_json, write_json,
                  write_table, write_text)
 
-from .budget import read_predict_inputs, stack_test_tables
+from .budget import read_predict_inputs
 from .config import StackConfig
 from .estimator import StackGuard
 from .inputs import has_fold_tables, load_run_folds, read_run_tables
 from .provenance import clear_stack, decision_digest, describe, stack_changes, stack_inputs
 from .repeats import RepeatAverage
 from .report import format_report, leaderboard_frame
+from .applied import applied_side, stack_test_tables
 from .workers import start_workers
 
 
@@ -83,6 +84,12 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
     oof_tables, test_tables, fold_tables = read_run_tables(paths, names, folds, per_fold)
     predict = read_predict_inputs(paths, names, folds, len(next(iter(test_tables.values())).ids))
     guard = StackGuard(config, log).fit(oof_tables, folds, test_tables, fold_tables, workers, predict)
+    guard.decision_["test_side"] = side = applied_side(guard.decision_, config)
+    for key in ("note", "warning"):
+        if key in side:
+            log(f"{key}: {side[key]}")
+    if "warning" in side:
+        guard.decision_.setdefault("warnings", []).append(side["warning"])
     decision = {**guard.decision_, "inputs": inputs}
     test_in, fold_in = stack_test_tables(paths, guard.decision_, folds, test_tables, fold_tables)
     write_stack(paths, guard, guard.predict_table(test_in, fold_in), decision, folds)

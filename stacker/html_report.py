@@ -36,6 +36,7 @@ from .audit_html import audit_section
 from .html_parts import esc, fmt, html_page, table
 from .leaderboard import (ECE_BINS, RunView, ensemble_oof, expected_calibration_error, fold_scores, leaderboard,
                           missing, read_run, reliability_bins, repeat_mean)
+from .report import test_side_line
 from .thumbnails import Thumbnails
 
 
@@ -316,6 +317,7 @@ def decision_section(decision: dict | None) -> str:
             + candidates_table(decision)
             + f"<p><b>Chosen: {esc(decision['chosen'])}</b> (best: {esc(decision['best'])}). "
               f"{esc(decision['reason'])}</p>"
+            + (f"<p>{esc(test_side_line(decision['test_side']))}</p>" if decision.get("test_side") else "")
             + warnings_html(decision) + nested_html(decision) + repeats_html(decision) + models_html(decision))
 
 

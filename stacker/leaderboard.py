@@ -28,7 +28,7 @@ from oof import (Folds, PredictionTable, RunPaths, StackerError, accuracy, log_l
 from oof.views import parse_unit
 
 from .inputs import load_run_folds
-from .report import leaderboard_frame
+from .report import leaderboard_frame, test_side_line
 
 ECE_BINS = 15  # the usual choice since Guo et al.: enough bins to see the curve, enough rows per bin
 
@@ -290,6 +290,8 @@ def print_leaderboard(run_dir: str | os.PathLike, csv: str | os.PathLike | None 
             frame.to_csv(tmp, index=False)
     if log:
         log(format_leaderboard(view, frame).rstrip("\n"))
+        if view.decision and view.decision.get("test_side"):
+            log(test_side_line(view.decision["test_side"]))
     return frame
 
 

@@ -27,8 +27,10 @@ SHOWN_CHANGES = 3  # a message names this many changes, then counts the rest
 
 def table_roles(paths: RunPaths, model: str, k: int, repeats: int = 1) -> dict:
     """{role: path} of the tables fit-stack reads for `model`; k > 0 adds the K per-fold test tables of
-    every repeat (repeat r > 0's as "repeat<r>/test_fold<k>")."""
+    every repeat (repeat r > 0's as "repeat<r>/test_fold<k>"), and a full fit's test table where there is one."""
     roles = {"oof": paths.oof(model), "test": paths.test(model)}
+    if paths.test_full(model).is_file():  # a full fit's (`train-base --full`), which stack.test_models may apply
+        roles["test_full"] = paths.test_full(model)
     for r in range(repeats):
         prefix = f"repeat{r}/" if r else ""
         roles.update({f"{prefix}test_fold{f}": paths.for_repeat(r).test_fold(model, f) for f in range(k)})

@@ -87,8 +87,22 @@ def format_report(decision: dict, timings: dict | None = None) -> str:
             decision.get("nested_note", "stack.nested is false")))
     if decision.get("predict"):
         lines.append(predict_line(decision["predict"]))
+    if decision.get("test_side"):
+        lines.append(test_side_line(decision["test_side"]))
     lines += [f"warning: {w}" for w in decision.get("warnings", [])]
     return "\n".join(lines) + "\n"
+
+
+TEST_SIDES = {"folds": "the fold models", "full": "the full fits (train-base --full)",
+              "both": "the fold models and the full fits (train-base --full), each full fit as one more fold"}
+
+
+def test_side_line(side: dict) -> str:
+    """decision.json's "test_side" in one line: what the stack is applied to, and whether anything scores it."""
+    text = f"test side: {TEST_SIDES[side['models']]}"
+    if not side["validated"]:
+        text += "; UNVALIDATED: no OOF row comes from a full fit, so no score above measures it"
+    return text + (f" ({side['note']})" if "note" in side else "")
 
 
 def predict_line(predict: dict) -> str:

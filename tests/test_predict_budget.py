@@ -149,3 +149,46 @@ def test_a_budget_the_ensemble_cannot_meet_is_one_line_exit_2(trained_copy):
         write_json(paths.predict_metrics(model), metrics)
     result = run_cli(*_budget_args(paths, "stack.predict_budget=100"))
     assert result.returncode == 2 and "no recorded prediction cost for" in result.stderr, result.stderr
+
+
+def test_a_meta_model_reaches_full_fits_only_with_allow_full_meta():
+    from stacker.applied import applied_side
+
+    assert applied_side({"chosen": "mean"}, StackConfig(test_models="full")) == {"models": "full", "validated": False}
+    kept = applied_side({"chosen": "logreg"}, StackConfig(test_models="both"))
+    assert kept["models"] == "folds" and kept["validated"] and "allow_full_meta" in kept["note"]
+    allowed = applied_side({"chosen": "lgbm_wide"}, StackConfig(test_models="full", allow_full_meta=True))
+    assert allowed["models"] == "full" and not allowed["validated"] and "sharper" in allowed["warning"]
+    assert applied_side({"chosen": "logreg"}, StackConfig()) == {"models": "folds", "validated": True}
+
+
+def test_full_fits_feed_the_test_side_unvalidated_and_stacker_predict_renders_them(trained_copy, tmp_path,
+                                                                                 small_digits_dir):
+    paths = RunPaths(trained_copy.run)
+    for stage in (("train-base", "--config", trained_copy.config, "--full"), ("predict-oof", "--run", paths.root)):
+        result = run_cli(*stage)
+        assert result.returncode == 0, result.stderr
+    classes = read_table(paths.oof("test_resnet"), [str(c) for c in range(10)], "oof").classes
+    result = run_cli(*_budget_args(paths, "stack.test_models=both", "stack.candidates=[mean]"))
+    assert result.returncode == 0, result.stderr
+    decision = read_json(paths.decision)
+    assert decision["test_side"] == {"models": "both", "validated": False} and decision["chosen"] == "mean"
+    assert "UNVALIDATED" in paths.stack_report.read_text() and "UNVALIDATED" in (paths.root / "report.html").read_text()
+    members = []
+    for model in decision["used"]:  # each model: its 3 fold models and its full fit, the full fit as a fourth fold
+        parts = [read_table(paths.test_fold(model, k), classes, "test").proba for k in range(3)]
+        members.append((sum(parts) + read_table(paths.test_full(model), classes, "test").proba) / 4)
+    stack = read_table(paths.stack_test, classes, "test")
+    assert np.allclose(stack.proba, np.mean(members, axis=0), atol=1e-9)
+    out = RunPaths(tmp_path / "out")
+    result = run_cli("predict", "--run", paths.root, "--images", small_digits_dir / "test_images",
+                     "--sample-submission", small_digits_dir / "sample_submission.csv", "--out", out.root)
+    assert result.returncode == 0, result.stderr
+    assert out.test_full("test_resnet").is_file() and "test_resnet full fit: 80 test rows" in result.stdout
+    new = read_table(out.stack_test, classes, "test")
+    order = np.argsort(stack.ids), np.argsort(new.ids)
+    assert np.abs(stack.proba[order[0]] - new.proba[order[1]]).max() < 1e-9
+    result = run_cli(*_budget_args(paths, "stack.test_models=full", "stack.candidates=[mean]"))
+    assert result.returncode == 0, result.stderr
+    fulls = [read_table(paths.test_full(m), classes, "test").proba for m in decision["used"]]
+    assert np.allclose(read_table(paths.stack_test, classes, "test").proba, np.mean(fulls, axis=0), atol=1e-9)

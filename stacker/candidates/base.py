@@ -50,6 +50,9 @@ class Candidate:
     name: ClassVar[str] = ""
     # About how many fits `prepare` costs; 1 or more: the guard gives it fewer, longer tasks (`split_keys`).
     prepare_cost: ClassVar[float] = 0.0
+    # A meta-model learns a function of its features from the OOF rows (LightGBM, logistic regression): fold
+    # models' sharpness is what it learned on, so full-fit predictions reach it only with stack.allow_full_meta.
+    meta_model: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config, metric, seed: int, models=(), classes=()) -> "Candidate":

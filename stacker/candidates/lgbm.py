@@ -171,6 +171,8 @@ class _Booster(Candidate):
         models, classes: names, used only to label the booster's features.
     """
 
+    meta_model = True
+
     features = ""  # what a feature row holds, for the saved state
     prepare_cost = 1.0  # binning every row costs about one fit
 

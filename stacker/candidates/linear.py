@@ -16,6 +16,8 @@ class LogRegLogits(Candidate):
     so the same value means the same prior on 400 rows and on 10,000.
     """
 
+    meta_model = True
+
     name = "logreg"
 
     def __init__(self, alpha: float = 0.1, max_iter: int = 300):

@@ -1,0 +1,115 @@
+"""The stack's test side: which predictions of which models the chosen candidate is applied to.
+
+Each model (or unit, under a budget: `stacker.budget`) contributes its fold models' test predictions,
+its full fit's (`train-base --full`: one model trained on every train row), or both, as
+`stack.test_models` says:
+
+    folds   the mean over its first F fold models (`stack.predict_folds`; F = every one: test.parquet)
+    full    its full fit's test table
+    both    the F fold models and the full fit, the full fit weighted as one more fold: (F * folds + full) / (F + 1)
+
+at its view choice (its first v views, from the per-view tables `oof.views`; every view: the tables
+themselves). No OOF row comes from a full fit, so nothing scores it: the decision marks such a test
+side unvalidated. A blend (means, weights, a temperature) only averages its inputs and works on any
+of them; a meta-model (`Candidate.meta_model`: LightGBM, logistic regression) learned its function
+on fold models' OOF rows, and a full fit's predictions are sharper than any fold model's, so it is
+applied to them only with `stack.allow_full_meta: true`, with a warning; without it the fold models
+alone feed it, and the decision says why.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from oof import Folds, PredictionTable, RunPaths, StackerError, read_table, validate_test
+from oof.views import parse_unit, read_views
+
+from .candidates import candidate_class
+from .config import StackConfig
+
+
+def applied_side(decision: dict, config: StackConfig) -> dict:
+    """decision.json's `test_side`: the fits the stack is applied to ("folds", "full" or "both"), whether they
+    are validated, and the warning or note that goes with them."""
+    asked = config.test_models
+    if asked == "folds":
+        return {"models": "folds", "validated": True}
+    if candidate_class(decision["chosen"]).meta_model and not config.allow_full_meta:
+        return {"models": "folds", "validated": True, "asked": asked,
+                "note": f"stack.test_models {asked}: the chosen {decision['chosen']} is a meta-model fitted on fold "
+                        "models' OOF rows; it is applied to the fold models alone (stack.allow_full_meta: true "
+                        "applies it to the full fits too)"}
+    side = {"models": asked, "validated": False}
+    if candidate_class(decision["chosen"]).meta_model:
+        side["warning"] = (f"stack.allow_full_meta: the meta-model {decision['chosen']} learned on fold models' OOF "
+                           "rows and is applied to full fits' sharper predictions; no OOF row scores that")
+    return side
+
+
+def stack_test_tables(paths: RunPaths, decision: dict, folds: Folds, test_tables: dict, fold_tables: list
+                      ) -> tuple[dict, list]:
+    """The test tables the stack is applied to (`applied_side`, decision.json's test_side, its units and fold models), in
+    `test_tables`' row order: ({unit: table}, per-fold [{unit: table}], one more for the full fit with "both").
+
+    The models' own tables (`test_tables`, `fold_tables`) where the stack applies whole models through every
+    fold model; otherwise made from the per-view tables.
+
+    Raises:
+        StackerError: full fits asked for but a model has none (`train-base --full`, then predict-oof).
+    """
+    models = (decision.get("test_side") or {}).get("models", "folds")
+    units = _units(decision, folds)
+    ids = next(iter(test_tables.values())).ids
+    if models == "folds" and all(_whole(u, folds) for u in units):
+        return test_tables, fold_tables
+    per_fold = [] if models == "full" else _fold_parts(paths, units, folds, ids)
+    full = {} if models == "folds" else {u["name"]: _full_table(paths, u, folds, ids) for u in units}
+    means = {}
+    for u in units:
+        parts = [p[u["name"]] for p in per_fold] + ([full[u["name"]]] if full else [])
+        proba = np.mean([t.proba for t in parts], axis=0)  # the full fit weighs as one more fold model
+        means[u["name"]] = PredictionTable(ids, proba, folds.classes, None, parts[0].meta, f"<{u['name']} test>")
+    tables = per_fold + ([full] if full else [])
+    return means, tables if folds.repeats == 1 or len(tables) == folds.k * folds.repeats else []
+
+
+def _units(decision: dict, folds: Folds) -> list[dict]:
+    """The units of the decision's `predict` record, else each used model at every view through every fold model."""
+    record = decision.get("predict")
+    if record is not None:
+        return [{**u, "fold_models": u["fold_models"]} for u in record["units"]]
+    return [{"name": name, "model": parse_unit(name)[0], "views": None, "fold_models": folds.k * folds.repeats}
+            for name in decision["used"]]
+
+
+def _whole(unit: dict, folds: Folds) -> bool:
+    return unit["name"] == unit["model"] and unit["fold_models"] == folds.k * folds.repeats
+
+
+def _fold_parts(paths: RunPaths, units: list[dict], folds: Folds, ids) -> list[dict]:
+    """Per fold model (the first F, repeat-major) {unit: its test table at the unit's views}."""
+    slots = [(r, k) for r in range(folds.repeats) for k in range(folds.k)]
+    parts = [{} for _ in slots[:min(u["fold_models"] for u in units)]]
+    for u in units:
+        for i, (r, k) in enumerate(slots[:len(parts)]):
+            at = paths.for_repeat(r)
+            if u["name"] == u["model"]:
+                table = read_table(at.test_fold(u["model"], k), folds.classes, "test")
+            else:
+                path = at.test_views_fold(u["model"], k)
+                table = read_views(path, folds.classes).table(u["views"], str(path))
+            parts[i][u["name"]] = validate_test(table, ids, folds.classes)
+    return parts
+
+
+def _full_table(paths: RunPaths, unit: dict, folds: Folds, ids) -> PredictionTable:
+    """A unit's full-fit test table at its views."""
+    model = unit["model"]
+    path = paths.test_full(model) if unit["name"] == model else paths.test_views_full(model)
+    if not path.is_file():
+        raise StackerError(f"{path}: stack.test_models asks for {model}'s full fit, which has none; run train-base "
+                           f"--full --only {model}, then predict-oof")
+    if unit["name"] == model:
+        table = read_table(path, folds.classes, "test")
+    else:
+        table = read_views(path, folds.classes).table(unit["views"], str(path))
+    return validate_test(table, ids, folds.classes)
