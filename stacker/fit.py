@@ -64,9 +64,7 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
     log = log or (lambda *a: None)
     paths = RunPaths(run_dir)
     folds = load_run_folds(paths)
-    names = [check_model_name(m) for m in models] if models else paths.predicted_models()
-    if not names:
-        raise StackerError(f"{paths.preds}: no model has an oof.parquet or oof.csv to stack")
+    names = _model_names(paths, models)
     # Per-fold test tables feed "per_fold" test features, and the leak check whenever they exist.
     per_fold = config.test_features == "per_fold" or has_fold_tables(paths, names, folds)
     inputs = stack_inputs(paths, names, folds.k if per_fold else 0, given=bool(models),  # digests before reading
@@ -82,19 +80,32 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
         log(f"fit-stack: {paths.decision} is stale ({describe(changes)}); fitting the stack again")
     workers = start_workers(config, folds.n_rows * len(names) * len(folds.classes))  # ready when the fits begin
     oof_tables, test_tables, fold_tables = read_run_tables(paths, names, folds, per_fold)
-    predict = read_predict_inputs(paths, names, folds, len(next(iter(test_tables.values())).ids))
+    predict = read_predict_inputs(paths, names, folds, len(next(iter(test_tables.values())).ids))  # costs, views
     guard = StackGuard(config, log).fit(oof_tables, folds, test_tables, fold_tables, workers, predict)
-    guard.decision_["test_side"] = side = applied_side(guard.decision_, config)
+    record_test_side(guard.decision_, config, log)
+    decision = {**guard.decision_, "inputs": inputs}
+    test_in = stack_test_tables(paths, guard.decision_, folds, test_tables, fold_tables)
+    write_stack(paths, guard, guard.predict_table(*test_in), decision, folds)
+    log(format_report(guard.decision_, guard.timings_))
+    return decision
+
+
+def _model_names(paths: RunPaths, models: list[str] | None) -> list[str]:
+    """The models to stack: those given, else every one under preds/ with an OOF table."""
+    names = [check_model_name(m) for m in models] if models else paths.predicted_models()
+    if not names:
+        raise StackerError(f"{paths.preds}: no model has an oof.parquet or oof.csv to stack")
+    return names
+
+
+def record_test_side(decision: dict, config: StackConfig, log) -> None:
+    """The decision's `test_side` (`stacker.applied.applied_side`), its note or warning logged, the warning kept."""
+    decision["test_side"] = side = applied_side(decision, config)
     for key in ("note", "warning"):
         if key in side:
             log(f"{key}: {side[key]}")
     if "warning" in side:
-        guard.decision_.setdefault("warnings", []).append(side["warning"])
-    decision = {**guard.decision_, "inputs": inputs}
-    test_in, fold_in = stack_test_tables(paths, guard.decision_, folds, test_tables, fold_tables)
-    write_stack(paths, guard, guard.predict_table(test_in, fold_in), decision, folds)
-    log(format_report(guard.decision_, guard.timings_))
-    return decision
+        decision.setdefault("warnings", []).append(side["warning"])
 
 
 def write_stack(paths: RunPaths, guard: StackGuard, test: PredictionTable, decision: dict, folds=None) -> None:
