@@ -13,8 +13,9 @@ themselves). No OOF row comes from a full fit, so nothing scores it: the decisio
 side unvalidated. A blend (means, weights, a temperature) only averages its inputs and works on any
 of them; a meta-model (`Candidate.meta_model`: LightGBM, logistic regression) learned its function
 on fold models' OOF rows, and a full fit's predictions are sharper than any fold model's, so it is
-applied to them only with `stack.allow_full_meta: true`, with a warning; without it the fold models
-alone feed it, and the decision says why.
+applied to them only with `stack.allow_full_meta: true`, with a warning; without it the meta-models are
+left out of the guard (`full_fit_refusal`: the decision's `left_out` says why), so that whatever it
+chooses can be applied to the test side it asked for.
 """
 from __future__ import annotations
 
@@ -29,20 +30,26 @@ from .config import StackConfig
 
 def applied_side(decision: dict, config: StackConfig) -> dict:
     """decision.json's `test_side`: the fits the stack is applied to ("folds", "full" or "both"), whether they
-    are validated, and the warning or note that goes with them."""
+    are validated, and the warning a meta-model applied to full fits gets (`full_fit_refusal` keeps it out of the
+    guard otherwise)."""
     asked = config.test_models
     if asked == "folds":
         return {"models": "folds", "validated": True}
-    if candidate_class(decision["chosen"]).meta_model and not config.allow_full_meta:
-        return {"models": "folds", "validated": True, "asked": asked,
-                "note": f"stack.test_models {asked}: the chosen {decision['chosen']} is a meta-model fitted on fold "
-                        "models' OOF rows; it is applied to the fold models alone (stack.allow_full_meta: true "
-                        "applies it to the full fits too)"}
     side = {"models": asked, "validated": False}
     if candidate_class(decision["chosen"]).meta_model:
         side["warning"] = (f"stack.allow_full_meta: the meta-model {decision['chosen']} learned on fold models' OOF "
                            "rows and is applied to full fits' sharper predictions; no OOF row scores that")
     return side
+
+
+def full_fit_refusal(name: str, config: StackConfig) -> str | None:
+    """Why candidate `name` is left out of the guard, or None: a meta-model, with full fits on the test side
+    and `stack.allow_full_meta` off. Left out before the guard scores anything, so that the choice is one the
+    test side can apply (and a budget's predicted seconds hold for it)."""
+    if config.test_models == "folds" or config.allow_full_meta or not candidate_class(name).meta_model:
+        return None
+    return (f"a meta-model learns from fold models' OOF rows, and stack.test_models {config.test_models} applies the "
+            "stack to full fits' sharper predictions (stack.allow_full_meta: true allows it)")
 
 
 def stack_test_tables(paths: RunPaths, decision: dict, folds: Folds, test_tables: dict, fold_tables: list

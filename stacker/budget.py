@@ -9,6 +9,8 @@ so for `stack.predict_rows` images through F fold models (`stack.predict_folds`)
 
     seconds = F * (load_seconds + rows * v * image_view_seconds) / stack.predict_speed_ratio
 
+(F counts a full fit as one more model where `stack.test_models` renders it: `rendered_models`.)
+
 Selection is greedy, by score gain per second (`select_units`): from nothing, it adds the unit, or
 moves a chosen model to more views, that gains most of the guard's metric per extra second among
 the moves that keep the total within the budget; where no move gains on the metric, the one that
@@ -120,8 +122,17 @@ def predict_rows(config: StackConfig, inputs: PredictInputs) -> int:
 
 
 def fold_models(config: StackConfig, cost: ModelCost) -> int:
-    """Fold models per model on the test side: `stack.predict_folds`, else every one (R x K)."""
+    """Fold models per model on the test side: none with `stack.test_models: full`, else `stack.predict_folds`,
+    else every one (R x K)."""
+    if config.test_models == "full":
+        return 0
     return cost.fold_models if config.predict_folds == -1 else min(config.predict_folds, cost.fold_models)
+
+
+def rendered_models(config: StackConfig, cost: ModelCost) -> int:
+    """Models per unit the test side renders: its fold models, and its full fit with `stack.test_models` full
+    or both (a full fit is one more model of the same architecture and size: it costs what a fold model does)."""
+    return fold_models(config, cost) + (config.test_models != "folds")
 
 
 def build_units(tables: Mapping[str, PredictionTable], inputs: PredictInputs, config: StackConfig,
@@ -147,7 +158,7 @@ def build_units(tables: Mapping[str, PredictionTable], inputs: PredictInputs, co
             names.append(unit_name(model, v, cost.views))
             models.append(model)
             views.append(v)
-            seconds.append(cost.seconds(v, rows, fold_models(config, cost), config.predict_speed_ratio))
+            seconds.append(cost.seconds(v, rows, rendered_models(config, cost), config.predict_speed_ratio))
             columns.append(table.proba if v == cost.views else view_table.choice(v))
     X = np.stack(columns, axis=1)  # (R * N, U, C)
     return Units(tuple(names), tuple(models), tuple(views), np.asarray(seconds),
@@ -270,7 +281,8 @@ def budget_record(units: Units, selection: Selection, path: Selection | None, co
 def _unit_record(units: Units, u: int, inputs: PredictInputs, config: StackConfig) -> dict:
     model = units.models[u]
     return {"name": units.names[u], "model": model, "views": units.views[u],
-            "fold_models": fold_models(config, inputs.costs[model]), "seconds": float(units.seconds[u])}
+            "fold_models": fold_models(config, inputs.costs[model]), "full": config.test_models != "folds",
+            "seconds": float(units.seconds[u])}
 
 
 def read_predict_inputs(paths: RunPaths, models: list[str], folds: Folds, test_rows: int) -> PredictInputs:

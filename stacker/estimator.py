@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 import oof
 from oof import Folds, PredictionTable, StackerError, build_config, check_rows, info, log_loss, validate_test
 
+from .applied import full_fit_refusal
 from .budget import BudgetPlan, PredictInputs, Selection, Units, budget_record, build_units, plan_budget, select_units
 from .candidates import candidate_class, normalise_rows, suited_candidates
 from .config import StackConfig
@@ -388,6 +389,8 @@ def _guard_assignment(data: MetaData, config: StackConfig, metric: Metric, log, 
     `metric`; decision["left_out"] holds {candidate: why} of the others (`Candidate.unsuited`), each
     announced in the log."""
     names, left_out = suited_candidates(config.candidates, metric)
+    left_out.update({n: why for n in names if (why := full_fit_refusal(n, config))})
+    names = tuple(n for n in names if n not in left_out)
     for name, why in left_out.items():
         log(f"fit-stack: candidate {name} left out: {why}")
     result = run_guard(data, replace(config, candidates=names), metric, log, workers, plan)

@@ -155,11 +155,30 @@ def test_a_meta_model_reaches_full_fits_only_with_allow_full_meta():
     from stacker.applied import applied_side
 
     assert applied_side({"chosen": "mean"}, StackConfig(test_models="full")) == {"models": "full", "validated": False}
-    kept = applied_side({"chosen": "logreg"}, StackConfig(test_models="both"))
-    assert kept["models"] == "folds" and kept["validated"] and "allow_full_meta" in kept["note"]
     allowed = applied_side({"chosen": "lgbm_wide"}, StackConfig(test_models="full", allow_full_meta=True))
     assert allowed["models"] == "full" and not allowed["validated"] and "sharper" in allowed["warning"]
     assert applied_side({"chosen": "logreg"}, StackConfig()) == {"models": "folds", "validated": True}
+    folds, tables, _ = _synthetic()
+    config = StackConfig(n_bootstrap=200, candidates=("mean", "weights", "logreg", "lgbm_class_shared"),
+                         test_models="both")
+    guard = StackGuard(config, log=None).fit(tables, folds)
+    assert set(guard.decision_["left_out"]) == {"logreg", "lgbm_class_shared"}  # never chosen, never applied
+    assert "allow_full_meta" in guard.decision_["left_out"]["logreg"]
+    assert set(guard.decision_["candidates"]) == {"mean", "weights"}
+    allowed = StackGuard(StackConfig(**{**config.to_dict(), "allow_full_meta": True}), log=None).fit(tables, folds)
+    assert set(allowed.decision_["candidates"]) == set(config.candidates)
+
+
+def test_predicted_seconds_count_the_fold_models_and_full_fits_rendered():
+    folds, tables, inputs = _synthetic()
+    per_unit = {}
+    for models, predict_folds in (("folds", -1), ("folds", 2), ("full", -1), ("both", 2)):
+        config = StackConfig(n_bootstrap=200, candidates=("mean",), test_models=models, predict_folds=predict_folds)
+        record = StackGuard(config, log=None).fit(tables, folds, predict=inputs).decision_["predict"]
+        per_unit[models, predict_folds] = record["units"][0]["seconds"]
+    assert per_unit["folds", 2] == pytest.approx(per_unit["folds", -1] / 2)  # 2 of the 4 fold models
+    assert per_unit["full", -1] == pytest.approx(per_unit["folds", -1] / 4)  # one full fit, as a fold model costs
+    assert per_unit["both", 2] == pytest.approx(per_unit["folds", -1] * 3 / 4)
 
 
 def test_full_fits_feed_the_test_side_unvalidated_and_stacker_predict_renders_them(trained_copy, tmp_path,

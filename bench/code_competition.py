@@ -1,0 +1,129 @@
+"""Bench: an inference budget and full-data refits, measured on the demo and on a harder image set.
+
+    python bench/code_competition.py [--out /tmp/code_competition] [--sets demo,hard] [--seeds 0,1]
+
+Per image set and seed, one run made by installed `stacker` subprocesses (HF_HUB_OFFLINE=1, output in
+OUT/<set>_<seed>/logs/): the demo's config (`base_models.demo.demo_config`, folds seeded by the seed)
+on its dataset, train-base, then train-base --full and predict-oof. "demo" is the demo's 32 px digits;
+"hard" the same digits at 12 px with 6 epochs (blurrier, less trained: about 10 points of accuracy
+below the demo). Then fit-stack again for each variant, and its stack/test.parquet scored against the
+kept test labels:
+
+    no budget                 every model at every view (stack.test_models folds)
+    budget 1/2, 1/4           stack.predict_budget at that share of the whole ensemble's predicted seconds
+    test_models full, both    the stack applied to the full fits, and to the fold models and full fits
+
+Each line gives the guard's choice, the units stacked, the predicted seconds, the nested estimate and
+the test accuracy. The figures, one markdown table per set with the machine, the date and the command,
+are printed and written to OUT/code_competition.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+SETS = {"demo": {"size": 32, "epochs": 12}, "hard": {"size": 12, "epochs": 6}}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="/tmp/code_competition")
+    p.add_argument("--sets", default="demo,hard")
+    p.add_argument("--seeds", default="0")
+    return p.parse_args(argv)
+
+
+def stacker(*args, log: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open(log, "a") as f:
+        done = subprocess.run([sys.executable, "-m", "stacker_cli", *map(str, args)], stdout=f, stderr=f, env=env)
+    if done.returncode:
+        raise SystemExit(f"stacker {' '.join(map(str, args))} failed; see {log}")
+
+
+def make_run(out: Path, name: str, seed: int) -> Path:
+    """The set's run trained (folds and full fits) and predicted; returns its config."""
+    from base_models.demo import demo_config
+    from base_models.demo_data import write_digits_dataset
+
+    root = out / f"{name}_{seed}"
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    data = write_digits_dataset(out / f"data_{name}", size=SETS[name]["size"])
+    config = demo_config(root)
+    config["data"]["root"] = str(data)
+    config["folds"]["seed"] = seed
+    config["train"].update(size=SETS[name]["size"], epochs=SETS[name]["epochs"], seed=seed)
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log = root / "logs" / "stages.log"
+    for args in (("train-base", "--config", path), ("train-base", "--config", path, "--full"),
+                 ("predict-oof", "--config", path)):
+        stacker(*args, log=log)
+    return path
+
+
+def score(run: Path, data: Path) -> float:
+    table = pd.read_parquet(run / "stack" / "test.parquet")
+    truth = pd.read_csv(data / "test_labels.csv", dtype=str).set_index("image_id")["label"]
+    classes = [c for c in table.columns if c != "id"]
+    predicted = np.asarray(classes)[table[classes].to_numpy().argmax(axis=1)]
+    return float((predicted == truth.loc[table["id"]].to_numpy()).mean())
+
+
+def variant(config: Path, sets: list[str], log: Path) -> dict:
+    stacker("fit-stack", "--config", config, "--force", *[a for s in sets for a in ("--set", s)], log=log)
+    run = Path(yaml.safe_load(config.read_text())["run_dir"])
+    decision = json.loads((run / "stack" / "decision.json").read_text())
+    predict = decision.get("predict") or {}
+    return {"chosen": decision["chosen"], "units": ", ".join(u["name"] for u in predict.get("units", [])),
+            "predicted_seconds": predict.get("seconds"), "ensemble_seconds": predict.get("ensemble_seconds"),
+            "nested": (decision.get("nested") or {}).get("score"),
+            "test_side": decision["test_side"]["models"],
+            "test_accuracy": score(run, Path(yaml.safe_load(config.read_text())["data"]["root"]))}
+
+
+def measure(out: Path, name: str, seed: int) -> list[dict]:
+    config = make_run(out, name, seed)
+    log = config.parent / "logs" / "fit-stack.log"
+    rows = [{"variant": "no budget", **variant(config, [], log)}]
+    whole = rows[0]["ensemble_seconds"]
+    for share in (0.5, 0.25):
+        rows.append({"variant": f"budget {share:g} x", **variant(config, [f"stack.predict_budget={share * whole}"], log)})
+    for models in ("full", "both"):
+        rows.append({"variant": f"test_models {models}", **variant(config, [f"stack.test_models={models}"], log)})
+    return [{"set": name, "seed": seed, **row} for row in rows]
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [row for name in args.sets.split(",") for seed in map(int, args.seeds.split(","))
+            for row in measure(out, name, seed)]
+    frame = pd.DataFrame(rows)
+    head = (f"{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+            f"`python bench/code_competition.py --sets {args.sets} --seeds {args.seeds}`\n\n")
+    text = head + markdown(frame)
+    (out / "code_competition.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
