@@ -211,3 +211,27 @@ def test_full_fits_feed_the_test_side_unvalidated_and_stacker_predict_renders_th
     assert result.returncode == 0, result.stderr
     fulls = [read_table(paths.test_full(m), classes, "test").proba for m in decision["used"]]
     assert np.allclose(read_table(paths.stack_test, classes, "test").proba, np.mean(fulls, axis=0), atol=1e-9)
+
+
+def test_a_budget_over_repeated_folds_chooses_one_set_of_units_for_every_repeat():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 4, 400)
+    folds = make_folds([f"r{i:04d}" for i in range(400)], [CLASSES[c] for c in y], k=3, seed=0, classes=CLASSES,
+                       repeats=2)
+    ids, fold, repeat = np.tile(folds.ids, 2), folds.fold_matrix.ravel(), np.repeat([0, 1], 400)
+    meta = {"tta": {"combine": "mean", "beta": 0.0}}
+    views, costs, tables = {}, {}, {}
+    for name, accs, per_view in (("big", (0.8, 0.75), 1.0), ("small", (0.6, 0.6), 0.1)):
+        proba = np.concatenate([_views(folds.y, accs, rng) for _ in range(2)], axis=1)  # (V, R * N, C)
+        views[name] = ViewTable(ids, proba, tuple(CLASSES), fold, meta, repeat)
+        tables[name] = views[name].table(2, name)
+        costs[name] = ModelCost(0.1, per_view / 1000, views=2, fold_models=6, device="cpu")
+    inputs = PredictInputs(costs, views, test_rows=1000)
+    whole = sum(c.seconds(2, 1000, 6) for c in costs.values())
+    config = StackConfig(n_bootstrap=200, candidates=("mean", "weights"), predict_budget=0.6 * whole)
+    guard = StackGuard(config, log=None).fit(tables, folds, predict=inputs)
+    record = guard.decision_["predict"]
+    assert record["seconds"] <= 0.6 * whole and guard.repeats_ == 2
+    assert guard.oof_["mean"].shape == (2, 400, 4)  # each repeat scored on its own rows, the same units
+    floor = np.mean([views[u["model"]].choice(u["views"]) for u in record["units"]], axis=0).reshape(2, 400, 4)
+    assert np.allclose(guard.oof_["mean"], floor)
