@@ -168,8 +168,10 @@ def cmd_predict(args, log=info) -> int:
     cfg = resolve_config(args)
     run = run_paths(cfg).root
     images = NewTestImages(args.images, args.csv, args.id_column, args.path_column, args.sample_submission)
-    predict_stage(cfg, images, args.out, renders(saved_stack(run).decision_),
-                  StageOptions(force=args.force, log=log, device=args.predict_device), args.budget)
+    decision = saved_stack(run).decision_
+    ratio = (decision.get("predict") or {}).get("speed_ratio", 1.0)  # the card the stack was budgeted for
+    predict_stage(cfg, images, args.out, renders(decision),
+                  StageOptions(force=args.force, log=log, device=args.predict_device, speed_ratio=ratio), args.budget)
     apply_stack(run, args.out, args.sample_submission, args.force, log, fmt=submit_config(cfg).format)
     return 0
 

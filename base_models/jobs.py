@@ -57,6 +57,8 @@ class StageOptions:
         engine: where the jobs run (`EngineConfig`).
         device: `stacker predict --device`: auto, cpu or cuda for every model in place of its own
             train.device (on the CPU in float32); None: each model's own.
+        speed_ratio: `stacker predict`'s predicted time is divided by it (the stack's
+            `stack.predict_speed_ratio`: this card against the one predict-oof measured the costs on).
     """
 
     force: bool = False
@@ -65,6 +67,7 @@ class StageOptions:
     only: tuple[tuple, ...] = ()
     engine: EngineConfig = field(default_factory=EngineConfig)
     device: str | None = None
+    speed_ratio: float = 1.0
 
 
 @dataclass(frozen=True)

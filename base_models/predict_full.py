@@ -118,7 +118,7 @@ def predict_full(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTA
                     "predicted by a call without it")
         return []
     train, test = load_cache(paths, "train"), load_cache(paths, "test")
-    metas = {s.name: full_meta(paths, s, folds, tta, (train, test)) for s in fitted}  # stale ones refused first
+    metas = {s.name: _current_meta(paths, s, folds, tta, (train, test)) for s in fitted}  # stale ones refused first
     run = FullPredictRun(paths, load_targets(paths, folds, extra_targets(data)), tta.batch_size, test.digest,
                          test.ids, metas, options.log)
     if not len(test.ids):
@@ -148,6 +148,15 @@ def full_meta(paths: RunPaths, spec: ModelSpec, folds: Folds, tta: TTAConfig, ca
                            f"train-base --full --force --only {spec.name} to retrain it")
     return {**table_meta(spec, folds, tta, train, test), "weights_sha256": [weights_digest(paths, spec.name, None)],
             "fit": "full"}
+
+
+def _current_meta(paths: RunPaths, spec: ModelSpec, folds: Folds, tta: TTAConfig, caches: tuple) -> dict:
+    """`full_meta`; a stale full fit's tables deleted before it is refused, so that none is left to be stacked."""
+    try:
+        return full_meta(paths, spec, folds, tta, caches)
+    except StackerError:
+        remove_full_tables(paths, spec.name, load_targets(paths, folds, []))
+        raise
 
 
 def full_tables_current(run: FullPredictRun, spec: ModelSpec) -> bool:

@@ -123,8 +123,9 @@ class PredictRun(JobRun):
             remove_temps(folder, f"oof_fold{job.fold}")  # a killed job's partial writes
             remove_temps(folder, f"oof_plain_fold{job.fold}")
             remove_temps(folder, f"test_fold{job.fold}")
-            remove_temps(folder, f"oof_views_fold{job.fold}")
-            remove_temps(folder, f"test_views_fold{job.fold}")
+            at = job.paths(self.paths)
+            for path in (at.oof_views_fold(job.model.name, job.fold), at.test_views_fold(job.model.name, job.fold)):
+                remove_temps(folder, path.stem)
             t0 = time.perf_counter()
             _predict_fold(self, job, train, test)
             return time.perf_counter() - t0
@@ -301,7 +302,7 @@ def remove_assembled(paths: RunPaths, model: str, targets: list[Target]) -> None
     for t in targets:
         for path in (paths.oof, paths.oof_plain, paths.test):
             path(model, t.name).unlink(missing_ok=True)
-    for prefix in ("oof.", "oof_plain.", "test.", "oof_views."):
+    for prefix in ("oof.", "oof_plain.", "test.", f"{paths.oof_views(model).stem}."):
         remove_temps(paths.preds_dir(model), prefix)  # a killed assembly's partial writes
 
 
@@ -425,7 +426,7 @@ def _assemble(run: PredictRun, spec: ModelSpec, current: dict) -> dict | None:
         write_test(run.paths.test(name, target.name), test_mean, run.test_ids, target, meta)
         if t == 0:
             jobs = [part.tables[0].oof.meta["job"] for part in parts]
-            costs = [j["cost"] for j in jobs if "cost" in j]  # tables predicted before costs were recorded: none
+            costs = [j["cost"] for j in jobs if "cost" in j]  # a table from another tool's record: none
             extra = {"cost": model_cost(costs)} if len(costs) == len(jobs) else {}
             result = _report(run, name, oof, plain, {"seconds": sum(j["seconds"] for j in jobs), **extra})
     return result
@@ -433,7 +434,7 @@ def _assemble(run: PredictRun, spec: ModelSpec, current: dict) -> dict | None:
 
 def _assemble_views(run: PredictRun, spec: ModelSpec, parts: list[FoldPart], meta: dict) -> None:
     """The model's OOF view table (`oof.views`) from its fold jobs' parts, when every one is there and records
-    what the fold's tables record; none otherwise (a fold predicted before views were kept apart), and a budget
+    what the fold's tables record; none otherwise (a fold table without its view table), and a budget
     then scores the model at its every view only."""
     views = []
     for part in parts:

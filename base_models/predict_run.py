@@ -108,17 +108,18 @@ class _NewTest:
         return [(r, f) for r in range(self.repeats) for f in range(self.k)]
 
 
-def predicted_seconds(paths: RunPaths, models: list[Render], images: int) -> tuple[float | None, str]:
+def predicted_seconds(paths: RunPaths, models: list[Render], images: int, speed_ratio: float = 1.0
+                      ) -> tuple[float | None, str]:
     """What `images` new test images cost through `models`' fold models at their views, from the costs predict-oof
     measured (metrics.json's `cost`: per fold model an overhead and seconds per image per view): (seconds, how it
     was predicted, in words); (None, which models have no recorded cost) when one lacks it (tables from another
-    tool, or predicted before costs were recorded)."""
+    tool, or tables whose metrics.json records no cost)."""
     costs = {r.model: (read_json(paths.predict_metrics(r.model)) if paths.predict_metrics(r.model).is_file() else {})
              .get("cost") for r in models}
     missing = [name for name, cost in costs.items() if not cost]
     if missing:
-        return None, f"no recorded prediction cost for {', '.join(missing)} (tables from another tool, or " \
-                     "predicted before predict-oof measured costs)"
+        return None, f"no recorded prediction cost for {', '.join(missing)} (tables from another tool, or a " \
+                     "metrics.json without predict-oof's measured cost)"
     fixed = per_image = 0.0
     for r in models:
         c = costs[r.model]
@@ -126,14 +127,18 @@ def predicted_seconds(paths: RunPaths, models: list[Render], images: int) -> tup
         fixed += n * c["load_seconds"]
         per_image += n * (r.views or c["views"]) * c["image_view_seconds"]
     devices = sorted({c["device"] for c in costs.values()})
-    return fixed + images * per_image, (f"{fixed:.1f} s fixed + {1000 * per_image:.2f} ms per image, as "
-                                        f"predict-oof measured them on {', '.join(devices)}")
+    faster = f", / {speed_ratio:g} (stack.predict_speed_ratio)" if speed_ratio != 1 else ""
+    return (fixed + images * per_image) / speed_ratio, (f"{fixed:.1f} s fixed + {1000 * per_image:.2f} ms per "
+                                                       f"image, as predict-oof measured them on "
+                                                       f"{', '.join(devices)}{faster}")
 
 
-def check_budget(paths: RunPaths, models: list[Render], images: int, budget: float | None, log) -> None:
+def check_budget(paths: RunPaths, models: list[Render], images: int, budget: float | None, log,
+                 speed_ratio: float = 1.0) -> None:
     """Log the predicted time of a call; refuse it in one line when it cannot fit `budget` seconds (or when the
-    run records no cost to predict it from and a budget was given)."""
-    seconds, how = predicted_seconds(paths, models, images)
+    run records no cost to predict it from and a budget was given). `speed_ratio`: the stack's
+    `stack.predict_speed_ratio`, the card this runs on against the one the costs were measured on."""
+    seconds, how = predicted_seconds(paths, models, images, speed_ratio)
     if seconds is None:
         if budget is not None:
             raise StackerError(f"--budget {budget:g}: {how}; a budget needs predict-oof's measured costs")
@@ -177,7 +182,7 @@ def predict_new_test(run: SavedRun, models: list[str | Render], images: NewTestI
     table = resolve_new_test(images)
     models = [m if isinstance(m, Render) else Render(m) for m in models]
     used = [_used_model(run, m, targets[0].classes, folds, device, options.log) for m in models]
-    check_budget(run.paths, models, len(table), budget, options.log)
+    check_budget(run.paths, models, len(table), budget, options.log, options.speed_ratio)
     out.root.mkdir(parents=True, exist_ok=True)
     try:
         held = FileLock(out.predict_lock, timeout=0).acquire()
@@ -220,7 +225,7 @@ def _used_model(run: SavedRun, render: Render, classes, folds, device: str | Non
         raise StackerError(f"{path}: records no {', '.join(missing)} (not written by predict-oof); stacker "
                            "predict repeats how the run predicted its test set, so run predict-oof first")
     recorded_views(meta, str(path))
-    _check_weights(run.paths, name, meta["weights_sha256"], folds)
+    _check_weights(run.paths, name, meta["weights_sha256"], folds, render.fold_models)
     full = _full_weights(run.paths, name, classes) if render.full else None
     where = _resolve(device or spec.train.device, None if device else spec)
     return _UsedModel(spec, rendered_meta(upgraded(meta), render, str(path), full), where,
@@ -279,18 +284,20 @@ def predict_amp(setting: str, device: torch.device, override: str | None, name: 
     return "off"
 
 
-def _check_weights(paths: RunPaths, name: str, digests: list[str], folds) -> None:
-    """Every fold model's weights (of every repeat) are in the run and are those the run's tables (and so
-    the stack) came from."""
+def _check_weights(paths: RunPaths, name: str, digests: list[str], folds, rendered: int | None = None) -> None:
+    """The weights of every fold model the stack renders (the first `rendered`, repeat-major; None: every one)
+    are in the run and are those the run's tables (and so the stack) came from; the others need not travel
+    with the run."""
     slots = [(r, f) for r in range(folds.repeats) for f in range(folds.k)]
     if len(digests) != len(slots):
         raise StackerError(f"{paths.test(name)}: records {len(digests)} fold models' weights for {len(slots)} "
                            "fold models; run predict-oof and fit-stack again")
-    for (repeat, fold), digest in zip(slots, digests):
+    n = len(slots) if rendered is None else rendered
+    for (repeat, fold), digest in zip(slots[:n], digests[:n]):
         path = paths.for_repeat(repeat).weights(name, fold)
         if not path.is_file():
-            raise StackerError(f"{path}: weights missing from the run; the stack uses {name}, so every fold "
-                               "model's weights must travel with the run")
+            raise StackerError(f"{path}: weights missing from the run; the stack renders {name} through this fold "
+                               "model, so its weights must travel with the run")
         if file_digest(path) != digest:
             raise StackerError(f"{path}: not the weights {name}'s run tables were predicted with (the stack "
                                "was fitted on those); restore the file, or run predict-oof and fit-stack again")

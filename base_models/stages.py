@@ -152,17 +152,19 @@ def predict_oof_stage(cfg: dict, models: list[str] | None = None, force: bool = 
     predict_full(paths, specs, folds, tta, data, options)
 
 
-def predict_stage(cfg: dict, images, out_dir, models: list[str], options=None, budget: float | None = None) -> None:
+def predict_stage(cfg: dict, images, out_dir, models: list, options=None, budget: float | None = None) -> None:
     """`stacker predict`'s image half: decode a new test set into `out_dir` and write the test tables of
-    every fold model of `models` (the models the saved stack uses) there; the run is only read.
+    `models` there (what the saved stack renders: each model's views, fold models and full fit); the run is
+    only read.
 
     Args:
         cfg: the run's raw config (its run.yaml, found in the run wherever it has moved).
         images: a `base_models.dataset.NewTestImages`.
         out_dir: the output folder, never the run.
-        models: the stack's models, `StackGuard.models_`.
+        models: `oof.views.renders` of the stack's decision (or model names: every view and fold model).
         options: a `base_models.jobs.StageOptions`: force (predict every table again; the decoded cache
-            is reused where its files did not change), log, device (--device for every model).
+            is reused where its files did not change), log, device (--device for every model), speed_ratio
+            (the predicted time's card conversion).
         budget: --budget: the seconds the call may take (refused in one line when its predicted time is more).
     """
     paths = run_paths(cfg)

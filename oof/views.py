@@ -164,9 +164,11 @@ class Render(NamedTuple):
 def renders(decision: dict) -> list[Render]:
     """The models a stack's test side renders, and how: decision.json's `predict` units (else each used model at
     every view through every fold model) and its `test_side` (fold models, full fits or both)."""
-    side = (decision.get("test_side") or {}).get("models", "folds")
+    test_side = decision.get("test_side") or {}
+    side = test_side.get("models", "folds")
     units = (decision.get("predict") or {}).get("units")
-    if units is None:
-        units = [{"model": parse_unit(name)[0], "views": None, "fold_models": None} for name in decision["used"]]
+    if units is None:  # every view; the fold models `stack.predict_folds` gave (every one where none is recorded)
+        n = test_side.get("fold_models")
+        units = [{"model": parse_unit(name)[0], "views": None, "fold_models": n} for name in decision["used"]]
     return [Render(u["model"], u["views"], 0 if side == "full" else u["fold_models"], side != "folds")
             for u in units]

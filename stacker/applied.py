@@ -21,21 +21,38 @@ from __future__ import annotations
 
 import numpy as np
 
-from oof import Folds, PredictionTable, RunPaths, StackerError, read_table, validate_test
+from oof import Folds, PredictionTable, RunPaths, StackerError, file_digest, read_table, validate_test
 from oof.views import parse_unit, read_views
 
 from .candidates import candidate_class
 from .config import StackConfig
 
 
-def applied_side(decision: dict, config: StackConfig) -> dict:
+def check_test_side(paths: RunPaths, models: list[str], folds: Folds, config: StackConfig) -> None:
+    """Refuse, before the guard runs, a test side the run cannot give: full fits a model has none of, or per-fold
+    test features with repeated folds and not every fold model (each repeat's meta-model is applied to its own K
+    fold models' tables, which a subset or a full fit does not give)."""
+    if config.test_models != "folds":
+        missing = [m for m in models if not paths.test_full(m).is_file()]
+        if missing:
+            raise StackerError(f"stack.test_models {config.test_models}: {', '.join(missing)} has no full fit "
+                               f"({paths.test_full(missing[0])}); run train-base --full, then predict-oof")
+    if config.test_features == "per_fold" and folds.repeats > 1 and (config.predict_folds != -1
+                                                                     or config.test_models != "folds"):
+        raise StackerError("stack.test_features: per_fold with repeated folds applies each repeat's meta-model to "
+                           "that repeat's K fold models; it needs predict_folds -1 and test_models folds (or use "
+                           "test_features mean)")
+
+
+def applied_side(decision: dict, config: StackConfig, folds: Folds) -> dict:
     """decision.json's `test_side`: the fits the stack is applied to ("folds", "full" or "both"), whether they
     are validated, and the warning a meta-model applied to full fits gets (`full_fit_refusal` keeps it out of the
     guard otherwise)."""
-    asked = config.test_models
+    asked, every = config.test_models, folds.k * folds.repeats
+    n = 0 if asked == "full" else every if config.predict_folds == -1 else min(config.predict_folds, every)
     if asked == "folds":
-        return {"models": "folds", "validated": True}
-    side = {"models": asked, "validated": False}
+        return {"models": "folds", "validated": True, "fold_models": n}
+    side = {"models": asked, "validated": False, "fold_models": n}
     if candidate_class(decision["chosen"]).meta_model:
         side["warning"] = (f"stack.allow_full_meta: the meta-model {decision['chosen']} learned on fold models' OOF "
                            "rows and is applied to full fits' sharper predictions; no OOF row scores that")
@@ -66,7 +83,7 @@ def stack_test_tables(paths: RunPaths, decision: dict, folds: Folds, test_tables
     models = (decision.get("test_side") or {}).get("models", "folds")
     units = _units(decision, folds)
     ids = next(iter(test_tables.values())).ids
-    if models == "folds" and all(_whole(u, folds) for u in units):
+    if (models == "folds" and all(_whole(u, folds) for u in units)) or not len(ids):  # no test set: nothing to render
         return test_tables, fold_tables
     per_fold = [] if models == "full" else _fold_parts(paths, units, folds, ids)
     full = {} if models == "folds" else {u["name"]: _full_table(paths, u, folds, ids) for u in units}
@@ -80,12 +97,14 @@ def stack_test_tables(paths: RunPaths, decision: dict, folds: Folds, test_tables
 
 
 def _units(decision: dict, folds: Folds) -> list[dict]:
-    """The units of the decision's `predict` record, else each used model at every view through every fold model."""
+    """The units of the decision's `predict` record, else each used model at every view through the fold models
+    its `test_side` records (`stack.predict_folds`)."""
     record = decision.get("predict")
     if record is not None:
-        return [{**u, "fold_models": u["fold_models"]} for u in record["units"]]
-    return [{"name": name, "model": parse_unit(name)[0], "views": None, "fold_models": folds.k * folds.repeats}
-            for name in decision["used"]]
+        return record["units"]
+    side = decision.get("test_side") or {}
+    n = side.get("fold_models", folds.k * folds.repeats)
+    return [{"name": name, "model": parse_unit(name)[0], "views": None, "fold_models": n} for name in decision["used"]]
 
 
 def _whole(unit: dict, folds: Folds) -> bool:
@@ -119,4 +138,9 @@ def _full_table(paths: RunPaths, unit: dict, folds: Folds, ids) -> PredictionTab
         table = read_table(path, folds.classes, "test")
     else:
         table = read_views(path, folds.classes).table(unit["views"], str(path))
+    weights = paths.weights(model, None)
+    recorded = table.meta.get("weights_sha256") or [None]
+    if table.meta.get("folds_sha256") != folds.sha256 or not weights.is_file() or file_digest(weights) != recorded[0]:
+        raise StackerError(f"{path}: not predicted by {model}'s full fit of these folds' rows ({weights.name} or the "
+                           "folds changed since); run train-base --full, then predict-oof")
     return validate_test(table, ids, folds.classes)

@@ -94,7 +94,7 @@ def _new_tables(run: RunPaths, out: RunPaths, guard: StackGuard, folds) -> tuple
     """OUT's test tables of the stack's models, and per repeat and fold theirs (only for test_features
     per_fold; repeat-major, repeat r's in `OUT.for_repeat(r)`'s folders)."""
     per_fold = guard.config.test_features == "per_fold"
-    plan = {unit: render for unit, render in zip(guard.models_, renders(guard.decision_))}
+    plan = dict(zip(guard.models_, renders(guard.decision_), strict=True))
     weights = {}
     for unit, render in plan.items():  # the run's fold models, the first ones the stack renders, then its full fit
         recorded = read_table(run.test(render.model), folds.classes, "test").meta.get("weights_sha256")

@@ -15,9 +15,10 @@ Selection is greedy, by score gain per second (`select_units`): from nothing, it
 moves a chosen model to more views, that gains most of the guard's metric per extra second among
 the moves that keep the total within the budget; where no move gains on the metric, the one that
 lowers the log-loss most per second (accuracy moves in steps, the log-loss sees what they hide);
-it stops where no move gains. That is AutoGluon's `infer_limit` question answered with a trade-off
-(its own rule drops the lowest-scoring model first, whatever it costs) and the knapsack's classic
-greedy, which is within one unit of the best mean that fits. No unit is chosen twice and members
+it stops where no move gains (and where not even the first unit gains on a uniform guess, takes the
+best-scoring unit that fits: an ensemble is never empty). That is AutoGluon's `infer_limit` question
+answered with a trade-off (its own rule drops the lowest-scoring model first, whatever it costs),
+the knapsack's greedy by value per cost. No unit is chosen twice and members
 are not weighted: the guard's floor is the plain mean of what this picks, and every candidate is
 fitted on the picked units' OOF rows alone.
 
@@ -36,7 +37,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
-from oof import Folds, PredictionTable, RunPaths, StackerError, log_loss, read_json, validate_test
+from oof import Folds, PredictionTable, RunPaths, StackerError, log_loss, read_json, read_table
 from oof.views import ViewTable, read_views, unit_name
 
 from .config import StackConfig
@@ -149,6 +150,9 @@ def build_units(tables: Mapping[str, PredictionTable], inputs: PredictInputs, co
                            "from another tool, or predicted before predict-oof measured costs); run predict-oof "
                            "--force on them, or leave predict_budget unset")
     rows = predict_rows(config, inputs)
+    if rows == 0 and config.predict_budget is not None:
+        raise StackerError("stack.predict_rows: the run has no test set to predict the budget's images from; give "
+                           "the hidden test set's size")
     names, models, views, seconds, columns = [], [], [], [], []
     for model, table in tables.items():
         cost = inputs.costs[model]
@@ -198,6 +202,13 @@ def select_units(X: list[np.ndarray], y: np.ndarray, units: Units, budget: float
         state = (score, loss, state[2] + extra)
         path.append({"unit": units.names[u], "model": units.models[u], "views": units.views[u],
                      "seconds": state[2], "score": score, "log_loss": loss})
+    if not chosen:  # nothing beat a uniform guess: the best single unit that fits
+        u = max((u for u in range(len(units.names)) if units.seconds[u] <= budget),
+                key=lambda u: (_score(metric, y, [x[:, u] for x in X]), -u))
+        path.append({"unit": units.names[u], "model": units.models[u], "views": units.views[u],
+                     "seconds": float(units.seconds[u]), "score": _score(metric, y, [x[:, u] for x in X]),
+                     "log_loss": float(np.mean([log_loss(y, x[:, u]) for x in X]))})
+        chosen[units.models[u]] = u
     return Selection(tuple(sorted(chosen.values())), path)
 
 
@@ -285,60 +296,36 @@ def _unit_record(units: Units, u: int, inputs: PredictInputs, config: StackConfi
             "seconds": float(units.seconds[u])}
 
 
-def read_predict_inputs(paths: RunPaths, models: list[str], folds: Folds, test_rows: int) -> PredictInputs:
-    """The costs predict-oof recorded (metrics.json) and the OOF view tables that are current with the models'
-    OOF tables (recording the same weights, folds and TTA settings); models lacking either are left out of it."""
-    costs, views = {}, {}
+def read_predict_inputs(paths: RunPaths, models: list[str], folds: Folds, test_rows: int,
+                        views: bool) -> PredictInputs:
+    """The costs predict-oof recorded (metrics.json) and, with `views` (under a budget: V views of every OOF row
+    are V times the OOF table's memory), the OOF view tables that are current with the models' OOF tables
+    (recording the same weights, folds and TTA settings); models lacking either are left out of it."""
+    costs, tables = {}, {}
     for model in models:
         metrics = paths.predict_metrics(model)
         record = (read_json(metrics) if metrics.is_file() else {}).get("cost")
         if record:
             costs[model] = ModelCost.from_record(record)
-        table = _current_views(paths, model, folds)
+        table = _current_views(paths, model, folds) if views else None
         if table is not None:
-            views[model] = table
-    return PredictInputs(costs, views, test_rows)
+            tables[model] = table
+    return PredictInputs(costs, tables, test_rows)
 
 
 def _current_views(paths: RunPaths, model: str, folds: Folds) -> ViewTable | None:
-    """The model's OOF view table when it records what its OOF table records, holds its rows, and its last view
-    choice is the OOF table's probabilities; else None."""
+    """The model's OOF view table when it records what its OOF table records, holds its rows in the folds' order,
+    and its last view choice is the OOF table's probabilities; else None."""
     path = paths.oof_views(model)
     if not path.is_file() or not paths.oof(model).is_file():
         return None
-    from oof import read_table  # the OOF table itself, to compare
-
     oof = read_table(paths.oof(model), folds.classes, "oof")
     table = read_views(path, folds.classes)
-    same = (len(table.ids) == len(oof.ids) and (table.ids == oof.ids).all()
+    rows = np.tile(folds.ids, folds.repeats)  # the folds' order, as the validated OOF tables hold their rows
+    same = (len(table.ids) == len(oof.ids) == len(rows) and (table.ids == oof.ids).all() and (oof.ids == rows).all()
             and {k: v for k, v in table.meta.items() if k != "job"} == {k: v for k, v in oof.meta.items()
                                                                         if k != "job"})
     if not same or not np.allclose(table.choice(table.views), oof.proba, atol=1e-6):
         return None
     return table
-
-
-def unit_test_tables(paths: RunPaths, units: list[dict], folds: Folds, ids) -> tuple[dict, list[dict]]:
-    """The test tables of the chosen units (`budget_record`'s "units"): per unit the mean over its first F fold
-    models of their test view tables at its view choice, and the per-fold tables of those F fold models.
-
-    Returns:
-        ({unit: test table}, [{unit: fold model i's table} for i < F]), rows in `ids`' order.
-    """
-    slots = [(r, k) for r in range(folds.repeats) for k in range(folds.k)]
-    means, per_fold = {}, []
-    for unit in units:
-        tables = []
-        for r, k in slots[:unit["fold_models"]]:
-            path = paths.for_repeat(r).test_views_fold(unit["model"], k)
-            view = read_views(path, folds.classes)
-            tables.append(validate_test(view.table(unit["views"], str(path)), ids, folds.classes))
-        for i, table in enumerate(tables):
-            if len(per_fold) <= i:
-                per_fold.append({})
-            per_fold[i][unit["name"]] = table
-        proba = np.mean([t.proba for t in tables], axis=0)
-        means[unit["name"]] = PredictionTable(tables[0].ids, proba, folds.classes, None, tables[0].meta,
-                                              f"<{unit['name']} test>")
-    return means, per_fold
 

@@ -35,7 +35,7 @@ from .inputs import has_fold_tables, load_run_folds, read_run_tables
 from .provenance import clear_stack, decision_digest, describe, stack_changes, stack_inputs
 from .repeats import RepeatAverage
 from .report import format_report, leaderboard_frame
-from .applied import applied_side, stack_test_tables
+from .applied import applied_side, check_test_side, stack_test_tables
 from .workers import start_workers
 
 
@@ -64,7 +64,7 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
     log = log or (lambda *a: None)
     paths = RunPaths(run_dir)
     folds = load_run_folds(paths)
-    names = _model_names(paths, models)
+    names = _model_names(paths, models, folds, config)
     # Per-fold test tables feed "per_fold" test features, and the leak check whenever they exist.
     per_fold = config.test_features == "per_fold" or has_fold_tables(paths, names, folds)
     inputs = stack_inputs(paths, names, folds.k if per_fold else 0, given=bool(models),  # digests before reading
@@ -80,9 +80,10 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
         log(f"fit-stack: {paths.decision} is stale ({describe(changes)}); fitting the stack again")
     workers = start_workers(config, folds.n_rows * len(names) * len(folds.classes))  # ready when the fits begin
     oof_tables, test_tables, fold_tables = read_run_tables(paths, names, folds, per_fold)
-    predict = read_predict_inputs(paths, names, folds, len(next(iter(test_tables.values())).ids))  # costs, views
+    predict = read_predict_inputs(paths, names, folds, len(next(iter(test_tables.values())).ids),
+                                  views=config.predict_budget is not None)
     guard = StackGuard(config, log).fit(oof_tables, folds, test_tables, fold_tables, workers, predict)
-    record_test_side(guard.decision_, config, log)
+    record_test_side(guard.decision_, config, folds, log)
     decision = {**guard.decision_, "inputs": inputs}
     test_in = stack_test_tables(paths, guard.decision_, folds, test_tables, fold_tables)
     write_stack(paths, guard, guard.predict_table(*test_in), decision, folds)
@@ -90,21 +91,21 @@ def fit_stack(run_dir: str | os.PathLike, config: StackConfig | None = None, mod
     return decision
 
 
-def _model_names(paths: RunPaths, models: list[str] | None) -> list[str]:
-    """The models to stack: those given, else every one under preds/ with an OOF table."""
+def _model_names(paths: RunPaths, models: list[str] | None, folds, config: StackConfig) -> list[str]:
+    """The models to stack: those given, else every one under preds/ with an OOF table; refused with a test
+    side the run cannot give them (`check_test_side`)."""
     names = [check_model_name(m) for m in models] if models else paths.predicted_models()
     if not names:
         raise StackerError(f"{paths.preds}: no model has an oof.parquet or oof.csv to stack")
+    check_test_side(paths, names, folds, config)
     return names
 
 
-def record_test_side(decision: dict, config: StackConfig, log) -> None:
-    """The decision's `test_side` (`stacker.applied.applied_side`), its note or warning logged, the warning kept."""
-    decision["test_side"] = side = applied_side(decision, config)
-    for key in ("note", "warning"):
-        if key in side:
-            log(f"{key}: {side[key]}")
+def record_test_side(decision: dict, config: StackConfig, folds, log) -> None:
+    """The decision's `test_side` (`stacker.applied.applied_side`), its warning logged and kept."""
+    decision["test_side"] = side = applied_side(decision, config, folds)
     if "warning" in side:
+        log(f"warning: {side['warning']}")
         decision.setdefault("warnings", []).append(side["warning"])
 
 

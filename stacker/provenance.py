@@ -27,10 +27,14 @@ SHOWN_CHANGES = 3  # a message names this many changes, then counts the rest
 
 def table_roles(paths: RunPaths, model: str, k: int, repeats: int = 1) -> dict:
     """{role: path} of the tables fit-stack reads for `model`; k > 0 adds the K per-fold test tables of
-    every repeat (repeat r > 0's as "repeat<r>/test_fold<k>"), and a full fit's test table where there is one."""
+    every repeat (repeat r > 0's as "repeat<r>/test_fold<k>"), and where present a full fit's test table, the OOF
+    view table and metrics.json."""
     roles = {"oof": paths.oof(model), "test": paths.test(model)}
-    if paths.test_full(model).is_file():  # a full fit's (`train-base --full`), which stack.test_models may apply
-        roles["test_full"] = paths.test_full(model)
+    # Where present: a full fit's test table (`train-base --full`), which stack.test_models may apply; the OOF view
+    # table and metrics.json (the measured cost), which a budget's choice and the predicted seconds come from.
+    extra = {"test_full": paths.test_full(model), "oof_views": paths.oof_views(model),
+             "metrics": paths.predict_metrics(model)}
+    roles.update({role: path for role, path in extra.items() if path.is_file()})
     for r in range(repeats):
         prefix = f"repeat{r}/" if r else ""
         roles.update({f"{prefix}test_fold{f}": paths.for_repeat(r).test_fold(model, f) for f in range(k)})

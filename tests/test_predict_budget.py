@@ -123,6 +123,8 @@ def test_fit_stack_and_stacker_predict_render_only_the_chosen_views_and_folds(tr
     assert f"fit-stack: predict budget {budget:g} s for 80 images" in result.stdout
     images = ("--images", small_digits_dir / "test_images", "--sample-submission",
               small_digits_dir / "sample_submission.csv")
+    for model in paths.predicted_models():  # a fold model the stack never renders need not travel with the run
+        paths.weights(model, 2).unlink()
     out = RunPaths(tmp_path / "out")
     result = run_cli("predict", "--run", paths.root, *images, "--out", out.root)
     assert result.returncode == 0, result.stderr
@@ -154,11 +156,13 @@ def test_a_budget_the_ensemble_cannot_meet_is_one_line_exit_2(trained_copy):
 def test_a_meta_model_reaches_full_fits_only_with_allow_full_meta():
     from stacker.applied import applied_side
 
-    assert applied_side({"chosen": "mean"}, StackConfig(test_models="full")) == {"models": "full", "validated": False}
-    allowed = applied_side({"chosen": "lgbm_wide"}, StackConfig(test_models="full", allow_full_meta=True))
-    assert allowed["models"] == "full" and not allowed["validated"] and "sharper" in allowed["warning"]
-    assert applied_side({"chosen": "logreg"}, StackConfig()) == {"models": "folds", "validated": True}
     folds, tables, _ = _synthetic()
+    assert applied_side({"chosen": "mean"}, StackConfig(test_models="full"), folds) == {
+        "models": "full", "validated": False, "fold_models": 0}
+    allowed = applied_side({"chosen": "lgbm_wide"}, StackConfig(test_models="full", allow_full_meta=True), folds)
+    assert allowed["models"] == "full" and not allowed["validated"] and "sharper" in allowed["warning"]
+    assert applied_side({"chosen": "logreg"}, StackConfig(predict_folds=2), folds) == {
+        "models": "folds", "validated": True, "fold_models": 2}
     config = StackConfig(n_bootstrap=200, candidates=("mean", "weights", "logreg", "lgbm_class_shared"),
                          test_models="both")
     guard = StackGuard(config, log=None).fit(tables, folds)
@@ -191,7 +195,8 @@ def test_full_fits_feed_the_test_side_unvalidated_and_stacker_predict_renders_th
     result = run_cli(*_budget_args(paths, "stack.test_models=both", "stack.candidates=[mean]"))
     assert result.returncode == 0, result.stderr
     decision = read_json(paths.decision)
-    assert decision["test_side"] == {"models": "both", "validated": False} and decision["chosen"] == "mean"
+    assert decision["test_side"] == {"models": "both", "validated": False, "fold_models": 3}
+    assert decision["chosen"] == "mean"
     assert "UNVALIDATED" in paths.stack_report.read_text() and "UNVALIDATED" in (paths.root / "report.html").read_text()
     members = []
     for model in decision["used"]:  # each model: its 3 fold models and its full fit, the full fit as a fourth fold
@@ -235,3 +240,37 @@ def test_a_budget_over_repeated_folds_chooses_one_set_of_units_for_every_repeat(
     assert guard.oof_["mean"].shape == (2, 400, 4)  # each repeat scored on its own rows, the same units
     floor = np.mean([views[u["model"]].choice(u["views"]) for u in record["units"]], axis=0).reshape(2, 400, 4)
     assert np.allclose(guard.oof_["mean"], floor)
+
+
+def test_when_no_unit_beats_a_uniform_guess_the_best_single_unit_is_chosen():
+    folds, tables, inputs = _synthetic(n=200)
+    units = _units(inputs, folds, tables)
+    flat = [np.full_like(units.X[0], 0.25)]  # every unit a uniform guess: no move gains on it
+    flat[0][:, 3] = np.eye(4)[(folds.y + 1) % 4] * 0.5 + 0.125  # one unit wrong everywhere, but different
+    chosen = select_units(flat, folds.y, units._replace(X=flat), float("inf"), Metric("accuracy", 4))
+    assert len(chosen.chosen) == 1 and len(chosen.path) == 1  # never an empty ensemble
+
+
+def test_a_test_side_the_run_cannot_give_is_refused_before_the_guard(trained_copy):
+    paths = RunPaths(trained_copy.run)
+    result = run_cli(*_budget_args(paths, "stack.test_models=full"))
+    assert result.returncode == 2 and "has no full fit" in result.stderr and "train-base --full" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_predict_folds_without_recorded_costs_still_renders_that_many_fold_models(trained_copy):
+    from oof.views import renders
+
+    paths = RunPaths(trained_copy.run)
+    for model in paths.predicted_models():  # tables from another tool: no costs, so no predict record
+        metrics = read_json(paths.predict_metrics(model))
+        metrics.pop("cost")
+        write_json(paths.predict_metrics(model), metrics)
+    result = run_cli(*_budget_args(paths, "stack.predict_folds=1", "stack.candidates=[mean]"))
+    assert result.returncode == 0, result.stderr
+    decision = read_json(paths.decision)
+    assert "predict" not in decision and decision["test_side"]["fold_models"] == 1
+    assert all(r.fold_models == 1 for r in renders(decision))
+    classes = read_table(paths.oof("test_resnet"), [str(c) for c in range(10)], "oof").classes
+    folds0 = [read_table(paths.test_fold(m, 0), classes, "test").proba for m in decision["used"]]
+    assert np.allclose(read_table(paths.stack_test, classes, "test").proba, np.mean(folds0, axis=0), atol=1e-9)

@@ -72,6 +72,9 @@ def test_a_budget_without_recorded_costs_is_one_line(trained_copy, tmp_path, sma
         metrics = read_json(paths.predict_metrics(model))
         metrics.pop("cost")
         write_json(paths.predict_metrics(model), metrics)
+    stale = run_cli("predict", "--run", paths.root, "--images", small_digits_dir / "test_images", "--out", tmp_path / "x")
+    assert stale.returncode == 2 and "metrics.json changed" in stale.stderr  # the costs are one of the stack's inputs
+    assert run_cli("fit-stack", "--run", paths.root).returncode == 0
     args = ("predict", "--run", paths.root, "--images", small_digits_dir / "test_images", "--sample-submission",
             small_digits_dir / "sample_submission.csv", "--out", tmp_path / "out")
     refused = run_cli(*args, "--budget", "100")

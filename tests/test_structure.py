@@ -149,7 +149,8 @@ def run_file_names() -> dict[str, re.Pattern]:
              paths.audit_duplicates, paths.audit_page,
              paths.job_log("m", 0), paths.weights("m", None), paths.history("m", None),
              paths.history_csv("m", None), paths.job_log("m", None), paths.checkpoint("m", None),
-             paths.job_lock("m", None), paths.test_full("m"), paths.test_views_full("m")}
+             paths.job_lock("m", None), paths.test_full("m"), paths.test_views_full("m"), paths.oof_views("m"),
+             paths.oof_views_fold("m", 0), paths.test_views_fold("m", 0)}
     out = {}
     for p in names:
         pattern = re.escape(p.name).replace("0", r"(\d+|\{\})").replace("train", r"(train|test|\{\})")
