@@ -12,10 +12,16 @@ kept test labels:
     no budget                 every model at every view (stack.test_models folds)
     budget 1/2, 1/4           stack.predict_budget at that share of the whole ensemble's predicted seconds
     test_models full, both    the stack applied to the full fits, and to the fold models and full fits
+    mean only, folds / full   the plain mean alone (stack.candidates: [mean]) on the fold models, on the
+                              full fits: like for like, since full fits leave the meta-models out
 
 Each line gives the guard's choice, the units stacked, the predicted seconds, the nested estimate and
 the test accuracy. The figures, one markdown table per set with the machine, the date and the command,
 are printed and written to OUT/code_competition.md.
+
+`--predict-times` (after a run of the demo set) times `stacker predict` on 1,200 new digits through the
+demo_0 run's stack with no budget, half and a quarter of the whole ensemble's predicted seconds:
+predicted against measured seconds, three runs each (`predict_times`), into OUT/predict_times.md.
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="/tmp/code_competition")
     p.add_argument("--sets", default="demo,hard")
     p.add_argument("--seeds", default="0")
+    p.add_argument("--predict-times", action="store_true",
+                   help="only time stacker predict on 1,200 new images through the demo_0 run's stacks")
     return p.parse_args(argv)
 
 
@@ -105,6 +113,9 @@ def measure(out: Path, name: str, seed: int) -> list[dict]:
         rows.append({"variant": f"budget {share:g} x", **variant(config, [f"stack.predict_budget={share * whole}"], log)})
     for models in ("full", "both"):
         rows.append({"variant": f"test_models {models}", **variant(config, [f"stack.test_models={models}"], log)})
+    for models in ("folds", "full"):  # like for like: the plain mean either way (full fits leave meta-models out)
+        rows.append({"variant": f"mean only, {models}",
+                     **variant(config, [f"stack.test_models={models}", "stack.candidates=[mean]"], log)})
     rows = [{"set": name, "seed": seed, **row} for row in rows]
     saved.write_text(json.dumps(rows))
     return rows
@@ -117,10 +128,57 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def predict_times(out: Path, config: Path, images: int = 1200, runs: int = 3) -> list[dict]:
+    """`stacker predict` on `images` new digits through the stack chosen with no budget, half and a quarter of
+    the whole ensemble's predicted seconds for that many images: predicted seconds (its log line) against
+    measured (from the first model's start to the stack's line in OUT/logs/predict.log), `runs` times each,
+    the decoded cache kept between runs."""
+    from base_models.demo_data import write_digits_dataset
+
+    data = write_digits_dataset(out / "predict_data", size=32, test_fraction=images / 1797)
+    n = len(list((data / "test_images").iterdir()))
+    log, rows = config.parent / "logs" / "predict_times.log", []
+    whole = None
+    for share in (None, 0.5, 0.25):
+        sets = [f"stack.predict_rows={n}"] + ([f"stack.predict_budget={share * whole}"] if share else [])
+        stacker("fit-stack", "--config", config, "--force", *[a for s in sets for a in ("--set", s)], log=log)
+        run = Path(yaml.safe_load(config.read_text())["run_dir"])
+        decision = json.loads((run / "stack" / "decision.json").read_text())
+        whole = whole or decision["predict"]["ensemble_seconds"]
+        measured = []
+        for _ in range(runs):
+            target = out / "predict_out"
+            for part in ("preds", "stack", "logs"):
+                subprocess.run(["rm", "-rf", str(target / part)], check=True)
+            stacker("predict", "--run", run, "--images", data / "test_images", "--sample-submission",
+                    data / "sample_submission.csv", "--out", target, "--force", log=log)
+            measured.append(_logged_seconds(target / "logs" / "predict.log"))
+        rows.append({"budget": "none" if share is None else f"{share:g} x", "images": n,
+                     "units": ", ".join(u["name"] for u in decision["predict"]["units"]),
+                     "predicted_seconds": decision["predict"]["seconds"],
+                     "measured_seconds": ", ".join(f"{m:.2f}" for m in measured),
+                     "ratio": float(np.median(measured)) / decision["predict"]["seconds"]})
+    return rows
+
+
+def _logged_seconds(log: Path) -> float:
+    """Seconds from the first model's line ("N of M fold models to run") to the stack's line of a predict log."""
+    stamps = [(datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f"), line) for line in
+              log.read_text().splitlines() if line[:4].isdigit()]
+    start = next(t for t, line in stamps if "fold models to run" in line)
+    end = next(t for t, line in stamps if "predict: stack " in line)
+    return (end - start).total_seconds()
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.predict_times:
+        text = markdown(pd.DataFrame(predict_times(out, out / "demo_0" / "run.yaml")))
+        (out / "predict_times.md").write_text(text + "\n")
+        print(text)
+        return
     rows = [row for name in args.sets.split(",") for seed in map(int, args.seeds.split(","))
             for row in measure(out, name, seed)]
     frame = pd.DataFrame(rows)
