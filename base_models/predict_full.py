@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from filelock import Timeout
 
 from oof import Folds, RunPaths, StackerError, info, read_table, remove_temps, validate_test
 from oof.views import ViewTable, read_views, write_views
@@ -34,9 +33,9 @@ from oof.views import ViewTable, read_views, write_views
 from .batches import CacheBudget, ImageSource, place_images
 from .cache import load_cache
 from .config import DataConfig, ModelSpec, TTAConfig
-from .jobs import FoldJob, JobRun, StageOptions, extra_targets, full_jobs, job_lock, job_name, load_targets
+from .jobs import FoldJob, JobRun, StageOptions, extra_targets, full_jobs, load_targets
 from .predict import predict_with_tta
-from .predict_oof import prediction_cost, table_meta, write_test
+from .predict_oof import predict_locked, prediction_cost, table_meta, write_test
 from .table_schema import is_current, recorded_views
 from .train import Target, is_trained, job_sources, load_fold_model, stale_reason, weights_digest
 
@@ -56,27 +55,20 @@ class FullPredictRun(JobRun):
     stage = "predict-oof"
 
     def predict(self, job: FoldJob, test: ImageSource) -> float | None:
-        """Predict `job`'s test tables under its lock; one another process holds, or predicted meanwhile,
-        is skipped.
+        """Predict `job`'s test tables under its lock (`predict_locked`); skipped where another process holds it
+        or predicted it meanwhile.
 
         Returns:
             Seconds predicting; None when skipped.
         """
         name = job.model.name
-        try:
-            held = job_lock(self.paths, job).acquire()
-        except Timeout:
-            self.log(f"  {job_name(job)}: busy in another process (training or predicting), skipped")
-            return None
-        with held:
-            if full_tables_current(self, job.model):
-                self.log(f"  {job_name(job)}: predicted in another process meanwhile, skipped")
-                return None
+
+        def work():
             for path in (self.paths.test_full(name), self.paths.test_views_full(name)):
                 remove_temps(path.parent, path.stem)  # a killed job's partial writes
-            t0 = time.perf_counter()
             _predict_full(self, job, test)
-            return time.perf_counter() - t0
+
+        return predict_locked(self, job, lambda: full_tables_current(self, job.model), work)
 
     def place(self, device, budget: CacheBudget) -> ImageSource:
         """The test cache on `device`: the very cache (by digest) this call checked."""

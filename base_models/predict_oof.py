@@ -105,30 +105,19 @@ class PredictRun(JobRun):
         return {**meta, "repeats": self.folds.repeats} if self.folds.repeats > 1 else meta
 
     def predict(self, job: FoldJob, train: ImageSource, test: ImageSource) -> float | None:
-        """Predict `job` under its lock; one another process holds, or predicted meanwhile, is skipped.
+        """Predict `job` under its lock (`predict_locked`): its partial writes removed, its tables written.
 
         Returns:
             Seconds predicting; None when skipped.
         """
-        folder = job.paths(self.paths).preds_dir(job.model.name)
-        try:
-            held = job_lock(self.paths, job).acquire()
-        except Timeout:
-            self.log(f"  {job_name(job)}: busy in another process (training or predicting), skipped")
-            return None
-        with held:
-            if read_fold(self, job) is not None:
-                self.log(f"  {job_name(job)}: predicted in another process meanwhile, skipped")
-                return None
-            remove_temps(folder, f"oof_fold{job.fold}")  # a killed job's partial writes
-            remove_temps(folder, f"oof_plain_fold{job.fold}")
-            remove_temps(folder, f"test_fold{job.fold}")
-            at = job.paths(self.paths)
-            for path in (at.oof_views_fold(job.model.name, job.fold), at.test_views_fold(job.model.name, job.fold)):
-                remove_temps(folder, path.stem)
-            t0 = time.perf_counter()
+        def work():
+            at, name = job.paths(self.paths), job.model.name
+            for path in (at.oof_fold(name, job.fold), at.oof_plain_fold(name, job.fold), at.test_fold(name, job.fold),
+                         at.oof_views_fold(name, job.fold), at.test_views_fold(name, job.fold)):
+                remove_temps(path.parent, path.stem)  # a killed job's partial writes
             _predict_fold(self, job, train, test)
-            return time.perf_counter() - t0
+
+        return predict_locked(self, job, lambda: read_fold(self, job) is not None, work)
 
     def place(self, device, budget: CacheBudget) -> tuple[ImageSource, ImageSource]:
         """The train and test caches on `device` (the train one read in folds order): the very caches (by
@@ -143,6 +132,28 @@ class PredictRun(JobRun):
 
     def do(self, job: FoldJob, placed: tuple[ImageSource, ImageSource]) -> float | None:
         return self.predict(job, *placed)
+
+
+def predict_locked(run: JobRun, job: FoldJob, done: Callable[[], bool], work: Callable[[], None]) -> float | None:
+    """`work()` under `job`'s lock (train-base's and predict-oof's: never while its model is trained, never twice at
+    once); skipped, with a line, while another process holds the lock or when `done()` says another process
+    predicted it meanwhile.
+
+    Returns:
+        Seconds `work` took; None when skipped.
+    """
+    try:
+        held = job_lock(run.paths, job).acquire()
+    except Timeout:
+        run.log(f"  {job_name(job)}: busy in another process (training or predicting), skipped")
+        return None
+    with held:
+        if done():
+            run.log(f"  {job_name(job)}: predicted in another process meanwhile, skipped")
+            return None
+        t0 = time.perf_counter()
+        work()
+        return time.perf_counter() - t0
 
 
 def predict_oof(paths: RunPaths, specs: list[ModelSpec], folds: Folds, tta: TTAConfig,
