@@ -172,13 +172,13 @@ class StackGuard:
             self.predict_ = budget_record(units, Selection(whole, []), path, config, predict, [])
             return datas, None
         selection, plans = plan_budget(units, datas, config, metric)
-        path = select_units(units.X, datas[0].y, units, float("inf"), metric)
+        path = select_units(units.X, datas[0].y, units, float("inf"), metric) if _path_affordable(units) else None
         self.predict_ = budget_record(units, selection, path, config, predict, plans)
         self.models_ = [units.names[u] for u in selection.chosen]
         log(f"fit-stack: predict budget {budget:g} s for {self.predict_['rows']} images: "
             f"{len(selection.chosen)} of {len(set(units.models))} models chosen "
-            f"({', '.join(self.models_)}), predicted {self.predict_['seconds']:.1f} s of the whole ensemble's "
-            f"{self.predict_['ensemble_seconds']:.1f} s")
+            f"({', '.join(self.models_)}), predicted {self.predict_['seconds']:.3g} s of the whole ensemble's "
+            f"{self.predict_['ensemble_seconds']:.3g} s")
         return [units.data(data, selection.chosen, r) for r, data in enumerate(datas)], plans
 
     def _record(self, decision: dict, config: StackConfig, folds: Folds, models: dict, excluded: dict) -> dict:
@@ -413,8 +413,8 @@ def _decide_over_repeats(runs: list[GuardResult], data: MetaData, config: StackC
     return decision, oof_probas, {name: sum(run.timings[name] for run in runs) for name in names}
 
 
-# Without a budget the greedy path is drawn for the report alone; past this many (unit moves x values)
-# it would cost more than the fits, and the report goes without it.
+# The greedy path without a budget is drawn for the report alone; past this many (unit moves x values)
+# it would cost more than the fits, and the report draws the budget's own path (or none).
 PATH_MAX_WORK = 5e9
 
 
