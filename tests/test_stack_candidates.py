@@ -14,7 +14,7 @@ from stacker import (CANDIDATES, Candidate, EnsembleSelection, Metric, StackConf
                      candidate_names, create_candidate, ensemble_selection, fit_stack, load_stack, register,
                      registered, unregister)
 from stacker.candidates.lgbm import feature_names
-from stacker.metrics import CONFUSION_METRICS, _Predictions, bootstrap_counts
+from stacker.metrics import CONFUSION_METRICS, RANKING_METRICS, _Predictions, bootstrap_counts
 
 C = 10
 
@@ -159,8 +159,9 @@ BINARY = ("f1", "precision", "recall", "jaccard")  # average="binary": two class
 
 
 @pytest.mark.parametrize("name, n_classes", [
-    (name, n) for n in (2, 6) for name in ("accuracy", "neg_log_loss", "top_k_accuracy", *CONFUSION_METRICS)
-    if n == 2 or name not in BINARY])
+    (name, n) for n in (2, 6)
+    for name in ("accuracy", "neg_log_loss", "top_k_accuracy", *CONFUSION_METRICS, *RANKING_METRICS)
+    if n == 2 or name not in (*BINARY, "roc_auc")])
 def test_bootstrap_scores_equal_scikit_learn_on_the_resampled_rows(name, n_classes):
     rng = np.random.default_rng(1)
     y = rng.integers(0, n_classes, 300)
@@ -176,6 +177,20 @@ def test_bootstrap_scores_equal_scikit_learn_on_the_resampled_rows(name, n_class
         for k, proba in enumerate(probas):
             direct = sklearn_score(name, y[rows], proba[rows], n_classes)
             assert boot[b, k] == pytest.approx(direct, abs=1e-6), (name, b, k)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_ranking_bootstrap_equals_scikit_learns_weighted_auc_with_ties_and_groups(n_classes):
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, n_classes, 2000)
+    proba = np.round(noisy_copy(y, n_classes, 0.6, rng), 1)  # coarse: many tied scores
+    proba /= proba.sum(axis=1, keepdims=True)
+    counts = bootstrap_counts(y, 30, seed=5, groups=rng.integers(0, 300, len(y)))  # whole groups: many zeros
+    for name in RANKING_METRICS if n_classes == 2 else RANKING_METRICS[1:]:
+        metric = Metric(name, n_classes)
+        fast = metric.bootstrap(y, [proba], counts)[:, 0]
+        slow = np.array([metric.score(y, proba, sample_weight=w) for w in counts])
+        assert np.abs(fast - slow).max() < 1e-12, name
 
 
 def sklearn_score(name, y, proba, n_classes):
